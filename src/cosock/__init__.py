@@ -1,4 +1,8 @@
-"""cosock: TCP between co-resident guests through shared memory, transparently."""
+"""cosock: TCP between co-resident guests through shared memory, transparently.
+
+``cosock.enable()`` makes every new AF_INET/AF_INET6 stream socket of this process a
+:class:`CoSocket`; ``cosock.disable()`` restores the originals exactly.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,22 @@ from ._errors import (
     RemoteProtocolError,
     RingCorrupted,
 )
+from ._intercept import disable, enable, enabled, get_original
+from ._socket import CoSocket, path_of
 
 __all__ = [
     "AgentUnavailable",
+    "CoSocket",
     "CosockError",
     "FallbackReason",
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",
     "RingCorrupted",
+    "disable",
+    "enable",
+    "enabled",
+    "get_original",
+    "path_of",
 ]
 __version__ = "0.1.0"

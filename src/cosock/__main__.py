@@ -1,0 +1,3 @@
+from cosock.cli import main
+
+main()

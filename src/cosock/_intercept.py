@@ -1,0 +1,72 @@
+"""Transparent interception: make ``socket.socket`` a :class:`CoSocket`, and undo it exactly.
+
+A gevent-style registry (first original wins, so patching twice is harmless) holds every
+replaced attribute; :func:`disable` puts each one back.  ``socket.create_connection``,
+``socket.create_server``, ``socket.fromfd`` and asyncio all look ``socket.socket`` up at
+call time, so patching the one class covers them.  Code that did ``from socket import
+socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+from types import ModuleType
+from typing import Any
+
+from ._socket import CoSocket
+
+_saved: dict[tuple[ModuleType, str], Any] = {}
+_lock = threading.RLock()
+#: What ``enable()`` replaces: (module, attribute) -> replacement.
+__implements__: tuple[tuple[ModuleType, str, Any], ...] = ((socket, "socket", CoSocket),)
+
+
+def patch_item(module: ModuleType, name: str, value: Any) -> None:
+    """Replace ``module.name``, remembering the first original."""
+    with _lock:
+        _saved.setdefault((module, name), getattr(module, name))
+        setattr(module, name, value)
+
+
+def remove_item(module: ModuleType, name: str) -> None:
+    """Restore ``module.name`` to its original, if we replaced it."""
+    with _lock:
+        if (module, name) in _saved:
+            setattr(module, name, _saved.pop((module, name)))
+
+
+def get_original(module: ModuleType, name: str) -> Any:
+    """The attribute as it was before cosock touched it."""
+    with _lock:
+        return _saved.get((module, name), getattr(module, name))
+
+
+def enable() -> None:
+    """Route every new AF_INET/AF_INET6 stream socket of this process through cosock."""
+    for module, name, value in __implements__:
+        patch_item(module, name, value)
+
+
+def disable() -> None:
+    """Undo :func:`enable` exactly; open CoSockets keep working until closed."""
+    with _lock:
+        for module, name in list(_saved):
+            remove_item(module, name)
+
+
+def enabled() -> bool:
+    return socket.socket is CoSocket
+
+
+def stale_references() -> list[str]:
+    """Names bound to the original ``socket.socket`` elsewhere (imported before enable())."""
+    original = get_original(socket, "socket")
+    found = []
+    for ref in gc.get_referrers(original):
+        if isinstance(ref, dict) and ref is not socket.__dict__:
+            for key, value in ref.items():
+                if value is original and isinstance(key, str):
+                    found.append(f"{ref.get('__name__', '?')}.{key}")
+    return found

@@ -1,0 +1,164 @@
+"""Offer delivery: a client hands a listener the channel memfd before it connects.
+
+Each cosock listener owns a Unix datagram socket (the *rendezvous*) whose path it
+publishes through the agent.  A client sends one datagram per connection: the encoded
+:class:`~cosock._offer.Offer` plus the memfd (SCM_RIGHTS).  The listener has SO_PASSCRED
+on, so the kernel attaches the sender's real pid/uid/gid to every datagram; the pid tells
+which network namespace (guest) the sender lives in.  The offer is sent *before* the TCP
+connect, so by the time ``accept()`` returns the connection, its offer is queued.
+
+Path sockets are reachable across network namespaces (they live in the file system), which
+is exactly the co-residency scope: guests on one kernel.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import RemoteProtocolError
+from ._offer import Offer
+
+_SOCKET = socket.socket  # captured before interception can replace it
+_MAX_PENDING = 4096
+_OFFER_TTL = 30.0
+_MAX_DGRAM = 512
+_ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
+
+
+@dataclass(slots=True)
+class Pending:
+    """An offer waiting for its TCP connection to be accepted."""
+
+    offer: Offer
+    fd: int
+    pid: int
+    uid: int
+    received: float
+
+
+class Rendezvous:
+    """The listener side: receives offers, keeps them by 4-tuple until ``accept()``."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"rv-{os.getpid()}-{os.urandom(6).hex()}.sock"
+        self._sock = _SOCKET(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._sock.bind(str(self.path))
+        self._sock.setblocking(False)
+        self._pending: OrderedDict[tuple[str, int, str, int], Pending] = OrderedDict()
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+        #: Datagrams dropped, by reason (counted, never raised at the listener).
+        self.dropped: dict[str, int] = {}
+
+    def _drop(self, reason: str, fds: list[int]) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        for fd in fds:
+            os.close(fd)
+
+    def drain(self) -> None:
+        """Move every queued datagram into the pending table; garbage is dropped and counted."""
+        while True:
+            try:
+                data, anc, flags, _ = self._sock.recvmsg(_MAX_DGRAM, _ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            fds: list[int] = []
+            cred: tuple[int, int, int] | None = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    cred = struct.unpack("3i", payload[: struct.calcsize("3i")])
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                self._drop("truncated", fds)
+                continue
+            if len(fds) != 1:
+                self._drop("fd-count", fds)
+                continue
+            if cred is None:
+                self._drop("no-credentials", fds)
+                continue
+            try:
+                offer = Offer.decode(data)
+            except RemoteProtocolError:
+                self._drop("malformed", fds)
+                continue
+            self._store(Pending(offer, fds[0], cred[0], cred[1], time.monotonic()))
+
+    def _store(self, item: Pending) -> None:
+        with self._lock:
+            old = self._pending.pop(item.offer.key, None)
+            if old is not None:  # a replayed or superseded offer: the newest wins
+                os.close(old.fd)
+                self.dropped["replaced"] = self.dropped.get("replaced", 0) + 1
+            self._pending[item.offer.key] = item
+            now = time.monotonic()
+            while self._pending:
+                first = next(iter(self._pending.values()))
+                if len(self._pending) <= _MAX_PENDING and now - first.received < _OFFER_TTL:
+                    break
+                self._pending.popitem(last=False)
+                os.close(first.fd)
+                self.dropped["expired"] = self.dropped.get("expired", 0) + 1
+
+    def take(self, key: tuple[str, int, str, int]) -> Pending | None:
+        """The offer for this accepted connection, if any (the caller owns its fd)."""
+        self.drain()
+        with self._lock:
+            return self._pending.pop(key, None)
+
+    def close(self) -> None:
+        with self._lock:
+            for item in self._pending.values():
+                os.close(item.fd)
+            self._pending.clear()
+        self._sock.close()
+        if os.getpid() == self._owner:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+_sender: socket.socket | None = None
+_sender_pid = 0
+_sender_lock = threading.Lock()
+
+
+def send_offer(path: str, offer: Offer, fd: int) -> None:
+    """Deliver an offer and its memfd; never blocks.
+
+    Raises:
+        OSError: the listener is gone (ENOENT, ECONNREFUSED) or its queue is full (EAGAIN).
+    """
+    global _sender, _sender_pid
+    with _sender_lock:
+        if _sender is None or _sender_pid != os.getpid():
+            _sender = _SOCKET(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _sender.setblocking(False)
+            _sender_pid = os.getpid()
+        sock = _sender
+    fds = array.array("i", [fd])
+    sock.sendmsg([offer.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0, path)
+
+
+def netns_of_pid(pid: int) -> int | None:
+    """Network-namespace inode of a process, or None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None

@@ -1,0 +1,44 @@
+"""``cosock run -- CMD...``: run a program with cosock enabled, children included."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _config
+
+HOOK_DIR = Path(__file__).resolve().parent / "_hook"
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+def run_env(base: dict[str, str] | None = None, start_agent: bool = True) -> dict[str, str]:
+    """The environment that enables cosock in Python processes started with it.
+
+    Finds the agent through ``COSOCK_AGENT``; without it, uses the per-user default path
+    and starts a per-user agent there on demand (like ssh-agent), so two programs started
+    with ``cosock run`` accelerate their loopback connections with no set-up.
+    """
+    env = dict(os.environ if base is None else base)
+    if _config.ENV_AGENT not in env:
+        path = _config.default_agent_path()
+        if start_agent:
+            from .agent.server import ensure_agent
+
+            ensure_agent(path)
+        env[_config.ENV_AGENT] = str(path)
+    env[_config.ENV_ENABLE] = "1"
+    parts = [str(HOOK_DIR)]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    parts.append(str(PACKAGE_PARENT))
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+def exec_with_cosock(argv: Sequence[str]) -> None:
+    """Replace this process with ``argv`` under cosock (never returns on success)."""
+    if not argv:
+        raise ValueError("no command given: use cosock run -- CMD [ARGS...]")
+    env = run_env()
+    os.execvpe(argv[0], list(argv), env)

@@ -1,0 +1,881 @@
+"""``CoSocket``: a drop-in ``socket.socket`` whose data path is a shared-memory ring when
+the peer is a co-resident cosock endpoint, and plain TCP otherwise.
+
+Life of an accelerated connection (DESIGN.md, "Connection life"):
+
+1. ``connect``: ask the agent's table (a local dict lookup) whether the destination is a
+   co-resident cosock listener.  If so, bind an ephemeral port, create a sealed memfd with
+   two rings, and hand it to the listener's rendezvous socket *before* the TCP connect
+   (so the offer is queued when ``accept()`` sees the connection).  Then connect for real
+   and send ``HELLO(nonce)`` in-band.
+2. ``accept``: match the accepted 4-tuple with a queued offer, check the offer sender's
+   network namespace against the guest owning the client address, map the memfd, and
+   answer ``ACCEPT`` once the in-band nonce matches, else ``REJECT`` (plain TCP).
+3. Both sides write optimistically into their ring before the verdict; on ``REJECT``
+   every byte written so far is resent over TCP, so nothing is lost either way.
+4. Data flows through the rings; the TCP connection carries only control frames (BELL,
+   SPACE, FIN), which also makes ``fileno()`` (the TCP fd) an honest readiness fd.
+
+Blocking, timeouts and non-blocking mode are emulated in Python while a channel is
+attached (the kernel fd is then always non-blocking); plain sockets keep the kernel's own
+behaviour and pay one attribute check per call.
+
+Intentionally not overridden: ``sendto``/``recvfrom*`` beyond the connected-TCP forms, and
+``os.sendfile`` on the raw fd (``socket.sendfile`` is routed through ``send``).
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import ipaddress
+import os
+import select
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+from . import _config
+from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
+from ._events import NEED_DATA, Accept, Bell, Eof, Fin, Hello, PlainData, Reject, Space
+from ._offer import Offer, normalise_host
+from ._protocol import Connection, Role
+from ._rendezvous import Rendezvous, netns_of_pid, send_offer
+from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
+
+_BaseSocket = socket.socket
+_MSG_PEEK: Final = socket.MSG_PEEK
+_MSG_WAITALL: Final = socket.MSG_WAITALL
+_MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+_CTL_CHUNK: Final = 65536
+#: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
+_MAX_SLEEP_MS: Final = 1000
+_HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
+
+
+def _agent() -> Any:
+    from .agent.client import AgentClient
+
+    return AgentClient.shared()
+
+
+def _own_netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class _Channel:
+    """Shared-memory state of one connection (shared by ``dup()``-ed objects)."""
+
+    __slots__ = (
+        "bell_mark",
+        "ctl_out",
+        "error",
+        "fin_pending",
+        "mm",
+        "nonce",
+        "phase",
+        "proto",
+        "rd_shut",
+        "refs",
+        "reject",
+        "role",
+        "rx",
+        "rx_bytes",
+        "spin_ns",
+        "tcp_eof",
+        "tx",
+        "tx_bytes",
+        "wr_shut",
+    )
+
+    def __init__(self, role: Role, nonce: bytes, mm: Any, capacity: int) -> None:
+        self.role = role
+        self.nonce = nonce
+        self.proto = Connection(role, nonce)
+        self.mm = mm
+        self.tx: RingWriter | None = None
+        self.rx: RingReader | None = None
+        if mm is not None:
+            tx_index = 0 if role is Role.CLIENT else 1
+            self.tx = RingWriter(mm, tx_index, capacity)
+            self.rx = RingReader(mm, 1 - tx_index, capacity)
+        self.phase = _HANDSHAKE
+        self.bell_mark = 0
+        self.ctl_out = bytearray()
+        self.error: OSError | None = None
+        self.tcp_eof = False
+        self.rd_shut = False
+        self.wr_shut = False
+        self.fin_pending = False
+        self.refs = 1
+        self.reject: FallbackReason | None = None
+        self.spin_ns = _config.spin_ns()
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def release(self) -> None:
+        for end in (self.tx, self.rx):
+            if end is not None:
+                end.release()
+        self.tx = self.rx = None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+
+class CoSocket(socket.socket):
+    """``socket.socket`` for AF_INET/AF_INET6 SOCK_STREAM with a shared-memory data path.
+
+    Other families and types behave exactly like ``socket.socket``.
+    """
+
+    __slots__ = ("_co", "_reason", "_rv", "_rxb", "_txb", "_utimeout")
+
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._co: _Channel | None = None
+        self._rv: tuple[Rendezvous, str, int] | None = None
+        self._rxb: bytearray | None = None  # plain bytes owed to the app after a fallback
+        self._txb: bytearray | None = None  # plain bytes owed to the peer after a fallback
+        self._reason: FallbackReason | None = None
+        self._utimeout: float | None = super().gettimeout()
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def cosock_path(self) -> str:
+        """``"shm"`` once the channel is accepted, ``"handshake"`` before, else ``"tcp"``."""
+        ch = self._co
+        return "tcp" if ch is None else ch.phase
+
+    @property
+    def cosock_fallback_reason(self) -> FallbackReason | None:
+        return self._reason
+
+    def cosock_info(self) -> dict[str, Any]:
+        ch = self._co
+        return {
+            "path": self.cosock_path,
+            "fallback_reason": None if self._reason is None else self._reason.value,
+            "bytes_sent": 0 if ch is None else ch.tx_bytes,
+            "bytes_received": 0 if ch is None else ch.rx_bytes,
+        }
+
+    def _eligible(self) -> bool:
+        return self.family in (socket.AF_INET, socket.AF_INET6) and self.type == socket.SOCK_STREAM
+
+    # ------------------------------------------------------------------ timeouts
+
+    def settimeout(self, value: float | None) -> None:
+        super().settimeout(value)
+        self._utimeout = super().gettimeout()
+        if self._co is not None:
+            super().settimeout(0.0)
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def gettimeout(self) -> float | None:
+        return self._utimeout
+
+    def getblocking(self) -> bool:
+        return self._utimeout != 0.0
+
+    def _attach(self, ch: _Channel) -> None:
+        self._co = ch
+        super().settimeout(0.0)
+
+    def _detach_channel(self) -> None:
+        ch = self._co
+        self._co = None
+        super().settimeout(self._utimeout)
+        if ch is not None:
+            ch.refs -= 1
+            if ch.refs == 0:
+                ch.release()
+
+    # ------------------------------------------------------------------ client side
+
+    def connect(self, address: Any) -> None:
+        ch = self._offer(address) if self._co is None and self._eligible() else None
+        if ch is None:
+            return super().connect(address)
+        address = ch[1]
+        try:
+            super().connect(address)
+        except BlockingIOError:
+            self._start_client(ch[0], send_hello=False)
+            raise
+        except BaseException:
+            ch[0].release()
+            raise
+        self._start_client(ch[0], send_hello=True)
+
+    def connect_ex(self, address: Any) -> int:
+        try:
+            self.connect(address)
+        except BlockingIOError as exc:
+            return exc.errno or errno.EINPROGRESS
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            return exc.errno
+        return 0
+
+    def _offer(self, address: Any) -> tuple[_Channel, Any] | None:
+        """Offer a channel to the destination's listener; None (with a reason) for plain TCP."""
+        host, port = address[0], address[1]
+        try:
+            ip = normalise_host(host)
+        except ValueError:
+            infos = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM)
+            if not infos:
+                return None
+            address = infos[0][4]
+            ip = normalise_host(address[0])
+        try:
+            agent = _agent()
+            listener, why = agent.lookup(ip, port)
+        except Exception:
+            self._reason = FallbackReason.AGENT_UNREACHABLE
+            return None
+        if listener is None:
+            self._reason = (
+                FallbackReason.AGENT_UNREACHABLE
+                if why.startswith("agent")
+                else FallbackReason.NOT_CORESIDENT
+            )
+            return None
+        me = agent.self_guest
+        if me is not None and listener.guest == me.name and not _config.loopback_enabled():
+            self._reason = FallbackReason.LOOPBACK_DISABLED
+            return None
+        try:
+            local = super().getsockname()
+            src = normalise_host(local[0])
+            if src in ("0.0.0.0", "::"):
+                src = self._source_ip(address)
+            if local[1] == 0:
+                bind_ip = local[0] if normalise_host(local[0]) not in ("0.0.0.0", "::") else src
+                if self.family == socket.AF_INET6 and ":" not in bind_ip:
+                    bind_ip = "::ffff:" + bind_ip
+                super().bind((bind_ip, 0))
+            local = (src, super().getsockname()[1])
+            capacity = _config.ring_size()
+            fd = create_channel_fd(capacity)
+        except OSError:
+            self._reason = FallbackReason.RESOURCE
+            return None
+        try:
+            mm = map_channel_fd(fd, capacity)
+            nonce = os.urandom(16)
+            offer = Offer(
+                client=(normalise_host(local[0]), local[1]),
+                server=(ip, port),
+                nonce=nonce,
+                capacity=capacity,
+                family=4 if self.family == socket.AF_INET else 6,
+            )
+            try:
+                send_offer(listener.rendezvous, offer, fd)
+            except OSError:
+                mm.close()
+                self._reason = FallbackReason.OFFER_UNDELIVERED
+                return None
+        except OSError:
+            self._reason = FallbackReason.RESOURCE
+            return None
+        finally:
+            os.close(fd)
+        return _Channel(Role.CLIENT, nonce, mm, capacity), address
+
+    def _source_ip(self, address: Any) -> str:
+        """The local address the kernel will pick for ``address`` (a UDP connect probes it)."""
+        probe = _BaseSocket(self.family, socket.SOCK_DGRAM)
+        try:
+            probe.connect(address)
+            return str(probe.getsockname()[0])
+        finally:
+            probe.close()
+
+    def _start_client(self, ch: _Channel, send_hello: bool) -> None:
+        self._attach(ch)
+        self._reason = None
+        ch.ctl_out += ch.proto.send(Hello(ch.nonce))
+        if send_hello:
+            self._flush_ctl(ch)
+
+    # ------------------------------------------------------------------ server side
+
+    def listen(self, backlog: int = socket.SOMAXCONN) -> None:
+        super().listen(backlog)
+        if self._rv is None and self._eligible():
+            self._register_listener()
+
+    def _register_listener(self) -> None:
+        try:
+            agent = _agent()
+            directory = agent.rendezvous_dir
+            if directory is None or agent.self_guest is None:
+                self._reason = FallbackReason.AGENT_UNREACHABLE
+                return
+            rv = Rendezvous(directory)
+        except Exception:
+            self._reason = FallbackReason.AGENT_UNREACHABLE
+            return
+        addr, port = super().getsockname()[:2]
+        try:
+            agent.listen(addr, port, str(rv.path))
+        except (AgentUnavailable, OSError):
+            rv.close()
+            self._reason = FallbackReason.AGENT_UNREACHABLE
+            return
+        self._rv = (rv, addr, port)
+
+    def accept(self) -> tuple[CoSocket, Any]:
+        fd, addr = self._accept()
+        sock = CoSocket(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        if self._rv is not None:
+            sock._server_attach(self._rv[0])
+        return sock, addr
+
+    def _server_attach(self, rv: Rendezvous) -> None:
+        try:
+            peer = super().getpeername()
+            local = super().getsockname()
+        except OSError:
+            return
+        key = (normalise_host(peer[0]), peer[1], normalise_host(local[0]), local[1])
+        pending = rv.take(key)
+        if pending is None:
+            self._reason = FallbackReason.NO_OFFER
+            return
+        offer = pending.offer
+        mm = None
+        reject = None
+        try:
+            if not self._sender_owns(pending.pid, key[0]):
+                reject = FallbackReason.OFFER_INVALID
+            else:
+                mm = map_channel_fd(pending.fd, offer.capacity)
+        except RingCorrupted:
+            reject = FallbackReason.OFFER_INVALID
+        except OSError:
+            reject = FallbackReason.RESOURCE
+        finally:
+            os.close(pending.fd)
+        ch = _Channel(Role.SERVER, offer.nonce, mm, offer.capacity)
+        ch.reject = reject
+        self._attach(ch)
+        self._pump(ch)  # the HELLO is usually here already: settle the verdict now
+
+    def _sender_owns(self, pid: int, client_ip: str) -> bool:
+        """Does the offer's sender live in the guest that owns the claimed client address?"""
+        sender_ns = netns_of_pid(pid)
+        if sender_ns is None:
+            return False
+        addr = ipaddress.ip_address(client_ip)
+        if addr.is_loopback:
+            return sender_ns == _own_netns()
+        guest = _agent().guest_owning(client_ip)
+        return guest is not None and guest.netns == sender_ns
+
+    # ------------------------------------------------------------------ control stream
+
+    def _flush_ctl(self, ch: _Channel) -> None:
+        while ch.ctl_out:
+            try:
+                n = super().send(ch.ctl_out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if ch.error is None:
+                    ch.error = exc
+                ch.ctl_out.clear()
+                return
+            del ch.ctl_out[:n]
+
+    def _control(self, ch: _Channel, event: Any) -> None:
+        ch.ctl_out += ch.proto.send(event)
+        self._flush_ctl(ch)
+
+    def _pump(self, ch: _Channel) -> bool:
+        """Read every queued control byte and act on it; True if anything arrived."""
+        progressed = False
+        if ch.ctl_out:
+            self._flush_ctl(ch)
+        while not ch.tcp_eof:
+            try:
+                data = super().recv(_CTL_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                ch.error = exc
+                ch.tcp_eof = True
+                progressed = True
+                break
+            progressed = True
+            try:
+                ch.proto.receive_data(data)
+            except ProtocolError as exc:
+                self._poison(ch, exc)
+                return True
+            if not data:
+                ch.tcp_eof = True
+                break
+            if len(data) < _CTL_CHUNK:
+                break
+        if progressed:
+            self._events(ch)
+        return progressed
+
+    def _poison(self, ch: _Channel, exc: Exception) -> None:
+        """A hostile or broken peer: the connection fails like a reset TCP connection."""
+        if ch.error is None:
+            ch.error = ConnectionResetError(errno.ECONNRESET, f"cosock: {exc}")
+        ch.tcp_eof = True
+        ch.phase = _BROKEN
+
+    def _events(self, ch: _Channel) -> None:
+        while self._co is ch:
+            try:
+                event = ch.proto.next_event()
+            except ProtocolError as exc:
+                self._poison(ch, exc)
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Hello):
+                self._verdict(ch)
+            elif isinstance(event, Accept):
+                ch.phase = _SHM
+                if ch.fin_pending:
+                    self._send_fin(ch)
+            elif isinstance(event, Reject):
+                self._fallback(ch, event.reason)
+            elif isinstance(event, PlainData):
+                self._owe_app(event.data)
+            elif isinstance(event, Eof):
+                ch.tcp_eof = True
+            # Bell, Space, Fin: state lives in the protocol and the rings; callers re-check.
+
+    def _verdict(self, ch: _Channel) -> None:
+        reason = ch.reject
+        if reason is None and not ch.proto.nonce_ok:
+            reason = FallbackReason.OFFER_INVALID
+        if reason is None:
+            self._control(ch, Accept())
+            ch.phase = _SHM
+            if ch.fin_pending:
+                self._send_fin(ch)
+            return
+        ch.ctl_out += ch.proto.send(Reject(reason))
+        self._fallback(ch, reason)
+
+    def _fallback(self, ch: _Channel, reason: FallbackReason) -> None:
+        """Give up on shared memory before the channel was accepted: resend our ring bytes."""
+        owed = bytearray(ch.ctl_out)
+        if ch.tx is not None:
+            owed += ch.tx.unsent_bytes(0)
+        leftover = ch.proto.next_event()
+        while leftover is not NEED_DATA:
+            if isinstance(leftover, PlainData):
+                self._owe_app(leftover.data)
+            leftover = ch.proto.next_event()
+        wr_shut = ch.wr_shut
+        self._reason = reason
+        self._detach_channel()
+        self._txb = owed if owed else None
+        if ch.tcp_eof and self._rxb is None:
+            self._rxb = bytearray()
+        self._flush_plain(block=False)
+        if wr_shut and not self._txb:
+            super().shutdown(socket.SHUT_WR)
+
+    def _owe_app(self, data: bytes) -> None:
+        if data:
+            if self._rxb is None:
+                self._rxb = bytearray()
+            self._rxb += data
+
+    def _send_fin(self, ch: _Channel) -> None:
+        ch.fin_pending = False
+        if not ch.proto.fin_sent:
+            self._control(ch, Fin(ch.proto.sent_offset))
+
+    def _bell(self, ch: _Channel) -> None:
+        assert ch.tx is not None
+        if ch.phase is _HANDSHAKE:
+            self._pump(ch)  # has the verdict arrived?  Before it, the peer reads no ring.
+            if self._co is not ch or ch.phase is _HANDSHAKE:
+                return
+        ch.tx.count_bell()
+        self._control(ch, Bell())
+
+    # ------------------------------------------------------------------ waiting
+
+    def _deadline(self, flags: int) -> float | None:
+        """None = wait forever, 0.0 = never wait, else a monotonic deadline."""
+        if flags & _MSG_DONTWAIT or self._utimeout == 0.0:
+            return 0.0
+        if self._utimeout is None:
+            return None
+        return time.monotonic() + self._utimeout
+
+    def _sleep(
+        self, ch: _Channel, deadline: float | None, ready: Any = None, arm: Any = None
+    ) -> None:
+        """Spin for the budget while ``ready()`` is false, then ``arm()`` the peer's doorbell
+        (which re-checks after a fence) and block on the TCP fd until a control frame.
+
+        Raises:
+            TimeoutError: the deadline passed.
+        """
+        if ready is not None and ch.spin_ns:
+            end = time.perf_counter_ns() + ch.spin_ns
+            while time.perf_counter_ns() < end:
+                if ready():
+                    return
+        if arm is not None and arm():
+            return
+        if deadline is None:
+            timeout = _MAX_SLEEP_MS
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+            timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        poller.poll(timeout)
+
+    # ------------------------------------------------------------------ receive
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self._co is None and self._rxb is None:
+            return super().recv(bufsize, flags)
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        buf = bytearray(bufsize)
+        n = self._recv_into(memoryview(buf), bufsize, flags)
+        del buf[n:]
+        return bytes(buf)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self._co is None and self._rxb is None:
+            return super().recv_into(buffer, nbytes, flags)
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(view):
+            if nbytes > len(view):
+                raise ValueError("buffer too small for requested bytes")
+            nbytes = len(view)
+        return self._recv_into(view, nbytes, flags)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
+        if self._co is None and self._rxb is None:
+            return super().recvfrom(bufsize, flags)
+        return self.recv(bufsize, flags), None
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
+        if self._co is None and self._rxb is None:
+            return super().recvfrom_into(buffer, nbytes, flags)
+        return self.recv_into(buffer, nbytes, flags), None
+
+    def recvmsg(
+        self, bufsize: int, ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+        if self._co is None and self._rxb is None:
+            return super().recvmsg(bufsize, ancbufsize, flags)
+        return self.recv(bufsize, flags), [], 0, None
+
+    def _recv_into(self, view: memoryview, nbytes: int, flags: int) -> int:
+        if nbytes == 0:
+            return 0
+        peek = bool(flags & _MSG_PEEK)
+        waitall = bool(flags & _MSG_WAITALL) and not peek
+        deadline = self._deadline(flags)
+        got = 0
+        woke = deadline == 0.0  # a non-blocking call must notice EOF and frames at once
+        while True:
+            if self._rxb:
+                n = min(len(self._rxb), nbytes - got)
+                view[got : got + n] = self._rxb[:n]
+                if not peek:
+                    del self._rxb[:n]
+                got += n
+                if got == nbytes or not waitall:
+                    return got
+            ch = self._co
+            if ch is None:
+                if self._rxb is not None and not self._rxb:
+                    self._rxb = None
+                if self._txb:
+                    self._flush_plain(block=False)
+                rest = super().recv_into(view[got:], nbytes - got, flags & ~_MSG_DONTWAIT)
+                return got + rest
+            n = self._shm_read(ch, view, got, nbytes, peek, woke)
+            woke = deadline == 0.0
+            if n:
+                got += n
+                if got == nbytes or not waitall:
+                    return got
+                continue
+            if self._co is not ch:
+                continue
+            if got and not waitall:
+                return got
+            if ch.rd_shut or ch.proto.eof_reached or (ch.tcp_eof and ch.phase is _SHM):
+                if ch.error is not None and not ch.proto.eof_reached and not ch.rd_shut:
+                    if got:
+                        return got
+                    raise ch.error
+                return got
+            if ch.tcp_eof:  # EOF or reset before the verdict
+                if got:
+                    return got
+                if ch.error is not None:
+                    raise ch.error
+                return 0
+            if deadline == 0.0:
+                if got:
+                    return got
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            rx = ch.rx
+            if ch.phase is _SHM and rx is not None:
+                rx.set_spinning(True)
+                try:
+                    self._sleep(ch, deadline, rx.available, lambda: rx.set_spinning(False) or rx.available())
+                finally:
+                    if self._co is ch and ch.rx is not None:
+                        ch.rx.set_spinning(False)
+            else:
+                self._sleep(ch, deadline)
+            woke = True
+
+    def _shm_read(
+        self, ch: _Channel, view: memoryview, got: int, nbytes: int, peek: bool, woke: bool
+    ) -> int:
+        """Copy ring bytes if the channel is accepted; else make control-stream progress.
+
+        The control stream is read only when it can hold news (we woke from a sleep, the
+        peer rang, or we are not accepted yet): the spinning fast path makes no syscall.
+        """
+        rx = ch.rx
+        if ch.phase is _SHM and rx is not None and not ch.rd_shut:
+            avail = rx.available()
+            if not avail and (woke or rx.bells_sent() != ch.bell_mark):
+                ch.bell_mark = rx.bells_sent()
+                self._pump(ch)
+                if self._co is not ch or ch.rx is None:
+                    return 0
+                avail = rx.available()
+            if avail:
+                n = min(avail, nbytes - got)
+                rx.read_into(view[got:], n, peek=peek)
+                if not peek:
+                    ch.proto.data_received(n)
+                    ch.rx_bytes += n
+                    if rx.space_wanted():
+                        self._control(ch, Space())
+                    if n == avail and rx.bells_sent() != ch.bell_mark:
+                        # We emptied the ring: consume stale bells so select() stops firing.
+                        ch.bell_mark = rx.bells_sent()
+                        self._pump(ch)
+                return n
+            return 0
+        self._pump(ch)
+        return 0
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if self._co is None and self._txb is None:
+            return super().send(data, flags)
+        return self._send(memoryview(data).cast("B"), flags, all_=False)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if self._co is None and self._txb is None:
+            return super().sendall(data, flags)
+        view = memoryview(data).cast("B")
+        deadline = self._deadline(flags)
+        sent = 0
+        while sent < len(view):
+            if deadline == 0.0:
+                sent += self._send(view[sent:], flags, all_=False)
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+            sent += self._send(view[sent:], flags, all_=True, deadline=deadline)
+        return None
+
+    def sendmsg(
+        self,
+        buffers: Iterable[Any],
+        ancdata: Iterable[Any] = (),
+        flags: int = 0,
+        address: Any = None,
+    ) -> int:
+        anc = list(ancdata)
+        if self._co is None and self._txb is None:
+            return super().sendmsg(buffers, anc, flags, address)
+        if anc:
+            raise OSError(errno.EOPNOTSUPP, "ancillary data is not carried by cosock channels")
+        return self.send(b"".join(memoryview(b).cast("B") for b in buffers), flags)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        if self._co is None and self._txb is None:
+            return super().sendfile(file, offset, count)
+        return self._sendfile_use_send(file, offset, count)
+
+    def _send(
+        self, view: memoryview, flags: int, all_: bool, deadline: float | None = None
+    ) -> int:
+        if not all_:
+            deadline = self._deadline(flags)
+        total = len(view)
+        sent = 0
+        while True:
+            ch = self._co
+            if ch is None:
+                if not self._flush_plain(block=deadline != 0.0):
+                    if sent:
+                        return sent
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                self._txb = None
+                if sent == total:
+                    return sent
+                return sent + super().send(view[sent:], flags & ~_MSG_DONTWAIT)
+            self._check_writable(ch)
+            tx = ch.tx
+            assert tx is not None
+            free = tx.free()
+            if ch.phase is _HANDSHAKE:  # keep every byte until the verdict, for a resend
+                free = min(free, tx.capacity - tx.head)
+            if free and sent < total:
+                old = tx.head
+                n = tx.write(view[sent:], free)
+                ch.proto.data_sent(n)
+                ch.tx_bytes += n
+                sent += n
+                if tx.needs_bell(old):
+                    self._bell(ch)
+                if sent == total or deadline == 0.0:
+                    return sent
+                continue
+            if sent == total:
+                return sent
+            self._pump(ch)
+            if self._co is not ch:
+                continue
+            self._check_writable(ch)
+            if deadline == 0.0:
+                if sent:
+                    return sent
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            try:
+                self._sleep(ch, deadline, lambda: tx.free() > 0, lambda: tx.request_space() > 0)
+            except TimeoutError:
+                if sent:
+                    return sent
+                raise
+
+    def _check_writable(self, ch: _Channel) -> None:
+        if ch.wr_shut:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        if ch.error is not None:
+            raise ch.error
+        if ch.tcp_eof:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe: cosock peer closed")
+
+    def _flush_plain(self, block: bool) -> bool:
+        """Send bytes owed after a fallback; True once none remain."""
+        while self._txb:
+            try:
+                if block:
+                    super().sendall(self._txb)
+                    self._txb.clear()
+                else:
+                    n = super().send(self._txb, _MSG_DONTWAIT)
+                    del self._txb[:n]
+            except (BlockingIOError, InterruptedError):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ shutdown/close
+
+    def shutdown(self, how: int) -> None:
+        ch = self._co
+        if ch is None:
+            if self._txb and how in (socket.SHUT_WR, socket.SHUT_RDWR):
+                self._flush_plain(block=True)
+            return super().shutdown(how)
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            ch.rd_shut = True
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not ch.wr_shut:
+            ch.wr_shut = True
+            if ch.phase is _SHM:
+                self._send_fin(ch)
+            else:
+                ch.fin_pending = True
+        return None
+
+    def _real_close(self, _ss: Any = _socket.socket) -> None:
+        ch = self._co
+        if ch is not None:
+            if ch.refs == 1 and ch.phase is _SHM and not ch.proto.fin_sent and not ch.wr_shut:
+                try:
+                    self._pump(ch)  # unread control bytes would turn our close into an RST
+                    self._send_fin(ch)
+                except (OSError, ProtocolError):
+                    pass
+            self._co = None
+            ch.refs -= 1
+            if ch.refs == 0:
+                ch.release()
+        if self._rv is not None:
+            rv, addr, port = self._rv
+            self._rv = None
+            if os.getpid() == rv._owner:
+                try:
+                    _agent().unlisten(addr, port)
+                except Exception:
+                    pass
+            rv.close()
+        _ss.close(self)
+
+    def detach(self) -> int:
+        """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
+        so detaching one hands over a raw control stream; detach before use, or not at all."""
+        if self._co is not None:
+            self._detach_channel()
+        return super().detach()
+
+    def dup(self) -> CoSocket:
+        sock = super().dup()
+        assert isinstance(sock, CoSocket)
+        ch = self._co
+        if ch is not None:
+            ch.refs += 1
+            sock._co = ch
+            sock._utimeout = self._utimeout
+            _BaseSocket.settimeout(sock, 0.0)
+        sock._reason = self._reason
+        return sock
+
+
+def path_of(sock: socket.socket) -> str:
+    """``"shm"`` or ``"tcp"`` (or ``"handshake"``) for any socket object."""
+    return sock.cosock_path if isinstance(sock, CoSocket) else "tcp"

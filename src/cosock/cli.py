@@ -1,0 +1,134 @@
+"""The ``cosock`` command.  Sub-commands import their modules lazily, so ``cosock run``
+starts fast and ``cosock --help`` works even where a layer cannot load."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Transparent shared-memory TCP between co-resident guests.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"cosock: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run(ctx: typer.Context) -> None:
+    """Run a Python program with cosock enabled (children included): cosock run -- CMD..."""
+    from ._run import exec_with_cosock
+
+    argv = list(ctx.args)
+    if not argv:
+        _fail("no command given: use cosock run -- CMD [ARGS...]")
+    try:
+        exec_with_cosock(argv)
+    except FileNotFoundError:
+        _fail(f"command not found: {argv[0]}", 127)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def agent(
+    socket_path: Annotated[Path, typer.Option("--socket", help="Unix socket path")],
+    host: Annotated[str, typer.Option(help="host name shown in tables")] = "local",
+    auto: Annotated[bool, typer.Option(help="auto-register unknown netns as guests")] = False,
+) -> None:
+    """Run a host agent in the foreground."""
+    from .agent.server import serve
+
+    try:
+        serve(socket_path, host, auto_guests=auto)
+    except OSError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def status(
+    socket_path: Annotated[
+        Path | None, typer.Option("--socket", help="agent socket (default: COSOCK_AGENT)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show an agent's guests and listeners."""
+    from . import _config
+    from .agent.client import status as agent_status
+
+    path = socket_path or _config.agent_path()
+    try:
+        state: dict[str, Any] = agent_status(path)
+    except Exception as exc:
+        _fail(f"agent at {path} unreachable: {exc}")
+        return
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    guests = Table(title=f"agent {path} (host {state.get('host')})")
+    for col in ("guest", "netns", "addresses"):
+        guests.add_column(col)
+    for g in state.get("guests", []):
+        guests.add_row(g["name"], str(g["netns"]), ", ".join(g["addresses"]))
+    console.print(guests)
+    listeners = Table(title="listeners")
+    for col in ("guest", "address", "port", "pid"):
+        listeners.add_column(col)
+    for item in state.get("listeners", []):
+        listeners.add_row(item["guest"], item["addr"], str(item["port"]), str(item["pid"]))
+    console.print(listeners)
+
+
+@app.command()
+def demo(
+    size: Annotated[int, typer.Option("--bytes", help="payload each way", min=1)] = 256 << 20,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Real guests, real traffic: shows the path each connection took and the speed-up."""
+    from .demo import run_demo
+
+    try:
+        result = run_demo(size, quiet=as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted (cleaned up)", 130)
+        return
+    except Exception as exc:
+        _fail(f"demo failed: {exc}", 1)
+        return
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+
+
+def _mount_lab() -> None:
+    try:
+        from .lab.cli import app as lab_app
+    except ImportError as exc:  # pragma: no cover - lab needs pyroute2
+        sys.stderr.write(f"cosock: lab unavailable ({exc})\n")
+        return
+    app.add_typer(lab_app, name="lab", help="Hosts and guests made of network namespaces.")
+
+
+_mount_lab()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
