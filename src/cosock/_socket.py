@@ -73,6 +73,7 @@ class _Channel:
         "error",
         "fin_pending",
         "mm",
+        "nodelay",
         "nonce",
         "phase",
         "proto",
@@ -101,6 +102,7 @@ class _Channel:
             self.tx = RingWriter(mm, tx_index, capacity)
             self.rx = RingReader(mm, 1 - tx_index, capacity)
         self.phase = _HANDSHAKE
+        self.nodelay = 0
         self.bell_mark = 0
         self.ctl_out = bytearray()
         self.error: OSError | None = None
@@ -191,11 +193,20 @@ class CoSocket(socket.socket):
     def _attach(self, ch: _Channel) -> None:
         self._co = ch
         super().settimeout(0.0)
+        # Control frames are tiny and latency-critical: Nagle + delayed ACK would hold a
+        # doorbell back for up to 40 ms.
+        ch.nodelay = super().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _detach_channel(self) -> None:
         ch = self._co
         self._co = None
         super().settimeout(self._utimeout)
+        if ch is not None and not ch.nodelay:
+            try:
+                super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            except OSError:
+                pass
         if ch is not None:
             ch.refs -= 1
             if ch.refs == 0:
