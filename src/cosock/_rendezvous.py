@@ -30,6 +30,7 @@ _SOCKET = socket.socket  # captured before interception can replace it
 _MAX_PENDING = 4096
 _OFFER_TTL = 30.0
 _MAX_DGRAM = 512
+_SEND_PATIENCE = 0.2
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
 
 
@@ -153,7 +154,22 @@ def send_offer(path: str, offer: Offer, fd: int) -> None:
             _sender_pid = os.getpid()
         sock = _sender
     fds = array.array("i", [fd])
-    sock.sendmsg([offer.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0, path)
+    payload = [offer.encode()]
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+    # A listener's queue holds only net.unix.max_dgram_qlen (often 10) offers until its
+    # accept() drains them; a burst of connects waits a little for room, then gives up
+    # (the caller falls back to plain TCP).
+    deadline = time.monotonic() + _SEND_PATIENCE
+    pause = 0.0002
+    while True:
+        try:
+            sock.sendmsg(payload, anc, 0, path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
 
 def netns_of_pid(pid: int) -> int | None:

@@ -242,6 +242,17 @@ class RingReader(_RingEnd):
             self._hdr[_TAIL] = self._tail
         return n
 
+    def read_bytes(self, n: int) -> bytes:
+        """Consume ``n`` available bytes as a new ``bytes`` (one copy)."""
+        pos = self._tail & self.mask
+        first = min(n, self.capacity - pos)
+        data = bytes(self._data[pos : pos + first])
+        if n > first:
+            data += self._data[: n - first]
+        self._tail += n
+        self._hdr[_TAIL] = self._tail
+        return data
+
     def set_spinning(self, on: bool) -> None:
         self._hdr[_SPINNING] = 1 if on else 0
         if not on:

@@ -410,7 +410,7 @@ class CoSocket(socket.socket):
                 return
             except OSError as exc:
                 if ch.error is None:
-                    ch.error = exc
+                    ch.error = exc.with_traceback(None)
                 ch.ctl_out.clear()
                 return
             del ch.ctl_out[:n]
@@ -430,7 +430,7 @@ class CoSocket(socket.socket):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                ch.error = exc
+                ch.error = exc.with_traceback(None)  # a traceback would pin callers' buffers
                 ch.tcp_eof = True
                 progressed = True
                 break
@@ -576,10 +576,17 @@ class CoSocket(socket.socket):
             return super().recv(bufsize, flags)
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
+        ch = self._co
+        if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
+            avail = ch.rx.available()
+            if avail:  # fast path: one copy, no zeroed scratch buffer
+                n = min(avail, bufsize)
+                data = ch.rx.read_bytes(n)
+                self._consumed(ch, n, avail)
+                return data
         buf = bytearray(bufsize)
         n = self._recv_into(memoryview(buf), bufsize, flags)
-        del buf[n:]
-        return bytes(buf)
+        return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if self._co is None and self._rxb is None:
@@ -646,18 +653,16 @@ class CoSocket(socket.socket):
                 continue
             if got and not waitall:
                 return got
-            if ch.rd_shut or ch.proto.eof_reached or (ch.tcp_eof and ch.phase is _SHM):
-                if ch.error is not None and not ch.proto.eof_reached and not ch.rd_shut:
-                    if got:
-                        return got
+            if ch.rd_shut or ch.proto.eof_reached:
+                return got
+            if ch.tcp_eof:
+                # The peer's TCP end is gone.  Every byte it published is already ours
+                # (the ring is drained), so this is EOF -- also after a reset, which the
+                # kernel sends whenever a closed peer still gets doorbells.  Only a
+                # protocol violation is reported as an error.
+                if ch.phase is _BROKEN and ch.error is not None and not got:
                     raise ch.error
                 return got
-            if ch.tcp_eof:  # EOF or reset before the verdict
-                if got:
-                    return got
-                if ch.error is not None:
-                    raise ch.error
-                return 0
             if deadline == 0.0:
                 if got:
                     return got
@@ -695,18 +700,24 @@ class CoSocket(socket.socket):
                 n = min(avail, nbytes - got)
                 rx.read_into(view[got:], n, peek=peek)
                 if not peek:
-                    ch.proto.data_received(n)
-                    ch.rx_bytes += n
-                    if rx.space_wanted():
-                        self._control(ch, Space())
-                    if n == avail and rx.bells_sent() != ch.bell_mark:
-                        # We emptied the ring: consume stale bells so select() stops firing.
-                        ch.bell_mark = rx.bells_sent()
-                        self._pump(ch)
+                    self._consumed(ch, n, avail)
                 return n
             return 0
         self._pump(ch)
         return 0
+
+    def _consumed(self, ch: _Channel, n: int, avail: int) -> None:
+        """Bookkeeping after taking ``n`` of ``avail`` ring bytes."""
+        ch.proto.data_received(n)
+        ch.rx_bytes += n
+        rx = ch.rx
+        assert rx is not None
+        if rx.space_wanted():
+            self._control(ch, Space())
+        if n == avail and rx.bells_sent() != ch.bell_mark:
+            # We emptied the ring: consume stale bells so select() stops firing.
+            ch.bell_mark = rx.bells_sent()
+            self._pump(ch)
 
     # ------------------------------------------------------------------ send
 
