@@ -1,0 +1,293 @@
+"""Network plumbing of the lab with pyroute2: namespaces, bridges, veths, addresses, processes.
+
+Every link is created from inside a lab namespace, and every veth peer is placed straight into
+its target namespace by the same netlink request (IFLA_NET_NS_FD), so no interface ever exists
+in the root namespace, not even for a moment.
+
+Namespace fds are opened and closed here explicitly: an fd that outlives a namespace's name
+keeps the namespace (and its links) alive invisibly after ``down``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+from ._model import BRIDGE, GUEST_IFNAME, PREFIXLEN, lab_of_netns
+
+NETNS_DIR = Path("/run/netns")
+
+#: (st_dev, st_ino) of a namespace: how /proc/<pid>/ns/net is matched against our namespaces.
+NsKey = tuple[int, int]
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    """libc loaded once in the parent: loading it inside a preexec_fn (after fork) would run
+    ``ldconfig`` from the half-initialised child."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+#### Namespaces
+
+
+def netns_path(ns: str) -> Path:
+    return NETNS_DIR / ns
+
+
+def create_netns(ns: str) -> None:
+    netns.create(ns, libc=libc())
+
+
+def remove_netns(ns: str) -> None:
+    """Drop the name (unmount + unlink); the kernel frees the namespace with its last user."""
+    try:
+        netns.remove(ns, libc=libc())
+    except FileNotFoundError:
+        pass
+
+
+def netns_key(ns: str) -> NsKey | None:
+    try:
+        st = os.stat(netns_path(ns))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def list_netns(lab: str | None = None) -> list[str]:
+    """Our namespaces (``cs-<lab>-h…``), of one lab or of all labs."""
+    try:
+        entries = os.listdir(NETNS_DIR)
+    except OSError:
+        return []
+    found = [ns for ns in entries if (owner := lab_of_netns(ns)) and (lab is None or owner == lab)]
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def open_netns(ns: str) -> Iterator[int]:
+    """An O_CLOEXEC fd on a named namespace, closed on exit."""
+    try:
+        fd = os.open(netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"network namespace {ns!r} does not exist") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def setns_preexec(fd: int, then: Callable[[], Any] | None = None) -> Callable[[], None]:
+    """A Popen preexec_fn that moves the child into the namespace open as ``fd``.
+
+    The fd is opened by the parent, so a missing namespace fails before the fork with a clear
+    message; ``preexec_fn`` runs before Popen closes inherited fds, so ``fd`` is still valid.
+    """
+    lib = libc()
+
+    def preexec() -> None:
+        netns.setns(fd, flags=0, libc=lib)
+        if then is not None:
+            then()
+
+    return preexec
+
+
+class Netlinks:
+    """One RTNL socket per namespace, opened on first use and closed together.
+
+    Opening a socket inside a namespace costs a fork (pyroute2 creates it in a child that
+    setns()es, so no thread of ours ever changes namespace); sharing them makes ``up`` cheap.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[str, Any] = {}
+
+    def __enter__(self) -> Netlinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, ns: str) -> Any:
+        """The IPRoute inside ``ns`` (flags=0: never create the namespace)."""
+        if ns not in self._socks:
+            self._socks[ns] = IPRoute(netns=ns, flags=0)
+        return self._socks[ns]
+
+    def close(self) -> None:
+        socks, self._socks = self._socks, {}
+        for ipr in socks.values():
+            ipr.close()
+
+
+def _index(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise FileNotFoundError(f"no interface {ifname!r}")
+    return int(found[0])
+
+
+#### Building blocks
+
+
+def build_host(nl: Netlinks, ns: str, address: str) -> None:
+    """``lo`` and a bridge ``br0`` (no STP, no forward delay: ports forward at once), up."""
+    ipr = nl(ns)
+    ipr.link("set", index=_index(ipr, "lo"), state="up")
+    ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
+    br = _index(ipr, BRIDGE)
+    ipr.addr("add", index=br, address=address, prefixlen=PREFIXLEN)
+    ipr.link("set", index=br, state="up")
+
+
+def _add_veth_into(ipr: Any, ifname: str, peer: str, peer_ns: str, index: int = 0) -> None:
+    """Create veth ``ifname`` (ifindex ``index``, 0: any) in ``ipr``'s namespace with ``peer``
+    born in ``peer_ns``."""
+    extra = {"index": index} if index else {}
+    with open_netns(peer_ns) as fd:
+        ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer, "net_ns_fd": fd}, **extra)
+
+
+def _enslave_up(ipr: Any, ifname: str) -> None:
+    ipr.link("set", index=_index(ipr, ifname), master=_index(ipr, BRIDGE), state="up")
+
+
+def attach_guest(nl: Netlinks, host_ns: str, guest_ns: str, port: str, address: str) -> None:
+    """Give the guest ``eth0`` with ``address``, its other end ``port`` on the host's bridge."""
+    ipr = nl(host_ns)
+    _add_veth_into(ipr, port, GUEST_IFNAME, guest_ns)
+    _enslave_up(ipr, port)
+    ipr = nl(guest_ns)
+    ipr.link("set", index=_index(ipr, "lo"), state="up")
+    eth = _index(ipr, GUEST_IFNAME)
+    ipr.addr("add", index=eth, address=address, prefixlen=PREFIXLEN)
+    ipr.link("set", index=eth, state="up")
+
+
+def add_wire(nl: Netlinks, ns_a: str, if_a: str, ns_b: str, if_b: str, index_a: int) -> None:
+    """Join two hosts' bridges with a veth pair, so all guests share one L2 segment.
+
+    ``index_a`` must differ from whatever ifindex the kernel gives ``if_b``: two symmetric
+    hosts would otherwise number both ends alike, and linkwatch treats a link whose ifindex
+    equals its iflink as non-urgent, leaving it dropping packets for up to a second.
+    """
+    _add_veth_into(nl(ns_a), if_a, if_b, ns_b, index=index_a)
+    _enslave_up(nl(ns_a), if_a)
+    _enslave_up(nl(ns_b), if_b)
+
+
+def move_port(nl: Netlinks, port: str, from_ns: str, to_ns: str) -> None:
+    """Move a guest's bridge port to another host's bridge: the migration primitive.
+
+    The guest's ``eth0`` (and every socket of its processes) stays untouched; only the wire
+    behind it is re-plugged. Moving a link resets it to down and unenslaved, hence the re-plug.
+    Follow with :func:`wait_operational` before relying on the new path.
+    """
+    ipr = nl(from_ns)
+    with open_netns(to_ns) as fd:
+        ipr.link("set", index=_index(ipr, port), net_ns_fd=fd)
+    _enslave_up(nl(to_ns), port)
+
+
+def wait_operational(nl: Netlinks, ns: str, ifnames: Iterable[str], deadline: float) -> None:
+    """Wait until the links report operstate UP.
+
+    "up" is not yet "passing packets": the kernel attaches a link's qdisc from the linkwatch
+    work, which may run up to a second later, and until then the link drops every packet (see
+    net/core/link_watch.c). Without this wait the first SYN after ``up`` can be lost and a
+    connection then takes the 1 s SYN retransmit. Operstate flips in that same work item.
+    """
+    wanted = set(ifnames)
+    ipr = nl(ns)
+    while True:
+        states = {link.get("ifname"): link.get("operstate") for link in ipr.get_links()}
+        down = sorted(name for name in wanted if states.get(name) != "UP")
+        if not down:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"links {', '.join(down)} in {ns} did not come up")
+        time.sleep(0.02)
+
+
+#### Processes
+
+
+def pids_in(keys: set[NsKey]) -> list[int]:
+    """Processes whose network namespace is one of ``keys`` (zombies have none)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in keys:
+            found.append(int(entry))
+    return found
+
+
+def kill_all_in(keys: set[NsKey], timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process in the namespaces until none is left (children forked meanwhile
+    included). Returns the pids killed. Zombies are left to their parents to reap."""
+    killed: list[int] = []
+    if not keys:
+        return killed
+    deadline = time.monotonic() + timeout
+    while pids := pids_in(keys):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in killed:
+                killed.append(pid)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return killed
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def terminate(pids: Iterable[int], grace: float = 2.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    pending = [pid for pid in pids if alive(pid)]
+    for pid in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pending = [pid for pid in pending if alive(pid)]
+    for pid in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

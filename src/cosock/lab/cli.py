@@ -1,0 +1,185 @@
+"""``cosock lab``: build, inspect, use and remove a lab from the shell.
+
+Mounted by the main CLI as a sub-app; standalone: ``python -c 'from cosock.lab.cli import app;
+app()' up``. Expected failures (lab exists, unknown guest, not root, bad sizes) print one line on
+stderr and exit 1; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import _netns
+from ._lab import Lab, down
+from ._model import (
+    DEFAULT_NAME,
+    MAX_GUESTS,
+    MAX_HOSTS,
+    InvalidLabSpec,
+    LabError,
+    LabNotFound,
+    validate_name,
+)
+
+app = typer.Typer(
+    name="lab",
+    help="Hosts and guests made of network namespaces on this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+NameOpt = Annotated[
+    str, typer.Option("--name", "-n", help="Lab name: 1-8 characters, a-z and 0-9.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _fail(err: BaseException, code: int = 1) -> NoReturn:
+    """One line on stderr, no traceback: these are the user's problems, not bugs."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    typer.echo(f"cosock lab: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return (LabError, OSError, NetlinkError)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _print_lab(lab: Lab) -> None:
+    console = Console()
+    hosts = Table(title=f"lab {lab.name}: hosts")
+    for col in ("host", "netns", "agent pid", "agent socket"):
+        hosts.add_column(col)
+    for h in lab.hosts:
+        pid = str(h.agent_pid) if h.agent_pid and _netns.alive(h.agent_pid) else "-"
+        hosts.add_row(h.name, h.netns, pid, str(h.agent_socket))
+    guests = Table(title=f"lab {lab.name}: guests")
+    for col in ("guest", "host", "address", "netns"):
+        guests.add_column(col)
+    for g in lab.guests:
+        guests.add_row(g.name, g.host, ", ".join(g.addresses), g.netns)
+    console.print(hosts)
+    console.print(guests)
+
+
+def _count(raw: str, what: str) -> int:
+    """Parse a count ourselves: a typer ``int`` would answer "abc" with a multi-line panel."""
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidLabSpec(f"invalid number of {what} {raw!r}: not an integer") from None
+
+
+@app.command()
+def up(
+    hosts: Annotated[
+        str, typer.Option("--hosts", metavar="N", help=f"Number of hosts (1..{MAX_HOSTS}).")
+    ] = "2",
+    guests: Annotated[
+        str, typer.Option("--guests", metavar="M", help=f"Guests per host (1..{MAX_GUESTS}).")
+    ] = "2",
+    name: NameOpt = DEFAULT_NAME,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create hosts (namespace + bridge + agent) and guests (namespace + eth0 on the bridge)."""
+    try:
+        n_hosts, n_guests = _count(hosts, "hosts"), _count(guests, "guests per host")
+        lab = Lab.up(name, hosts=n_hosts, guests=n_guests)
+    except _expected_errors() as err:
+        _fail(err)
+    if as_json:
+        _print_json(lab.to_json())
+    else:
+        _print_lab(lab)
+
+
+@app.command("ls")
+def ls(name: Annotated[str | None, NameOpt] = None, as_json: JsonOpt = False) -> None:
+    """List labs, or show one lab's hosts and guests with --name."""
+    try:
+        if name is not None:
+            lab = Lab.load(validate_name(name))
+            if as_json:
+                _print_json(lab.to_json())
+            else:
+                _print_lab(lab)
+            return
+        rows: list[dict[str, Any]] = []
+        for lab_name in Lab.list():
+            try:
+                loaded = Lab.load(lab_name)
+                rows.append({**loaded.to_json(), "status": loaded.status})
+            except LabNotFound:
+                rows.append({"name": lab_name, "hosts": [], "guests": [], "status": "stale"})
+    except _expected_errors() as err:
+        _fail(err)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no labs")
+        return
+    table = Table(title="labs")
+    for col in ("lab", "hosts", "guests", "status"):
+        table.add_column(col)
+    for row in rows:
+        status = row["status"]
+        if status == "stale":
+            status = f"stale: run `cosock lab down --name {row['name']}`"
+        table.add_row(row["name"], str(len(row["hosts"])), str(len(row["guests"])), status)
+    Console().print(table)
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def exec_(
+    guest: Annotated[str, typer.Argument(help="Guest name, e.g. h1g2.")],
+    cmd: Annotated[
+        list[str] | None, typer.Argument(help="Command and arguments (after --).")
+    ] = None,
+    name: NameOpt = DEFAULT_NAME,
+) -> None:
+    """Run CMD inside GUEST with the guest's environment; exit with CMD's status."""
+    # Options stop at GUEST (so CMD's own options pass through), hence "--" may arrive here.
+    argv = list(cmd or [])
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    try:
+        if not argv:
+            raise LabError("no command given: cosock lab exec GUEST -- CMD [ARGS...]")
+        lab = Lab.load(name)
+        lab.guest(guest)
+        result = lab.run(guest, argv)
+    except FileNotFoundError as err:
+        _fail(err, code=127)
+    except _expected_errors() as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(128 + signal.SIGINT) from None
+    rc = result.returncode
+    raise typer.Exit(128 - rc if rc < 0 else rc)
+
+
+@app.command("down")
+def down_(name: NameOpt = DEFAULT_NAME) -> None:
+    """Remove the lab: agents, processes in its guests, namespaces, state. Idempotent."""
+    try:
+        down(name)
+    except _expected_errors() as err:
+        _fail(err)
+    typer.echo(f"lab {name} is down")

@@ -1,0 +1,94 @@
+"""Fixtures shared by the whole test suite.
+
+Lab fixtures build real network namespaces, so they need root; without it they skip. Each lab
+gets a short name unique per pytest process and xdist worker, so ``pytest -n N`` and several
+sessions at once never collide, and each is torn down even when its test fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from cosock.lab import Lab
+
+IS_ROOT = os.geteuid() == 0
+#: Mark for tests that create namespaces themselves (fixtures below skip on their own).
+requires_root = pytest.mark.skipif(
+    not IS_ROOT, reason="needs root: the lab creates network namespaces, bridges and veths"
+)
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_counter = itertools.count()
+
+
+def _b36(n: int) -> str:
+    digits = ""
+    while True:
+        n, d = divmod(n, 36)
+        digits = _B36[d] + digits
+        if n == 0:
+            return digits
+
+
+def unique_lab_name() -> str:
+    """``t`` + pid (2 chars) + xdist worker number + counter: at most 8 chars of [a-z0-9]."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    wid = _b36(int(worker[2:])) if worker[2:].isdigit() else "m"
+    return f"t{_b36(os.getpid() % 1296):0>2}{wid}{_b36(next(_counter))}"[:8]
+
+
+def _skip_unless_root() -> None:
+    if not IS_ROOT:
+        pytest.skip("needs root: the lab creates network namespaces, bridges and veths")
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    """A fresh lab name, not built; whatever gets built under it is removed afterwards."""
+    _skip_unless_root()
+    from cosock.lab import down
+
+    name = unique_lab_name()
+    yield name
+    down(name)
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[..., Lab]]:
+    """``lab_factory(hosts=2, guests=2) -> Lab``: build labs that are all torn down afterwards."""
+    _skip_unless_root()
+    from cosock.lab import Lab, LabExists, down
+
+    made: list[str] = []
+
+    def make(hosts: int = 2, guests: int = 2) -> Lab:
+        for _ in range(5):  # a stale lab from a killed session may hold a name: skip it
+            name = unique_lab_name()
+            made.append(name)
+            try:
+                return Lab.up(name, hosts=hosts, guests=guests)
+            except LabExists:
+                made.pop()
+        raise RuntimeError("could not find a free lab name")
+
+    yield make
+    errors = []
+    for name in made:
+        try:
+            down(name)
+        except Exception as exc:  # tear down the others anyway
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Lab:
+    """A running lab with 2 hosts x 2 guests (h1g1, h1g2, h2g1, h2g2) and their agents."""
+    return lab_factory(2, 2)
