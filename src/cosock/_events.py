@@ -1,0 +1,186 @@
+"""Events of the cosock control protocol (layer 3) and the REJECT reason codes.
+
+An event is what travels on a cosock connection's TCP stream, seen as a value: the
+socket layer hands events to ``Connection.send()`` and gets events back from
+``Connection.next_event()`` (see ``_protocol.py``). Events are frozen, slotted and
+validated on construction, so a malformed one can never reach the wire; a bad value
+raises ``LocalProtocolError`` (as h11's events do).
+
+Contents:
+
+* ``Hello``, ``Accept``, ``Reject`` — the in-band handshake.
+* ``Bell``, ``Space`` — wake-ups for a reader / a writer blocked on a full ring.
+* ``Fin`` — "my stream to you ends at byte offset N".
+* ``PlainData``, ``Eof`` — receive-only: application bytes after a fallback, TCP EOF.
+* ``NEED_DATA`` — not an event: ``next_event()`` needs more bytes first.
+* ``REASON_CODES`` / ``reason_from_code`` — the stable ``FallbackReason`` ↔ u8 map.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal, TypeAlias
+
+from ._errors import FallbackReason, LocalProtocolError
+
+__all__ = [
+    "MAX_OFFSET",
+    "NEED_DATA",
+    "NONCE_SIZE",
+    "REASON_CODES",
+    "Accept",
+    "Bell",
+    "Eof",
+    "Event",
+    "Fin",
+    "Hello",
+    "NeedData",
+    "PlainData",
+    "Reject",
+    "Sentinel",
+    "Space",
+    "reason_from_code",
+]
+
+#: Length of the per-connection nonce (in the offer and in HELLO).
+NONCE_SIZE: Final = 16
+#: Exclusive upper bound of a stream offset. The wire field is a u64, but keeping offsets
+#: below 2**63 leaves room for signed arithmetic on the other side and cannot bind in
+#: practice (it is 292 years of 1 GB/s).
+MAX_OFFSET: Final = 1 << 63
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client → server, the first 20 bytes on TCP: "I am the client of the offer with this nonce".
+
+    Ties the TCP connection to the shared-memory offer that arrived out of band.
+    """
+
+    nonce: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if type(self.nonce) is not bytes or len(self.nonce) != NONCE_SIZE:
+            raise LocalProtocolError(f"Hello nonce must be {NONCE_SIZE} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Server → client, the server's first frame: the channel is accepted, data uses the rings."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Server → client, the server's first frame instead of Accept: fall back to plain TCP.
+
+    Every byte after it (and, client → server, after the HELLO) is application data.
+    """
+
+    reason: FallbackReason
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, FallbackReason):
+            raise LocalProtocolError(f"Reject reason must be a FallbackReason, not {self.reason!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Bell:
+    """A wake-up for a reader: "recheck your rings", with no meaning beyond that.
+
+    Received bells are collapsed: a run of consecutive BELL bytes is one ``Bell`` event.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """A wake-up for a writer blocked on a full ring: "I freed space in the ring you write".
+
+    Separate from Bell so that a woken writer knows why. Runs are collapsed like bells.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Fin:
+    """End of stream: "my stream to you ends at byte offset N". Once per direction.
+
+    Sent on shutdown(SHUT_WR) or close(); the offset lets the reader drain the ring exactly.
+    """
+
+    offset: int
+
+    def __post_init__(self) -> None:
+        if type(self.offset) is not int or not 0 <= self.offset < MAX_OFFSET:
+            raise LocalProtocolError(
+                f"Fin offset must be an int in [0, 2**63), not {self.offset!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PlainData:
+    """Receive-only: bytes that belong to the application, after a fallback to TCP."""
+
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.data) is not bytes:
+            raise LocalProtocolError("PlainData.data must be bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Eof:
+    """Receive-only: TCP EOF, reported once, after every buffered byte was consumed.
+
+    On the shared-memory path the peer only closes TCP on close(), after its Fin; an Eof with
+    no Fin before it means the peer vanished and the socket layer should treat it as a reset.
+    """
+
+
+#: Everything ``Connection.send()`` takes and ``Connection.next_event()`` returns.
+Event: TypeAlias = Hello | Accept | Reject | Bell | Space | Fin | PlainData | Eof
+
+
+class Sentinel(enum.Enum):
+    """Non-event results of ``next_event()`` (an enum so that mypy narrows ``is`` checks)."""
+
+    #: No complete event is buffered: call ``receive_data()`` and try again.
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+NeedData: TypeAlias = Literal[Sentinel.NEED_DATA]
+
+
+#### REJECT reason codes
+#
+# The u8 after a REJECT frame. The numbers are wire format: never renumber or reuse one;
+# add new reasons with new numbers. 0 is reserved (never sent). A receiver maps a code it
+# does not know to PEER_REJECTED instead of failing, so that newer servers can add reasons.
+
+REASON_CODES: Final[Mapping[FallbackReason, int]] = MappingProxyType(
+    {
+        FallbackReason.NOT_CORESIDENT: 1,
+        FallbackReason.AGENT_UNREACHABLE: 2,
+        FallbackReason.LOOPBACK_DISABLED: 3,
+        FallbackReason.DISABLED: 4,
+        FallbackReason.OFFER_UNDELIVERED: 5,
+        FallbackReason.NO_OFFER: 6,
+        FallbackReason.OFFER_INVALID: 7,
+        FallbackReason.PEER_REJECTED: 8,
+        FallbackReason.RESOURCE: 9,
+        FallbackReason.HANDSHAKE_FAILED: 10,
+    }
+)
+_REASONS_BY_CODE: Final[Mapping[int, FallbackReason]] = MappingProxyType(
+    {code: reason for reason, code in REASON_CODES.items()}
+)
+
+
+def reason_from_code(code: int) -> FallbackReason:
+    """The reason for a received code; unknown codes mean PEER_REJECTED (forward compatible)."""
+    return _REASONS_BY_CODE.get(code, FallbackReason.PEER_REJECTED)

@@ -1,0 +1,1004 @@
+"""Tests for the sans-IO control protocol: ``cosock._protocol`` and ``cosock._events``.
+
+Everything runs real ``Connection`` objects; ``ConnectionPair`` links a client and a
+server through an in-memory byte stream, as h11's test helpers do.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cosock import FallbackReason, LocalProtocolError, RemoteProtocolError
+from cosock._events import (
+    MAX_OFFSET,
+    NEED_DATA,
+    REASON_CODES,
+    Accept,
+    Bell,
+    Eof,
+    Event,
+    Fin,
+    Hello,
+    PlainData,
+    Reject,
+    Space,
+    reason_from_code,
+)
+from cosock._protocol import (
+    FRAME_SIZES,
+    HELLO_MAGIC,
+    HELLO_SIZE,
+    RECEIVE_TRANSITIONS,
+    SEND_TRANSITIONS,
+    Connection,
+    Role,
+    State,
+)
+
+NONCE = bytes(range(16))
+OTHER_NONCE = bytes(range(100, 116))
+HELLO = b"CSK\x01" + NONCE
+CLIENT, SERVER = Role.CLIENT, Role.SERVER
+
+
+def fin_frame(offset: int) -> bytes:
+    return b"\x04" + offset.to_bytes(8, "little")
+
+
+def drain(conn: Connection) -> list[Event]:
+    """Every event ``next_event()`` has to give right now."""
+    events: list[Event] = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+    return events
+
+
+def normalise(events: Iterable[Event]) -> list[Event]:
+    """Merge runs that chunking may split: wake-ups of one kind, and PlainData."""
+    out: list[Event] = []
+    for event in events:
+        last = out[-1] if out else None
+        if isinstance(event, Bell | Space) and type(last) is type(event):
+            continue
+        if isinstance(event, PlainData) and isinstance(last, PlainData):
+            out[-1] = PlainData(last.data + event.data)
+            continue
+        out.append(event)
+    return out
+
+
+def snapshot(conn: Connection) -> tuple[Any, ...]:
+    """Everything observable about a connection, to show that a refused call changed nothing."""
+    return (
+        conn.state,
+        conn.sent_offset,
+        conn.received_offset,
+        conn.fin_sent,
+        conn.fin_received_offset,
+        conn.eof_reached,
+        conn.fallback,
+        conn.nonce_ok,
+        conn.trailing_data,
+    )
+
+
+class ConnectionPair:
+    """A client and a server ``Connection`` linked by an in-memory TCP stream."""
+
+    def __init__(self, server_nonce: bytes = NONCE) -> None:
+        self.client = Connection(CLIENT, NONCE)
+        self.server = Connection(SERVER, server_nonce)
+
+    def peer(self, conn: Connection) -> Connection:
+        return self.server if conn is self.client else self.client
+
+    def send(self, conn: Connection, *events: Event) -> list[Event]:
+        """Send ``events`` from ``conn``; return what the peer's ``next_event()`` yields."""
+        peer = self.peer(conn)
+        for event in events:
+            peer.receive_data(conn.send(event))
+        return drain(peer)
+
+    def close(self, conn: Connection) -> list[Event]:
+        """``conn`` closes its TCP socket: deliver EOF to the peer."""
+        peer = self.peer(conn)
+        peer.receive_data(b"")
+        return drain(peer)
+
+    def accept(self) -> ConnectionPair:
+        assert self.send(self.client, Hello(NONCE)) == [Hello(NONCE)]
+        assert self.send(self.server, Accept()) == [Accept()]
+        return self
+
+    def reject(self, reason: FallbackReason = FallbackReason.OFFER_INVALID) -> ConnectionPair:
+        assert self.send(self.client, Hello(NONCE)) == [Hello(NONCE)]
+        assert self.send(self.server, Reject(reason)) == [Reject(reason)]
+        return self
+
+
+#### Wire format
+
+
+def test_golden_bytes() -> None:
+    pair = ConnectionPair()
+    assert pair.client.send(Hello(NONCE)) == HELLO
+    assert len(HELLO) == HELLO_SIZE == 20
+    assert HELLO_MAGIC == b"CSK\x01"
+    pair.server.receive_data(HELLO)
+    assert drain(pair.server) == [Hello(NONCE)]
+    assert pair.server.send(Accept()) == b"\x02"
+    assert pair.server.send(Bell()) == b"\x01"
+    assert pair.server.send(Space()) == b"\x05"
+    pair.server.data_sent(0x0102030405060708)
+    assert pair.server.send(Fin(0x0102030405060708)) == bytes.fromhex("040807060504030201")
+    rejecting = ConnectionPair()
+    rejecting.server.receive_data(HELLO)
+    drain(rejecting.server)
+    assert rejecting.server.send(Reject(FallbackReason.OFFER_INVALID)) == b"\x03\x07"
+    assert FRAME_SIZES == {0x01: 1, 0x02: 1, 0x03: 2, 0x04: 9, 0x05: 1}
+
+
+def test_reason_codes_are_stable_and_complete() -> None:
+    # Wire format: changing a number breaks peers running another version.
+    assert dict(REASON_CODES) == {
+        FallbackReason.NOT_CORESIDENT: 1,
+        FallbackReason.AGENT_UNREACHABLE: 2,
+        FallbackReason.LOOPBACK_DISABLED: 3,
+        FallbackReason.DISABLED: 4,
+        FallbackReason.OFFER_UNDELIVERED: 5,
+        FallbackReason.NO_OFFER: 6,
+        FallbackReason.OFFER_INVALID: 7,
+        FallbackReason.PEER_REJECTED: 8,
+        FallbackReason.RESOURCE: 9,
+        FallbackReason.HANDSHAKE_FAILED: 10,
+    }
+    assert set(REASON_CODES) == set(FallbackReason)
+    for reason, code in REASON_CODES.items():
+        assert reason_from_code(code) is reason
+    for code in set(range(256)) - set(REASON_CODES.values()):
+        assert reason_from_code(code) is FallbackReason.PEER_REJECTED
+
+
+@pytest.mark.parametrize("reason", list(FallbackReason))
+def test_every_reason_travels(reason: FallbackReason) -> None:
+    pair = ConnectionPair().reject(reason)
+    assert pair.client.fallback is pair.server.fallback is reason
+    assert pair.client.state is pair.server.state is State.TCP
+
+
+@pytest.mark.parametrize("code", [0, 11, 0x7F, 0xFF])
+def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
+    client = Connection(CLIENT, NONCE)
+    client.send(Hello(NONCE))
+    client.receive_data(bytes([0x03, code]) + b"app")
+    assert drain(client) == [Reject(FallbackReason.PEER_REJECTED), PlainData(b"app")]
+    assert client.fallback is FallbackReason.PEER_REJECTED
+
+
+#### Events
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Hello(b"short"),
+        lambda: Hello(NONCE + b"x"),
+        lambda: Hello(bytearray(NONCE)),  # type: ignore[arg-type]
+        lambda: Reject("no-offer"),  # type: ignore[arg-type]
+        lambda: Fin(-1),
+        lambda: Fin(MAX_OFFSET),
+        lambda: Fin(True),
+        lambda: Fin(1.0),  # type: ignore[arg-type]
+        lambda: PlainData("text"),  # type: ignore[arg-type]
+        lambda: Connection(CLIENT, b"short"),
+        lambda: Connection("client", NONCE),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_values_are_refused_on_construction(make: Callable[[], object]) -> None:
+    with pytest.raises(LocalProtocolError):
+        make()
+
+
+def test_events_are_frozen_and_slotted() -> None:
+    fin = Fin(3)
+    with pytest.raises(AttributeError):
+        fin.offset = 4  # type: ignore[misc]
+    assert not hasattr(fin, "__dict__")
+    assert NONCE.hex() not in repr(Hello(NONCE))  # the nonce stays out of logs
+    assert repr(NEED_DATA) == "NEED_DATA"
+
+
+#### Handshake
+
+
+def test_accept_path() -> None:
+    pair = ConnectionPair()
+
+    def states() -> tuple[State, State]:  # a call, so mypy does not narrow across steps
+        return pair.client.state, pair.server.state
+
+    assert states() == (State.IDLE, State.AWAIT_HELLO)
+    assert pair.server.nonce_ok is None
+    assert pair.client.nonce == NONCE
+    assert pair.send(pair.client, Hello(NONCE)) == [Hello(NONCE)]
+    assert states() == (State.HELLO_SENT, State.HELLO_RECEIVED)
+    assert pair.server.nonce_ok is True
+    assert pair.send(pair.server, Accept()) == [Accept()]
+    assert states() == (State.SHM, State.SHM)
+    assert pair.client.fallback is pair.server.fallback is None
+
+
+def test_reject_path_then_plain_tcp_both_ways() -> None:
+    pair = ConnectionPair().reject(FallbackReason.RESOURCE)
+    assert (pair.client.state, pair.server.state) == (State.TCP, State.TCP)
+    for sender in (pair.client, pair.server):
+        receiver = pair.peer(sender)
+        receiver.receive_data(b"\x01\x02\x04 GET / HTTP/1.1\r\n")  # frame bytes mean nothing now
+        assert drain(receiver) == [PlainData(b"\x01\x02\x04 GET / HTTP/1.1\r\n")]
+        with pytest.raises(LocalProtocolError):
+            sender.send(Bell())  # no frames after a fallback
+        with pytest.raises(LocalProtocolError):
+            sender.data_sent(1)
+    assert pair.close(pair.client) == [Eof()]
+    assert pair.server.state is State.CLOSED
+    assert pair.server.fallback is FallbackReason.RESOURCE
+
+
+def _split_everywhere(data: bytes) -> Iterable[list[bytes]]:
+    """Every split of ``data`` into one, two and three chunks, plus byte by byte."""
+    yield [data]
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1):
+            yield [data[:i], data[i:j], data[j:]]
+    yield [data[i : i + 1] for i in range(len(data))]
+
+
+def _feed(
+    conn: Connection, chunks: Iterable[bytes], answer: Event | None = None, eof: bool = False
+) -> list[Event]:
+    """Deliver ``chunks`` one at a time (then EOF if asked), draining after each.
+
+    A server answers a Hello with ``answer`` and keeps draining.
+    """
+    events: list[Event] = []
+    for chunk in [*(c for c in chunks if c), *([b""] if eof else [])]:
+        conn.receive_data(chunk)
+        for event in drain(conn):
+            events.append(event)
+            if isinstance(event, Hello) and answer is not None:
+                conn.send(answer)
+                events.extend(drain(conn))
+    return events
+
+
+TRAILER = b"\x01\x02\x03\x04\x05HELLO\x00app"
+
+
+@pytest.mark.parametrize("chunks", list(_split_everywhere(b"\x03\x06" + TRAILER)))
+def test_client_sees_bytes_after_reject_as_plain_data_exactly(chunks: list[bytes]) -> None:
+    client = Connection(CLIENT, NONCE)
+    client.send(Hello(NONCE))
+    events = _feed(client, chunks)
+    assert events[0] == Reject(FallbackReason.NO_OFFER)
+    assert all(isinstance(e, PlainData) and e.data for e in events[1:])
+    assert b"".join(e.data for e in events[1:] if isinstance(e, PlainData)) == TRAILER
+    client.receive_data(b"")
+    assert drain(client) == [Eof()]
+
+
+@pytest.mark.parametrize("chunks", list(_split_everywhere(HELLO + TRAILER)))
+def test_server_sees_bytes_after_hello_as_plain_data_once_rejected(chunks: list[bytes]) -> None:
+    server = Connection(SERVER, NONCE)
+    events = _feed(server, chunks, answer=Reject(FallbackReason.NO_OFFER))
+    assert events[0] == Hello(NONCE)
+    assert normalise(events[1:]) == [PlainData(TRAILER)]
+
+
+def test_nonce_mismatch_refuses_accept_but_allows_reject() -> None:
+    pair = ConnectionPair(server_nonce=OTHER_NONCE)
+    assert pair.send(pair.client, Hello(NONCE)) == [Hello(NONCE)]
+    assert pair.server.nonce_ok is False
+    before = snapshot(pair.server)
+    with pytest.raises(LocalProtocolError, match="nonce"):
+        pair.server.send(Accept())
+    assert snapshot(pair.server) == before  # not poisoned: a local error changes nothing
+    reason = FallbackReason.OFFER_INVALID
+    assert pair.send(pair.server, Reject(reason)) == [Reject(reason)]
+    assert pair.client.fallback is pair.server.fallback is reason
+
+
+def test_client_hello_must_carry_its_own_nonce() -> None:
+    client = Connection(CLIENT, NONCE)
+    with pytest.raises(LocalProtocolError, match="nonce"):
+        client.send(Hello(OTHER_NONCE))
+    assert client.state is State.IDLE
+
+
+def test_server_waits_for_its_verdict_before_parsing_more() -> None:
+    server = Connection(SERVER, NONCE)
+    server.receive_data(HELLO + b"\x01\x05")
+    assert drain(server) == [Hello(NONCE)]
+    assert server.next_event() is NEED_DATA  # our turn: the bytes wait
+    assert server.trailing_data == (b"\x01\x05", False)
+    server.send(Accept())
+    assert drain(server) == [Bell(), Space()]
+
+
+@pytest.mark.parametrize("cut", range(1, 5))
+def test_non_cosock_peer_is_found_at_its_first_bytes(cut: int) -> None:
+    # A plain HTTP client must not hang the server until 20 bytes arrived.
+    server = Connection(SERVER, NONCE)
+    server.receive_data(b"GET / HTTP/1.1\r\n"[:cut])
+    with pytest.raises(RemoteProtocolError, match="HELLO"):
+        server.next_event()
+    assert server.state is State.ERROR
+    assert server.trailing_data == (b"GET / HTTP/1.1\r\n"[:cut], False)  # recoverable
+
+
+@pytest.mark.parametrize("cut", range(1, HELLO_SIZE))
+def test_hello_prefix_waits_for_more(cut: int) -> None:
+    server = Connection(SERVER, NONCE)
+    server.receive_data(HELLO[:cut])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(HELLO[cut:])
+    assert drain(server) == [Hello(NONCE)]
+
+
+def test_unsupported_hello_version() -> None:
+    server = Connection(SERVER, NONCE)
+    server.receive_data(b"CSK\x02")
+    with pytest.raises(RemoteProtocolError, match="version 2"):
+        server.next_event()
+
+
+@pytest.mark.parametrize(
+    ("role", "sent"),
+    [(SERVER, b""), (SERVER, HELLO[:7]), (CLIENT, b""), (CLIENT, b"\x03")],
+)
+def test_eof_during_handshake(role: Role, sent: bytes) -> None:
+    conn = Connection(role, NONCE)
+    if role is CLIENT:
+        conn.send(Hello(NONCE))
+    conn.receive_data(sent)
+    conn.receive_data(b"")
+    if sent:
+        with pytest.raises(RemoteProtocolError, match="EOF"):
+            conn.next_event()
+        assert conn.state is State.ERROR
+        assert conn.fallback is None
+    else:
+        assert drain(conn) == [Eof()]
+        assert conn.state is State.CLOSED
+        assert conn.fallback is FallbackReason.HANDSHAKE_FAILED
+        with pytest.raises(LocalProtocolError):
+            conn.data_sent(1)
+
+
+#### Shared-memory phase: wake-ups, offsets, FIN, EOF
+
+
+def test_wakeups_both_ways_and_collapsing() -> None:
+    pair = ConnectionPair().accept()
+    assert pair.send(pair.client, Bell(), Bell(), Space(), Bell()) == [Bell(), Space(), Bell()]
+    assert pair.send(pair.server, Space(), Space()) == [Space()]
+    assert pair.send(pair.server) == []
+
+
+def test_fin_and_half_close() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(10)
+    pair.client.data_sent(5)
+    assert pair.client.sent_offset == 15
+    assert pair.send(pair.client, Fin(15)) == [Fin(15)]
+    assert pair.client.fin_sent
+    assert pair.server.fin_received_offset == 15
+    assert not pair.server.eof_reached
+    pair.server.data_received(15)
+    assert pair.server.eof_reached
+    # Half-close: the server keeps writing, the client keeps reading and freeing space.
+    pair.server.data_sent(100)
+    assert pair.send(pair.server, Bell()) == [Bell()]
+    pair.client.data_received(100)
+    assert pair.send(pair.client, Space()) == [Space()]  # allowed after our own FIN
+    with pytest.raises(LocalProtocolError, match="after FIN"):
+        pair.client.data_sent(1)
+    assert pair.send(pair.server, Fin(100)) == [Fin(100)]
+    assert pair.client.eof_reached
+    assert pair.close(pair.server) == [Eof()]
+    assert pair.close(pair.client) == [Eof()]
+    assert pair.client.state is pair.server.state is State.CLOSED
+    assert pair.client.fallback is pair.server.fallback is None
+
+
+def test_ring_can_be_drained_after_tcp_eof() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(7)
+    pair.send(pair.client, Fin(7))
+    assert pair.close(pair.client) == [Eof()]
+    assert pair.server.state is State.CLOSED
+    assert pair.server.next_event() is NEED_DATA  # Eof comes once
+    pair.server.data_received(7)
+    assert pair.server.eof_reached
+    with pytest.raises(LocalProtocolError):
+        pair.server.send(Bell())  # the peer is gone
+    pair.server.receive_data(b"")  # repeating EOF is harmless
+    with pytest.raises(LocalProtocolError, match="after TCP EOF"):
+        pair.server.receive_data(b"x")
+
+
+def test_data_written_ahead_during_handshake_is_counted() -> None:
+    pair = ConnectionPair()
+    pair.client.send(Hello(NONCE))
+    pair.client.data_sent(3)  # writing ahead into the ring before the verdict
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(Fin(3))  # but no frame before the verdict
+    with pytest.raises(LocalProtocolError, match="channel"):
+        pair.client.data_received(1)  # and nobody reads a ring not yet accepted
+    pair.server.receive_data(HELLO)
+    drain(pair.server)
+    pair.server.data_sent(2)
+    assert pair.send(pair.server, Accept()) == [Accept()]
+    assert pair.send(pair.client, Fin(3)) == [Fin(3)]
+    assert pair.client.sent_offset == 3 and pair.server.sent_offset == 2
+
+
+@pytest.mark.parametrize(
+    ("received", "frames", "match"),
+    [
+        (5, fin_frame(4), "already read"),
+        (0, fin_frame(1) + fin_frame(1), "second FIN"),
+        (0, fin_frame(MAX_OFFSET), "2\\*\\*63"),
+        (0, fin_frame(2**64 - 1), "2\\*\\*63"),
+        (0, b"\x02", "Accept"),
+        (0, b"\x03\x01", "Reject"),
+        (0, HELLO, "0x43"),
+        (0, b"\x00", "0x00"),
+        (0, b"\x06", "0x06"),
+        (0, b"\xff", "0xff"),
+    ],
+)
+def test_remote_violations_in_shm_poison(received: int, frames: bytes, match: str) -> None:
+    server = ConnectionPair().accept().server
+    server.data_received(received)
+    server.receive_data(frames)
+    with pytest.raises(RemoteProtocolError, match=match):
+        drain(server)
+    assert server.state is State.ERROR
+
+
+def test_reading_past_the_peers_fin_poisons() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(4)
+    pair.send(pair.client, Fin(4))
+    pair.server.data_received(3)
+    with pytest.raises(RemoteProtocolError, match="past its FIN"):
+        pair.server.data_received(2)
+    assert pair.server.state is State.ERROR
+
+
+def test_received_offset_overflow_poisons() -> None:
+    server = ConnectionPair().accept().server
+    server.data_received(MAX_OFFSET - 1)
+    with pytest.raises(RemoteProtocolError, match="overflow"):
+        server.data_received(1)
+    assert server.state is State.ERROR
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c: c.data_sent(-1), "non-negative"),
+        (lambda c: c.data_received(-1), "non-negative"),
+        (lambda c: c.data_sent(True), "non-negative"),
+        (lambda c: c.data_sent(MAX_OFFSET), "overflow"),
+        (lambda c: c.send(Fin(1)), "does not match"),
+        (lambda c: (c.send(Fin(0)), c.send(Fin(0))), "already sent"),
+    ],
+)
+def test_local_mistakes_in_shm_change_nothing(
+    call: Callable[[Connection], object], match: str
+) -> None:
+    client = ConnectionPair().accept().client
+    with pytest.raises(LocalProtocolError, match=match):
+        call(client)
+    assert client.state is State.SHM
+    assert client.sent_offset == client.received_offset == 0
+
+
+def test_eof_inside_a_frame_and_without_fin() -> None:
+    pair = ConnectionPair().accept()
+    pair.server.receive_data(fin_frame(9)[:5])
+    pair.server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="EOF inside a frame"):
+        pair.server.next_event()
+    # EOF without FIN is not a protocol error; the socket layer reports a reset.
+    other = ConnectionPair().accept()
+    assert other.close(other.server) == [Eof()]
+    assert other.client.fin_received_offset is None
+    assert not other.client.eof_reached
+
+
+def test_error_state_refuses_everything() -> None:
+    client = ConnectionPair().accept().client
+    client.receive_data(b"\xee")
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+    for call in (
+        lambda: client.next_event(),
+        lambda: client.receive_data(b"x"),
+        lambda: client.receive_data(b""),
+        lambda: client.send(Bell()),
+        lambda: client.data_sent(1),
+        lambda: client.data_received(1),
+    ):
+        with pytest.raises(LocalProtocolError, match="ERROR"):
+            call()
+    assert client.state is State.ERROR
+    assert "ERROR" in repr(client)
+
+
+#### The (state, event) matrix
+#
+# Written from the specification, independently of the module's tables; the module's
+# tables must say the same, and the code must do what the tables say.
+
+SHM = State.SHM
+EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
+    (CLIENT, State.IDLE, Hello): State.HELLO_SENT,
+    (SERVER, State.HELLO_RECEIVED, Accept): SHM,
+    (SERVER, State.HELLO_RECEIVED, Reject): State.TCP,
+    **{(role, SHM, kind): SHM for role in Role for kind in (Bell, Space, Fin)},
+}
+
+#: What each wire input (named by what it encodes) must produce, per (role, state):
+#: an event and a new state; a missing entry is a RemoteProtocolError.
+WIRE: dict[str, bytes] = {
+    "HELLO": HELLO,
+    "ACCEPT": b"\x02",
+    "REJECT": b"\x03\x06",
+    "BELL": b"\x01",
+    "SPACE": b"\x05",
+    "FIN": fin_frame(0),
+    "GARBAGE": b"\xfe",
+    "EOF": b"",
+}
+WIRE_EVENT: dict[str, Event] = {
+    "HELLO": Hello(NONCE),
+    "ACCEPT": Accept(),
+    "REJECT": Reject(FallbackReason.NO_OFFER),
+    "BELL": Bell(),
+    "SPACE": Space(),
+    "FIN": Fin(0),
+    "EOF": Eof(),
+}
+EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
+    (SERVER, State.AWAIT_HELLO, "HELLO"): State.HELLO_RECEIVED,
+    (SERVER, State.AWAIT_HELLO, "EOF"): State.CLOSED,
+    (CLIENT, State.HELLO_SENT, "ACCEPT"): SHM,
+    (CLIENT, State.HELLO_SENT, "REJECT"): State.TCP,
+    (CLIENT, State.HELLO_SENT, "EOF"): State.CLOSED,
+    **{(role, SHM, wire): SHM for role in Role for wire in ("BELL", "SPACE", "FIN")},
+    **{(role, SHM, "EOF"): State.CLOSED for role in Role},
+    **{(role, State.TCP, wire): State.TCP for role in Role for wire in WIRE if wire != "EOF"},
+    **{(role, State.TCP, "EOF"): State.CLOSED for role in Role},
+}
+#: States where nothing is parsed: the input waits (NEED_DATA), the state stays.
+PAUSED = {
+    (CLIENT, State.IDLE),
+    (SERVER, State.HELLO_RECEIVED),
+    (CLIENT, State.CLOSED),
+    (SERVER, State.CLOSED),
+}
+
+
+def _bring(role: Role, state: State) -> Connection:
+    """A real connection driven into ``state`` through the public API."""
+    pair = ConnectionPair()
+    conn = pair.client if role is CLIENT else pair.server
+    if state is State.ERROR:
+        if role is CLIENT:
+            conn.send(Hello(NONCE))
+        conn.receive_data(b"\xfe")
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+    elif state is State.HELLO_SENT:
+        conn.send(Hello(NONCE))
+    elif state is State.HELLO_RECEIVED:
+        pair.send(pair.client, Hello(NONCE))
+    elif state is SHM:
+        pair.accept()
+    elif state is State.TCP:
+        pair.reject()
+    elif state is State.CLOSED:
+        pair.accept()
+        pair.close(pair.peer(conn))
+    assert conn.state is state
+    return conn
+
+
+STATES = {
+    CLIENT: [State.IDLE, State.HELLO_SENT, SHM, State.TCP, State.CLOSED, State.ERROR],
+    SERVER: [State.AWAIT_HELLO, State.HELLO_RECEIVED, SHM, State.TCP, State.CLOSED, State.ERROR],
+}
+SAMPLE_EVENTS: list[Event] = [
+    Hello(NONCE),
+    Accept(),
+    Reject(FallbackReason.NO_OFFER),
+    Bell(),
+    Space(),
+    Fin(0),
+    PlainData(b"x"),
+    Eof(),
+]
+
+
+def test_module_tables_match_the_specification() -> None:
+    table_send = {
+        (role, state, kind): new
+        for role, states in SEND_TRANSITIONS.items()
+        for state, moves in states.items()
+        for kind, new in moves.items()
+    }
+    assert table_send == EXPECTED_SEND
+    table_receive = {
+        (role, state, kind): new
+        for role, states in RECEIVE_TRANSITIONS.items()
+        for state, moves in states.items()
+        for kind, new in moves.items()
+    }
+    wire_kinds = {name: type(event) for name, event in WIRE_EVENT.items()}
+    expected = {
+        (role, state, wire_kinds[wire]): new
+        for (role, state, wire), new in EXPECTED_RECEIVE.items()
+        if state is not State.TCP or wire == "EOF"
+    } | {(role, State.TCP, PlainData): State.TCP for role in Role}
+    assert table_receive == expected
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "event"),
+    [(r, s, e) for r in Role for s in STATES[r] for e in SAMPLE_EVENTS],
+    ids=lambda v: getattr(v, "name", None) or type(v).__name__,
+)
+def test_send_matrix(role: Role, state: State, event: Event) -> None:
+    conn = _bring(role, state)
+    before = snapshot(conn)
+    new_state = EXPECTED_SEND.get((role, state, type(event)))
+    if new_state is None:
+        with pytest.raises(LocalProtocolError):
+            conn.send(event)
+        assert snapshot(conn) == before
+    else:
+        assert conn.send(event)
+        assert conn.state is new_state
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "wire"),
+    [(r, s, w) for r in Role for s in STATES[r] for w in WIRE],
+    ids=lambda v: getattr(v, "name", None) or str(v),
+)
+def test_receive_matrix(role: Role, state: State, wire: str) -> None:
+    conn = _bring(role, state)
+    if state is State.ERROR or (state is State.CLOSED and wire != "EOF"):
+        with pytest.raises(LocalProtocolError):
+            conn.receive_data(WIRE[wire])  # poisoned, or bytes after TCP EOF
+        return
+    conn.receive_data(WIRE[wire])
+    before = snapshot(conn)
+    if (role, state) in PAUSED:
+        assert conn.next_event() is NEED_DATA
+        assert snapshot(conn) == before
+        return
+    new_state = EXPECTED_RECEIVE.get((role, state, wire))
+    if new_state is None:
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+        # Poisoned, but otherwise untouched: the offending bytes were not consumed.
+        assert snapshot(conn) == (State.ERROR, *before[1:])
+        with pytest.raises(LocalProtocolError):
+            conn.next_event()
+        return
+    plain = state is State.TCP and wire != "EOF"
+    expected = PlainData(WIRE[wire]) if plain else WIRE_EVENT[wire]
+    assert conn.next_event() == expected
+    assert conn.state is new_state
+    assert conn.next_event() is NEED_DATA
+
+
+#### Property tests: operation scripts and arbitrary chunkings
+
+SIDES = st.sampled_from([CLIENT, SERVER])
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("bell"), SIDES, st.just(0)),
+        st.tuples(st.just("space"), SIDES, st.just(0)),
+        st.tuples(st.just("write"), SIDES, st.integers(0, 1 << 40)),
+        st.tuples(st.just("fin"), SIDES, st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+def _run_script(ops: Sequence[tuple[str, Role, int]]) -> tuple[dict[Role, bytes], dict[Role, Any]]:
+    """Play ``ops`` on a live pair; return each side's TCP bytes and what its peer must see.
+
+    The expectation is built from the operations alone (the model), and the live pair,
+    delivering after every operation, must agree with it.
+    """
+    pair = ConnectionPair()
+    conns = {CLIENT: pair.client, SERVER: pair.server}
+    streams = {CLIENT: bytearray(HELLO), SERVER: bytearray(b"\x02")}
+    model: dict[Role, list[Event]] = {CLIENT: [Hello(NONCE)], SERVER: [Accept()]}
+    seen: dict[Role, list[Event]] = {CLIENT: [], SERVER: []}  # keyed by sender
+    seen[CLIENT].extend(pair.send(pair.client, Hello(NONCE)))
+    seen[SERVER].extend(pair.send(pair.server, Accept()))
+    for kind, side, n in ops:
+        conn = conns[side]
+        peer = pair.peer(conn)
+        if kind == "write":
+            if conn.fin_sent or conn.sent_offset + n >= MAX_OFFSET:
+                with pytest.raises(LocalProtocolError):
+                    conn.data_sent(n)
+                continue
+            conn.data_sent(n)
+            continue
+        if kind == "fin" and conn.fin_sent:
+            with pytest.raises(LocalProtocolError, match="already sent"):
+                conn.send(Fin(conn.sent_offset))
+            continue
+        event: Event = (
+            Bell() if kind == "bell" else Space() if kind == "space" else Fin(conn.sent_offset)
+        )
+        data = conn.send(event)
+        streams[side] += data
+        model[side].append(event)
+        peer.receive_data(data)
+        seen[side].extend(drain(peer))
+    info = {
+        side: {
+            "events": [*normalise(model[side]), Eof()],
+            "written": conns[side].sent_offset,
+            "fin": conns[side].fin_sent,
+        }
+        for side in Role
+    }
+    for side in Role:
+        assert normalise(seen[side]) == normalise(model[side])
+    return {side: bytes(streams[side]) for side in Role}, info
+
+
+def _receiver(sender: Role) -> Connection:
+    """A fresh connection ready to read what ``sender`` wrote from its first byte."""
+    if sender is CLIENT:
+        return Connection(SERVER, NONCE)
+    client = Connection(CLIENT, NONCE)
+    client.send(Hello(NONCE))
+    return client
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, data=st.data())
+def test_chunking_never_changes_the_events(ops: list[tuple[str, Role, int]], data: Any) -> None:
+    streams, info = _run_script(ops)
+    for sender in Role:
+        stream = streams[sender]
+        expected = info[sender]["events"]
+        # Unchunked: one receive_data, then EOF. Runs are collapsed, so no normalising.
+        whole = _receiver(sender)
+        whole.receive_data(stream)
+        whole.receive_data(b"")
+        events = drain(whole)
+        if isinstance(events[0], Hello):
+            whole.send(Accept())
+            events += drain(whole)
+        assert events == expected
+        # Chunked at arbitrary points, draining after every chunk, reading the ring between.
+        cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12), label="cuts")
+        bounds = [0, *sorted(cuts), len(stream)]
+        chunked = _receiver(sender)
+        got: list[Event] = []
+        for start, end in itertools.pairwise(bounds):
+            got += _feed(chunked, [stream[start:end]], answer=Accept())
+            if chunked.state in (State.SHM, State.CLOSED):
+                left = info[sender]["written"] - chunked.received_offset
+                chunked.data_received(data.draw(st.integers(0, left), label="read"))
+        chunked.receive_data(b"")
+        got += drain(chunked)
+        assert normalise(got) == expected
+        assert chunked.state is State.CLOSED
+        assert chunked.next_event() is NEED_DATA
+        chunked.data_received(info[sender]["written"] - chunked.received_offset)
+        assert chunked.eof_reached is info[sender]["fin"]
+        if info[sender]["fin"]:
+            assert chunked.fin_received_offset == info[sender]["written"]
+
+
+@given(
+    reason=st.sampled_from(list(FallbackReason)),
+    client_app=st.binary(max_size=64),
+    server_app=st.binary(max_size=64),
+    data=st.data(),
+)
+def test_reject_chunking_keeps_application_bytes_exact(
+    reason: FallbackReason, client_app: bytes, server_app: bytes, data: Any
+) -> None:
+    for sender, stream, app in (
+        (CLIENT, HELLO + client_app, client_app),
+        (SERVER, bytes([0x03, REASON_CODES[reason]]) + server_app, server_app),
+    ):
+        cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+        bounds = [0, *sorted(cuts), len(stream)]
+        receiver = _receiver(sender)
+        chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+        events = normalise(_feed(receiver, chunks, answer=Reject(reason), eof=True))
+        handshake = Hello(NONCE) if sender is CLIENT else Reject(reason)
+        assert events == [handshake, *([PlainData(app)] if app else []), Eof()]
+        assert receiver.fallback is reason
+
+
+#### Fuzzing: garbage never raises anything but RemoteProtocolError
+
+FRAGMENTS = [
+    HELLO,
+    HELLO[:5],
+    b"CSK",
+    b"\x01",
+    b"\x02",
+    b"\x03\x07",
+    b"\x03\xff",
+    b"\x04",
+    fin_frame(0),
+    fin_frame(3),
+    fin_frame(2**63),
+    b"\x05",
+]
+FUZZ = st.one_of(
+    st.binary(max_size=64),
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=3)), max_size=12).map(
+        b"".join
+    ),
+)
+
+
+def _fuzz(conn: Connection, payload: bytes, cuts: list[int], eof: bool, reads: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(payload)]
+    reads = list(reads)
+    try:
+        for start, end in itertools.pairwise(bounds):
+            if end > start:
+                conn.receive_data(payload[start:end])
+            for event in drain(conn):
+                if isinstance(event, Hello):
+                    conn.send(Accept() if conn.nonce_ok else Reject(FallbackReason.OFFER_INVALID))
+            if reads and conn.state is State.SHM:
+                conn.data_received(reads.pop())
+        if eof:
+            conn.receive_data(b"")
+            drain(conn)
+    except RemoteProtocolError:
+        assert conn.state is State.ERROR
+        with pytest.raises(LocalProtocolError):
+            conn.next_event()
+
+
+FUZZ_START: dict[str, Callable[[], Connection]] = {
+    "server-AWAIT_HELLO": lambda: Connection(SERVER, NONCE),
+    "client-HELLO_SENT": lambda: _bring(CLIENT, State.HELLO_SENT),
+    "client-SHM": lambda: _bring(CLIENT, SHM),
+    "server-SHM": lambda: _bring(SERVER, SHM),
+}
+
+
+@pytest.mark.parametrize("start", list(FUZZ_START))
+@settings(max_examples=400)
+@given(
+    payload=FUZZ,
+    cuts=st.lists(st.integers(0, 200), max_size=6),
+    eof=st.booleans(),
+    reads=st.lists(st.integers(0, 20), max_size=4),
+)
+def test_fuzz_only_remote_protocol_errors(
+    start: str, payload: bytes, cuts: list[int], eof: bool, reads: list[int]
+) -> None:
+    cuts = [min(c, len(payload)) for c in cuts]
+    _fuzz(FUZZ_START[start](), payload, cuts, eof, reads)
+
+
+#### Efficiency
+
+
+def test_bell_burst_is_one_event() -> None:
+    server = _bring(SERVER, SHM)
+    server.receive_data(b"\x01" * 10_000)
+    assert drain(server) == [Bell()]
+
+
+@pytest.mark.timeout(60)
+def test_parsing_is_linear() -> None:
+    # 20,000 small events in front of 20 MB of bells: copying the rest of the buffer per
+    # event would move 400 GB; a linear parser takes milliseconds.
+    server = _bring(SERVER, SHM)
+    server.receive_data(b"\x01\x05" * 10_000 + b"\x01" * 20_000_000)
+    started = time.perf_counter()
+    events = drain(server)
+    assert time.perf_counter() - started < 5
+    assert len(events) == 20_001
+    assert server.trailing_data == (b"", False)
+
+
+def test_compaction_keeps_pending_bytes() -> None:
+    client = _bring(CLIENT, SHM)
+    assert client.role is CLIENT
+    client.receive_data(b"\x01\x05" * 40_000 + fin_frame(12)[:3])
+    assert len(drain(client)) == 80_000
+    assert client.trailing_data == (fin_frame(12)[:3], False)
+    client.receive_data(fin_frame(12)[3:] + b"\x01")
+    assert drain(client) == [Fin(12), Bell()]
+    assert client.trailing_data == (b"", False)
+
+
+def test_tiny_chunks_are_linear() -> None:
+    client = _bring(CLIENT, SHM)
+    started = time.perf_counter()
+    count = 0
+    for _ in range(50_000):
+        client.receive_data(b"\x01")
+        client.receive_data(b"\x05")
+        count += len(drain(client))
+    assert count == 100_000
+    assert time.perf_counter() - started < 10
+
+
+#### Purity: no IO in the sans-IO core
+
+FORBIDDEN = {
+    "socket",
+    "select",
+    "selectors",
+    "mmap",
+    "os",
+    "time",
+    "threading",
+    "_thread",
+    "asyncio",
+    "subprocess",
+    "signal",
+    "multiprocessing",
+    "io",
+}
+#: cosock modules the core may import: errors, events, and _config for two constants.
+ALLOWED_INTERNAL = {"_errors", "_events", "_config"}
+
+
+@pytest.mark.parametrize("module", ["cosock._protocol", "cosock._events", "cosock._offer"])
+def test_core_imports_no_io(module: str) -> None:
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                assert node.module in ALLOWED_INTERNAL, f"{module} imports .{node.module}"
+                continue
+            names = [node.module or ""]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "__import__", f"{module} calls __import__"
+            continue
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in FORBIDDEN, f"{module} imports {name}"
+            assert name.split(".")[0] != "importlib", f"{module} imports {name}"
