@@ -15,10 +15,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from agentfix import cosock_agent  # noqa: F401  (fixture)
 
 from cosock import CoSocket, FallbackReason
 from cosock.agent.client import AgentClient
@@ -240,7 +239,7 @@ def test_makefile_lines_and_binary():
 def test_sendmsg_recvmsg_recv_into():
     with pair() as (cli, conn):
         assert cli.sendmsg([b"ab", memoryview(b"cd"), bytearray(b"ef")]) == 6
-        data, anc, flags, addr = conn.recvmsg(6)
+        data, anc, _flags, _addr = conn.recvmsg(6)
         assert data[:6] == b"abcdef"[: len(data)]
         rest = recv_all(conn, 6 - len(data))
         assert data + rest == b"abcdef"
@@ -348,7 +347,16 @@ def test_garbage_on_rendezvous_is_dropped_and_listener_keeps_working():
     junk.sendto(b"not an offer at all", str(rv.path))
     r, w = os.pipe()
     junk.sendmsg(
-        [b"CSKO" + b"\0" * 80], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(bytearray(r.to_bytes(4, "little")))))], 0, str(rv.path)
+        [b"CSKO" + b"\0" * 80],
+        [
+            (
+                socket.SOL_SOCKET,
+                socket.SCM_RIGHTS,
+                bytes(memoryview(bytearray(r.to_bytes(4, "little")))),
+            )
+        ],
+        0,
+        str(rv.path),
     )
     junk.close()
     os.close(r)
@@ -547,11 +555,16 @@ def test_cosock_run_accelerates_unmodified_programs(cosock_agent, tmp_path):
         )
     )
     cosock = [sys.executable, "-m", "cosock", "run", "--"]
-    srv = subprocess.Popen([*cosock, sys.executable, str(server_code)], stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(
+        [*cosock, sys.executable, str(server_code)], stdout=subprocess.PIPE, text=True
+    )
     assert srv.stdout is not None
     port = srv.stdout.readline().strip()
     out = subprocess.run(
-        [*cosock, sys.executable, str(client_code), port], capture_output=True, text=True, timeout=60
+        [*cosock, sys.executable, str(client_code), port],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     srv.wait(timeout=30)
     assert out.returncode == 0, out.stderr
@@ -564,3 +577,35 @@ def test_cosock_run_without_command_is_a_clear_error():
     )
     assert out.returncode != 0
     assert "no command" in out.stderr
+
+
+def test_plain_client_reusing_a_stale_offers_4tuple_is_served_plainly():
+    """An offer whose client never connected must not swallow a later plain client's bytes."""
+    from cosock._offer import Offer
+    from cosock._rendezvous import send_offer
+    from cosock._ring import create_channel_fd
+
+    srv = listener()
+    assert srv._rv is not None
+    plain = socket.socket()
+    plain.bind(("127.0.0.1", 0))
+    offer = Offer(
+        client=plain.getsockname(),
+        server=srv.getsockname(),
+        nonce=os.urandom(16),
+        capacity=1 << 16,
+        family=4,
+    )
+    fd = create_channel_fd(1 << 16)
+    send_offer(str(srv._rv[0].path), offer, fd)
+    os.close(fd)
+    plain.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert recv_all(conn, 18) == b"GET / HTTP/1.0\r\n\r\n"
+    conn.sendall(b"HTTP/1.0 200 OK\r\n")
+    assert recv_all(plain, 17) == b"HTTP/1.0 200 OK\r\n"
+    assert conn.cosock_path == "tcp"
+    for s in (plain, conn, srv):
+        s.close()

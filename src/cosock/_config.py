@@ -23,6 +23,9 @@ DEFAULT_RING_SIZE = 1 << 20
 MIN_RING_SIZE = 1 << 12
 MAX_RING_SIZE = 1 << 30
 DEFAULT_SPIN_US = 50
+#: Upper bound of the adaptive spin budget, in microseconds.
+ENV_SPIN_MAX_US = "COSOCK_SPIN_MAX_US"
+DEFAULT_SPIN_MAX_US = 2000
 
 
 def default_agent_path() -> Path:
@@ -47,7 +50,9 @@ def ring_size() -> int:
     raw = os.environ.get(ENV_RING_SIZE)
     size = DEFAULT_RING_SIZE if not raw else int(raw)
     if not MIN_RING_SIZE <= size <= MAX_RING_SIZE:
-        raise ValueError(f"{ENV_RING_SIZE}={raw!r}: must be between {MIN_RING_SIZE} and {MAX_RING_SIZE}")
+        raise ValueError(
+            f"{ENV_RING_SIZE}={raw!r}: must be between {MIN_RING_SIZE} and {MAX_RING_SIZE}"
+        )
     return 1 << (size - 1).bit_length()
 
 
@@ -57,3 +62,11 @@ def spin_ns() -> int:
     if us < 0:
         raise ValueError(f"{ENV_SPIN_US}={raw!r}: must be >= 0")
     return us * 1000
+
+
+def spin_max_ns() -> int:
+    raw = os.environ.get(ENV_SPIN_MAX_US)
+    us = DEFAULT_SPIN_MAX_US if not raw else int(raw)
+    if us < 0:
+        raise ValueError(f"{ENV_SPIN_MAX_US}={raw!r}: must be >= 0")
+    return max(us * 1000, spin_ns())

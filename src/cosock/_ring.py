@@ -258,6 +258,12 @@ class RingReader(_RingEnd):
         if not on:
             fence()
 
+    def arm(self) -> int:
+        """About to block: stop suppressing doorbells, then re-check (after the fence)."""
+        self._hdr[_SPINNING] = 0
+        fence()
+        return self.available()
+
     def space_wanted(self) -> bool:
         """After consuming: does a blocked producer wait for a SPACE wake-up?  Answers once."""
         fence()

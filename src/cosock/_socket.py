@@ -50,7 +50,11 @@ _MSG_WAITALL: Final = socket.MSG_WAITALL
 _MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
 _CTL_CHUNK: Final = 65536
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
-_MAX_SLEEP_MS: Final = 1000
+_MAX_SLEEP_MS: Final = 5000
+#: A doorbell within this time of blocking means the peer is busy with us: spin longer.
+_BUSY_WAKE_NS: Final = 5_000_000
+#: A sleep this long means the connection idles: shrink the spin budget.
+_IDLE_WAKE_NS: Final = 50_000_000
 _HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
 
 
@@ -83,6 +87,8 @@ class _Channel:
         "role",
         "rx",
         "rx_bytes",
+        "spin_max",
+        "spin_min",
         "spin_ns",
         "tcp_eof",
         "tx",
@@ -112,7 +118,8 @@ class _Channel:
         self.fin_pending = False
         self.refs = 1
         self.reject: FallbackReason | None = None
-        self.spin_ns = _config.spin_ns()
+        self.spin_ns = self.spin_min = _config.spin_ns()
+        self.spin_max = _config.spin_max_ns()
         self.rx_bytes = 0
         self.tx_bytes = 0
 
@@ -351,7 +358,7 @@ class CoSocket(socket.socket):
         self._rv = (rv, addr, port)
 
     def accept(self) -> tuple[CoSocket, Any]:
-        fd, addr = self._accept()
+        fd, addr = self._accept()  # type: ignore[attr-defined]
         sock = CoSocket(self.family, self.type, self.proto, fileno=fd)
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
@@ -450,7 +457,20 @@ class CoSocket(socket.socket):
         return progressed
 
     def _poison(self, ch: _Channel, exc: Exception) -> None:
-        """A hostile or broken peer: the connection fails like a reset TCP connection."""
+        """A hostile or broken peer: the connection fails like a reset TCP connection.
+
+        Except on a server still waiting for HELLO: there the bytes are from a plain client
+        that happens to reuse the 4-tuple of a stale offer, so they go to the application.
+        """
+        if ch.role is Role.SERVER and ch.phase is _HANDSHAKE and ch.proto.nonce_ok is None:
+            data, _ = ch.proto.trailing_data
+            owed = ch.tx.unsent_bytes(0) if ch.tx is not None else b""
+            self._reason = FallbackReason.NO_OFFER
+            self._detach_channel()
+            self._owe_app(data)
+            self._txb = bytearray(owed) if owed else None
+            self._flush_plain(block=False)
+            return
         if ch.error is None:
             ch.error = ConnectionResetError(errno.ECONNRESET, f"cosock: {exc}")
         ch.tcp_eof = True
@@ -506,8 +526,6 @@ class CoSocket(socket.socket):
         self._reason = reason
         self._detach_channel()
         self._txb = owed if owed else None
-        if ch.tcp_eof and self._rxb is None:
-            self._rxb = bytearray()
         self._flush_plain(block=False)
         if wr_shut and not self._txb:
             super().shutdown(socket.SHUT_WR)
@@ -545,8 +563,13 @@ class CoSocket(socket.socket):
     def _sleep(
         self, ch: _Channel, deadline: float | None, ready: Any = None, arm: Any = None
     ) -> None:
-        """Spin for the budget while ``ready()`` is false, then ``arm()`` the peer's doorbell
-        (which re-checks after a fence) and block on the TCP fd until a control frame.
+        """Spin while ``ready()`` is false, then ``arm()`` the peer's doorbell (it re-checks
+        after a fence) and block on the TCP fd until a control frame arrives.
+
+        The spin budget adapts like an adaptive mutex: a sleep that a doorbell ends soon
+        means the peer is busy with us, so spinning longer would have avoided a costly
+        wake-up (tens of µs idle, milliseconds on a loaded 2-core machine); a long or
+        timed-out sleep means the connection idles, so the budget shrinks back.
 
         Raises:
             TimeoutError: the deadline passed.
@@ -567,7 +590,15 @@ class CoSocket(socket.socket):
             timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
         poller = select.poll()
         poller.register(self.fileno(), select.POLLIN)
-        poller.poll(timeout)
+        t0 = time.perf_counter_ns()
+        woken = poller.poll(timeout)
+        slept = time.perf_counter_ns() - t0
+        if ready is None:
+            return
+        if woken and slept < _BUSY_WAKE_NS:
+            ch.spin_ns = min(ch.spin_ns * 2 or _config.spin_ns(), ch.spin_max)
+        elif not woken or slept > _IDLE_WAKE_NS:
+            ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
 
     # ------------------------------------------------------------------ receive
 
@@ -620,6 +651,20 @@ class CoSocket(socket.socket):
     def _recv_into(self, view: memoryview, nbytes: int, flags: int) -> int:
         if nbytes == 0:
             return 0
+        ch = self._co
+        rx = None if ch is None or ch.phase is not _SHM else ch.rx
+        if rx is None:
+            return self._recv_loop(view, nbytes, flags)
+        # While we are inside recv the writer need not ring: we look at the ring again
+        # before we block (the flag is cleared, fenced and re-checked in _sleep's arm).
+        rx.set_spinning(True)
+        try:
+            return self._recv_loop(view, nbytes, flags)
+        finally:
+            if ch is not None and self._co is ch and ch.rx is rx:
+                rx.set_spinning(False)
+
+    def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
         waitall = bool(flags & _MSG_WAITALL) and not peek
         deadline = self._deadline(flags)
@@ -670,11 +715,9 @@ class CoSocket(socket.socket):
             rx = ch.rx
             if ch.phase is _SHM and rx is not None:
                 rx.set_spinning(True)
-                try:
-                    self._sleep(ch, deadline, rx.available, lambda: rx.set_spinning(False) or rx.available())
-                finally:
-                    if self._co is ch and ch.rx is not None:
-                        ch.rx.set_spinning(False)
+                self._sleep(ch, deadline, rx.available, rx.arm)
+                if self._co is ch and ch.rx is rx:
+                    rx.set_spinning(True)
             else:
                 self._sleep(ch, deadline)
             woke = True
@@ -758,15 +801,15 @@ class CoSocket(socket.socket):
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         if self._co is None and self._txb is None:
             return super().sendfile(file, offset, count)
-        return self._sendfile_use_send(file, offset, count)
+        sent: int = self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined]
+        return sent
 
-    def _send(
-        self, view: memoryview, flags: int, all_: bool, deadline: float | None = None
-    ) -> int:
+    def _send(self, view: memoryview, flags: int, all_: bool, deadline: float | None = None) -> int:
         if not all_:
             deadline = self._deadline(flags)
         total = len(view)
         sent = 0
+        woke = deadline == 0.0
         while True:
             ch = self._co
             if ch is None:
@@ -797,16 +840,19 @@ class CoSocket(socket.socket):
                 continue
             if sent == total:
                 return sent
-            self._pump(ch)
-            if self._co is not ch:
-                continue
-            self._check_writable(ch)
+            if woke:
+                self._pump(ch)
+                if self._co is not ch:
+                    continue
+                self._check_writable(ch)
+            woke = deadline == 0.0
             if deadline == 0.0:
                 if sent:
                     return sent
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            woke = True
             try:
-                self._sleep(ch, deadline, lambda: tx.free() > 0, lambda: tx.request_space() > 0)
+                self._sleep(ch, deadline, tx.free, tx.request_space)
             except TimeoutError:
                 if sent:
                     return sent

@@ -39,12 +39,16 @@ def _start_server(spawn: Spawn, where: str, env: dict[str, str]) -> subprocess.P
     line = proc.stdout.readline()
     if not line.startswith("{"):
         proc.kill()
-        raise RuntimeError(f"demo server did not start: {line!r} {proc.stderr and proc.stderr.read()}")
+        raise RuntimeError(
+            f"demo server did not start: {line!r} {proc.stderr and proc.stderr.read()}"
+        )
     return proc
 
 
 def _client(spawn: Spawn, where: str, env: dict[str, str], host: str, size: int) -> dict[str, Any]:
-    proc = spawn(where, [*_APP, "client", "--host", host, "--port", str(PORT), "--bytes", str(size)], env)
+    proc = spawn(
+        where, [*_APP, "client", "--host", host, "--port", str(PORT), "--bytes", str(size)], env
+    )
     out, err = proc.communicate(timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"demo client in {where} failed: {err.strip().splitlines()[-1:]}")
@@ -105,7 +109,12 @@ def _loopback_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
             "env": env,
             "clients": [
                 ("loopback client (cosock)", "loopback", True, {}),
-                ("loopback client (cosock, COSOCK_LOOPBACK=0)", "loopback", True, {"COSOCK_LOOPBACK": "0"}),
+                (
+                    "loopback client (cosock, COSOCK_LOOPBACK=0)",
+                    "loopback",
+                    True,
+                    {"COSOCK_LOOPBACK": "0"},
+                ),
                 ("loopback client (plain TCP)", "loopback", False, {}),
             ],
         }
@@ -136,7 +145,11 @@ def run_demo(size: int, quiet: bool = False) -> dict[str, Any]:
     world_cm = _lab_world() if as_root else _loopback_world()
     console.print(
         "[bold]cosock demo[/]: "
-        + ("lab of 2 hosts x 2 guests (network namespaces)" if as_root else "loopback guests (no root)")
+        + (
+            "lab of 2 hosts x 2 guests (network namespaces)"
+            if as_root
+            else "loopback guests (no root)"
+        )
     )
     rows: list[dict[str, Any]] = []
     with world_cm as (spawn, world):
@@ -162,10 +175,17 @@ def run_demo(size: int, quiet: bool = False) -> dict[str, Any]:
         table.add_column(col, justify="right" if col in ("bytes", "MB/s") else "left")
     for r in rows:
         table.add_row(
-            r["client"], r["path"], f"{r['bytes']:,}", "yes" if r["verified"] else "NO", f"{r['MBps']:.0f}"
+            r["client"],
+            r["path"],
+            f"{r['bytes']:,}",
+            "yes" if r["verified"] else "NO",
+            f"{r['MBps']:.0f}",
         )
     console.print(table)
-    console.print(f"speed-up of shared memory over plain TCP between co-resident guests: [bold]{speedup:.1f}x[/]")
+    console.print(
+        "speed-up of shared memory over plain TCP between co-resident guests: "
+        f"[bold]{speedup:.1f}x[/]"
+    )
     connections = [
         {k: r[k] for k in ("client", "server", "path", "bytes", "verified", "MBps")} for r in rows
     ]

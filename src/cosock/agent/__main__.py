@@ -1,0 +1,51 @@
+"""``python -m cosock.agent --socket PATH --host NAME [--auto]``: run an agent in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from .. import _config
+from .._errors import CosockError
+from .server import serve
+
+PROG = "python -m cosock.agent"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, so that whoever started us can show it verbatim.
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog=PROG, description="Run a cosock host agent in the foreground.")
+    parser.add_argument(
+        "--socket", type=Path, default=None, help="socket path (default: $COSOCK_AGENT or per-user)"
+    )
+    parser.add_argument("--host", default="local", help="name of this host (default: local)")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="per-user mode: unknown namespaces become guests netns-<inode>; private dirs",
+    )
+    args = parser.parse_args(argv)
+    if not args.host or not args.host.isprintable():
+        parser.error("--host must be a non-empty printable name")
+    path: Path = args.socket if args.socket is not None else _config.agent_path()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
+    )
+    try:
+        serve(path, args.host, auto_guests=args.auto)
+    except (CosockError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,615 @@
+"""Library side of the agent: the co-residency table inside every guest process.
+
+:class:`AgentClient` subscribes once and then keeps the agent's latest snapshot, so the
+connect path decides "is ip:port a co-resident cosock listener?" with dict lookups and one
+non-blocking ``recv`` that drains pending pushes.  Every failure (no agent, refused,
+EOF, garbage) makes it *unavailable* with a reason; callers then use plain TCP, and it
+retries connecting at most once per second.
+
+The module functions (:func:`register_guest`, :func:`unregister_guest`, :func:`status`)
+are for the lab and admin tools: one short connection each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import _config
+from .._errors import AgentUnavailable
+from ._plain import PLAIN_SOCKET
+from ._version import VERSION, version_path
+from ._wire import MAX_REPLY_LINE, LineReader, WireError, decode, encode
+
+_RETRY_INTERVAL = 1.0  # seconds between connection attempts
+_CONNECT_WAIT = 0.5  # longest a lookup waits for a (re)connection's first snapshot
+_REQUEST_TIMEOUT = 2.0
+_PUSH_PREFIX = b'{"push":'  # how encode() starts every push (the server puts "push" first)
+_CATCH_UP_WAIT = 0.05  # longest a lookup waits for a snapshot the version page announced
+_RECV_SIZE = 1 << 16
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+#: Captured before interception can patch ``select``.  A zero-timeout poll costs a third
+#: of a failing non-blocking recv (no exception), and the idle drain is all a lookup pays.
+_new_poller = select.poll
+
+
+class AgentRejected(AgentUnavailable):
+    """The agent answered but refused the request (bad arguments, caller not a guest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestInfo:
+    name: str
+    netns: int
+    addresses: tuple[str, ...]
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    guest: str
+    addr: str
+    port: int
+    rendezvous: str
+    pid: int
+
+
+#### Addresses (hot path: cached)
+
+_ip_cache: dict[str, tuple[str, bool] | None] = {}
+
+
+def _classify(ip: str) -> tuple[str, bool] | None:
+    """(canonical text, is loopback) of ``ip``, IPv4-mapped IPv6 as IPv4; None if not an IP."""
+    try:
+        return _ip_cache[ip]
+    except KeyError:
+        pass
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        result = None
+    else:
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        result = (str(addr), addr.is_loopback)
+    if len(_ip_cache) >= 4096:
+        _ip_cache.clear()
+    _ip_cache[ip] = result
+    return result
+
+
+def _canonical(addr: str) -> str:
+    if addr in _WILDCARDS:
+        return addr
+    c = _classify(addr)
+    return addr if c is None else c[0]
+
+
+#### The client
+
+
+class _Slot:
+    """One outstanding request; replies arrive in request order."""
+
+    __slots__ = ("done", "kind", "reply")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "subscribe", "relisten" or "request"
+        self.reply: dict[str, Any] = {}
+        self.done = False
+
+
+class _Index:
+    """A snapshot turned into the dicts :meth:`AgentClient.lookup` needs."""
+
+    __slots__ = ("by_guest_port", "owner", "rendezvous_dir", "self_addrs", "self_guest", "version")
+
+    def __init__(self, snap: dict[str, Any]) -> None:
+        """Raises WireError if the snapshot is not shaped as documented."""
+        try:
+            self.version = int(snap["version"])
+            host = str(snap["host"])
+            own = snap["self"]
+            self.self_guest = None if own is None else _guest(own)
+            self.self_addrs = frozenset(self.self_guest.addresses if self.self_guest else ())
+            self.owner: dict[str, GuestInfo] = {}
+            for raw in snap["guests"]:
+                guest = _guest(raw)
+                if guest.host == host:
+                    for addr in guest.addresses:
+                        self.owner[addr] = guest
+            by: dict[tuple[str, int], list[tuple[ListenerInfo, bool]]] = {}
+            for raw in snap["listeners"]:
+                info = ListenerInfo(
+                    str(raw["guest"]),
+                    _canonical(str(raw["addr"])),
+                    int(raw["port"]),
+                    str(raw["rendezvous"]),
+                    int(raw["pid"]),
+                )
+                loop = info.addr not in _WILDCARDS and (_classify(info.addr) or ("", False))[1]
+                by.setdefault((info.guest, info.port), []).append((info, loop))
+            self.by_guest_port = {k: tuple(v) for k, v in by.items()}
+            self.rendezvous_dir = Path(str(snap["rendezvous_dir"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireError(f"malformed snapshot: {type(exc).__name__}: {exc}") from None
+
+
+def _guest(raw: dict[str, Any]) -> GuestInfo:
+    addrs = tuple(_canonical(str(a)) for a in raw["addresses"])
+    return GuestInfo(str(raw["name"]), int(raw["netns"]), addrs, str(raw["host"]))
+
+
+class AgentClient:
+    """A subscription to the host agent at ``path``; thread-safe, fork-safe, lazy.
+
+    Nothing happens until first use.  Listeners registered with :meth:`listen` are
+    re-registered automatically whenever the connection is re-established.
+    """
+
+    _shared: ClassVar[AgentClient | None] = None
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._listeners: dict[tuple[str, int], str] = {}  # (addr, port) -> rendezvous
+        self._closed = False
+        self._reset()
+        _instances.add(self)
+
+    def _reset(self) -> None:
+        self._sock: socket.socket | None = None
+        self._poller = _new_poller()
+        self._reader = LineReader(MAX_REPLY_LINE)
+        self._pending: deque[_Slot] = deque()
+        self._snapshot: dict[str, Any] | None = None
+        self._index: _Index | None = None
+        self._reason = "not connected yet"
+        self._last_attempt: float | None = None
+        self._page: mmap.mmap | None = None  # the agent's version page, read-only
+        self._given_up = 0  # an announced version that never arrived; not waited for again
+        #: Last refusal of an automatic re-registration (for diagnostics).
+        self.last_relisten_error: str | None = None
+
+    @classmethod
+    def shared(cls) -> AgentClient:
+        """The process-wide client for :func:`cosock._config.agent_path`.
+
+        A forked child gets a fresh one (see ``_after_fork_in_child``): the parent's
+        connection is closed in the child without a byte being sent on it.
+        """
+        client = cls._shared
+        if client is not None and not client._closed:
+            return client
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared._closed:
+                cls._shared = cls(_config.agent_path())
+            return cls._shared
+
+    @classmethod
+    def reset_shared(cls) -> None:
+        """Close the shared client; the next :meth:`shared` reads the agent path again."""
+        with cls._shared_lock:
+            client, cls._shared = cls._shared, None
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        """Disconnect for good (the agent drops this process's listeners)."""
+        with self._lock:
+            self._closed = True
+            self._listeners.clear()
+            self._drop_locked("client closed")
+
+    def _forget_after_fork(self) -> None:
+        # In the child: the lock may have been held by a thread that no longer exists, and
+        # the socket is shared with the parent, so close our copy without using it.
+        self._lock = threading.Lock()
+        if self._sock is not None:
+            self._sock.close()
+        if self._page is not None:
+            self._page.close()
+        self._listeners.clear()  # they are the parent's
+        self._reset()
+
+    #### Connection
+
+    def _drop_locked(self, reason: str) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._page is not None:
+            self._page.close()
+        self._sock = None
+        self._page = None
+        self._pending.clear()
+        self._snapshot = None
+        self._index = None
+        self._reason = reason
+
+    def _poll_locked(self) -> None:
+        if self._sock is not None:
+            self._drain_locked()
+            if self._page is not None and self._index is not None:
+                announced: int = VERSION.unpack_from(self._page)[0]
+                if announced > self._index.version and announced != self._given_up:
+                    self._catch_up_locked(announced)
+        if self._sock is None and not self._closed:
+            now = time.monotonic()
+            if self._last_attempt is None or now - self._last_attempt >= _RETRY_INTERVAL:
+                self._last_attempt = now
+                self._connect_locked(now + _CONNECT_WAIT)
+
+    def _connect_locked(self, deadline: float) -> None:
+        """Connect, subscribe and re-send our listeners in one write; wait for the snapshot."""
+        sock = PLAIN_SOCKET(socket.AF_UNIX, socket.SOCK_STREAM)
+        slots = [_Slot("subscribe")]
+        msgs = [encode({"op": "subscribe"})]
+        for (addr, port), rendezvous in self._listeners.items():
+            slots.append(_Slot("relisten"))
+            msgs.append(
+                encode({"op": "listen", "addr": addr, "port": port, "rendezvous": rendezvous})
+            )
+        try:
+            sock.settimeout(_CONNECT_WAIT)
+            sock.connect(str(self._path))
+            sock.sendall(b"".join(msgs))
+        except OSError as exc:
+            sock.close()
+            self._reason = f"cannot reach the agent at {self._path}: {_describe(exc)}"
+            return
+        self._sock = sock
+        self._page = self._map_version_page(self._path)
+        self._poller = _new_poller()
+        self._poller.register(sock, select.POLLIN)
+        self._reader = LineReader(MAX_REPLY_LINE)
+        self._pending = deque(slots)
+        self._reason = "waiting for the agent's snapshot"
+        self._wait_locked(slots[0], deadline)
+
+    def _catch_up_locked(self, announced: int) -> None:
+        """The agent has a newer snapshot than we do: wait briefly for its push.
+
+        This happens when our socket buffer was full of older pushes, so the agent could
+        not write the newest one yet; it will as soon as we have drained the backlog.
+        """
+        deadline = time.monotonic() + _CATCH_UP_WAIT
+        while self._index is not None and self._index.version < announced:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._given_up = announced
+                return
+            self._poller.poll(max(1, int(remaining * 1000)))
+            self._drain_locked()
+
+    @staticmethod
+    def _map_version_page(path: Path) -> mmap.mmap | None:
+        try:
+            with open(version_path(path), "rb") as f:
+                return mmap.mmap(f.fileno(), VERSION.size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None  # no page: we only lose the catch-up, never correctness
+
+    def _wait_locked(self, slot: _Slot, deadline: float) -> None:
+        """Read (applying pushes) until ``slot`` is answered, the deadline, or failure."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while not slot.done and self._sock is sock:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                sock.settimeout(remaining)
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except TimeoutError:
+                    return
+                except OSError as exc:
+                    self._drop_locked(f"agent connection failed: {_describe(exc)}")
+                    return
+                if not data:
+                    self._drop_locked("the agent closed the connection")
+                    return
+                self._feed_locked(data)
+        finally:
+            if self._sock is sock:
+                sock.setblocking(False)  # so poll()'s recv never waits
+
+    def _drain_locked(self) -> None:
+        while (sock := self._sock) is not None and self._poller.poll(0):
+            try:
+                data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop_locked(f"agent connection failed: {_describe(exc)}")
+                return
+            if not data:
+                self._drop_locked("the agent closed the connection")
+                return
+            self._feed_locked(data)
+
+    def _feed_locked(self, data: bytes) -> None:
+        """Match replies to requests and apply the newest snapshot seen in ``data``."""
+        self._reader.feed(data)
+        latest: dict[str, Any] | None = None
+        try:
+            lines = []
+            while (line := self._reader.next_line()) is not None:
+                lines.append(line)
+            # A backlog of pushes: only the last one matters, so only it is parsed.
+            pushes = [i for i, line in enumerate(lines) if line.startswith(_PUSH_PREFIX)]
+            skip = set(pushes[:-1])
+            for i, line in enumerate(lines):
+                if i in skip or not line.strip():
+                    continue
+                msg = decode(line)
+                if "push" in msg:
+                    if msg["push"] == "snapshot":
+                        latest = msg.get("snapshot")
+                    continue  # unknown pushes are for newer clients
+                if "ok" not in msg or not self._pending:
+                    raise WireError("unexpected message from the agent")
+                slot = self._pending.popleft()
+                slot.reply, slot.done = msg, True
+                if slot.kind == "subscribe":
+                    if msg["ok"] is not True:
+                        raise WireError(f"subscribe refused: {msg.get('error')}")
+                    latest = msg.get("snapshot")
+                elif slot.kind == "relisten" and msg["ok"] is not True:
+                    self.last_relisten_error = str(msg.get("error"))
+            if latest is not None:
+                if not isinstance(latest, dict):
+                    raise WireError("malformed snapshot")
+                self._index = _Index(latest)
+                self._snapshot = latest
+        except WireError as exc:
+            self._drop_locked(f"garbage from the agent: {exc}")
+
+    def _request_locked(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._poll_locked()
+        sock = self._sock
+        if sock is None:
+            raise AgentUnavailable(self._reason)
+        slot = _Slot("request")
+        self._pending.append(slot)
+        deadline = time.monotonic() + _REQUEST_TIMEOUT
+        try:
+            sock.settimeout(_REQUEST_TIMEOUT)
+            sock.sendall(encode(msg))
+        except OSError as exc:
+            self._drop_locked(f"agent connection failed: {_describe(exc)}")
+            raise AgentUnavailable(self._reason) from exc
+        self._wait_locked(slot, deadline)
+        if not slot.done:
+            if self._sock is None:
+                raise AgentUnavailable(self._reason)
+            # The late reply will still fill this slot, keeping replies in step.
+            raise AgentUnavailable(f"the agent did not reply within {_REQUEST_TIMEOUT} s")
+        if slot.reply.get("ok") is not True:
+            raise AgentRejected(str(slot.reply.get("error")))
+        return slot.reply
+
+    #### Queries (hot path)
+
+    def poll(self) -> None:
+        """Apply pushed snapshots without blocking (and reconnect if due)."""
+        with self._lock:
+            self._poll_locked()
+
+    @property
+    def available(self) -> bool:
+        with self._lock:
+            self._poll_locked()
+            return self._index is not None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        with self._lock:
+            self._poll_locked()
+            return None if self._index is not None else self._reason
+
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The latest snapshot as the agent sent it (read-only by convention)."""
+        with self._lock:
+            self._poll_locked()
+            return self._snapshot
+
+    @property
+    def self_guest(self) -> GuestInfo | None:
+        with self._lock:
+            self._poll_locked()
+            return self._index.self_guest if self._index else None
+
+    @property
+    def rendezvous_dir(self) -> Path | None:
+        with self._lock:
+            self._poll_locked()
+            return self._index.rendezvous_dir if self._index else None
+
+    def lookup(self, ip: str, port: int) -> tuple[ListenerInfo | None, str]:
+        """The co-resident cosock listener for ``ip:port``, or None and why not.
+
+        Returns:
+            ``(listener, "")``, or ``(None, reason)`` with reason ``"not-coresident"``,
+            ``"no-listener"`` or ``"agent-unreachable: <detail>"``.
+        """
+        with self._lock:
+            self._poll_locked()
+            index = self._index
+            if index is None:
+                return None, f"agent-unreachable: {self._reason}"
+        c = _classify(ip)
+        if c is None:
+            return None, "not-coresident"
+        norm, loop = c
+        own = loop or norm in index.self_addrs
+        guest = index.self_guest if own else index.owner.get(norm)
+        if guest is None:
+            return None, "not-coresident"
+        wildcard = None
+        for info, info_loop in index.by_guest_port.get((guest.name, port), ()):
+            if info.addr == norm:
+                return info, ""  # the kernel, too, prefers the specific bind
+            if wildcard is None and (info.addr in _WILDCARDS or (loop and info_loop)):
+                wildcard = info
+        return (wildcard, "") if wildcard else (None, "no-listener")
+
+    def guest_owning(self, ip: str) -> GuestInfo | None:
+        """The guest on this host that owns ``ip`` (loopback: our own guest), else None."""
+        with self._lock:
+            self._poll_locked()
+            index = self._index
+        if index is None:
+            return None
+        c = _classify(ip)
+        if c is None:
+            return None
+        if c[1] or c[0] in index.self_addrs:
+            return index.self_guest
+        return index.owner.get(c[0])
+
+    #### Listener registration
+
+    def listen(self, addr: str, port: int, rendezvous: str) -> None:
+        """Publish a listener of this process; returns once every subscriber can see it.
+
+        The registration is remembered even if this raises ``AgentUnavailable`` (not if
+        the agent *rejected* it) and is sent again after every reconnect; :meth:`unlisten`
+        forgets it.
+
+        Raises:
+            AgentRejected: the agent refused (bad address, caller not in a known guest).
+            AgentUnavailable: no agent, or no reply within 2 s.
+        """
+        key = (_canonical(addr), port)
+        with self._lock:
+            self._poll_locked()  # a (re)connection here would re-send only older listeners
+            self._listeners[key] = rendezvous
+            req = {"op": "listen", "addr": key[0], "port": port, "rendezvous": rendezvous}
+            try:
+                self._request_locked(req)
+            except AgentRejected:
+                self._listeners.pop(key, None)
+                raise
+
+    def unlisten(self, addr: str, port: int) -> None:
+        """Withdraw a listener; a no-op when the agent is gone (it forgot it with us).
+
+        Raises:
+            AgentRejected: the agent refused.
+            AgentUnavailable: the agent is connected but did not reply within 2 s.
+        """
+        key = (_canonical(addr), port)
+        with self._lock:
+            self._listeners.pop(key, None)
+            if self._sock is None:
+                return
+            try:
+                self._request_locked({"op": "unlisten", "addr": key[0], "port": port})
+            except AgentRejected:
+                raise
+            except AgentUnavailable:
+                if self._sock is not None:
+                    raise
+
+
+#### Fork safety
+
+_instances: weakref.WeakSet[AgentClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    AgentClient._shared = None
+    AgentClient._shared_lock = threading.Lock()
+    for client in list(_instances):
+        client._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#### One-shot requests (lab and admin)
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _oneshot(path: Path, req: dict[str, Any], timeout: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
+    sock = PLAIN_SOCKET(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader = LineReader(MAX_REPLY_LINE)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(encode(req))
+        while True:
+            line = reader.next_line()
+            if line is None:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
+                    raise AgentUnavailable(f"the agent at {path} closed the connection")
+                reader.feed(data)
+                continue
+            msg = decode(line)
+            if "ok" in msg:
+                break
+    except WireError as exc:
+        raise AgentUnavailable(f"garbage from the agent at {path}: {exc}") from exc
+    except AgentUnavailable:
+        raise
+    except OSError as exc:
+        raise AgentUnavailable(f"cannot reach the agent at {path}: {_describe(exc)}") from exc
+    finally:
+        sock.close()
+    if msg["ok"] is not True:
+        raise AgentRejected(str(msg.get("error")))
+    return msg
+
+
+def register_guest(
+    path: Path, name: str, netns: int, addresses: Iterable[str], host: str = ""
+) -> None:
+    """Tell the agent that the guest ``name`` (network namespace inode ``netns``) lives here.
+
+    Replaces a guest of the same name or namespace; subscribers see it before this returns.
+
+    Raises:
+        AgentRejected: invalid fields, or an address owned by another guest.
+        AgentUnavailable: no agent answers on ``path``.
+    """
+    req: dict[str, Any] = {
+        "op": "register_guest",
+        "name": name,
+        "netns": netns,
+        "addresses": list(addresses),
+    }
+    if host:
+        req["host"] = host
+    _oneshot(path, req)
+
+
+def unregister_guest(path: Path, name: str) -> None:
+    """Forget a guest (idempotent)."""
+    _oneshot(path, {"op": "unregister_guest", "name": name})
+
+
+def status(path: Path) -> dict[str, Any]:
+    """The agent's full state: host, guests, listeners, subscribers, counters, uptime."""
+    reply = _oneshot(path, {"op": "status"})
+    del reply["ok"]
+    return reply
