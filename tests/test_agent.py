@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -98,11 +99,11 @@ class Agent:
     def start(self) -> Agent:
         argv = [sys.executable, "-m", "cosock.agent", "--socket", str(self.path)]
         argv += ["--host", self.host] + (["--auto"] if self.auto else [])
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             argv, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
-        assert _wait(lambda: agent_answers(self.path) or self.proc.poll() is not None)  # type: ignore[union-attr]
-        assert self.proc.poll() is None, "agent exited at start-up"
+        assert _wait(lambda: agent_answers(self.path) or proc.poll() is not None)
+        assert proc.poll() is None, "agent exited at start-up"
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -429,6 +430,29 @@ def test_garbage_and_oversize_lines(
     assert big.recv(100) == b""  # then disconnected
     big.close()
     raw.close()
+
+    # Every op with fields of every JSON type: each gets one reply, none kills the agent.
+    rng = random.Random(0)
+    values: list[Any] = [None, True, 0, -1, 70000, 1.5, "", "x" * 300, "::1", [], ["10.0.0.1"], {}]
+    fuzz = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fuzz.settimeout(5)
+    fuzz.connect(str(agent.path))
+    ops = ["register_guest", "unregister_guest", "subscribe", "listen", "unlisten", "status"]
+    fields = ["name", "netns", "addresses", "host", "addr", "port", "rendezvous"]
+    requests = []
+    for _ in range(300):
+        req = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, len(fields)))}
+        requests.append(encode({"op": rng.choice(ops), **req}))
+    fuzz.sendall(b"".join(requests))
+    replies = 0
+    buf = b""
+    while replies < len(requests):
+        data = fuzz.recv(1 << 16)
+        assert data, "agent hung up on valid JSON"
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        replies += sum(1 for line in lines if "ok" in json.loads(line))
+    fuzz.close()
 
     client = make_client(agent.path)  # the agent still serves everyone else
     assert client.available

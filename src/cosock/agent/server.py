@@ -465,6 +465,10 @@ class AgentServer:
         except RequestError as exc:
             self._reply_error(conn, str(exc))
             return
+        except Exception as exc:  # a bug must cost one request, not every guest's agent
+            log.exception("op %r from pid %d failed", op, conn.pid)
+            self._reply_error(conn, f"internal error: {type(exc).__name__}")
+            return
         if self._registry.version != before:
             # Push first, reply second: once a listen() returns, every subscriber that
             # drains its socket already has the snapshot containing that listener.
@@ -619,6 +623,7 @@ def ensure_agent(path: Path, host: str = "local", timeout: float = 5.0) -> bool:
                     env=env,
                     start_new_session=True,
                     close_fds=True,
+                    cwd="/",  # hold no directory of the caller's busy
                 )
             _children.append(proc)
             while not agent_answers(path):
