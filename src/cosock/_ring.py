@@ -29,6 +29,8 @@ from ._errors import RingCorrupted
 MAGIC: Final = 0x52_4B_53_43  # b"CSKR" little-endian
 VERSION: Final = 1
 HEADER_SIZE: Final = 4096
+#: Bytes copied between two publications of a counter (pipelining large copies).
+PUBLISH_STEP: Final = 128 * 1024
 
 # Header slots (index into the header viewed as uint64; 8 slots = one 64-byte line).
 _MAGIC, _CAPACITY = 0, 1
@@ -160,17 +162,25 @@ class RingWriter(_RingEnd):
         return self.capacity - (self._head - self.consumed())
 
     def write(self, data: memoryview, free: int) -> int:
-        """Copy up to ``free`` bytes of ``data`` and publish them; returns the count."""
+        """Copy up to ``free`` bytes of ``data`` and publish them; returns the count.
+
+        Large writes are published in steps of ``PUBLISH_STEP`` so the consumer copies out
+        the first part while we copy in the rest (pipelined, not half-duplex).
+        """
         n = min(len(data), free)
         if n <= 0:
             return 0
-        pos = self._head & self.mask
-        first = min(n, self.capacity - pos)
-        self._data[pos : pos + first] = data[:first]
-        if n > first:
-            self._data[: n - first] = data[first:n]
-        self._head += n
-        self._hdr[_HEAD] = self._head
+        done = 0
+        while done < n:
+            step = min(n - done, PUBLISH_STEP)
+            pos = self._head & self.mask
+            first = min(step, self.capacity - pos)
+            self._data[pos : pos + first] = data[done : done + first]
+            if step > first:
+                self._data[: step - first] = data[done + first : done + step]
+            self._head += step
+            self._hdr[_HEAD] = self._head
+            done += step
         return n
 
     def needs_bell(self, old_head: int) -> bool:
@@ -231,15 +241,24 @@ class RingReader(_RingEnd):
         return self._head - self._tail
 
     def read_into(self, buf: memoryview, n: int, *, peek: bool = False) -> int:
-        """Copy ``n`` available bytes into ``buf``; consume them unless ``peek``."""
-        pos = self._tail & self.mask
-        first = min(n, self.capacity - pos)
-        buf[:first] = self._data[pos : pos + first]
-        if n > first:
-            buf[first:n] = self._data[: n - first]
-        if not peek:
-            self._tail += n
-            self._hdr[_TAIL] = self._tail
+        """Copy ``n`` available bytes into ``buf``; consume them unless ``peek``.
+
+        Consumption is published in steps, so the producer can refill behind us.
+        """
+        tail = self._tail
+        done = 0
+        while done < n:
+            step = min(n - done, PUBLISH_STEP)
+            pos = tail & self.mask
+            first = min(step, self.capacity - pos)
+            buf[done : done + first] = self._data[pos : pos + first]
+            if step > first:
+                buf[done + first : done + step] = self._data[: step - first]
+            tail += step
+            done += step
+            if not peek:
+                self._tail = tail
+                self._hdr[_TAIL] = tail
         return n
 
     def read_bytes(self, n: int) -> bytes:

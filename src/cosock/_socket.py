@@ -45,9 +45,10 @@ from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 
 _BaseSocket = socket.socket
-_MSG_PEEK: Final = socket.MSG_PEEK
-_MSG_WAITALL: Final = socket.MSG_WAITALL
-_MSG_DONTWAIT: Final = socket.MSG_DONTWAIT
+# Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
+_MSG_PEEK: Final = int(socket.MSG_PEEK)
+_MSG_WAITALL: Final = int(socket.MSG_WAITALL)
+_MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _CTL_CHUNK: Final = 65536
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
@@ -73,6 +74,7 @@ class _Channel:
 
     __slots__ = (
         "bell_mark",
+        "counters",
         "ctl_out",
         "error",
         "fin_pending",
@@ -121,6 +123,8 @@ class _Channel:
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
         self.rx_bytes = 0
+        #: Wake-up accounting (doorbells and blocking sleeps), reported by cosock_info().
+        self.counters = {"bells_sent": 0, "spaces_sent": 0, "sleeps": 0, "sleep_ns": 0}
         self.tx_bytes = 0
 
     def release(self) -> None:
@@ -175,6 +179,7 @@ class CoSocket(socket.socket):
             "fallback_reason": None if self._reason is None else self._reason.value,
             "bytes_sent": 0 if ch is None else ch.tx_bytes,
             "bytes_received": 0 if ch is None else ch.rx_bytes,
+            **({} if ch is None else ch.counters),
         }
 
     def _eligible(self) -> bool:
@@ -548,6 +553,7 @@ class CoSocket(socket.socket):
             if self._co is not ch or ch.phase is _HANDSHAKE:
                 return
         ch.tx.count_bell()
+        ch.counters["bells_sent"] += 1
         self._control(ch, Bell())
 
     # ------------------------------------------------------------------ waiting
@@ -593,6 +599,8 @@ class CoSocket(socket.socket):
         t0 = time.perf_counter_ns()
         woken = poller.poll(timeout)
         slept = time.perf_counter_ns() - t0
+        ch.counters["sleeps"] += 1
+        ch.counters["sleep_ns"] += slept
         if ready is None:
             return
         if woken and slept < _BUSY_WAKE_NS:
@@ -757,6 +765,7 @@ class CoSocket(socket.socket):
         assert rx is not None
         if rx.space_wanted():
             self._control(ch, Space())
+            ch.counters["spaces_sent"] += 1
         if n == avail and rx.bells_sent() != ch.bell_mark:
             # We emptied the ring: consume stale bells so select() stops firing.
             ch.bell_mark = rx.bells_sent()

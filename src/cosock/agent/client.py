@@ -395,10 +395,11 @@ class AgentClient:
             raise AgentUnavailable(self._reason) from exc
         self._wait_locked(slot, deadline)
         if not slot.done:
-            if self._sock is None:
-                raise AgentUnavailable(self._reason)
-            # The late reply will still fill this slot, keeping replies in step.
-            raise AgentUnavailable(f"the agent did not reply within {_REQUEST_TIMEOUT} s")
+            if self._sock is not None:
+                # Whether the agent will still act on it is unknown; hanging up settles it
+                # (it forgets all our listeners) and the reconnect re-sends the good ones.
+                self._drop_locked(f"the agent did not reply within {_REQUEST_TIMEOUT} s")
+            raise AgentUnavailable(self._reason)
         if slot.reply.get("ok") is not True:
             raise AgentRejected(str(slot.reply.get("error")))
         return slot.reply
@@ -488,9 +489,8 @@ class AgentClient:
     def listen(self, addr: str, port: int, rendezvous: str) -> None:
         """Publish a listener of this process; returns once every subscriber can see it.
 
-        The registration is remembered even if this raises ``AgentUnavailable`` (not if
-        the agent *rejected* it) and is sent again after every reconnect; :meth:`unlisten`
-        forgets it.
+        Once it succeeded, the registration is sent again after every reconnect, until
+        :meth:`unlisten`.  When it raises, the listener is not registered anywhere.
 
         Raises:
             AgentRejected: the agent refused (bad address, caller not in a known guest).
@@ -498,21 +498,15 @@ class AgentClient:
         """
         key = (_canonical(addr), port)
         with self._lock:
-            self._poll_locked()  # a (re)connection here would re-send only older listeners
-            self._listeners[key] = rendezvous
             req = {"op": "listen", "addr": key[0], "port": port, "rendezvous": rendezvous}
-            try:
-                self._request_locked(req)
-            except AgentRejected:
-                self._listeners.pop(key, None)
-                raise
+            self._request_locked(req)
+            self._listeners[key] = rendezvous
 
     def unlisten(self, addr: str, port: int) -> None:
         """Withdraw a listener; a no-op when the agent is gone (it forgot it with us).
 
         Raises:
             AgentRejected: the agent refused.
-            AgentUnavailable: the agent is connected but did not reply within 2 s.
         """
         key = (_canonical(addr), port)
         with self._lock:
@@ -524,8 +518,7 @@ class AgentClient:
             except AgentRejected:
                 raise
             except AgentUnavailable:
-                if self._sock is not None:
-                    raise
+                pass  # the connection is gone, and the listener with it
 
 
 #### Fork safety
