@@ -609,3 +609,47 @@ def test_plain_client_reusing_a_stale_offers_4tuple_is_served_plainly():
     assert conn.cosock_path == "tcp"
     for s in (plain, conn, srv):
         s.close()
+
+
+@pytest.mark.parametrize(
+    "chunk,read",
+    [(1 << 20, 1 << 20), (1 << 20, 65536), (65536, 1 << 20), (100_003, 7_919)],
+    ids=["1M-1M", "1M-64K", "64K-1M", "odd"],
+)
+def test_streaming_between_processes_never_loses_a_wakeup(chunk, read):
+    """Both sides block and wake many times; a lost doorbell would stall until the
+    safety timeout, which the counters would show."""
+    code = f"""
+        import json, socket, sys
+        from cosock import CoSocket
+        s = CoSocket(); s.bind(("127.0.0.1", 0)); s.listen()
+        print(s.getsockname()[1], flush=True)
+        c, _ = s.accept(); buf = bytearray({read}); total = 0; h = 0
+        while True:
+            n = c.recv_into(buf)
+            if not n:
+                break
+            total += n
+        c.sendall(json.dumps({{"total": total, **c.cosock_info()}}).encode())
+        c.close()
+        """
+    child = _child(code)
+    assert child.stdout is not None
+    port = int(child.stdout.readline())
+    cli = CoSocket()
+    cli.connect(("127.0.0.1", port))
+    block = os.urandom(chunk)
+    count = max(4, (48 << 20) // chunk)
+    for _ in range(count):
+        cli.sendall(block)
+    cli.shutdown(socket.SHUT_WR)
+    import json
+
+    report = json.loads(recv_all(cli, 1 << 16).decode())
+    info = cli.cosock_info()
+    cli.close()
+    child.wait(timeout=30)
+    assert report["total"] == chunk * count
+    assert report["path"] == info["path"] == "shm"
+    assert report["safety_timeouts"] == 0
+    assert info["safety_timeouts"] == 0

@@ -167,9 +167,18 @@ class RingWriter(_RingEnd):
         Large writes are published in steps of ``PUBLISH_STEP`` so the consumer copies out
         the first part while we copy in the rest (pipelined, not half-duplex).
         """
-        n = min(len(data), free)
+        n = len(data)
+        if n > free:
+            n = free
         if n <= 0:
             return 0
+        head = self._head
+        pos = head & self.mask
+        if n <= PUBLISH_STEP and pos + n <= self.capacity:  # the common small write
+            self._data[pos : pos + n] = data if n == len(data) else data[:n]
+            self._head = head = head + n
+            self._hdr[_HEAD] = head
+            return n
         done = 0
         while done < n:
             step = min(n - done, PUBLISH_STEP)
@@ -184,12 +193,18 @@ class RingWriter(_RingEnd):
         return n
 
     def needs_bell(self, old_head: int) -> bool:
-        """After a publish: must we send a BELL?  Only if the ring was empty before this
-        write (so no earlier bell is pending) and the consumer is not spin-polling."""
+        """After a write that started at ``old_head``: must we send a BELL?
+
+        Not while the consumer is inside recv (it re-checks before it blocks).  Otherwise
+        only if it has consumed everything that preceded this write: then it may have seen
+        the ring empty at some step of our (pipelined) publication and gone to sleep.  If
+        it has not, older bytes are still unread, so it is not asleep and an earlier bell
+        is still pending.
+        """
         fence()
         if self._hdr[_SPINNING]:
             return False
-        return self.consumed() == old_head
+        return self.consumed() >= old_head
 
     def count_bell(self) -> None:
         self._hdr[_BELLS] = self._hdr[_BELLS] + 1
@@ -246,6 +261,13 @@ class RingReader(_RingEnd):
         Consumption is published in steps, so the producer can refill behind us.
         """
         tail = self._tail
+        pos = tail & self.mask
+        if n <= PUBLISH_STEP and pos + n <= self.capacity:  # the common small read
+            buf[:n] = self._data[pos : pos + n]
+            if not peek:
+                self._tail = tail = tail + n
+                self._hdr[_TAIL] = tail
+            return n
         done = 0
         while done < n:
             step = min(n - done, PUBLISH_STEP)

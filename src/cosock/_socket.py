@@ -65,6 +65,11 @@ def _agent() -> Any:
     return AgentClient.shared()
 
 
+def _check_fin(fin: int, rx: RingReader, avail: int) -> None:
+    if rx.tail + avail > fin:
+        raise RingCorrupted(f"peer wrote past its own FIN at offset {fin}: channel corrupted")
+
+
 def _own_netns() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
@@ -77,6 +82,7 @@ class _Channel:
         "counters",
         "ctl_out",
         "error",
+        "fin",
         "fin_pending",
         "mm",
         "nodelay",
@@ -88,13 +94,11 @@ class _Channel:
         "reject",
         "role",
         "rx",
-        "rx_bytes",
         "spin_max",
         "spin_min",
         "spin_ns",
         "tcp_eof",
         "tx",
-        "tx_bytes",
         "wr_shut",
     )
 
@@ -118,14 +122,19 @@ class _Channel:
         self.rd_shut = False
         self.wr_shut = False
         self.fin_pending = False
+        self.fin: int | None = None  # the peer's FIN offset, once received
         self.refs = 1
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
-        self.rx_bytes = 0
         #: Wake-up accounting (doorbells and blocking sleeps), reported by cosock_info().
-        self.counters = {"bells_sent": 0, "spaces_sent": 0, "sleeps": 0, "sleep_ns": 0}
-        self.tx_bytes = 0
+        self.counters = {
+            "bells_sent": 0,
+            "spaces_sent": 0,
+            "sleeps": 0,
+            "sleep_ns": 0,
+            "safety_timeouts": 0,
+        }
 
     def release(self) -> None:
         for end in (self.tx, self.rx):
@@ -177,8 +186,8 @@ class CoSocket(socket.socket):
         return {
             "path": self.cosock_path,
             "fallback_reason": None if self._reason is None else self._reason.value,
-            "bytes_sent": 0 if ch is None else ch.tx_bytes,
-            "bytes_received": 0 if ch is None else ch.rx_bytes,
+            "bytes_sent": 0 if ch is None or ch.tx is None else ch.tx.head,
+            "bytes_received": 0 if ch is None or ch.rx is None else ch.rx.tail,
             **({} if ch is None else ch.counters),
         }
 
@@ -431,6 +440,15 @@ class CoSocket(socket.socket):
         ch.ctl_out += ch.proto.send(event)
         self._flush_ctl(ch)
 
+    def _sync_offsets(self, ch: _Channel) -> None:
+        """Tell the protocol how far the rings have moved (it checks FIN against it)."""
+        proto = ch.proto
+        rx = ch.rx
+        if ch.phase is _SHM and rx is not None and rx.tail != proto.received_offset:
+            proto.data_received(rx.tail - proto.received_offset)
+        if ch.tx is not None and ch.tx.head != proto.sent_offset and not proto.fin_sent:
+            proto.data_sent(ch.tx.head - proto.sent_offset)
+
     def _pump(self, ch: _Channel) -> bool:
         """Read every queued control byte and act on it; True if anything arrived."""
         progressed = False
@@ -448,6 +466,7 @@ class CoSocket(socket.socket):
                 break
             progressed = True
             try:
+                self._sync_offsets(ch)
                 ch.proto.receive_data(data)
             except ProtocolError as exc:
                 self._poison(ch, exc)
@@ -502,6 +521,8 @@ class CoSocket(socket.socket):
                 self._owe_app(event.data)
             elif isinstance(event, Eof):
                 ch.tcp_eof = True
+            elif isinstance(event, Fin):
+                ch.fin = event.offset
             # Bell, Space, Fin: state lives in the protocol and the rings; callers re-check.
 
     def _verdict(self, ch: _Channel) -> None:
@@ -544,6 +565,7 @@ class CoSocket(socket.socket):
     def _send_fin(self, ch: _Channel) -> None:
         ch.fin_pending = False
         if not ch.proto.fin_sent:
+            self._sync_offsets(ch)
             self._control(ch, Fin(ch.proto.sent_offset))
 
     def _bell(self, ch: _Channel) -> None:
@@ -601,6 +623,8 @@ class CoSocket(socket.socket):
         slept = time.perf_counter_ns() - t0
         ch.counters["sleeps"] += 1
         ch.counters["sleep_ns"] += slept
+        if not woken and timeout == _MAX_SLEEP_MS:
+            ch.counters["safety_timeouts"] += 1  # only an idle peer, or a lost wake-up
         if ready is None:
             return
         if woken and slept < _BUSY_WAKE_NS:
@@ -618,7 +642,7 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
             avail = ch.rx.available()
-            if avail:  # fast path: one copy, no zeroed scratch buffer
+            if avail and ch.fin is None:  # fast path: one copy, no zeroed scratch buffer
                 n = min(avail, bufsize)
                 data = ch.rx.read_bytes(n)
                 self._consumed(ch, n, avail)
@@ -628,8 +652,27 @@ class CoSocket(socket.socket):
         return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        if self._co is None and self._rxb is None:
-            return super().recv_into(buffer, nbytes, flags)
+        ch = self._co
+        if ch is None:
+            if self._rxb is None:
+                return super().recv_into(buffer, nbytes, flags)
+        elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut:
+            rx = ch.rx
+            assert rx is not None
+            avail = rx.available()
+            if avail:  # fast path: data is there, take it
+                view = buffer if type(buffer) is memoryview else memoryview(buffer)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                size = len(view)
+                n = nbytes if 0 < nbytes <= size else size
+                if nbytes < 0 or nbytes > size:
+                    raise ValueError("negative buffersize or buffer too small in recv_into")
+                if n > avail:
+                    n = avail
+                rx.read_into(view, n)
+                self._consumed(ch, n, avail)
+                return n
         view = memoryview(buffer).cast("B")
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
@@ -706,7 +749,7 @@ class CoSocket(socket.socket):
                 continue
             if got and not waitall:
                 return got
-            if ch.rd_shut or ch.proto.eof_reached:
+            if ch.rd_shut or (ch.fin is not None and ch.rx is not None and ch.rx.tail >= ch.fin):
                 return got
             if ch.tcp_eof:
                 # The peer's TCP end is gone.  Every byte it published is already ours
@@ -747,6 +790,8 @@ class CoSocket(socket.socket):
                 if self._co is not ch or ch.rx is None:
                     return 0
                 avail = rx.available()
+            if ch.fin is not None:
+                _check_fin(ch.fin, rx, avail)
             if avail:
                 n = min(avail, nbytes - got)
                 rx.read_into(view[got:], n, peek=peek)
@@ -758,9 +803,11 @@ class CoSocket(socket.socket):
         return 0
 
     def _consumed(self, ch: _Channel, n: int, avail: int) -> None:
-        """Bookkeeping after taking ``n`` of ``avail`` ring bytes."""
-        ch.proto.data_received(n)
-        ch.rx_bytes += n
+        """Bookkeeping after taking ``n`` of ``avail`` ring bytes.
+
+        The protocol's offsets are brought up to date lazily (``_sync_offsets``), before
+        control frames are parsed or sent: on the hot path the ring counters are the truth.
+        """
         rx = ch.rx
         assert rx is not None
         if rx.space_wanted():
@@ -774,13 +821,41 @@ class CoSocket(socket.socket):
     # ------------------------------------------------------------------ send
 
     def send(self, data: Any, flags: int = 0) -> int:
-        if self._co is None and self._txb is None:
-            return super().send(data, flags)
+        ch = self._co
+        if ch is None:
+            if self._txb is None:
+                return super().send(data, flags)
+        elif not flags and self._fast_send(ch, data):
+            return len(data)
         return self._send(memoryview(data).cast("B"), flags, all_=False)
 
+    def _fast_send(self, ch: _Channel, data: Any) -> bool:
+        """Write ``data`` whole if it fits right now (the common case); else False."""
+        tx = ch.tx
+        if (
+            ch.phase is not _SHM
+            or ch.wr_shut
+            or ch.tcp_eof
+            or tx is None
+            or type(data) is not bytes
+        ):
+            return False
+        free = tx.free()
+        if len(data) > free or not data:
+            return False
+        old = tx.head
+        tx.write(data, free)  # type: ignore[arg-type]
+        if tx.needs_bell(old):
+            self._bell(ch)
+        return True
+
     def sendall(self, data: Any, flags: int = 0) -> None:
-        if self._co is None and self._txb is None:
-            return super().sendall(data, flags)
+        ch = self._co
+        if ch is None:
+            if self._txb is None:
+                return super().sendall(data, flags)
+        elif not flags and self._fast_send(ch, data):
+            return None
         view = memoryview(data).cast("B")
         deadline = self._deadline(flags)
         sent = 0
@@ -839,8 +914,6 @@ class CoSocket(socket.socket):
             if free and sent < total:
                 old = tx.head
                 n = tx.write(view[sent:], free)
-                ch.proto.data_sent(n)
-                ch.tx_bytes += n
                 sent += n
                 if tx.needs_bell(old):
                     self._bell(ch)
