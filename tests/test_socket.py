@@ -653,3 +653,38 @@ def test_streaming_between_processes_never_loses_a_wakeup(chunk, read):
     assert report["path"] == info["path"] == "shm"
     assert report["safety_timeouts"] == 0
     assert info["safety_timeouts"] == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_connection_uses_no_cpu():
+    """A reader blocked on an idle connection sleeps in the kernel after its spin budget."""
+    srv = listener()
+    port = srv.getsockname()[1]
+    child = _child(
+        f"""
+        from cosock import CoSocket
+        s = CoSocket(); s.connect(("127.0.0.1", {port}))
+        s.sendall(b"?"); assert s.recv(1) == b"!"
+        print("idle", flush=True)
+        print(s.recv(1), s.cosock_path, flush=True)
+        """
+    )
+    conn, _ = srv.accept()
+    assert conn.recv(1) == b"?"
+    conn.sendall(b"!")
+    assert child.stdout is not None and child.stdout.readline().strip() == "idle"
+    time.sleep(0.2)  # past any spin budget
+    before = _cpu_seconds(child.pid)
+    time.sleep(3)
+    used = _cpu_seconds(child.pid) - before
+    conn.sendall(b"x")
+    assert child.stdout.readline().split() == ["b'x'", "shm"]
+    child.wait(timeout=10)
+    conn.close()
+    srv.close()
+    assert used < 0.05, f"idle reader used {used:.3f} s of CPU in 3 s"

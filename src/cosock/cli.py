@@ -127,7 +127,29 @@ _mount_lab()
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors become one line on stderr (exit 2), not a box."""
+    from typer.core import _click  # type: ignore[attr-defined]  # vendored click
+
+    exceptions = _click.exceptions
+    try:
+        result = app(standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as exc:
+        if exc.ctx is not None:
+            typer.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except exceptions.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "cosock"
+        typer.echo(f"cosock: error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except exceptions.ClickException as exc:
+        typer.echo(f"cosock: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("cosock: interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":
