@@ -24,3 +24,52 @@ def test_cli_bad_arguments_give_one_line_errors(argv):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cosock"), out.stderr
+
+
+requires_root = pytest.mark.skipif(
+    __import__("os").geteuid() != 0, reason="needs root: the demo builds a namespace lab"
+)
+
+
+def _demo_namespaces() -> list[str]:
+    from pyroute2 import netns
+
+    return [n for n in netns.listnetns() if n.startswith("cs-demo-")]
+
+
+@requires_root
+def test_demo_json_reports_paths_and_verification():
+    out = subprocess.run(
+        [sys.executable, "-m", "cosock", "demo", "--bytes", str(4 << 20), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    result = json.loads(out.stdout)
+    paths = [c["path"] for c in result["connections"]]
+    assert paths == ["shm", "tcp", "tcp"]
+    assert all(c["verified"] and c["bytes"] == 8 << 20 for c in result["connections"])
+    assert result["speedup"] > 0
+    assert _demo_namespaces() == []
+
+
+@requires_root
+def test_demo_cleans_up_on_ctrl_c():
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 30)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not _demo_namespaces() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    assert _demo_namespaces() == []

@@ -688,3 +688,31 @@ def test_idle_connection_uses_no_cpu():
     conn.close()
     srv.close()
     assert used < 0.05, f"idle reader used {used:.3f} s of CPU in 3 s"
+
+
+def test_shut_rd_makes_recv_return_eof():
+    with pair() as (cli, conn):
+        settle(cli, conn)
+        cli.shutdown(socket.SHUT_RD)
+        conn.sendall(b"ignored")
+        assert cli.recv(10) == b""
+        cli.sendall(b"still writable")
+        assert recv_all(conn, 14) == b"still writable"
+
+
+def test_cosock_run_reaches_grandchildren(cosock_agent, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "print(subprocess.run([sys.executable, '-c', "
+        "'import socket; print(socket.socket.__name__)'], capture_output=True, text=True)"
+        ".stdout.strip())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cosock", "run", "--", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "CoSocket"
