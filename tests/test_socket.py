@@ -510,13 +510,15 @@ def test_enable_disable_restore_exactly():
     out = _run_py(
         """
         import socket, asyncio, cosock
-        orig = socket.socket, socket.create_connection, socket.fromfd
+        import selectors
+        orig = socket.socket, socket.create_connection, socket.fromfd, selectors.DefaultSelector
         cosock.enable(); cosock.enable()
         assert socket.socket is cosock.CoSocket and cosock.enabled()
         s = socket.socket(); assert isinstance(s, cosock.CoSocket); s.close()
         u = socket.socket(socket.AF_UNIX); u.close()
         cosock.disable()
-        assert (socket.socket, socket.create_connection, socket.fromfd) == orig
+        now = socket.socket, socket.create_connection, socket.fromfd, selectors.DefaultSelector
+        assert now == orig
         assert not cosock.enabled()
         print("restored")
         """

@@ -10,17 +10,22 @@ socket`` before :func:`enable` keeps the original class (see :func:`stale_refere
 from __future__ import annotations
 
 import gc
+import selectors
 import socket
 import threading
 from types import ModuleType
 from typing import Any
 
+from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
 
 _saved: dict[tuple[ModuleType, str], Any] = {}
 _lock = threading.RLock()
 #: What ``enable()`` replaces: (module, attribute) -> replacement.
-__implements__: tuple[tuple[ModuleType, str, Any], ...] = ((socket, "socket", CoSocket),)
+__implements__: tuple[tuple[ModuleType, str, Any], ...] = (
+    (socket, "socket", CoSocket),
+    *((selectors, name, cls) for name, cls in REPLACEMENTS.items()),
+)
 
 
 def patch_item(module: ModuleType, name: str, value: Any) -> None:

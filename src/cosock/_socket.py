@@ -32,6 +32,7 @@ import ipaddress
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Final
@@ -43,6 +44,7 @@ from ._offer import Offer, normalise_host
 from ._protocol import Connection, Role
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
+from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 
 _BaseSocket = socket.socket
 # Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
@@ -80,6 +82,7 @@ class _Channel:
     __slots__ = (
         "bell_mark",
         "counters",
+        "ctl_lock",
         "ctl_out",
         "error",
         "fin",
@@ -117,6 +120,7 @@ class _Channel:
         self.nodelay = 0
         self.bell_mark = 0
         self.ctl_out = bytearray()
+        self.ctl_lock = threading.Lock()
         self.error: OSError | None = None
         self.tcp_eof = False
         self.rd_shut = False
@@ -191,6 +195,39 @@ class CoSocket(socket.socket):
             **({} if ch is None else ch.counters),
         }
 
+    def _cosock_pump(self) -> None:
+        """Consume queued control frames (the selector saw the TCP fd readable)."""
+        ch = self._co
+        if ch is not None:
+            if ch.rx is not None:
+                ch.bell_mark = ch.rx.bells_sent()
+            self._pump(ch)
+
+    def _cosock_events(self, wanted: int) -> int:
+        """Selector readiness from the rings; arms the peer's wake-ups when not ready."""
+        ch = self._co
+        if ch is None:
+            return 0
+        events = 0
+        if wanted & EVENT_READ:
+            if self._rxb or ch.tcp_eof or ch.rd_shut or ch.error is not None:
+                events |= EVENT_READ
+            elif ch.phase is _SHM and ch.rx is not None:
+                rx = ch.rx
+                if rx.available() or (ch.fin is not None and rx.tail >= ch.fin) or rx.arm():
+                    events |= EVENT_READ
+        if wanted & EVENT_WRITE:
+            tx = ch.tx
+            if ch.wr_shut or ch.tcp_eof or ch.error is not None or tx is None:
+                events |= EVENT_WRITE
+            else:
+                room = tx.free()
+                if ch.phase is _HANDSHAKE:
+                    room = min(room, tx.capacity - tx.head)
+                if room > 0 or (ch.phase is _SHM and tx.request_space() > 0):
+                    events |= EVENT_WRITE
+        return events
+
     def _eligible(self) -> bool:
         return self.family in (socket.AF_INET, socket.AF_INET6) and self.type == socket.SOCK_STREAM
 
@@ -218,10 +255,12 @@ class CoSocket(socket.socket):
         # doorbell back for up to 40 ms.
         ch.nodelay = super().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        track(self)
 
     def _detach_channel(self) -> None:
         ch = self._co
         self._co = None
+        untrack(self, self.fileno())
         super().settimeout(self._utimeout)
         if ch is not None and not ch.nodelay:
             try:
@@ -424,20 +463,24 @@ class CoSocket(socket.socket):
     # ------------------------------------------------------------------ control stream
 
     def _flush_ctl(self, ch: _Channel) -> None:
-        while ch.ctl_out:
-            try:
-                n = super().send(ch.ctl_out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if ch.error is None:
-                    ch.error = exc.with_traceback(None)
-                ch.ctl_out.clear()
-                return
-            del ch.ctl_out[:n]
+        # One lock per channel: threads sharing a socket (a reader and a closer, say)
+        # must not interleave or repeat control frames.
+        with ch.ctl_lock:
+            while ch.ctl_out:
+                try:
+                    n = super().send(ch.ctl_out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if ch.error is None:
+                        ch.error = exc.with_traceback(None)
+                    ch.ctl_out.clear()
+                    return
+                del ch.ctl_out[:n]
 
     def _control(self, ch: _Channel, event: Any) -> None:
-        ch.ctl_out += ch.proto.send(event)
+        with ch.ctl_lock:
+            ch.ctl_out += ch.proto.send(event)
         self._flush_ctl(ch)
 
     def _sync_offsets(self, ch: _Channel) -> None:
@@ -704,10 +747,12 @@ class CoSocket(socket.socket):
             return 0
         ch = self._co
         rx = None if ch is None or ch.phase is not _SHM else ch.rx
-        if rx is None:
+        if rx is None or self._deadline(flags) == 0.0:
+            # A non-blocking caller returns to its event loop, which waits on the fd:
+            # every publish into the ring it has caught up with must ring the doorbell.
             return self._recv_loop(view, nbytes, flags)
-        # While we are inside recv the writer need not ring: we look at the ring again
-        # before we block (the flag is cleared, fenced and re-checked in _sleep's arm).
+        # While a blocking caller is inside recv the writer need not ring: we look at the
+        # ring again before we block (the flag is cleared, fenced and re-checked in arm).
         rx.set_spinning(True)
         try:
             return self._recv_loop(view, nbytes, flags)
@@ -781,6 +826,11 @@ class CoSocket(socket.socket):
         The control stream is read only when it can hold news (we woke from a sleep, the
         peer rang, or we are not accepted yet): the spinning fast path makes no syscall.
         """
+        if ch.phase is _HANDSHAKE:
+            self._pump(ch)  # the verdict may be here; after ACCEPT the ring is readable
+            if self._co is not ch or ch.phase is not _SHM:
+                return 0
+            woke = False
         rx = ch.rx
         if ch.phase is _SHM and rx is not None and not ch.rd_shut:
             avail = rx.available()
@@ -905,6 +955,8 @@ class CoSocket(socket.socket):
                 if sent == total:
                     return sent
                 return sent + super().send(view[sent:], flags & ~_MSG_DONTWAIT)
+            if ch.ctl_out:  # e.g. the HELLO of a non-blocking connect that has completed
+                self._flush_ctl(ch)
             self._check_writable(ch)
             tx = ch.tx
             assert tx is not None
@@ -992,6 +1044,7 @@ class CoSocket(socket.socket):
                 except (OSError, ProtocolError):
                     pass
             self._co = None
+            untrack(self, self.fileno())
             ch.refs -= 1
             if ch.refs == 0:
                 ch.release()
