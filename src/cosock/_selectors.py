@@ -148,18 +148,18 @@ class CoSelector(selectors.BaseSelector):
                     ready[fd] = events
         for kkey, kevents in self._inner.select(0 if ready else timeout):
             fd = kkey.fd
-            key = self._keys.get(fd)
-            if key is None:
+            mine = self._keys.get(fd)
+            if mine is None:
                 continue
             sock = channel_socket(fd)
             if sock is not None:
                 sock._cosock_pump()
-                events = sock._cosock_events(key.events) if sock._co is not None else 0
+                events = sock._cosock_events(mine.events) if sock._co is not None else 0
                 if sock._co is None:  # fell back while pumping: the kernel is right again
-                    self._sync(fd, key.events)
-                    events = key.events & (EVENT_READ | EVENT_WRITE)
+                    self._sync(fd, mine.events)
+                    events = mine.events & (EVENT_READ | EVENT_WRITE)
             else:
-                events = kevents & key.events
+                events = kevents & mine.events
             if events:
                 ready[fd] = ready.get(fd, 0) | events
         return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
