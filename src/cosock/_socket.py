@@ -59,6 +59,8 @@ _BUSY_WAKE_NS: Final = 5_000_000
 #: A sleep this long means the connection idles: shrink the spin budget.
 _IDLE_WAKE_NS: Final = 50_000_000
 _HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
+#: How long close() may wait to hand over bytes written before the verdict.
+_CLOSE_LINGER: Final = 2.0
 
 
 def _agent() -> Any:
@@ -70,6 +72,14 @@ def _agent() -> Any:
 def _check_fin(fin: int, rx: RingReader, avail: int) -> None:
     if rx.tail + avail > fin:
         raise RingCorrupted(f"peer wrote past its own FIN at offset {fin}: channel corrupted")
+
+
+def _handshake_room(ch: _Channel) -> int:
+    """Bytes a side may still write before the verdict (all of them kept for a resend)."""
+    if ch.role is Role.SERVER:
+        return max(0, _config.ring_size() if ch.tx is None else ch.tx.capacity) - len(ch.pre_out)
+    assert ch.tx is not None
+    return min(ch.tx.free(), ch.tx.capacity - ch.tx.head)
 
 
 def _own_netns() -> int:
@@ -91,6 +101,7 @@ class _Channel:
         "nodelay",
         "nonce",
         "phase",
+        "pre_out",
         "proto",
         "rd_shut",
         "refs",
@@ -120,6 +131,10 @@ class _Channel:
         self.nodelay = 0
         self.bell_mark = 0
         self.ctl_out = bytearray()
+        # Server writes before the nonce is verified stay here, never in the ring: the
+        # memfd came from whoever sent the offer, who must not read what we meant for the
+        # connection's real client until its HELLO proves it is that client.
+        self.pre_out = bytearray()
         self.ctl_lock = threading.Lock()
         self.error: OSError | None = None
         self.tcp_eof = False
@@ -156,7 +171,7 @@ class CoSocket(socket.socket):
     Other families and types behave exactly like ``socket.socket``.
     """
 
-    __slots__ = ("_co", "_reason", "_rv", "_rxb", "_txb", "_utimeout")
+    __slots__ = ("_co", "_reason", "_rv", "_rxb", "_shut_after_flush", "_txb", "_utimeout")
 
     def __init__(
         self,
@@ -171,6 +186,7 @@ class CoSocket(socket.socket):
         self._rxb: bytearray | None = None  # plain bytes owed to the app after a fallback
         self._txb: bytearray | None = None  # plain bytes owed to the peer after a fallback
         self._reason: FallbackReason | None = None
+        self._shut_after_flush = False
         self._utimeout: float | None = super().gettimeout()
 
     # ------------------------------------------------------------------ introspection
@@ -199,15 +215,39 @@ class CoSocket(socket.socket):
         """Consume queued control frames (the selector saw the TCP fd readable)."""
         ch = self._co
         if ch is not None:
-            if ch.rx is not None:
-                ch.bell_mark = ch.rx.bells_sent()
-            self._pump(ch)
+            try:
+                if ch.rx is not None:
+                    ch.bell_mark = ch.rx.bells_sent()
+                self._pump(ch)
+            except (RingCorrupted, ProtocolError, ValueError) as exc:
+                self._poison(ch, exc)
+
+    def getsockopt(self, *args: Any) -> Any:
+        # asyncio and selector loops check SO_ERROR once a non-blocking connect is
+        # writable: the connection is up, so that is the moment to send our HELLO.
+        ch = self._co
+        if ch is not None and ch.ctl_out:
+            self._flush_ctl(ch)
+        return super().getsockopt(*args)
 
     def _cosock_events(self, wanted: int) -> int:
-        """Selector readiness from the rings; arms the peer's wake-ups when not ready."""
+        """Selector readiness from the rings; arms the peer's wake-ups when not ready.
+
+        A hostile peer's ring makes its socket ready (the next call raises the error), so
+        one bad connection never breaks the selector loop that serves the others.
+        """
         ch = self._co
         if ch is None:
             return 0
+        try:
+            if ch.ctl_out:
+                self._flush_ctl(ch)  # a completed non-blocking connect's HELLO
+            return self._ring_events(ch, wanted)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+            return wanted
+
+    def _ring_events(self, ch: _Channel, wanted: int) -> int:
         events = 0
         if wanted & EVENT_READ:
             if self._rxb or ch.tcp_eof or ch.rd_shut or ch.error is not None:
@@ -221,9 +261,7 @@ class CoSocket(socket.socket):
             if ch.wr_shut or ch.tcp_eof or ch.error is not None or tx is None:
                 events |= EVENT_WRITE
             else:
-                room = tx.free()
-                if ch.phase is _HANDSHAKE:
-                    room = min(room, tx.capacity - tx.head)
+                room = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
                 if room > 0 or (ch.phase is _SHM and tx.request_space() > 0):
                     events |= EVENT_WRITE
         return events
@@ -479,6 +517,8 @@ class CoSocket(socket.socket):
                 del ch.ctl_out[:n]
 
     def _control(self, ch: _Channel, event: Any) -> None:
+        if ch.tcp_eof:
+            return  # the peer's TCP end is gone: nobody to wake or tell
         with ch.ctl_lock:
             ch.ctl_out += ch.proto.send(event)
         self._flush_ctl(ch)
@@ -531,7 +571,7 @@ class CoSocket(socket.socket):
         """
         if ch.role is Role.SERVER and ch.phase is _HANDSHAKE and ch.proto.nonce_ok is None:
             data, _ = ch.proto.trailing_data
-            owed = ch.tx.unsent_bytes(0) if ch.tx is not None else b""
+            owed = bytes(ch.pre_out)
             self._reason = FallbackReason.NO_OFFER
             self._detach_channel()
             self._owe_app(data)
@@ -556,6 +596,8 @@ class CoSocket(socket.socket):
                 self._verdict(ch)
             elif isinstance(event, Accept):
                 ch.phase = _SHM
+                if ch.tx is not None and ch.tx.head:
+                    self._bell(ch)  # bytes written before the verdict were never rung
                 if ch.fin_pending:
                     self._send_fin(ch)
             elif isinstance(event, Reject):
@@ -575,6 +617,10 @@ class CoSocket(socket.socket):
         if reason is None:
             self._control(ch, Accept())
             ch.phase = _SHM
+            if ch.pre_out and ch.tx is not None:  # fits: the ring is empty and as large
+                ch.tx.write(memoryview(ch.pre_out), ch.tx.free())
+                ch.pre_out.clear()
+                self._bell(ch)
             if ch.fin_pending:
                 self._send_fin(ch)
             return
@@ -584,20 +630,20 @@ class CoSocket(socket.socket):
     def _fallback(self, ch: _Channel, reason: FallbackReason) -> None:
         """Give up on shared memory before the channel was accepted: resend our ring bytes."""
         owed = bytearray(ch.ctl_out)
-        if ch.tx is not None:
+        if ch.role is Role.SERVER:
+            owed += ch.pre_out
+        elif ch.tx is not None:
             owed += ch.tx.unsent_bytes(0)
         leftover = ch.proto.next_event()
         while leftover is not NEED_DATA:
             if isinstance(leftover, PlainData):
                 self._owe_app(leftover.data)
             leftover = ch.proto.next_event()
-        wr_shut = ch.wr_shut
         self._reason = reason
         self._detach_channel()
-        self._txb = owed if owed else None
+        self._txb = owed
+        self._shut_after_flush = ch.wr_shut
         self._flush_plain(block=False)
-        if wr_shut and not self._txb:
-            super().shutdown(socket.SHUT_WR)
 
     def _owe_app(self, data: bytes) -> None:
         if data:
@@ -607,7 +653,7 @@ class CoSocket(socket.socket):
 
     def _send_fin(self, ch: _Channel) -> None:
         ch.fin_pending = False
-        if not ch.proto.fin_sent:
+        if not ch.proto.fin_sent and not ch.tcp_eof:
             self._sync_offsets(ch)
             self._control(ch, Fin(ch.proto.sent_offset))
 
@@ -678,7 +724,7 @@ class CoSocket(socket.socket):
     # ------------------------------------------------------------------ receive
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self._co is None and self._rxb is None:
+        if self._co is None and self._rxb is None and self._txb is None:
             return super().recv(bufsize, flags)
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
@@ -697,7 +743,7 @@ class CoSocket(socket.socket):
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         ch = self._co
         if ch is None:
-            if self._rxb is None:
+            if self._rxb is None and self._txb is None:
                 return super().recv_into(buffer, nbytes, flags)
         elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut:
             rx = ch.rx
@@ -726,19 +772,19 @@ class CoSocket(socket.socket):
         return self._recv_into(view, nbytes, flags)
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Any]:
-        if self._co is None and self._rxb is None:
+        if self._co is None and self._rxb is None and self._txb is None:
             return super().recvfrom(bufsize, flags)
         return self.recv(bufsize, flags), None
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
-        if self._co is None and self._rxb is None:
+        if self._co is None and self._rxb is None and self._txb is None:
             return super().recvfrom_into(buffer, nbytes, flags)
         return self.recv_into(buffer, nbytes, flags), None
 
     def recvmsg(
         self, bufsize: int, ancbufsize: int = 0, flags: int = 0
     ) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
-        if self._co is None and self._rxb is None:
+        if self._co is None and self._rxb is None and self._txb is None:
             return super().recvmsg(bufsize, ancbufsize, flags)
         return self.recv(bufsize, flags), [], 0, None
 
@@ -756,6 +802,10 @@ class CoSocket(socket.socket):
         rx.set_spinning(True)
         try:
             return self._recv_loop(view, nbytes, flags)
+        except ValueError:
+            if self._co is ch:
+                raise
+            raise OSError(errno.EBADF, "Bad file descriptor: closed during recv") from None
         finally:
             if ch is not None and self._co is ch and ch.rx is rx:
                 rx.set_spinning(False)
@@ -779,10 +829,11 @@ class CoSocket(socket.socket):
             if ch is None:
                 if self._rxb is not None and not self._rxb:
                     self._rxb = None
+                if got:
+                    return got
                 if self._txb:
-                    self._flush_plain(block=False)
-                rest = super().recv_into(view[got:], nbytes - got, flags & ~_MSG_DONTWAIT)
-                return got + rest
+                    self._flush_while_receiving(deadline)
+                return super().recv_into(view, nbytes, flags)
             n = self._shm_read(ch, view, got, nbytes, peek, woke)
             woke = deadline == 0.0
             if n:
@@ -809,13 +860,17 @@ class CoSocket(socket.socket):
                     return got
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
             rx = ch.rx
-            if ch.phase is _SHM and rx is not None:
-                rx.set_spinning(True)
-                self._sleep(ch, deadline, rx.available, rx.arm)
-                if self._co is ch and ch.rx is rx:
-                    rx.set_spinning(True)
-            else:
-                self._sleep(ch, deadline)
+            try:
+                if ch.phase is _SHM and rx is not None:
+                    self._sleep(ch, deadline, rx.available, rx.arm)
+                    if self._co is ch and ch.rx is rx and deadline != 0.0:
+                        rx.set_spinning(True)
+                else:
+                    self._sleep(ch, deadline)
+            except TimeoutError:
+                if got:
+                    return got  # bytes already taken from the ring are the caller's
+                raise
             woke = True
 
     def _shm_read(
@@ -959,11 +1014,21 @@ class CoSocket(socket.socket):
                 self._flush_ctl(ch)
             self._check_writable(ch)
             tx = ch.tx
-            assert tx is not None
-            free = tx.free()
-            if ch.phase is _HANDSHAKE:  # keep every byte until the verdict, for a resend
-                free = min(free, tx.capacity - tx.head)
+            if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
+                room = _handshake_room(ch)
+                if room and sent < total:
+                    n = min(room, total - sent)
+                    ch.pre_out += view[sent : sent + n]
+                    sent += n
+                    if sent == total or deadline == 0.0:
+                        return sent
+                    continue
+                free = 0
+            else:
+                assert tx is not None
+                free = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
             if free and sent < total:
+                assert tx is not None
                 old = tx.head
                 n = tx.write(view[sent:], free)
                 sent += n
@@ -985,6 +1050,14 @@ class CoSocket(socket.socket):
                     return sent
                 raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
             woke = True
+            if tx is None or ch.phase is _HANDSHAKE:
+                try:
+                    self._sleep(ch, deadline)  # the verdict arrives on the TCP fd
+                except TimeoutError:
+                    if sent:
+                        return sent
+                    raise
+                continue
             try:
                 self._sleep(ch, deadline, tx.free, tx.request_space)
             except TimeoutError:
@@ -1012,7 +1085,26 @@ class CoSocket(socket.socket):
                     del self._txb[:n]
             except (BlockingIOError, InterruptedError):
                 return False
+        if self._txb is not None:
+            self._txb = None
+            if self._shut_after_flush:  # a shutdown(SHUT_WR) made before the fallback
+                self._shut_after_flush = False
+                super().shutdown(socket.SHUT_WR)
         return True
+
+    def _flush_while_receiving(self, deadline: float | None) -> None:
+        """Before a blocking plain recv, push owed bytes out as the peer makes room, until
+        they are gone or the peer has something for us (it may need them to answer)."""
+        fd = self.fileno()
+        while self._txb:
+            if self._flush_plain(block=False):
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if deadline == 0.0 or (left is not None and left <= 0):
+                return
+            readable, _, _ = select.select([fd], [fd], [], left)
+            if readable:
+                return
 
     # ------------------------------------------------------------------ shutdown/close
 
@@ -1036,13 +1128,26 @@ class CoSocket(socket.socket):
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
         ch = self._co
+        if ch is not None and ch.phase is _HANDSHAKE and ch.refs == 1:
+            # Bytes written before the verdict must not die with us: settle it, then
+            # they are in the peer's ring (ACCEPT) or resent over TCP (REJECT).
+            try:
+                self._settle_before_close(ch)
+            except (OSError, ProtocolError, ValueError):
+                pass
+            ch = self._co
+        # No FIN frame and no pump here: close() ends only this fd, which a forked child
+        # may share (socketserver.ForkingMixIn).  The peer learns of the close from TCP
+        # itself and reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
+        if self._txb:
+            try:
+                old = super().gettimeout()
+                super().settimeout(_CLOSE_LINGER)
+                self._flush_plain(block=True)
+                super().settimeout(old)
+            except OSError:
+                pass
         if ch is not None:
-            if ch.refs == 1 and ch.phase is _SHM and not ch.proto.fin_sent and not ch.wr_shut:
-                try:
-                    self._pump(ch)  # unread control bytes would turn our close into an RST
-                    self._send_fin(ch)
-                except (OSError, ProtocolError):
-                    pass
             self._co = None
             untrack(self, self.fileno())
             ch.refs -= 1
@@ -1058,6 +1163,24 @@ class CoSocket(socket.socket):
                     pass
             rv.close()
         _ss.close(self)
+
+    def _settle_before_close(self, ch: _Channel) -> None:
+        """A server's bytes written before the HELLO live only in our memory: wait (briefly)
+        for the HELLO so they reach the ring (ACCEPT) or the TCP stream (REJECT).
+
+        A client does not wait: its bytes are in the ring, which the server reads after its
+        ACCEPT even when we are gone.  Only a REJECT (a failed verification) would need
+        them resent, and that needs us alive: a known limit (the path switch will lift it).
+        """
+        if ch.role is not Role.SERVER or not ch.pre_out:
+            return
+        deadline = time.monotonic() + _CLOSE_LINGER
+        while self._co is ch and ch.phase is _HANDSHAKE and not ch.tcp_eof:
+            if not self._pump(ch):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                select.select([self.fileno()], [], [], left)
 
     def detach(self) -> int:
         """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
@@ -1075,6 +1198,7 @@ class CoSocket(socket.socket):
             sock._co = ch
             sock._utimeout = self._utimeout
             _BaseSocket.settimeout(sock, 0.0)
+            track(sock)
         sock._reason = self._reason
         return sock
 
