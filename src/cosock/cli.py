@@ -114,6 +114,17 @@ def demo(
         typer.echo(json.dumps(result, indent=2))
 
 
+@app.command(
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def bench(ctx: typer.Context) -> None:
+    """Every transport side by side: tcp, uds, cosock, cosock-remote (see bench --help)."""
+    from .bench.cli import app as bench_app
+
+    bench_app(args=list(ctx.args), prog_name="cosock bench", standalone_mode=False)
+
+
 def _mount_lab() -> None:
     try:
         from .lab.cli import app as lab_app
