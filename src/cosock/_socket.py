@@ -61,6 +61,8 @@ _IDLE_WAKE_NS: Final = 50_000_000
 _HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
 #: How long close() may wait to hand over bytes written before the verdict.
 _CLOSE_LINGER: Final = 2.0
+#: Spin iterations between two sched_yield() calls (a power of two minus one).
+_YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 
 
 def _agent() -> Any:
@@ -693,9 +695,15 @@ class CoSocket(socket.socket):
         """
         if ready is not None and ch.spin_ns:
             end = time.perf_counter_ns() + ch.spin_ns
+            spins = 0
             while time.perf_counter_ns() < end:
                 if ready():
                     return
+                spins += 1
+                if spins & _YIELD_MASK == 0:
+                    # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
+                    # would hold it until the next tick (4 ms at HZ=250).
+                    os.sched_yield()
         if arm is not None and arm():
             return
         if deadline is None:
