@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,7 +125,9 @@ def start_agent(path: Path, host: str = "local", auto: bool = True) -> subproces
 @pytest.fixture
 def cosock_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Agent socket path; COSOCK_AGENT points at it for this process and its children."""
-    path = tmp_path / "agent" / "agent.sock"
+    # Unix socket paths hold 108 bytes; pytest's tmp_path under xdist gets close to that.
+    short = Path(tempfile.mkdtemp(prefix="csa-", dir="/tmp"))
+    path = short / "agent.sock"
     proc = start_agent(path)
     monkeypatch.setenv("COSOCK_AGENT", str(path))
     from cosock.agent.client import AgentClient
@@ -133,3 +137,4 @@ def cosock_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     AgentClient.reset_shared()
     proc.kill()
     proc.wait()
+    shutil.rmtree(short, ignore_errors=True)

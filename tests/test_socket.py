@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -192,7 +193,7 @@ def test_select_poll_epoll_readability():
         ep.register(cli.fileno(), select.EPOLLIN)
         assert ep.poll(5)
         assert cli.recv(4) == b"ping"
-        # Drained: no longer readable (stale doorbells were consumed).
+        # Drained: no longer readable (the doorbells for what we read were consumed).
         assert select.select([cli], [], [], 0.05)[0] == []
         ep.close()
         assert select.select([], [cli], [], 0)[1] == [cli]
@@ -718,3 +719,26 @@ def test_cosock_run_reaches_grandchildren(cosock_agent, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "CoSocket"
+
+
+def test_deep_agent_directory_still_accelerates(tmp_path, monkeypatch):
+    """sun_path holds 108 bytes: a rendezvous path that would not fit moves to a short
+    private directory instead of silently turning acceleration off."""
+    from conftest import start_agent
+
+    deep = Path("/tmp") / ("d" * 80)
+    deep.mkdir(exist_ok=True)
+    proc = start_agent(deep / "agent.sock")
+    try:
+        monkeypatch.setenv("COSOCK_AGENT", str(deep / "agent.sock"))
+        AgentClient.reset_shared()
+        with pair() as (cli, conn):
+            settle(cli, conn)
+            assert cli.cosock_path == "shm"
+    finally:
+        proc.kill()
+        proc.wait()
+        AgentClient.reset_shared()
+        import shutil
+
+        shutil.rmtree(deep, ignore_errors=True)

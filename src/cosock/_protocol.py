@@ -204,6 +204,7 @@ class Connection:
     """
 
     __slots__ = (
+        "_bells",
         "_buffer",
         "_channel",
         "_eof",
@@ -230,6 +231,7 @@ class Connection:
         # Received bytes live in _buffer[_pos:]; consuming only moves _pos, so parsing a
         # long burst never copies the rest of the buffer once per frame.
         self._buffer = bytearray()
+        self._bells = 0  # BELL frames parsed (a run of them is one Bell event)
         self._pos = 0
         self._eof = False
         self._sent = 0
@@ -291,6 +293,11 @@ class Connection:
         handshake); None while the handshake runs, on the shared-memory path, and in ERROR.
         """
         return self._fallback
+
+    @property
+    def bells_received(self) -> int:
+        """How many BELL frames were parsed, counting each frame of a collapsed run."""
+        return self._bells
 
     @property
     def nonce_ok(self) -> bool | None:
@@ -509,6 +516,7 @@ class Connection:
         if kind == T_BELL:
             match = _BELL_RUN.match(buffer, pos)
             assert match is not None
+            self._bells += match.end() - pos
             return Bell(), match.end() - pos
         if kind == T_SPACE:
             match = _SPACE_RUN.match(buffer, pos)

@@ -31,6 +31,7 @@ _MAX_PENDING = 4096
 _OFFER_TTL = 30.0
 _MAX_DGRAM = 512
 _SEND_PATIENCE = 0.2
+_MAX_UNIX_PATH = 107
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
 
 
@@ -49,8 +50,14 @@ class Rendezvous:
     """The listener side: receives offers, keeps them by 4-tuple until ``accept()``."""
 
     def __init__(self, directory: Path) -> None:
+        name = f"rv-{os.getpid()}-{os.urandom(6).hex()}.sock"
+        if len(str(directory / name)) >= _MAX_UNIX_PATH:
+            # sun_path holds 108 bytes: a deep agent directory must not silently turn
+            # acceleration off, so use a short private directory instead.
+            directory = Path(f"/tmp/cosock-rv-{os.getuid()}")
+            directory.mkdir(mode=0o700, exist_ok=True)
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"rv-{os.getpid()}-{os.urandom(6).hex()}.sock"
+        self.path = directory / name
         self._sock = _SOCKET(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind(str(self.path))

@@ -41,7 +41,7 @@ from . import _config
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import NEED_DATA, Accept, Bell, Eof, Fin, Hello, PlainData, Reject, Space
 from ._offer import Offer, normalise_host
-from ._protocol import Connection, Role
+from ._protocol import FRAME_SIZES, T_BELL, Connection, Role
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
@@ -738,11 +738,12 @@ class CoSocket(socket.socket):
             raise ValueError("negative buffersize in recv")
         ch = self._co
         if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
+            bells = ch.rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = ch.rx.available()
             if avail and ch.fin is None:  # fast path: one copy, no zeroed scratch buffer
                 n = min(avail, bufsize)
                 data = ch.rx.read_bytes(n)
-                self._consumed(ch, n, avail)
+                self._consumed(ch, n, avail, bells)
                 return data
         buf = bytearray(bufsize)
         n = self._recv_into(memoryview(buf), bufsize, flags)
@@ -756,6 +757,7 @@ class CoSocket(socket.socket):
         elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut:
             rx = ch.rx
             assert rx is not None
+            bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if avail:  # fast path: data is there, take it
                 view = buffer if type(buffer) is memoryview else memoryview(buffer)
@@ -768,7 +770,7 @@ class CoSocket(socket.socket):
                 if n > avail:
                     n = avail
                 rx.read_into(view, n)
-                self._consumed(ch, n, avail)
+                self._consumed(ch, n, avail, bells)
                 return n
         view = memoryview(buffer).cast("B")
         if nbytes < 0:
@@ -837,11 +839,11 @@ class CoSocket(socket.socket):
             if ch is None:
                 if self._rxb is not None and not self._rxb:
                     self._rxb = None
-                if got:
+                if got and not waitall:
                     return got
                 if self._txb:
                     self._flush_while_receiving(deadline)
-                return super().recv_into(view, nbytes, flags)
+                return got + super().recv_into(view[got:], nbytes - got, flags)
             n = self._shm_read(ch, view, got, nbytes, peek, woke)
             woke = deadline == 0.0
             if n:
@@ -896,12 +898,14 @@ class CoSocket(socket.socket):
             woke = False
         rx = ch.rx
         if ch.phase is _SHM and rx is not None and not ch.rd_shut:
+            bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
                 ch.bell_mark = rx.bells_sent()
                 self._pump(ch)
                 if self._co is not ch or ch.rx is None:
                     return 0
+                bells = rx.bells_sent()
                 avail = rx.available()
             if ch.fin is not None:
                 _check_fin(ch.fin, rx, avail)
@@ -909,13 +913,13 @@ class CoSocket(socket.socket):
                 n = min(avail, nbytes - got)
                 rx.read_into(view[got:], n, peek=peek)
                 if not peek:
-                    self._consumed(ch, n, avail)
+                    self._consumed(ch, n, avail, bells)
                 return n
             return 0
         self._pump(ch)
         return 0
 
-    def _consumed(self, ch: _Channel, n: int, avail: int) -> None:
+    def _consumed(self, ch: _Channel, n: int, avail: int, bells_before: int) -> None:
         """Bookkeeping after taking ``n`` of ``avail`` ring bytes.
 
         The protocol's offsets are brought up to date lazily (``_sync_offsets``), before
@@ -926,10 +930,54 @@ class CoSocket(socket.socket):
         if rx.space_wanted():
             self._control(ch, Space())
             ch.counters["spaces_sent"] += 1
-        if n == avail and rx.bells_sent() != ch.bell_mark:
-            # We emptied the ring: consume stale bells so select() stops firing.
-            ch.bell_mark = rx.bells_sent()
-            self._pump(ch)
+        if n == avail and bells_before != ch.proto.bells_received:
+            self._drain_stale_bells(ch, bells_before)
+
+    def _drain_stale_bells(self, ch: _Channel, upto: int) -> None:
+        """We emptied the ring: consume the doorbells rung for what we took, so the raw fd
+        stops being readable -- but no later one.
+
+        ``upto`` is the writer's doorbell count read *before* we looked at the ring; a
+        writer counts a doorbell before sending it and sends it after publishing, so the
+        first ``upto`` doorbells announce bytes we have consumed.  A doorbell for a write
+        published during our copy stays queued (consuming it would leave those bytes in
+        the ring with nothing to make a raw select() see them).  Frames are walked on a
+        peeked copy; only the prefix up to the first younger doorbell is consumed.
+        """
+        want = upto - ch.proto.bells_received
+        if want <= 0:
+            return
+        try:
+            peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
+        except OSError:
+            return
+        if not peeked:
+            return
+        pending, _ = ch.proto.trailing_data
+        data = pending + peeked
+        pos = 0
+        while pos < len(data):
+            size = FRAME_SIZES.get(data[pos])
+            if size is None or pos + size > len(data):
+                break
+            if data[pos] == T_BELL:
+                if want == 0:
+                    break
+                want -= 1
+            pos += size
+        take = pos - len(pending)
+        if take <= 0:
+            return
+        try:
+            chunk = super().recv(take)
+            self._sync_offsets(ch)
+            ch.proto.receive_data(chunk)
+        except ProtocolError as exc:
+            self._poison(ch, exc)
+            return
+        except OSError:
+            return
+        self._events(ch)
 
     # ------------------------------------------------------------------ send
 
@@ -1002,6 +1050,15 @@ class CoSocket(socket.socket):
         return sent
 
     def _send(self, view: memoryview, flags: int, all_: bool, deadline: float | None = None) -> int:
+        ch = self._co
+        try:
+            return self._send_loop(view, flags, all_, deadline)
+        except ValueError:
+            if ch is None or self._co is ch:
+                raise
+            raise OSError(errno.EBADF, "Bad file descriptor: closed during send") from None
+
+    def _send_loop(self, view: memoryview, flags: int, all_: bool, deadline: float | None) -> int:
         if not all_:
             deadline = self._deadline(flags)
         total = len(view)
@@ -1110,8 +1167,10 @@ class CoSocket(socket.socket):
             left = None if deadline is None else deadline - time.monotonic()
             if deadline == 0.0 or (left is not None and left <= 0):
                 return
-            readable, _, _ = select.select([fd], [fd], [], left)
-            if readable:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLOUT)
+            events = poller.poll(None if left is None else max(0, int(left * 1000)))
+            if any(ev & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, ev in events):
                 return
 
     # ------------------------------------------------------------------ shutdown/close
@@ -1188,7 +1247,9 @@ class CoSocket(socket.socket):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                select.select([self.fileno()], [], [], left)
+                poller = select.poll()
+                poller.register(self.fileno(), select.POLLIN)
+                poller.poll(max(1, int(left * 1000)))
 
     def detach(self) -> int:
         """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
