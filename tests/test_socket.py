@@ -742,3 +742,35 @@ def test_deep_agent_directory_still_accelerates(tmp_path, monkeypatch):
         import shutil
 
         shutil.rmtree(deep, ignore_errors=True)
+
+
+def test_oversized_ring_offer_is_refused_and_served_plainly():
+    """A peer may not make the server map more than COSOCK_RING_MAX per direction."""
+    srv = listener()
+    port = srv.getsockname()[1]
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from cosock import CoSocket
+                s = CoSocket(); s.connect(("127.0.0.1", {port}))
+                s.sendall(b"big ring please"); print(s.recv(2), s.cosock_path, flush=True)
+                """
+            ),
+        ],
+        env={**os.environ, "COSOCK_RING_SIZE": str(128 << 20)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    assert recv_all(conn, 15) == b"big ring please"
+    conn.sendall(b"ok")
+    assert child.stdout is not None
+    assert child.stdout.readline().split() == ["b'ok'", "tcp"]
+    assert conn.cosock_fallback_reason is FallbackReason.RESOURCE
+    child.wait(timeout=10)
+    conn.close()
+    srv.close()

@@ -20,6 +20,9 @@ ENV_SPIN_US = "COSOCK_SPIN_US"
 ENV_ENABLE = "COSOCK_ENABLE"
 
 DEFAULT_RING_SIZE = 1 << 20
+#: Largest ring per direction a server accepts from a peer's offer.
+ENV_RING_MAX = "COSOCK_RING_MAX"
+DEFAULT_RING_MAX = 64 << 20
 MIN_RING_SIZE = 1 << 12
 MAX_RING_SIZE = 1 << 30
 DEFAULT_SPIN_US = 50
@@ -70,3 +73,8 @@ def spin_max_ns() -> int:
     if us < 0:
         raise ValueError(f"{ENV_SPIN_MAX_US}={raw!r}: must be >= 0")
     return max(us * 1000, spin_ns())
+
+
+def ring_max() -> int:
+    raw = os.environ.get(ENV_RING_MAX)
+    return max(DEFAULT_RING_MAX if not raw else int(raw), ring_size())

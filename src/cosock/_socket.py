@@ -476,6 +476,8 @@ class CoSocket(socket.socket):
         try:
             if not self._sender_owns(pending.pid, key[0]):
                 reject = FallbackReason.OFFER_INVALID
+            elif offer.capacity > _config.ring_max():
+                reject = FallbackReason.RESOURCE  # a peer may not make us map gigabytes
             else:
                 mm = map_channel_fd(pending.fd, offer.capacity)
         except RingCorrupted:
@@ -664,6 +666,12 @@ class CoSocket(socket.socket):
         if ch.phase is _HANDSHAKE:
             self._pump(ch)  # has the verdict arrived?  Before it, the peer reads no ring.
             if self._co is not ch or ch.phase is _HANDSHAKE:
+                return
+        if ch.ctl_out and not ch.tcp_eof:
+            self._flush_ctl(ch)
+            if ch.ctl_out:
+                # The peer is not reading its TCP socket; the frame still queued will wake
+                # it.  Queueing one doorbell per write would grow without bound.
                 return
         ch.tx.count_bell()
         ch.counters["bells_sent"] += 1
@@ -1146,7 +1154,14 @@ class CoSocket(socket.socket):
                     super().sendall(self._txb)
                     self._txb.clear()
                 else:
-                    n = super().send(self._txb, _MSG_DONTWAIT)
+                    # With a timeout set, CPython waits for writability even under
+                    # MSG_DONTWAIT: make the kernel call truly non-blocking.
+                    timeout = super().gettimeout()
+                    super().settimeout(0.0)
+                    try:
+                        n = super().send(self._txb)
+                    finally:
+                        super().settimeout(timeout)
                     del self._txb[:n]
             except (BlockingIOError, InterruptedError):
                 return False
