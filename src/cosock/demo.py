@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -89,12 +85,9 @@ def _lab_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
 
 @contextmanager
 def _loopback_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
-    from .agent.server import ensure_agent
+    from .agent.server import private_agent
 
-    tmp = Path(tempfile.mkdtemp(prefix="cosock-demo-"))
-    agent = tmp / "agent.sock"
-    ensure_agent(agent)
-    try:
+    with private_agent("cosock-demo-") as agent:
 
         def spawn(_where: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
             return subprocess.Popen(
@@ -119,23 +112,6 @@ def _loopback_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
             ],
         }
         yield spawn, world
-    finally:
-        _stop_agent(agent)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop_agent(path: Path) -> None:
-    from .agent.client import status
-
-    try:
-        pid = int(status(path).get("pid", 0))
-    except Exception:
-        return
-    if pid > 0:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def run_demo(size: int, quiet: bool = False) -> dict[str, Any]:

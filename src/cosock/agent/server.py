@@ -641,3 +641,33 @@ def ensure_agent(path: Path, host: str = "local", timeout: float = 5.0) -> bool:
         raise
     except (OSError, TimeoutError) as exc:
         raise AgentUnavailable(f"cannot start an agent on {path}: {exc}") from exc
+
+
+def stop_agent(path: Path) -> None:
+    """Ask the agent answering at ``path`` for its pid and SIGTERM it (if any answers)."""
+    from .client import status
+
+    try:
+        pid = int(status(path).get("pid", 0))
+    except Exception:
+        return
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def private_agent(prefix: str) -> Iterator[Path]:
+    """A throw-away agent in a fresh temporary directory (demo and bench without root);
+    stopped and its directory removed on exit."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    path = tmp / "agent.sock"
+    try:
+        ensure_agent(path)
+        yield path
+    finally:
+        stop_agent(path)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -115,48 +114,32 @@ def lab_world(name: str) -> Iterator[World]:
 @contextmanager
 def loopback_world() -> Iterator[World]:
     """Processes on 127.0.0.1 with a private agent of their own (no root needed)."""
-    from ..agent.server import ensure_agent
+    from ..agent.server import private_agent
 
-    tmp = Path(tempfile.mkdtemp(prefix="cosock-bench-"))
-    agent = tmp / "agent" / "agent.sock"
     world: World | None = None
-    try:
-        ensure_agent(agent)
+    with private_agent("cosock-bench-") as agent:
+        try:
 
-        def spawn(
-            _guest: str, argv: list[str], env: dict[str, str], err: IO[Any]
-        ) -> subprocess.Popen[str]:
-            return subprocess.Popen(argv, env=env, **_pipes(err))
+            def spawn(
+                _guest: str, argv: list[str], env: dict[str, str], err: IO[Any]
+            ) -> subprocess.Popen[str]:
+                return subprocess.Popen(argv, env=env, **_pipes(err))
 
-        def base_env(_guest: str) -> dict[str, str]:
-            return {**os.environ, _config.ENV_AGENT: str(agent)}
+            def base_env(_guest: str) -> dict[str, str]:
+                return {**os.environ, _config.ENV_AGENT: str(agent)}
 
-        world = World(
-            "loopback",
-            "127.0.0.1",
-            tmp,
-            spawn,
-            base_env,
-            far_extra={_config.ENV_LOOPBACK: "0"},
-        )
-        yield world
-    finally:
-        if world is not None:
-            world.stop_all()
-        _stop_agent(agent)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop_agent(path: Path) -> None:
-    from ..agent.client import status
-
-    try:
-        pid = int(status(path).get("pid", 0))
-    except Exception:
-        return
-    if pid > 0:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            world = World(
+                "loopback",
+                "127.0.0.1",
+                agent.parent,
+                spawn,
+                base_env,
+                far_extra={_config.ENV_LOOPBACK: "0"},
+            )
+            yield world
+        finally:
+            if world is not None:
+                world.stop_all()
 
 
 @contextmanager
