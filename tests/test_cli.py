@@ -31,16 +31,27 @@ requires_root = pytest.mark.skipif(
 )
 
 
-def _demo_namespaces() -> list[str]:
+def _demo_namespaces(name: str) -> list[str]:
     from pyroute2 import netns
 
-    return [n for n in netns.listnetns() if n.startswith("cs-demo-")]
+    return [n for n in netns.listnetns() if n.startswith(f"cs-{name}-")]
 
 
 @requires_root
-def test_demo_json_reports_paths_and_verification():
+def test_demo_json_reports_paths_and_verification(lab_name):
+    name = lab_name
     out = subprocess.run(
-        [sys.executable, "-m", "cosock", "demo", "--bytes", str(4 << 20), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "cosock",
+            "demo",
+            "--bytes",
+            str(4 << 20),
+            "--json",
+            "--lab-name",
+            name,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -53,23 +64,24 @@ def test_demo_json_reports_paths_and_verification():
     assert paths == ["shm", "tcp", "tcp"]
     assert all(c["verified"] and c["bytes"] == 8 << 20 for c in result["connections"])
     assert result["speedup"] > 0
-    assert _demo_namespaces() == []
+    assert _demo_namespaces(name) == []
 
 
 @requires_root
-def test_demo_cleans_up_on_ctrl_c():
+def test_demo_cleans_up_on_ctrl_c(lab_name):
+    name = lab_name
     import signal
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 30)],
+        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 30), "--lab-name", name],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
-    while not _demo_namespaces() and time.monotonic() < deadline:
+    while not _demo_namespaces(name) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
-    assert _demo_namespaces() == []
+    assert _demo_namespaces(name) == []

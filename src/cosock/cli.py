@@ -98,12 +98,13 @@ def status(
 def demo(
     size: Annotated[int, typer.Option("--bytes", help="payload each way", min=1)] = 256 << 20,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    lab_name: Annotated[str, typer.Option("--lab-name", help="lab to build (root)")] = "demo",
 ) -> None:
     """Real guests, real traffic: shows the path each connection took and the speed-up."""
     from .demo import run_demo
 
     try:
-        result = run_demo(size, quiet=as_json)
+        result = run_demo(size, quiet=as_json, lab_name=lab_name)
     except KeyboardInterrupt:
         _fail("interrupted (cleaned up)", 130)
         return

@@ -53,14 +53,14 @@ def _client(spawn: Spawn, where: str, env: dict[str, str], host: str, size: int)
 
 
 @contextmanager
-def _lab_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
+def _lab_world(name: str) -> Iterator[tuple[Spawn, dict[str, Any]]]:
     from .lab import Lab, LabNotFound, down
 
     try:
-        down("demo")
+        down(name)
     except LabNotFound:
         pass
-    lab = Lab.up("demo", hosts=2, guests=2)
+    lab = Lab.up(name, hosts=2, guests=2)
     try:
 
         def spawn(guest: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -114,11 +114,11 @@ def _loopback_world() -> Iterator[tuple[Spawn, dict[str, Any]]]:
         yield spawn, world
 
 
-def run_demo(size: int, quiet: bool = False) -> dict[str, Any]:
+def run_demo(size: int, quiet: bool = False, lab_name: str = "demo") -> dict[str, Any]:
     """Run the demo; returns ``{"connections": [...], "speedup": x}``."""
     console = Console(stderr=True, quiet=quiet)
     as_root = os.geteuid() == 0
-    world_cm = _lab_world() if as_root else _loopback_world()
+    world_cm = _lab_world(lab_name) if as_root else _loopback_world()
     console.print(
         "[bold]cosock demo[/]: "
         + (
