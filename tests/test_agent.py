@@ -427,7 +427,10 @@ def test_garbage_and_oversize_lines(
         pass  # the agent may hang up before we finish: that is the point
     reply = json.loads(_recv_line(big))
     assert reply["ok"] is False and "longer than" in reply["error"]
-    assert big.recv(100) == b""  # then disconnected
+    try:  # then disconnected: EOF, or a reset when our excess bytes were still unread
+        assert big.recv(100) == b""
+    except ConnectionResetError:
+        pass
     big.close()
     raw.close()
 
