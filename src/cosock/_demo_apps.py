@@ -50,8 +50,14 @@ def send_payload(sock: socket.socket, block: bytes, size: int) -> None:
         left -= n
 
 
-def recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
+def touched(size: int) -> bytearray:
+    """A buffer whose pages already exist: page faults on first touch would otherwise be
+    timed as transfer (the same cost for every transport, hiding their difference)."""
+    return bytearray(b"\0") * size
+
+
+def recv_exact(sock: socket.socket, size: int, buf: bytearray | None = None) -> bytearray:
+    buf = bytearray(size) if buf is None else buf
     view = memoryview(buf)
     got = 0
     while got < size:
@@ -66,7 +72,9 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock = self.request
         (size,) = struct.unpack("<Q", recv_exact(sock, 8))
-        data = recv_exact(sock, size)
+        data = touched(size)
+        sock.sendall(b"READY!!!")
+        recv_exact(sock, size, data)
         sock.sendall(b"ACK-ALL!")
         sock.sendall(hashlib.sha256(data).digest())
         del data
@@ -90,21 +98,24 @@ def client(host: str, port: int, size: int) -> dict[str, object]:
     up_block, down_block = pattern(1), pattern(2)
     sock = socket.create_connection((host, port), timeout=120)
     try:
-        t0 = time.perf_counter()
+        back = touched(size)
         sock.sendall(struct.pack("<Q", size))
+        ready = recv_exact(sock, 8)
+        t0 = time.perf_counter()
         send_payload(sock, up_block, size)
         ack = recv_exact(sock, 8)
         t1 = time.perf_counter()
         digest = bytes(recv_exact(sock, 32))
         t2 = time.perf_counter()
-        back = recv_exact(sock, size)
+        recv_exact(sock, size, back)
         t3 = time.perf_counter()
         eof = sock.recv(1)
         path = getattr(sock, "cosock_path", "tcp")
     finally:
         sock.close()
     verified = (
-        ack == b"ACK-ALL!"
+        ready == b"READY!!!"
+        and ack == b"ACK-ALL!"
         and digest == payload_digest(up_block, size)
         and hashlib.sha256(back).digest() == payload_digest(down_block, size)
         and eof == b""
