@@ -22,15 +22,9 @@ import pytest
 
 from cosock import CoSocket, FallbackReason
 from cosock.agent.client import AgentClient
+from sockutil import listener, recv_all, settle
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
-
-
-def listener(family: int = socket.AF_INET, host: str = "127.0.0.1") -> CoSocket:
-    srv = CoSocket(family, socket.SOCK_STREAM)
-    srv.bind((host, 0))
-    srv.listen()
-    return srv
 
 
 @contextlib.contextmanager
@@ -50,24 +44,6 @@ def pair(
         cli.close()
         conn.close()
         srv.close()
-
-
-def recv_all(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def settle(cli: socket.socket, conn: socket.socket) -> None:
-    """One tiny exchange so both sides have seen the verdict."""
-    cli.sendall(b"?")
-    assert conn.recv(1) == b"?"
-    conn.sendall(b"!")
-    assert cli.recv(1) == b"!"
 
 
 def test_loopback_connection_takes_shared_memory():

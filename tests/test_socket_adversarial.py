@@ -42,6 +42,8 @@ from cosock._ring import (
     create_channel_fd,
     map_channel_fd,
 )
+from sockutil import listener, recv_all
+from sockutil import settle as base_settle
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
 
@@ -49,13 +51,6 @@ MIB = 1 << 20
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def listener(host: str = "127.0.0.1") -> CoSocket:
-    srv = CoSocket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind((host, 0))
-    srv.listen()
-    return srv
 
 
 @contextlib.contextmanager
@@ -78,11 +73,8 @@ def pair(timeout: float = 10) -> Iterator[tuple[CoSocket, CoSocket]]:
 
 
 def settle(cli: socket.socket, conn: socket.socket) -> None:
-    """One tiny exchange so both sides have seen the verdict (and their rings are empty)."""
-    cli.sendall(b"?")
-    assert conn.recv(1) == b"?"
-    conn.sendall(b"!")
-    assert cli.recv(1) == b"!"
+    """``sockutil.settle``, then both sides must be on the shared-memory path."""
+    base_settle(cli, conn)
     assert cli.cosock_path == conn.cosock_path == "shm"  # type: ignore[attr-defined]
 
 
@@ -99,14 +91,7 @@ def recv_upto(sock: socket.socket, n: int, timeout: float) -> bytes:
     return bytes(out)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
+recv_exact = recv_all
 
 
 def ring_available(sock: CoSocket) -> int:
