@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from cosock import CoSocket
@@ -32,3 +33,32 @@ def settle(cli: socket.socket, conn: socket.socket) -> None:
     assert conn.recv(1) == b"?"
     conn.sendall(b"!")
     assert cli.recv(1) == b"!"
+
+
+def stale_offer_plain_pair(memfd: int | None = None) -> tuple[CoSocket, socket.socket, CoSocket]:
+    """A plain client whose 4-tuple matches an offer someone else queued (a stale or
+    forged offer): returns (listener, plain client, accepted server socket)."""
+    from cosock._offer import Offer
+    from cosock._rendezvous import send_offer
+    from cosock._ring import create_channel_fd
+
+    srv = listener()
+    assert srv._rv is not None
+    plain = socket.socket()
+    plain.settimeout(10)
+    plain.bind(("127.0.0.1", 0))
+    offer = Offer(
+        client=plain.getsockname(),
+        server=srv.getsockname(),
+        nonce=os.urandom(16),
+        capacity=1 << 16,
+        family=4,
+    )
+    fd = create_channel_fd(1 << 16) if memfd is None else memfd
+    send_offer(str(srv._rv[0].path), offer, fd)
+    if memfd is None:
+        os.close(fd)
+    plain.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    return srv, plain, conn

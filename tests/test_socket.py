@@ -22,7 +22,7 @@ import pytest
 
 from cosock import CoSocket, FallbackReason
 from cosock.agent.client import AgentClient
-from sockutil import listener, recv_all, settle
+from sockutil import listener, recv_all, settle, stale_offer_plain_pair
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
 
@@ -560,27 +560,7 @@ def test_cosock_run_without_command_is_a_clear_error():
 
 def test_plain_client_reusing_a_stale_offers_4tuple_is_served_plainly():
     """An offer whose client never connected must not swallow a later plain client's bytes."""
-    from cosock._offer import Offer
-    from cosock._rendezvous import send_offer
-    from cosock._ring import create_channel_fd
-
-    srv = listener()
-    assert srv._rv is not None
-    plain = socket.socket()
-    plain.bind(("127.0.0.1", 0))
-    offer = Offer(
-        client=plain.getsockname(),
-        server=srv.getsockname(),
-        nonce=os.urandom(16),
-        capacity=1 << 16,
-        family=4,
-    )
-    fd = create_channel_fd(1 << 16)
-    send_offer(str(srv._rv[0].path), offer, fd)
-    os.close(fd)
-    plain.connect(srv.getsockname())
-    conn, _ = srv.accept()
-    conn.settimeout(10)
+    srv, plain, conn = stale_offer_plain_pair()
     plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
     assert recv_all(conn, 18) == b"GET / HTTP/1.0\r\n\r\n"
     conn.sendall(b"HTTP/1.0 200 OK\r\n")

@@ -42,7 +42,7 @@ from cosock._ring import (
     create_channel_fd,
     map_channel_fd,
 )
-from sockutil import listener, recv_all
+from sockutil import listener, recv_all, stale_offer_plain_pair
 from sockutil import settle as base_settle
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
@@ -549,7 +549,7 @@ def test_server_banner_then_close_before_verdict_is_delivered(wait):
 def test_dontwait_after_fallback_does_not_block():
     """Parity with a plain blocking socket: MSG_DONTWAIT never waits, also while plain
     bytes are owed after a fallback."""
-    srv, plain, conn = _stale_offer_plain_pair()
+    srv, plain, conn = stale_offer_plain_pair()
     try:
         plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert recv_exact(conn, 18) == b"GET / HTTP/1.0\r\n\r\n"
@@ -567,36 +567,6 @@ def test_dontwait_after_fallback_does_not_block():
     finally:
         for s in (plain, conn, srv):
             s.close()
-
-
-def _stale_offer_plain_pair(
-    memfd: int | None = None,
-) -> tuple[CoSocket, socket.socket, CoSocket]:
-    """A plain client whose 4-tuple matches an offer someone else queued (a stale or
-    forged offer): returns (listener, plain client, accepted server socket)."""
-    from cosock._offer import Offer
-    from cosock._rendezvous import send_offer
-
-    srv = listener()
-    assert srv._rv is not None
-    plain = socket.socket()
-    plain.settimeout(10)
-    plain.bind(("127.0.0.1", 0))
-    offer = Offer(
-        client=plain.getsockname(),
-        server=srv.getsockname(),
-        nonce=os.urandom(16),
-        capacity=1 << 16,
-        family=4,
-    )
-    fd = create_channel_fd(1 << 16) if memfd is None else memfd
-    send_offer(str(srv._rv[0].path), offer, fd)
-    if memfd is None:
-        os.close(fd)
-    plain.connect(srv.getsockname())
-    conn, _ = srv.accept()
-    conn.settimeout(10)
-    return srv, plain, conn
 
 
 # --------------------------------------------------------------------------- fork
@@ -912,7 +882,7 @@ def test_forged_offer_cannot_read_or_rewrite_a_server_first_banner():
     forged = create_channel_fd(cap)
     spy = mmap.mmap(forged, 2 * (HEADER_SIZE + cap))
     try:
-        srv, plain, conn = _stale_offer_plain_pair(memfd=forged)
+        srv, plain, conn = stale_offer_plain_pair(memfd=forged)
         try:
             assert conn.cosock_path == "handshake"
             banner = b"220 secret.example ESMTP token=hunter2\r\n"

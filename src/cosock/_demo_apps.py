@@ -16,6 +16,7 @@ import socketserver
 import struct
 import sys
 import time
+from collections.abc import Iterator
 
 _BLOCK = 1 << 20
 
@@ -30,24 +31,26 @@ def pattern(seed: int) -> bytes:
     return bytes(out[:_BLOCK])
 
 
-def payload_digest(block: bytes, size: int) -> bytes:
-    h = hashlib.sha256()
+def payload(block: bytes, size: int) -> Iterator[memoryview]:
+    """``size`` bytes of ``block`` repeated, as views (no copy)."""
     view = memoryview(block)
     left = size
     while left:
         n = min(left, len(block))
-        h.update(view[:n])
+        yield view[:n]
         left -= n
+
+
+def payload_digest(block: bytes, size: int) -> bytes:
+    h = hashlib.sha256()
+    for chunk in payload(block, size):
+        h.update(chunk)
     return h.digest()
 
 
 def send_payload(sock: socket.socket, block: bytes, size: int) -> None:
-    view = memoryview(block)
-    left = size
-    while left:
-        n = min(left, len(block))
-        sock.sendall(view[:n])
-        left -= n
+    for chunk in payload(block, size):
+        sock.sendall(chunk)
 
 
 def touched(size: int) -> bytearray:

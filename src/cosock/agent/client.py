@@ -320,10 +320,8 @@ class AgentClient:
                 except OSError as exc:
                     self._drop_locked(f"agent connection failed: {_describe(exc)}")
                     return
-                if not data:
-                    self._drop_locked("the agent closed the connection")
+                if not self._received_locked(data):
                     return
-                self._feed_locked(data)
         finally:
             if self._sock is sock:
                 sock.setblocking(False)  # so poll()'s recv never waits
@@ -337,10 +335,16 @@ class AgentClient:
             except OSError as exc:
                 self._drop_locked(f"agent connection failed: {_describe(exc)}")
                 return
-            if not data:
-                self._drop_locked("the agent closed the connection")
+            if not self._received_locked(data):
                 return
-            self._feed_locked(data)
+
+    def _received_locked(self, data: bytes) -> bool:
+        """Apply what the agent sent; False (and the connection dropped) at its EOF."""
+        if not data:
+            self._drop_locked("the agent closed the connection")
+            return False
+        self._feed_locked(data)
+        return True
 
     def _feed_locked(self, data: bytes) -> None:
         """Match replies to requests and apply the newest snapshot seen in ``data``."""
