@@ -20,18 +20,23 @@ from hypothesis import strategies as st
 
 from cosock import FallbackReason, LocalProtocolError, RemoteProtocolError
 from cosock._events import (
+    MAX_DATA_FRAME,
     MAX_OFFSET,
     NEED_DATA,
     REASON_CODES,
     Accept,
     Bell,
+    Data,
     Eof,
     Event,
     Fin,
     Hello,
     PlainData,
     Reject,
+    RingMark,
     Space,
+    Switch,
+    Upgrade,
     reason_from_code,
 )
 from cosock._protocol import (
@@ -120,6 +125,18 @@ class ConnectionPair:
         assert self.send(self.server, Accept()) == [Accept()]
         return self
 
+    def switch(self) -> ConnectionPair:
+        """Accept, then switch both directions to framed TCP (the client first)."""
+        self.accept()
+        assert self.send(self.client, Switch(self.client.received_offset)) == [
+            Switch(self.client.received_offset)
+        ]
+        assert self.send(self.server, Switch(self.server.received_offset)) == [
+            Switch(self.server.received_offset)
+        ]
+        assert self.client.state is self.server.state is State.FRAMED
+        return self
+
     def reject(self, reason: FallbackReason = FallbackReason.OFFER_INVALID) -> ConnectionPair:
         assert self.send(self.client, Hello(NONCE)) == [Hello(NONCE)]
         assert self.send(self.server, Reject(reason)) == [Reject(reason)]
@@ -145,7 +162,26 @@ def test_golden_bytes() -> None:
     rejecting.server.receive_data(HELLO)
     drain(rejecting.server)
     assert rejecting.server.send(Reject(FallbackReason.OFFER_INVALID)) == b"\x03\x07"
-    assert FRAME_SIZES == {0x01: 1, 0x02: 1, 0x03: 2, 0x04: 9, 0x05: 1}
+    assert FRAME_SIZES == {
+        0x01: 1,
+        0x02: 1,
+        0x03: 2,
+        0x04: 9,
+        0x05: 1,
+        0x06: 9,
+        0x07: 5,
+        0x08: 17,
+        0x09: 1,
+    }
+    switched = ConnectionPair().accept()
+    assert switched.client.send(Switch(0)) == bytes.fromhex("060000000000000000")
+    switched.server.receive_data(b"\x06" + bytes(8))
+    assert drain(switched.server) == [Switch(0)]
+    assert switched.server.send(Switch(0)) == b"\x06" + bytes(8)
+    assert switched.server.send(Data(b"ab")) == b"\x07\x02\x00\x00\x00ab"
+    switched.client.receive_data(b"\x06" + bytes(8))
+    assert drain(switched.client) == [Switch(0)]
+    assert switched.client.send(Upgrade(OTHER_NONCE)) == b"\x08" + OTHER_NONCE
 
 
 def test_reason_codes_are_stable_and_complete() -> None:
@@ -463,8 +499,13 @@ def test_data_written_ahead_during_handshake_is_counted() -> None:
         (0, b"\x03\x01", "Reject"),
         (0, HELLO, "0x43"),
         (0, b"\x00", "0x00"),
-        (0, b"\x06", "0x06"),
+        (0, b"\x0a", "0x0a"),
         (0, b"\xff", "0xff"),
+        (0, b"\x06" + (1).to_bytes(8, "little"), "only 0 bytes"),
+        (0, b"\x06" + MAX_OFFSET.to_bytes(8, "little"), "2\\*\\*63"),
+        (0, b"\x07\x01\x00\x00\x00x", "Data"),
+        (0, b"\x08" + NONCE, "Upgrade"),
+        (0, b"\x09", "RingMark"),
     ],
 )
 def test_remote_violations_in_shm_poison(received: int, frames: bytes, match: str) -> None:
@@ -558,6 +599,16 @@ EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
     (SERVER, State.HELLO_RECEIVED, Accept): SHM,
     (SERVER, State.HELLO_RECEIVED, Reject): State.TCP,
     **{(role, SHM, kind): SHM for role in Role for kind in (Bell, Space, Fin)},
+    **{(role, SHM, Switch): State.SWITCH_SENT for role in Role},
+    **{(role, State.SWITCH_RECEIVED, Switch): State.FRAMED for role in Role},
+    **{(role, State.FRAMED, kind): State.FRAMED for role in Role for kind in (Data, Fin)},
+    (CLIENT, State.FRAMED, Upgrade): State.UPGRADE_SENT,
+    (CLIENT, State.UPGRADE_SENT, Data): State.UPGRADE_SENT,
+    (CLIENT, State.UPGRADE_SENT, Fin): State.UPGRADE_SENT,
+    (CLIENT, State.UPGRADE_ACCEPTED, RingMark): SHM,
+    (SERVER, State.UPGRADE_RECEIVED, Accept): State.RING_AWAIT,
+    (SERVER, State.UPGRADE_RECEIVED, Reject): State.FRAMED,
+    **{(SERVER, State.RING_AWAIT, kind): State.RING_AWAIT for kind in (Bell, Space, Fin)},
 }
 
 #: What each wire input (named by what it encodes) must produce, per (role, state):
@@ -569,6 +620,10 @@ WIRE: dict[str, bytes] = {
     "BELL": b"\x01",
     "SPACE": b"\x05",
     "FIN": fin_frame(0),
+    "SWITCH": b"\x06" + bytes(8),
+    "DATA": b"\x07\x01\x00\x00\x00x",
+    "UPGRADE": b"\x08" + OTHER_NONCE,
+    "RINGMARK": b"\x09",
     "GARBAGE": b"\xfe",
     "EOF": b"",
 }
@@ -579,6 +634,10 @@ WIRE_EVENT: dict[str, Event] = {
     "BELL": Bell(),
     "SPACE": Space(),
     "FIN": Fin(0),
+    "SWITCH": Switch(0),
+    "DATA": Data(b"x"),
+    "UPGRADE": Upgrade(OTHER_NONCE),
+    "RINGMARK": RingMark(),
     "EOF": Eof(),
 }
 EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
@@ -591,11 +650,35 @@ EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
     **{(role, SHM, "EOF"): State.CLOSED for role in Role},
     **{(role, State.TCP, wire): State.TCP for role in Role for wire in WIRE if wire != "EOF"},
     **{(role, State.TCP, "EOF"): State.CLOSED for role in Role},
+    **{(role, SHM, "SWITCH"): State.SWITCH_RECEIVED for role in Role},
+    **{
+        (role, State.SWITCH_SENT, wire): State.SWITCH_SENT
+        for role in Role
+        for wire in ("BELL", "SPACE", "FIN")
+    },
+    **{(role, State.SWITCH_SENT, "SWITCH"): State.FRAMED for role in Role},
+    **{(role, State.SWITCH_SENT, "EOF"): State.CLOSED for role in Role},
+    **{(role, State.FRAMED, wire): State.FRAMED for role in Role for wire in ("DATA", "FIN")},
+    **{(role, State.FRAMED, "EOF"): State.CLOSED for role in Role},
+    (SERVER, State.FRAMED, "UPGRADE"): State.UPGRADE_RECEIVED,
+    (CLIENT, State.UPGRADE_SENT, "DATA"): State.UPGRADE_SENT,
+    (CLIENT, State.UPGRADE_SENT, "FIN"): State.UPGRADE_SENT,
+    (CLIENT, State.UPGRADE_SENT, "ACCEPT"): State.UPGRADE_ACCEPTED,
+    (CLIENT, State.UPGRADE_SENT, "REJECT"): State.FRAMED,
+    (CLIENT, State.UPGRADE_SENT, "EOF"): State.CLOSED,
+    (SERVER, State.RING_AWAIT, "DATA"): State.RING_AWAIT,
+    (SERVER, State.RING_AWAIT, "FIN"): State.RING_AWAIT,
+    (SERVER, State.RING_AWAIT, "RINGMARK"): SHM,
+    (SERVER, State.RING_AWAIT, "EOF"): State.CLOSED,
 }
 #: States where nothing is parsed: the input waits (NEED_DATA), the state stays.
 PAUSED = {
     (CLIENT, State.IDLE),
     (SERVER, State.HELLO_RECEIVED),
+    (CLIENT, State.SWITCH_RECEIVED),
+    (SERVER, State.SWITCH_RECEIVED),
+    (CLIENT, State.UPGRADE_ACCEPTED),
+    (SERVER, State.UPGRADE_RECEIVED),
     (CLIENT, State.CLOSED),
     (SERVER, State.CLOSED),
 }
@@ -622,13 +705,48 @@ def _bring(role: Role, state: State) -> Connection:
     elif state is State.CLOSED:
         pair.accept()
         pair.close(pair.peer(conn))
+    elif state is State.SWITCH_SENT:
+        pair.accept()
+        conn.send(Switch(0))
+    elif state is State.SWITCH_RECEIVED:
+        pair.accept()
+        pair.send(pair.peer(conn), Switch(0))
+    elif state not in (State.IDLE, State.AWAIT_HELLO):
+        pair.switch()
+        if state is not State.FRAMED:
+            pair.send(pair.client, Upgrade(OTHER_NONCE))
+        if state in (State.UPGRADE_RECEIVED, State.RING_AWAIT, State.UPGRADE_ACCEPTED):
+            assert pair.server.verify_upgrade(OTHER_NONCE)
+        if state in (State.RING_AWAIT, State.UPGRADE_ACCEPTED):
+            pair.send(pair.server, Accept())
     assert conn.state is state
     return conn
 
 
+_SWITCHED = [State.SWITCH_SENT, State.SWITCH_RECEIVED, State.FRAMED]
 STATES = {
-    CLIENT: [State.IDLE, State.HELLO_SENT, SHM, State.TCP, State.CLOSED, State.ERROR],
-    SERVER: [State.AWAIT_HELLO, State.HELLO_RECEIVED, SHM, State.TCP, State.CLOSED, State.ERROR],
+    CLIENT: [
+        State.IDLE,
+        State.HELLO_SENT,
+        SHM,
+        State.TCP,
+        State.CLOSED,
+        State.ERROR,
+        *_SWITCHED,
+        State.UPGRADE_SENT,
+        State.UPGRADE_ACCEPTED,
+    ],
+    SERVER: [
+        State.AWAIT_HELLO,
+        State.HELLO_RECEIVED,
+        SHM,
+        State.TCP,
+        State.CLOSED,
+        State.ERROR,
+        *_SWITCHED,
+        State.UPGRADE_RECEIVED,
+        State.RING_AWAIT,
+    ],
 }
 SAMPLE_EVENTS: list[Event] = [
     Hello(NONCE),
@@ -639,6 +757,10 @@ SAMPLE_EVENTS: list[Event] = [
     Fin(0),
     PlainData(b"x"),
     Eof(),
+    Switch(0),
+    Data(b"x"),
+    Upgrade(OTHER_NONCE),
+    RingMark(),
 ]
 
 
@@ -1002,3 +1124,129 @@ def test_core_imports_no_io(module: str) -> None:
         for name in names:
             assert name.split(".")[0] not in FORBIDDEN, f"{module} imports {name}"
             assert name.split(".")[0] != "importlib", f"{module} imports {name}"
+
+
+#### Path switch (shm -> framed TCP) and upgrade (framed TCP -> shm)
+
+
+def test_switch_resends_from_the_peers_consumed_offset() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(100)  # in the ring; the server takes 60 of it
+    pair.server.data_received(60)
+    pair.server.data_sent(7)
+    assert pair.send(pair.server, Switch(60)) == [Switch(60)]
+    assert pair.client.state is State.SWITCH_RECEIVED
+    assert pair.client.resend_from == 60 and pair.client.tcp_next == 60
+    with pytest.raises(LocalProtocolError, match="must carry the 0 bytes"):
+        pair.client.send(Switch(7))  # it has read nothing of the server's 7
+    assert pair.send(pair.client, Switch(0)) == [Switch(0)]
+    assert pair.server.resend_from == 0
+    assert pair.client.state is pair.server.state is State.FRAMED
+    assert pair.client.tx_framed and pair.client.rx_framed
+    # The resend: bytes 60..100 again, then new bytes; offsets keep counting one stream.
+    assert pair.send(pair.client, Data(b"r" * 40), Data(b"n" * 5)) == [
+        Data(b"r" * 40),
+        Data(b"n" * 5),
+    ]
+    assert pair.client.sent_offset == 105 and pair.server.received_offset == 105
+    assert pair.send(pair.server, Data(b"s" * 7)) == [Data(b"s" * 7)]
+    assert pair.client.received_offset == 7 and pair.server.sent_offset == 7
+    with pytest.raises(LocalProtocolError, match="after the switch"):
+        pair.client.data_sent(1)
+    with pytest.raises(LocalProtocolError, match="without an accepted channel"):
+        pair.client.data_received(1)
+
+
+def test_simultaneous_switch_from_both_sides() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(10)
+    pair.server.data_received(10)
+    to_server = pair.client.send(Switch(0))
+    to_client = pair.server.send(Switch(10))
+    pair.server.receive_data(to_server)
+    pair.client.receive_data(to_client)
+    assert drain(pair.server) == [Switch(0)] and drain(pair.client) == [Switch(10)]
+    assert pair.client.state is pair.server.state is State.FRAMED
+    assert pair.client.resend_from == 10 and pair.server.resend_from == 0
+
+
+def test_switch_after_fin_resends_up_to_the_fin_only() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(50)
+    assert pair.send(pair.client, Fin(50)) == [Fin(50)]
+    pair.server.data_received(20)
+    pair.send(pair.server, Switch(20))
+    pair.send(pair.client, Switch(0))
+    assert pair.send(pair.client, Data(b"x" * 30)) == [Data(b"x" * 30)]
+    with pytest.raises(LocalProtocolError, match="beyond the FIN"):
+        pair.client.send(Data(b"x"))
+    assert pair.close(pair.client) == [Eof()]
+    assert pair.server.eof_reached
+
+
+def test_data_past_the_peers_fin_poisons_after_a_switch() -> None:
+    pair = ConnectionPair().switch()
+    assert pair.send(pair.client, Fin(0)) == [Fin(0)]  # nothing was ever sent
+    pair.server.receive_data(b"\x07\x01\x00\x00\x00x")
+    with pytest.raises(RemoteProtocolError, match="past its FIN"):
+        pair.server.next_event()
+
+
+@pytest.mark.parametrize("length", [0, MAX_DATA_FRAME + 1, 2**32 - 1])
+def test_bad_data_frame_length_poisons(length: int) -> None:
+    pair = ConnectionPair().switch()
+    pair.server.receive_data(b"\x07" + length.to_bytes(4, "little"))
+    with pytest.raises(RemoteProtocolError, match="DATA frame"):
+        pair.server.next_event()
+    assert pair.server.state is State.ERROR
+
+
+def test_data_frames_survive_any_chunking() -> None:
+    pair = ConnectionPair().switch()
+    wire = pair.client.send(Data(b"hello")) + pair.client.send(Data(b"w" * 70000))
+    for byte in wire[:-1]:
+        pair.server.receive_data(bytes([byte]))
+    events = drain(pair.server)
+    assert events == [Data(b"hello")]
+    pair.server.receive_data(wire[-1:])
+    assert drain(pair.server) == [Data(b"w" * 70000)]
+
+
+def test_upgrade_rejected_then_accepted() -> None:
+    pair = ConnectionPair().switch()
+    pair.send(pair.client, Data(b"abc"))
+    assert pair.send(pair.client, Upgrade(OTHER_NONCE)) == [Upgrade(OTHER_NONCE)]
+    assert pair.server.state is State.UPGRADE_RECEIVED
+    assert not pair.server.verify_upgrade(NONCE)  # not the nonce of the new offer
+    with pytest.raises(LocalProtocolError, match="not verified"):
+        pair.server.send(Accept())
+    assert pair.send(pair.server, Reject(FallbackReason.NO_OFFER)) == [
+        Reject(FallbackReason.NO_OFFER)
+    ]
+    assert pair.client.state is pair.server.state is State.FRAMED
+    assert pair.client.fallback is None  # still a cosock connection, just on TCP
+    # Data keeps flowing both ways while an upgrade is pending.
+    pair.send(pair.client, Upgrade(NONCE))
+    assert pair.send(pair.client, Data(b"d")) == []  # parked: the server owes a verdict
+    assert pair.server.verify_upgrade(NONCE)
+    assert pair.send(pair.server, Accept()) == [Accept()]
+    assert pair.client.state is State.UPGRADE_ACCEPTED and not pair.client.rx_framed
+    assert pair.server.state is State.RING_AWAIT and not pair.server.tx_framed
+    pair.server.data_sent(9)  # the server's data is in the new ring now
+    pair.client.data_received(9)
+    assert pair.send(pair.client, RingMark()) == [Data(b"d"), RingMark()]
+    assert pair.client.state is pair.server.state is SHM
+    pair.client.data_sent(4)
+    pair.server.data_received(4)
+    assert pair.client.sent_offset == 8 and pair.server.received_offset == 8
+    assert pair.server.sent_offset == 9 and pair.client.received_offset == 9
+    # ... and it can switch away again.
+    assert pair.send(pair.server, Switch(8)) == [Switch(8)]
+    assert pair.send(pair.client, Switch(9)) == [Switch(9)]
+    assert pair.client.state is pair.server.state is State.FRAMED
+
+
+def test_verify_upgrade_without_an_upgrade_is_a_local_error() -> None:
+    pair = ConnectionPair().switch()
+    with pytest.raises(LocalProtocolError, match="no Upgrade"):
+        pair.server.verify_upgrade(NONCE)

@@ -12,6 +12,9 @@ Contents:
 * ``Bell``, ``Space`` — wake-ups for a reader / a writer blocked on a full ring.
 * ``Fin`` — "my stream to you ends at byte offset N".
 * ``PlainData``, ``Eof`` — receive-only: application bytes after a fallback, TCP EOF.
+* ``Switch``, ``Data`` — the path switch shm → TCP at an exact offset, and the framed
+  data that follows it on TCP (framed, so that a later ``Upgrade`` can be found in-band).
+* ``Upgrade``, ``RingMark`` — the way back TCP → shm with a fresh, verified channel.
 * ``NEED_DATA`` — not an event: ``next_event()`` needs more bytes first.
 * ``REASON_CODES`` / ``reason_from_code`` — the stable ``FallbackReason`` ↔ u8 map.
 """
@@ -27,12 +30,14 @@ from typing import Final, Literal, TypeAlias
 from ._errors import FallbackReason, LocalProtocolError
 
 __all__ = [
+    "MAX_DATA_FRAME",
     "MAX_OFFSET",
     "NEED_DATA",
     "NONCE_SIZE",
     "REASON_CODES",
     "Accept",
     "Bell",
+    "Data",
     "Eof",
     "Event",
     "Fin",
@@ -40,8 +45,11 @@ __all__ = [
     "NeedData",
     "PlainData",
     "Reject",
+    "RingMark",
     "Sentinel",
     "Space",
+    "Switch",
+    "Upgrade",
     "reason_from_code",
 ]
 
@@ -51,6 +59,9 @@ NONCE_SIZE: Final = 16
 #: below 2**63 leaves room for signed arithmetic on the other side and cannot bind in
 #: practice (it is 292 years of 1 GB/s).
 MAX_OFFSET: Final = 1 << 63
+#: Largest payload of one DATA frame (a peer announcing more is a protocol error): bounds
+#: what a receiver must buffer before it can hand a frame's bytes on.
+MAX_DATA_FRAME: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +149,68 @@ class Eof:
     """
 
 
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """ "I left the rings": sent when the path switches from shared memory to TCP.
+
+    ``consumed`` is how many bytes of the *peer's* stream the sender has taken from its
+    ring, exactly. The sender never reads that ring again, so the peer resends everything
+    from ``consumed`` on in ``Data`` frames, out of the bytes it still retains: shared
+    memory is never trusted after a residency change (a migrated guest sees a stale copy).
+    Each side sends one; a side that receives one first answers with its own.
+    """
+
+    consumed: int
+
+    def __post_init__(self) -> None:
+        if type(self.consumed) is not int or not 0 <= self.consumed < MAX_OFFSET:
+            raise LocalProtocolError(
+                f"Switch offset must be an int in [0, 2**63), not {self.consumed!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Application bytes in a DATA frame on TCP, after a path switch.
+
+    Framed (unlike the plain bytes after a Reject) so that control frames -- an Upgrade
+    back to shared memory, a FIN -- can still be found in the stream.
+    """
+
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.data) is not bytes or not 0 < len(self.data) <= MAX_DATA_FRAME:
+            raise LocalProtocolError(
+                f"Data.data must be 1..{MAX_DATA_FRAME} bytes (got {type(self.data).__name__})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """Client → server on a switched (framed TCP) connection: "a fresh channel is offered
+    to you with this nonce" -- the in-band proof that ties the new offer to this connection.
+
+    Answered with Accept (the server's data continues in the new rings) or Reject (stay on
+    TCP; the reason says why).
+    """
+
+    nonce: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if type(self.nonce) is not bytes or len(self.nonce) != NONCE_SIZE:
+            raise LocalProtocolError(f"Upgrade nonce must be {NONCE_SIZE} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class RingMark:
+    """Client → server after an upgrade's Accept: "my data continues in the ring from here"."""
+
+
 #: Everything ``Connection.send()`` takes and ``Connection.next_event()`` returns.
-Event: TypeAlias = Hello | Accept | Reject | Bell | Space | Fin | PlainData | Eof
+Event: TypeAlias = (Hello | Accept | Reject | Bell | Space | Fin | PlainData | Eof) | (
+    Switch | Data | Upgrade | RingMark
+)
 
 
 class Sentinel(enum.Enum):

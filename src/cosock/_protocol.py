@@ -34,12 +34,14 @@ from typing import Final, TypeAlias
 
 from ._errors import FallbackReason, LocalProtocolError, RemoteProtocolError
 from ._events import (
+    MAX_DATA_FRAME,
     MAX_OFFSET,
     NEED_DATA,
     NONCE_SIZE,
     REASON_CODES,
     Accept,
     Bell,
+    Data,
     Eof,
     Event,
     Fin,
@@ -47,7 +49,10 @@ from ._events import (
     NeedData,
     PlainData,
     Reject,
+    RingMark,
     Space,
+    Switch,
+    Upgrade,
     reason_from_code,
 )
 
@@ -76,13 +81,29 @@ T_ACCEPT: Final = 0x02  #: 1 byte: server → client, first frame: channel accep
 T_REJECT: Final = 0x03  #: 2 bytes (+ reason u8): server → client, first frame: plain TCP.
 T_FIN: Final = 0x04  #: 9 bytes (+ offset u64): my stream to you ends at offset N.
 T_SPACE: Final = 0x05  #: 1 byte: I freed space in the ring you write.
+T_SWITCH: Final = 0x06  #: 9 bytes (+ consumed u64): I left the rings; resend from N on TCP.
+T_DATA: Final = 0x07  #: 5 bytes (+ length u32) + payload: application bytes on TCP.
+T_UPGRADE: Final = 0x08  #: 17 bytes (+ nonce): client → server: a fresh channel is offered.
+T_RINGMARK: Final = 0x09  #: 1 byte: client → server: my data continues in the ring.
 
-#: Frame length by type byte, type byte included. Any other type byte is a protocol error.
-FRAME_SIZES: Final = {T_BELL: 1, T_ACCEPT: 1, T_REJECT: 2, T_FIN: 9, T_SPACE: 1}
+#: Frame length by type byte, type byte included (for DATA: its header; the payload
+#: follows). Any other type byte is a protocol error.
+FRAME_SIZES: Final = {
+    T_BELL: 1,
+    T_ACCEPT: 1,
+    T_REJECT: 2,
+    T_FIN: 9,
+    T_SPACE: 1,
+    T_SWITCH: 9,
+    T_DATA: 5,
+    T_UPGRADE: 1 + NONCE_SIZE,
+    T_RINGMARK: 1,
+}
 
 _BELL_FRAME: Final = bytes([T_BELL])
 _SPACE_FRAME: Final = bytes([T_SPACE])
 _ACCEPT_FRAME: Final = bytes([T_ACCEPT])
+_RINGMARK_FRAME: Final = bytes([T_RINGMARK])
 #: Runs of wake-up bytes are parsed in one step (C speed), so a burst costs one event.
 _BELL_RUN: Final = re.compile(re.escape(_BELL_FRAME) + b"+")
 _SPACE_RUN: Final = re.compile(re.escape(_SPACE_FRAME) + b"+")
@@ -112,6 +133,24 @@ class State(enum.Enum):
     HELLO_RECEIVED = "HELLO_RECEIVED"
     #: Channel accepted: data flows through the rings, TCP carries BELL/SPACE/FIN frames.
     SHM = "SHM"
+    #: We sent Switch (left the rings) and wait for the peer's Switch, which says where
+    #: our resend starts. We send nothing meanwhile; the peer's frames are still parsed.
+    SWITCH_SENT = "SWITCH_SENT"
+    #: The peer sent Switch first: our turn to answer with ours (nothing more is parsed).
+    SWITCH_RECEIVED = "SWITCH_RECEIVED"
+    #: Switched: data flows both ways in DATA frames on TCP, which can still carry FIN and
+    #: (client → server) an Upgrade back to shared memory.
+    FRAMED = "FRAMED"
+    #: Client, Upgrade sent: its data still goes in DATA frames until Accept or Reject.
+    UPGRADE_SENT = "UPGRADE_SENT"
+    #: Client, the Upgrade was accepted (the server's data now comes through the new ring):
+    #: our turn to send RingMark, after which our data goes into the ring too.
+    UPGRADE_ACCEPTED = "UPGRADE_ACCEPTED"
+    #: Server, Upgrade received: our turn to answer Accept or Reject.
+    UPGRADE_RECEIVED = "UPGRADE_RECEIVED"
+    #: Server, Accept sent (our data goes into the ring): the client's data still comes in
+    #: DATA frames until its RingMark.
+    RING_AWAIT = "RING_AWAIT"
     #: Fallback: plain TCP both ways; received bytes come out as PlainData, nothing is sent.
     TCP = "TCP"
     #: TCP EOF received and reported (one Eof event). Nothing more arrives (next_event()
@@ -152,18 +191,41 @@ _SHM_SEND: Final[dict[type[Event], State]] = {
     Bell: State.SHM,
     Space: State.SHM,
     Fin: State.SHM,
+    Switch: State.SWITCH_SENT,
 }
-_SHM_RECEIVE: Final[dict[type[Event], State]] = {**_SHM_SEND, Eof: State.CLOSED}
+_SHM_RECEIVE: Final[dict[type[Event], State]] = {
+    Bell: State.SHM,
+    Space: State.SHM,
+    Fin: State.SHM,
+    Switch: State.SWITCH_RECEIVED,
+    Eof: State.CLOSED,
+}
 _TCP_RECEIVE: Final[dict[type[Event], State]] = {PlainData: State.TCP, Eof: State.CLOSED}
+_SWITCH_SENT_RECEIVE: Final[dict[type[Event], State]] = {
+    Bell: State.SWITCH_SENT,
+    Space: State.SWITCH_SENT,
+    Fin: State.SWITCH_SENT,
+    Switch: State.FRAMED,
+    Eof: State.CLOSED,
+}
+_FRAMED: Final[dict[type[Event], State]] = {Data: State.FRAMED, Fin: State.FRAMED}
 
 SEND_TRANSITIONS: Final[_Table] = {
     Role.CLIENT: {
         State.IDLE: {Hello: State.HELLO_SENT},
         State.SHM: _SHM_SEND,
+        State.SWITCH_RECEIVED: {Switch: State.FRAMED},
+        State.FRAMED: {**_FRAMED, Upgrade: State.UPGRADE_SENT},
+        State.UPGRADE_SENT: {Data: State.UPGRADE_SENT, Fin: State.UPGRADE_SENT},
+        State.UPGRADE_ACCEPTED: {RingMark: State.SHM},
     },
     Role.SERVER: {
         State.HELLO_RECEIVED: {Accept: State.SHM, Reject: State.TCP},
         State.SHM: _SHM_SEND,
+        State.SWITCH_RECEIVED: {Switch: State.FRAMED},
+        State.FRAMED: _FRAMED,
+        State.UPGRADE_RECEIVED: {Accept: State.RING_AWAIT, Reject: State.FRAMED},
+        State.RING_AWAIT: {Bell: State.RING_AWAIT, Space: State.RING_AWAIT, Fin: State.RING_AWAIT},
     },
 }
 
@@ -172,16 +234,42 @@ RECEIVE_TRANSITIONS: Final[_Table] = {
         State.HELLO_SENT: {Accept: State.SHM, Reject: State.TCP, Eof: State.CLOSED},
         State.SHM: _SHM_RECEIVE,
         State.TCP: _TCP_RECEIVE,
+        State.SWITCH_SENT: _SWITCH_SENT_RECEIVE,
+        State.FRAMED: {**_FRAMED, Eof: State.CLOSED},
+        State.UPGRADE_SENT: {
+            Data: State.UPGRADE_SENT,
+            Fin: State.UPGRADE_SENT,
+            Accept: State.UPGRADE_ACCEPTED,
+            Reject: State.FRAMED,
+            Eof: State.CLOSED,
+        },
     },
     Role.SERVER: {
         State.AWAIT_HELLO: {Hello: State.HELLO_RECEIVED, Eof: State.CLOSED},
         State.SHM: _SHM_RECEIVE,
         State.TCP: _TCP_RECEIVE,
+        State.SWITCH_SENT: _SWITCH_SENT_RECEIVE,
+        State.FRAMED: {**_FRAMED, Upgrade: State.UPGRADE_RECEIVED, Eof: State.CLOSED},
+        State.RING_AWAIT: {
+            Data: State.RING_AWAIT,
+            Fin: State.RING_AWAIT,
+            RingMark: State.SHM,
+            Eof: State.CLOSED,
+        },
     },
 }
 
 #: States in which next_event() parses nothing (Rules 6 and 7).
-_PAUSED: Final = frozenset({State.IDLE, State.HELLO_RECEIVED, State.CLOSED})
+_PAUSED: Final = frozenset(
+    {
+        State.IDLE,
+        State.HELLO_RECEIVED,
+        State.CLOSED,
+        State.SWITCH_RECEIVED,
+        State.UPGRADE_ACCEPTED,
+        State.UPGRADE_RECEIVED,
+    }
+)
 #: States in which TCP EOF means the handshake never completed.
 _HANDSHAKE: Final = frozenset({State.HELLO_SENT, State.AWAIT_HELLO})
 
@@ -215,9 +303,15 @@ class Connection:
         "_nonce_ok",
         "_pos",
         "_received",
+        "_resend_from",
         "_role",
+        "_rx_framed",
         "_sent",
         "_state",
+        "_tcp_next",
+        "_tx_framed",
+        "_upgrade_nonce",
+        "_upgrade_ok",
     )
 
     def __init__(self, role: Role, nonce: bytes) -> None:
@@ -241,6 +335,14 @@ class Connection:
         self._fallback: FallbackReason | None = None
         self._nonce_ok: bool | None = None
         self._channel = False  # True once the channel was accepted (SHM, and CLOSED after it)
+        # After a Switch each direction travels in DATA frames until an upgrade moves it
+        # back into a ring; offsets keep counting the one stream across every path.
+        self._tx_framed = False
+        self._rx_framed = False
+        self._tcp_next = 0  # offset of our next DATA byte (starts at the peer's consumed)
+        self._resend_from: int | None = None
+        self._upgrade_nonce: bytes | None = None
+        self._upgrade_ok: bool | None = None
 
     def __repr__(self) -> str:
         return (
@@ -300,6 +402,27 @@ class Connection:
         return self._bells
 
     @property
+    def tx_framed(self) -> bool:
+        """Our data goes in DATA frames on TCP (after a Switch, until an upgrade)."""
+        return self._tx_framed
+
+    @property
+    def rx_framed(self) -> bool:
+        """The peer's data comes in DATA frames on TCP (after a Switch, until an upgrade)."""
+        return self._rx_framed
+
+    @property
+    def resend_from(self) -> int | None:
+        """Where the peer's Switch said its consumption stopped: our DATA frames start
+        there (bytes we had put in the ring beyond it are resent); None before it."""
+        return self._resend_from
+
+    @property
+    def tcp_next(self) -> int:
+        """Stream offset of the next byte a Data frame of ours will carry."""
+        return self._tcp_next
+
+    @property
     def nonce_ok(self) -> bool | None:
         """Server: whether the received HELLO carried the offer's nonce; None before HELLO."""
         return self._nonce_ok
@@ -334,6 +457,14 @@ class Connection:
                 if not compare_digest(nonce, self._nonce):
                     raise LocalProtocolError("Hello must carry this connection's nonce")
                 data = HELLO_MAGIC + nonce
+            case Accept() if self._state is State.UPGRADE_RECEIVED:
+                if not self._upgrade_ok:
+                    raise LocalProtocolError(
+                        "cannot Accept the Upgrade: its nonce was not verified against the "
+                        "new offer (verify_upgrade(), else send Reject)"
+                    )
+                data = _ACCEPT_FRAME
+                self._tx_framed = False
             case Accept():
                 if not self._nonce_ok:
                     raise LocalProtocolError(
@@ -342,15 +473,49 @@ class Connection:
                     )
                 data = _ACCEPT_FRAME
                 self._channel = True
+            case Reject(reason=reason) if self._state is State.UPGRADE_RECEIVED:
+                data = bytes([T_REJECT, REASON_CODES[reason]])
+                self._upgrade_nonce = self._upgrade_ok = None
             case Reject(reason=reason):
                 data = bytes([T_REJECT, REASON_CODES[reason]])
                 self._fallback = reason
+            case Switch(consumed=consumed):
+                if consumed != self._received:
+                    raise LocalProtocolError(
+                        f"Switch({consumed}) must carry the {self._received} bytes read"
+                    )
+                data = bytes([T_SWITCH]) + consumed.to_bytes(8, "little")
+                self._tx_framed = self._rx_framed = True
+            case Data(data=payload):
+                end = self._tcp_next + len(payload)
+                if self._fin_sent and end > self._sent:
+                    raise LocalProtocolError(f"Data beyond the FIN at offset {self._sent}")
+                if end >= MAX_OFFSET:
+                    raise LocalProtocolError("sent offset would overflow 2**63")
+                data = bytes([T_DATA]) + len(payload).to_bytes(4, "little") + payload
+                self._tcp_next = end
+                self._sent = max(self._sent, end)
+            case Upgrade(nonce=nonce):
+                data = bytes([T_UPGRADE]) + nonce
+                self._nonce = nonce
+            case RingMark():
+                if self._tcp_next != self._sent:
+                    raise LocalProtocolError(
+                        f"RingMark before the resend is done ({self._tcp_next} of "
+                        f"{self._sent} bytes sent on TCP)"
+                    )
+                data = _RINGMARK_FRAME
+                self._tx_framed = False
             case Fin(offset=offset):
                 if self._fin_sent:
                     raise LocalProtocolError("FIN was already sent")
                 if offset != self._sent:
                     raise LocalProtocolError(
                         f"Fin({offset}) does not match the {self._sent} bytes sent"
+                    )
+                if self._tx_framed and self._tcp_next != self._sent:
+                    raise LocalProtocolError(
+                        f"Fin({offset}) before the resend is done ({self._tcp_next} sent on TCP)"
                     )
                 data = bytes([T_FIN]) + offset.to_bytes(8, "little")
                 self._fin_sent = True
@@ -362,6 +527,22 @@ class Connection:
                 raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
         self._state = new_state
         return data
+
+    def verify_upgrade(self, nonce: bytes) -> bool:
+        """Server: does the received Upgrade carry ``nonce`` (the new offer's)?  Only a
+        verified Upgrade may be accepted; the new nonce becomes this connection's.
+
+        Raises:
+            LocalProtocolError: no Upgrade is waiting for an answer.
+        """
+        self._check_usable("verify_upgrade")
+        if self._state is not State.UPGRADE_RECEIVED or self._upgrade_nonce is None:
+            raise LocalProtocolError(f"no Upgrade to verify in state {self._state.value}")
+        ok = type(nonce) is bytes and compare_digest(nonce, self._upgrade_nonce)
+        self._upgrade_ok = ok
+        if ok:
+            self._nonce = nonce
+        return ok
 
     def data_sent(self, n: int) -> None:
         """Record ``n`` data bytes written into the peer's ring.
@@ -380,6 +561,8 @@ class Connection:
             )
         if self._fin_sent:
             raise LocalProtocolError(f"data_sent({n}) after FIN at offset {self._sent}")
+        if self._tx_framed:
+            raise LocalProtocolError(f"data_sent({n}) after the switch to TCP: send Data")
         if self._sent + n >= MAX_OFFSET:
             raise LocalProtocolError("sent offset would overflow 2**63")
         self._sent += n
@@ -432,10 +615,13 @@ class Connection:
         """
         self._check_usable("data_received")
         self._check_count(n)
-        if not self._channel:
+        if not self._channel or self._rx_framed:
             raise LocalProtocolError(
                 f"data_received() without an accepted channel ({self._state.value})"
             )
+        self._count_received(n)
+
+    def _count_received(self, n: int) -> None:
         received = self._received + n
         if self._fin_received is not None and received > self._fin_received:
             self._state = State.ERROR
@@ -483,10 +669,26 @@ class Connection:
         match event:
             case Hello(nonce=nonce):
                 self._nonce_ok = compare_digest(nonce, self._nonce)
+            case Accept() if state is State.UPGRADE_SENT:
+                self._rx_framed = False
             case Accept():
                 self._channel = True
+            case Reject() if state is State.UPGRADE_SENT:
+                pass  # stay framed
             case Reject(reason=reason):
                 self._fallback = reason
+            case Switch(consumed=consumed):
+                if consumed > self._sent:
+                    raise RemoteProtocolError(
+                        f"Switch({consumed}): only {self._sent} bytes were ever sent"
+                    )
+                self._resend_from = self._tcp_next = consumed
+            case Data(data=payload):
+                self._count_received(len(payload))
+            case Upgrade(nonce=nonce):
+                self._upgrade_nonce, self._upgrade_ok = nonce, None
+            case RingMark():
+                self._rx_framed = False
             case Fin(offset=offset):
                 if self._fin_received is not None:
                     raise RemoteProtocolError(f"second FIN (after FIN at {self._fin_received})")
@@ -531,10 +733,22 @@ class Connection:
             return Accept(), size
         if kind == T_REJECT:
             return Reject(reason_from_code(buffer[pos + 1])), size
+        if kind == T_RINGMARK:
+            return RingMark(), size
+        if kind == T_UPGRADE:
+            return Upgrade(bytes(buffer[pos + 1 : pos + size])), size
+        if kind == T_DATA:
+            length = int.from_bytes(buffer[pos + 1 : pos + size], "little")
+            if not 0 < length <= MAX_DATA_FRAME:
+                raise RemoteProtocolError(f"DATA frame of {length} bytes")
+            if available < size + length:
+                return None
+            return Data(bytes(buffer[pos + size : pos + size + length])), size + length
         offset = int.from_bytes(buffer[pos + 1 : pos + size], "little")
+        name = "FIN" if kind == T_FIN else "SWITCH"
         if offset >= MAX_OFFSET:
-            raise RemoteProtocolError(f"FIN offset {offset} is not below 2**63")
-        return Fin(offset), size
+            raise RemoteProtocolError(f"{name} offset {offset} is not below 2**63")
+        return (Fin(offset) if kind == T_FIN else Switch(offset)), size
 
     @staticmethod
     def _parse_hello(buffer: bytearray, pos: int, available: int) -> tuple[Event, int] | None:
