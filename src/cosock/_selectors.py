@@ -92,7 +92,11 @@ class CoSelector(selectors.BaseSelector):
         self._map = _Map(self._keys)
 
     def _kernel_events(self, fd: int, events: int) -> int:
-        return EVENT_READ if channel_socket(fd) is not None else events
+        sock = channel_socket(fd)
+        if sock is None:
+            return events
+        # Frames queued for TCP (after a path switch) need the kernel's writability.
+        return EVENT_READ | (EVENT_WRITE if sock._cosock_kernel_write() else 0)
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         if not events or events & ~(EVENT_READ | EVENT_WRITE):

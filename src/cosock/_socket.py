@@ -39,9 +39,21 @@ from typing import Any, Final
 
 from . import _config
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
-from ._events import NEED_DATA, Accept, Bell, Eof, Fin, Hello, PlainData, Reject, Space
+from ._events import (
+    NEED_DATA,
+    Accept,
+    Bell,
+    Data,
+    Eof,
+    Fin,
+    Hello,
+    PlainData,
+    Reject,
+    Space,
+    Switch,
+)
 from ._offer import Offer, normalise_host
-from ._protocol import FRAME_SIZES, T_BELL, Connection, Role
+from ._protocol import FRAME_SIZES, T_BELL, T_FIN, T_SPACE, Connection, Role
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
@@ -52,6 +64,8 @@ _MSG_PEEK: Final = int(socket.MSG_PEEK)
 _MSG_WAITALL: Final = int(socket.MSG_WAITALL)
 _MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _CTL_CHUNK: Final = 65536
+#: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
+_WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
 #: A doorbell within this time of blocking means the peer is busy with us: spin longer.
@@ -59,6 +73,11 @@ _BUSY_WAKE_NS: Final = 5_000_000
 #: A sleep this long means the connection idles: shrink the spin budget.
 _IDLE_WAKE_NS: Final = 50_000_000
 _HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
+#: Path switch (DESIGN.md): we left the rings and wait for the peer's SWITCH, which says
+#: where our resend starts; then data goes in DATA frames on TCP (``_FRAMED``).
+_SWITCHING, _FRAMED = "switching", "tcp"
+#: Payload of one DATA frame we send (the protocol accepts up to MAX_DATA_FRAME).
+_DATA_CHUNK: Final = 256 * 1024
 #: How long close() may wait to hand over bytes written before the verdict.
 _CLOSE_LINGER: Final = 2.0
 #: Spin iterations between two sched_yield() calls (a power of two minus one).
@@ -108,13 +127,19 @@ class _Channel:
         "rd_shut",
         "refs",
         "reject",
+        "retained",
+        "retained_base",
         "role",
         "rx",
+        "rx_busy",
+        "rx_lock",
         "spin_max",
         "spin_min",
         "spin_ns",
         "tcp_eof",
         "tx",
+        "tx_busy",
+        "tx_out",
         "wr_shut",
     )
 
@@ -138,6 +163,7 @@ class _Channel:
         # connection's real client until its HELLO proves it is that client.
         self.pre_out = bytearray()
         self.ctl_lock = threading.Lock()
+        self.rx_lock = threading.RLock()
         self.error: OSError | None = None
         self.tcp_eof = False
         self.rd_shut = False
@@ -145,6 +171,15 @@ class _Channel:
         self.fin_pending = False
         self.fin: int | None = None  # the peer's FIN offset, once received
         self.refs = 1
+        # Path switch: the ring bytes the peer had not consumed when we left the rings
+        # (copied out at that moment: the ring is never read again), and our bytes waiting
+        # for DATA frames.  ``*_busy`` mark a thread inside a ring copy, so that a switch
+        # made by another thread waits for it (see ``_quiesce``).
+        self.retained: bytearray | None = None
+        self.retained_base = 0
+        self.tx_out = bytearray()
+        self.rx_busy = False
+        self.tx_busy = False
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
@@ -155,6 +190,7 @@ class _Channel:
             "sleeps": 0,
             "sleep_ns": 0,
             "safety_timeouts": 0,
+            "switches": 0,
         }
 
     def release(self) -> None:
@@ -205,13 +241,37 @@ class CoSocket(socket.socket):
 
     def cosock_info(self) -> dict[str, Any]:
         ch = self._co
+        sent = received = 0
+        if ch is not None and ch.phase in (_SWITCHING, _FRAMED):
+            sent = ch.proto.sent_offset + len(ch.tx_out)
+            received = ch.proto.received_offset - len(self._rxb or b"")
+        elif ch is not None:
+            sent = 0 if ch.tx is None else ch.tx.head
+            received = 0 if ch.rx is None else ch.rx.tail
         return {
             "path": self.cosock_path,
             "fallback_reason": None if self._reason is None else self._reason.value,
-            "bytes_sent": 0 if ch is None or ch.tx is None else ch.tx.head,
-            "bytes_received": 0 if ch is None or ch.rx is None else ch.rx.tail,
+            "bytes_sent": sent,
+            "bytes_received": received,
             **({} if ch is None else ch.counters),
         }
+
+    def cosock_switch(self) -> bool:
+        """Move this connection from shared memory to TCP now, without losing a byte.
+
+        What a residency change (migration) does on its own; also useful to test the path
+        switch. Both directions switch; the peer follows when it reads our SWITCH frame.
+        Returns False when there is nothing to switch (not on the shared-memory path).
+        """
+        ch = self._co
+        if ch is None or ch.phase is not _SHM or ch.tcp_eof:
+            return False
+        try:
+            self._begin_switch(ch)
+            self._pump(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+        return True
 
     def _cosock_pump(self) -> None:
         """Consume queued control frames (the selector saw the TCP fd readable)."""
@@ -221,8 +281,15 @@ class CoSocket(socket.socket):
                 if ch.rx is not None:
                     ch.bell_mark = ch.rx.bells_sent()
                 self._pump(ch)
+                if ch.phase is _FRAMED:
+                    self._flush_framed(ch)
             except (RingCorrupted, ProtocolError, ValueError) as exc:
                 self._poison(ch, exc)
+
+    def _cosock_kernel_write(self) -> bool:
+        """Selectors: must the kernel also watch writability (framed bytes are queued)?"""
+        ch = self._co
+        return ch is not None and bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
 
     def getsockopt(self, *args: Any) -> Any:
         # asyncio and selector loops check SO_ERROR once a non-blocking connect is
@@ -254,6 +321,8 @@ class CoSocket(socket.socket):
         if wanted & EVENT_READ:
             if self._rxb or ch.tcp_eof or ch.rd_shut or ch.error is not None:
                 events |= EVENT_READ
+            elif ch.phase is _FRAMED and ch.fin is not None and self._rx_offset(ch) >= ch.fin:
+                events |= EVENT_READ  # EOF
             elif ch.phase is _SHM and ch.rx is not None:
                 rx = ch.rx
                 if rx.available() or (ch.fin is not None and rx.tail >= ch.fin) or rx.arm():
@@ -262,6 +331,9 @@ class CoSocket(socket.socket):
             tx = ch.tx
             if ch.wr_shut or ch.tcp_eof or ch.error is not None or tx is None:
                 events |= EVENT_WRITE
+            elif ch.phase is _SWITCHING or ch.phase is _FRAMED:
+                if len(ch.tx_out) < tx.capacity:
+                    events |= EVENT_WRITE
             else:
                 room = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
                 if room > 0 or (ch.phase is _SHM and tx.request_space() > 0):
@@ -524,20 +596,107 @@ class CoSocket(socket.socket):
         if ch.tcp_eof:
             return  # the peer's TCP end is gone: nobody to wake or tell
         with ch.ctl_lock:
-            ch.ctl_out += ch.proto.send(event)
+            try:
+                ch.ctl_out += ch.proto.send(event)
+            except ProtocolError:
+                if isinstance(event, Bell | Space):
+                    return  # another thread switched paths meanwhile: nothing to wake
+                raise
         self._flush_ctl(ch)
 
-    def _sync_offsets(self, ch: _Channel) -> None:
+    def _sync_offsets(self, ch: _Channel, leaving: bool = False) -> None:
         """Tell the protocol how far the rings have moved (it checks FIN against it)."""
         proto = ch.proto
+        if proto.tx_framed:
+            return  # switched: the protocol counts DATA frames itself
         rx = ch.rx
-        if ch.phase is _SHM and rx is not None and rx.tail != proto.received_offset:
+        shm = ch.phase is _SHM or leaving
+        if shm and rx is not None and rx.tail != proto.received_offset:
             proto.data_received(rx.tail - proto.received_offset)
         if ch.tx is not None and ch.tx.head != proto.sent_offset and not proto.fin_sent:
             proto.data_sent(ch.tx.head - proto.sent_offset)
 
+    # ------------------------------------------------------------------ path switch
+
+    def _begin_switch(self, ch: _Channel) -> None:
+        """Leave the rings: freeze them, keep a private copy of what the peer has not
+        consumed, and tell the peer exactly how much of its stream we took (SWITCH).
+
+        From here on neither ring is read again -- after a migration the memory may be a
+        stale copy, or garbage -- so everything unconsumed travels again, framed, on TCP.
+        """
+        ch.phase = _SWITCHING  # fast paths stop here; a thread inside a copy finishes
+        self._quiesce(ch)
+        tx = ch.tx
+        assert tx is not None
+        self._sync_offsets(ch, leaving=True)
+        since = tx.consumed()  # validated: never past what we wrote
+        ch.retained = bytearray(tx.unsent_bytes(since))
+        ch.retained_base = since
+        ch.counters["switches"] += 1
+        if ch.fin is not None and ch.rx is not None and ch.rx.tail > ch.fin:
+            raise RingCorrupted("peer wrote past its own FIN")
+        self._control(ch, Switch(ch.proto.received_offset))
+
+    @staticmethod
+    def _quiesce(ch: _Channel) -> None:
+        """Wait for another thread's ring copy to finish (it re-checks the phase first).
+
+        Each side of the handshake writes its flag, then reads the other's: with the GIL
+        ordering Python-level stores, one of the two sees the other.
+        """
+        deadline = time.monotonic() + 1.0
+        while (ch.rx_busy or ch.tx_busy) and time.monotonic() < deadline:
+            time.sleep(0)  # lets the copying thread run
+
+    def _switched(self, ch: _Channel) -> None:
+        """The peer's SWITCH arrived (both of ours are out): resend from its consumed
+        offset out of our private copy, then carry on in DATA frames."""
+        start = ch.proto.resend_from
+        retained = ch.retained if ch.retained is not None else bytearray()
+        base = ch.retained_base
+        if start is None or not base <= start <= base + len(retained):
+            raise RingCorrupted(
+                f"peer says it consumed {start} bytes; we still hold [{base}, "
+                f"{base + len(retained)}): channel corrupted"
+            )
+        with ch.ctl_lock:  # in place: a writer thread may be appending to tx_out
+            ch.tx_out[0:0] = retained[start - base :]
+        ch.retained = None
+        ch.phase = _FRAMED
+        self._flush_framed(ch)
+
+    def _flush_framed(self, ch: _Channel) -> bool:
+        """Send queued bytes as DATA frames; True once nothing is left queued."""
+        proto = ch.proto
+        while True:
+            if ch.ctl_out:
+                self._flush_ctl(ch)
+                if ch.ctl_out:
+                    return False
+            if ch.error is not None or ch.tcp_eof:
+                ch.tx_out.clear()
+                return True
+            with ch.ctl_lock:
+                if not ch.tx_out:
+                    break
+                chunk = bytes(ch.tx_out[:_DATA_CHUNK])
+                del ch.tx_out[: len(chunk)]
+                ch.ctl_out += proto.send(Data(chunk))
+        if ch.fin_pending and proto.tcp_next == proto.sent_offset:
+            self._send_fin(ch)
+        return True
+
     def _pump(self, ch: _Channel) -> bool:
-        """Read every queued control byte and act on it; True if anything arrived."""
+        """Read every queued control byte and act on it; True if anything arrived.
+
+        Serialised per channel: after a path switch the control stream carries data, and
+        two threads feeding the parser could reorder it.
+        """
+        with ch.rx_lock:
+            return self._pump_locked(ch)
+
+    def _pump_locked(self, ch: _Channel) -> bool:
         progressed = False
         if ch.ctl_out:
             self._flush_ctl(ch)
@@ -565,7 +724,18 @@ class CoSocket(socket.socket):
                 break
         if progressed:
             self._events(ch)
+        if ch.tcp_eof and ch.phase is _SWITCHING:
+            self._peer_gone_while_switching(ch)
         return progressed
+
+    @staticmethod
+    def _peer_gone_while_switching(ch: _Channel) -> None:
+        """The peer closed before answering our SWITCH: it can resend nothing, so what it
+        left in the ring is all there is.  Read it as before (and send nothing more)."""
+        ch.phase = _SHM
+        ch.retained = None
+        with ch.ctl_lock:
+            ch.tx_out.clear()
 
     def _poison(self, ch: _Channel, exc: Exception) -> None:
         """A hostile or broken peer: the connection fails like a reset TCP connection.
@@ -606,10 +776,20 @@ class CoSocket(socket.socket):
                     self._send_fin(ch)
             elif isinstance(event, Reject):
                 self._fallback(ch, event.reason)
-            elif isinstance(event, PlainData):
+            elif isinstance(event, PlainData | Data):
                 self._owe_app(event.data)
+            elif isinstance(event, Switch):
+                try:
+                    if ch.phase is _SHM:
+                        self._begin_switch(ch)  # the peer went first: answer with ours
+                    self._switched(ch)
+                except (RingCorrupted, ValueError) as exc:
+                    self._poison(ch, exc)
+                    return
             elif isinstance(event, Eof):
                 ch.tcp_eof = True
+                if ch.phase is _SWITCHING:
+                    self._peer_gone_while_switching(ch)
             elif isinstance(event, Fin):
                 ch.fin = event.offset
             # Bell, Space, Fin: state lives in the protocol and the rings; callers re-check.
@@ -722,10 +902,16 @@ class CoSocket(socket.socket):
                 raise TimeoutError(errno.ETIMEDOUT, "timed out")
             timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
         poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
+        output = bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
+        poller.register(self.fileno(), select.POLLIN | (select.POLLOUT if output else 0))
         t0 = time.perf_counter_ns()
         woken = poller.poll(timeout)
         slept = time.perf_counter_ns() - t0
+        if output and woken and woken[0][1] & select.POLLOUT:
+            if ch.phase is _FRAMED:
+                self._flush_framed(ch)
+            else:
+                self._flush_ctl(ch)
         ch.counters["sleeps"] += 1
         ch.counters["sleep_ns"] += slept
         if not woken and timeout == _MAX_SLEEP_MS:
@@ -750,9 +936,14 @@ class CoSocket(socket.socket):
             avail = ch.rx.available()
             if avail and ch.fin is None:  # fast path: one copy, no zeroed scratch buffer
                 n = min(avail, bufsize)
-                data = ch.rx.read_bytes(n)
-                self._consumed(ch, n, avail, bells)
-                return data
+                ch.rx_busy = True
+                try:
+                    data = ch.rx.read_bytes(n) if ch.phase is _SHM else None
+                finally:
+                    ch.rx_busy = False
+                if data is not None:
+                    self._consumed(ch, n, avail, bells)
+                    return data
         buf = bytearray(bufsize)
         n = self._recv_into(memoryview(buf), bufsize, flags)
         return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
@@ -777,9 +968,17 @@ class CoSocket(socket.socket):
                     raise ValueError("negative buffersize or buffer too small in recv_into")
                 if n > avail:
                     n = avail
-                rx.read_into(view, n)
-                self._consumed(ch, n, avail, bells)
-                return n
+                ch.rx_busy = True
+                try:
+                    if ch.phase is _SHM:
+                        rx.read_into(view, n)
+                    else:
+                        n = 0
+                finally:
+                    ch.rx_busy = False
+                if n:
+                    self._consumed(ch, n, avail, bells)
+                    return n
         view = memoryview(buffer).cast("B")
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
@@ -859,11 +1058,11 @@ class CoSocket(socket.socket):
                 if got == nbytes or not waitall:
                     return got
                 continue
-            if self._co is not ch:
+            if self._co is not ch or self._rxb:
                 continue
             if got and not waitall:
                 return got
-            if ch.rd_shut or (ch.fin is not None and ch.rx is not None and ch.rx.tail >= ch.fin):
+            if ch.rd_shut or (ch.fin is not None and self._rx_offset(ch) >= ch.fin):
                 return got
             if ch.tcp_eof:
                 # The peer's TCP end is gone.  Every byte it published is already ours
@@ -919,13 +1118,32 @@ class CoSocket(socket.socket):
                 _check_fin(ch.fin, rx, avail)
             if avail:
                 n = min(avail, nbytes - got)
-                rx.read_into(view[got:], n, peek=peek)
+                ch.rx_busy = True
+                try:
+                    if ch.phase is not _SHM:
+                        return 0  # switched meanwhile: these bytes come again on TCP
+                    rx.read_into(view[got:], n, peek=peek)
+                finally:
+                    ch.rx_busy = False
                 if not peek:
                     self._consumed(ch, n, avail, bells)
                 return n
             return 0
+        was = ch.phase
         self._pump(ch)
+        if self._co is ch:
+            if ch.phase is _FRAMED:
+                self._flush_framed(ch)
+            elif was is _SWITCHING and ch.phase is _SHM:  # the peer left mid-switch
+                return self._shm_read(ch, view, got, nbytes, peek, woke=False)
         return 0
+
+    @staticmethod
+    def _rx_offset(ch: _Channel) -> int:
+        """How much of the peer's stream has reached us (ring or DATA frames)."""
+        if ch.phase is _SWITCHING or ch.phase is _FRAMED:
+            return ch.proto.received_offset
+        return 0 if ch.rx is None else ch.rx.tail
 
     def _consumed(self, ch: _Channel, n: int, avail: int, bells_before: int) -> None:
         """Bookkeeping after taking ``n`` of ``avail`` ring bytes.
@@ -952,6 +1170,10 @@ class CoSocket(socket.socket):
         the ring with nothing to make a raw select() see them).  Frames are walked on a
         peeked copy; only the prefix up to the first younger doorbell is consumed.
         """
+        with ch.rx_lock:
+            self._drain_stale_bells_locked(ch, upto)
+
+    def _drain_stale_bells_locked(self, ch: _Channel, upto: int) -> None:
         want = upto - ch.proto.bells_received
         if want <= 0:
             return
@@ -966,7 +1188,7 @@ class CoSocket(socket.socket):
         pos = 0
         while pos < len(data):
             size = FRAME_SIZES.get(data[pos])
-            if size is None or pos + size > len(data):
+            if size is None or pos + size > len(data) or data[pos] not in _WAKE_FRAMES:
                 break
             if data[pos] == T_BELL:
                 if want == 0:
@@ -1013,7 +1235,13 @@ class CoSocket(socket.socket):
         if len(data) > free or not data:
             return False
         old = tx.head
-        tx.write(data, free)  # type: ignore[arg-type]
+        ch.tx_busy = True
+        try:
+            if ch.phase is not _SHM:
+                return False
+            tx.write(data, free)  # type: ignore[arg-type]
+        finally:
+            ch.tx_busy = False
         if tx.needs_bell(old):
             self._bell(ch)
         return True
@@ -1086,6 +1314,14 @@ class CoSocket(socket.socket):
             if ch.ctl_out:  # e.g. the HELLO of a non-blocking connect that has completed
                 self._flush_ctl(ch)
             self._check_writable(ch)
+            if ch.phase is _SWITCHING or ch.phase is _FRAMED:
+                n = self._send_framed(ch, view[sent:], deadline)
+                sent += n
+                if sent == total or (n and not all_) or deadline == 0.0:
+                    if sent:
+                        return sent
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                continue
             tx = ch.tx
             if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
                 room = _handshake_room(ch)
@@ -1103,7 +1339,13 @@ class CoSocket(socket.socket):
             if free and sent < total:
                 assert tx is not None
                 old = tx.head
-                n = tx.write(view[sent:], free)
+                ch.tx_busy = True
+                try:
+                    if ch.phase is _SWITCHING or ch.phase is _FRAMED:
+                        continue  # switched meanwhile: the framed path below takes it
+                    n = tx.write(view[sent:], free)
+                finally:
+                    ch.tx_busy = False
                 sent += n
                 if tx.needs_bell(old):
                     self._bell(ch)
@@ -1137,6 +1379,28 @@ class CoSocket(socket.socket):
                 if sent:
                     return sent
                 raise
+
+    def _send_framed(self, ch: _Channel, view: memoryview, deadline: float | None) -> int:
+        """Queue bytes for DATA frames, bounded like a send buffer (the ring's size)."""
+        limit = ch.tx.capacity if ch.tx is not None else _config.ring_size()
+        while True:
+            if ch.phase is _FRAMED:
+                self._flush_framed(ch)
+            self._check_writable(ch)
+            room = limit - len(ch.tx_out)
+            if room > 0:
+                n = min(room, len(view))
+                with ch.ctl_lock:
+                    ch.tx_out += view[:n]
+                if ch.phase is _FRAMED:
+                    self._flush_framed(ch)
+                return n
+            if deadline == 0.0:
+                return 0
+            self._sleep(ch, deadline)  # the peer's SWITCH, or room in the kernel
+            self._pump(ch)
+            if self._co is not ch:
+                return 0
 
     def _check_writable(self, ch: _Channel) -> None:
         if ch.wr_shut:
@@ -1206,6 +1470,8 @@ class CoSocket(socket.socket):
                 self._send_fin(ch)
             else:
                 ch.fin_pending = True
+                if ch.phase is _FRAMED:
+                    self._flush_framed(ch)
         return None
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
@@ -1218,6 +1484,11 @@ class CoSocket(socket.socket):
             except (OSError, ProtocolError, ValueError):
                 pass
             ch = self._co
+        if ch is not None and ch.refs == 1 and ch.phase in (_SWITCHING, _FRAMED):
+            try:
+                self._settle_switch_before_close(ch)
+            except (OSError, ProtocolError, ValueError):
+                pass
         # No FIN frame and no pump here: close() ends only this fd, which a forked child
         # may share (socketserver.ForkingMixIn).  The peer learns of the close from TCP
         # itself and reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
@@ -1265,6 +1536,23 @@ class CoSocket(socket.socket):
                 poller = select.poll()
                 poller.register(self.fileno(), select.POLLIN)
                 poller.poll(max(1, int(left * 1000)))
+
+    def _settle_switch_before_close(self, ch: _Channel) -> None:
+        """Bytes the peer has not consumed live only in our memory after a switch: finish
+        the switch and hand them to the kernel (briefly, like SO_LINGER) before closing."""
+        deadline = time.monotonic() + _CLOSE_LINGER
+        while self._co is ch and not ch.tcp_eof and ch.error is None:
+            if ch.phase is _FRAMED and self._flush_framed(ch):
+                return
+            if ch.phase is not _SWITCHING and ch.phase is not _FRAMED:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller = select.poll()
+            poller.register(self.fileno(), select.POLLIN | select.POLLOUT)
+            poller.poll(max(1, int(left * 1000)))
+            self._pump(ch)
 
     def detach(self) -> int:
         """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,

@@ -1,0 +1,337 @@
+"""Path switch shm -> TCP on live connections (loopback guests, no root needed).
+
+What a migration does to a connection, triggered here with ``cosock_switch()``: each side
+leaves the rings, says how much of the peer's stream it consumed, and the peer resends
+the rest in DATA frames. Checked byte-exact, in both directions, while the application
+keeps reading and writing, including after the ring memory is overwritten with garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cosock import CoSocket
+from cosock._errors import RingCorrupted
+from cosock._selectors import REPLACEMENTS
+from sockutil import listener, recv_all, settle
+
+pytestmark = pytest.mark.usefixtures("cosock_agent")
+
+_Base = socket.socket
+
+
+@contextlib.contextmanager
+def pair() -> Iterator[tuple[CoSocket, CoSocket]]:
+    srv = listener()
+    cli = CoSocket(socket.AF_INET, socket.SOCK_STREAM)
+    cli.settimeout(20)
+    cli.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    conn.settimeout(20)
+    try:
+        settle(cli, conn)
+        assert cli.cosock_path == conn.cosock_path == "shm"
+        yield cli, conn
+    finally:
+        cli.close()
+        conn.close()
+        srv.close()
+
+
+def _scribble(sock: CoSocket) -> None:
+    """Overwrite the whole shared region (both rings, headers included) with garbage."""
+    ch = sock._co
+    assert ch is not None and ch.mm is not None
+    ch.mm[:] = os.urandom(len(ch.mm))
+
+
+def _wait_path(sock: CoSocket, path: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sock.cosock_path != path:
+        assert time.monotonic() < deadline, f"still {sock.cosock_path}, wanted {path}"
+        sock._cosock_pump()
+        time.sleep(0.001)
+
+
+def test_unconsumed_ring_bytes_are_resent_exactly_once() -> None:
+    with pair() as (cli, conn):
+        payload = os.urandom(300_000)
+        cli.sendall(payload)  # all in the ring
+        head = recv_all(conn, 100_000)  # the server consumes a third of it
+        assert cli.cosock_switch()
+        assert cli.cosock_path in ("switching", "tcp")
+        # Memory is still coherent here, so the server may take the rest from the ring
+        # before it reads the SWITCH; then its answer says so and nothing is resent.
+        rest = recv_all(conn, 200_000)
+        assert head + rest == payload
+        _wait_path(conn, "tcp")
+        _wait_path(cli, "tcp")
+        # New bytes both ways now travel in DATA frames.
+        cli.sendall(b"after-switch")
+        assert recv_all(conn, 12) == b"after-switch"
+        conn.sendall(b"reply" * 1000)
+        assert recv_all(cli, 5000) == b"reply" * 1000
+        assert cli.cosock_info()["switches"] == conn.cosock_info()["switches"] == 1
+        assert cli.cosock_info()["bytes_sent"] == conn.cosock_info()["bytes_received"]
+
+
+def test_server_initiated_switch_and_half_close_across_it() -> None:
+    with pair() as (cli, conn):
+        payload = os.urandom(50_000)
+        cli.sendall(payload)
+        cli.shutdown(socket.SHUT_WR)  # FIN in the ring's era
+        answer: list[bytes] = []
+        # The client waits for the answer inside recv, so it sees the SWITCH and resends.
+        waiter = threading.Thread(target=lambda: answer.append(recv_all(cli, 100)))
+        waiter.start()
+        assert conn.cosock_switch()
+        got = recv_all(conn, 100_000)  # to EOF
+        assert got == payload
+        assert conn.recv(10) == b""
+        conn.sendall(b"late answer")
+        conn.shutdown(socket.SHUT_WR)
+        waiter.join(20)
+        assert answer == [b"late answer"]
+        assert cli.cosock_path == "tcp"
+
+
+def test_switch_of_an_idle_connection_then_traffic() -> None:
+    with pair() as (cli, conn):
+        assert conn.cosock_switch()
+        reply: list[bytes] = []
+
+        def client() -> None:
+            cli.sendall(b"x")  # into the ring: the client has not looked at TCP yet
+            reply.append(cli.recv(1))  # waiting, it reads the SWITCH and resends "x"
+
+        t = threading.Thread(target=client)
+        t.start()
+        assert conn.recv(1) == b"x"
+        conn.sendall(b"y")
+        t.join(20)
+        assert reply == [b"y"]
+        assert cli.cosock_path == conn.cosock_path == "tcp"
+        assert not conn.cosock_switch()  # nothing left to switch
+
+
+def _pump_both_ways(
+    cli: CoSocket, conn: CoSocket, size: int, during: object
+) -> tuple[list[str], list[str]]:
+    """Stream ``size`` random bytes each way in threads while ``during()`` runs; return
+    the sent and received digests."""
+    sent: list[str] = ["", ""]
+    got: list[str] = ["", ""]
+    errors: list[BaseException] = []
+
+    def writer(sock: CoSocket, slot: int) -> None:
+        rnd = random.Random(slot)
+        digest = hashlib.sha256()
+        left = size
+        try:
+            while left:
+                chunk = rnd.randbytes(min(left, rnd.choice([100, 4096, 65536, 300_000])))
+                sock.sendall(chunk)
+                digest.update(chunk)
+                left -= len(chunk)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        sent[slot] = digest.hexdigest()
+
+    def reader(sock: CoSocket, slot: int) -> None:
+        digest = hashlib.sha256()
+        left = size
+        buf = bytearray(70_000)
+        try:
+            while left:
+                n = sock.recv_into(buf, min(left, len(buf)))
+                assert n, "EOF before all bytes"
+                digest.update(memoryview(buf)[:n])
+                left -= n
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        got[slot] = digest.hexdigest()
+
+    threads = [
+        threading.Thread(target=writer, args=(cli, 0)),
+        threading.Thread(target=reader, args=(conn, 0)),
+        threading.Thread(target=writer, args=(conn, 1)),
+        threading.Thread(target=reader, args=(cli, 1)),
+    ]
+    for t in threads:
+        t.start()
+    during()  # type: ignore[operator]
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a stream hung"
+    assert not errors, errors
+    return sent, got
+
+
+@pytest.mark.parametrize("initiator", ["client", "server", "both"])
+def test_switch_mid_stream_both_ways_with_garbage_in_the_old_rings(initiator: str) -> None:
+    with pair() as (cli, conn):
+
+        def during() -> None:
+            time.sleep(0.05)
+            if initiator in ("client", "both"):
+                cli.cosock_switch()
+            if initiator in ("server", "both"):
+                conn.cosock_switch()
+            # Both sides have left the rings once each has sent its SWITCH; from then
+            # on nothing may be read from shared memory: make it garbage.
+            deadline = time.monotonic() + 10
+            while not all(s.cosock_path == "tcp" for s in (cli, conn)):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            _scribble(cli)
+
+        sent, got = _pump_both_ways(cli, conn, 8_000_000, during)
+        assert sent == got
+        assert cli.cosock_info()["switches"] == conn.cosock_info()["switches"] == 1
+
+
+def test_garbage_right_after_both_sides_froze_is_never_delivered() -> None:
+    """Scribble as soon as both have frozen (before either has its peer's answer)."""
+    with pair() as (cli, conn):
+        a = os.urandom(500_000)
+        b = os.urandom(400_000)
+        cli.sendall(a)
+        conn.sendall(b)
+        part_a = recv_all(conn, 123_457)
+        part_b = recv_all(cli, 7)
+        cli._begin_switch(cli._co)  # type: ignore[arg-type]
+        conn._begin_switch(conn._co)  # type: ignore[arg-type]
+        _scribble(cli)  # neither side has read the other's SWITCH yet
+        rest_b: list[bytes] = []
+        t = threading.Thread(target=lambda: rest_b.append(recv_all(cli, len(b) - len(part_b))))
+        t.start()
+        assert part_a + recv_all(conn, len(a) - len(part_a)) == a
+        t.join(20)
+        assert part_b + rest_b[0] == b
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REPLACEMENTS if n != "DefaultSelector"))
+def test_nonblocking_selector_echo_survives_a_switch(name: str) -> None:
+    """A selector loop (as under ``cosock run``, which installs the ring-aware selectors)."""
+    with pair() as (cli, conn):
+        conn.setblocking(False)
+        sel = REPLACEMENTS[name]()
+        sel.register(conn, selectors.EVENT_READ)
+        total = 3_000_000
+        echoed = bytearray()
+        pending = bytearray()
+        stop = threading.Event()
+
+        def echo() -> None:
+            while not stop.is_set():
+                for _key, events in sel.select(0.2):
+                    if events & selectors.EVENT_READ:
+                        try:
+                            data = conn.recv(65536)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            stop.set()
+                            return
+                        pending.extend(data)
+                    if events & selectors.EVENT_WRITE and pending:
+                        try:
+                            n = conn.send(pending)
+                        except BlockingIOError:
+                            n = 0
+                        del pending[:n]
+                sel.modify(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0))
+
+        server = threading.Thread(target=echo)
+        server.start()
+        payload = os.urandom(total)
+
+        def reader() -> None:
+            while len(echoed) < total:
+                data = cli.recv(65536)
+                if not data:
+                    return
+                echoed.extend(data)
+
+        rd = threading.Thread(target=reader)
+        rd.start()
+        for i in range(0, total, 50_000):
+            cli.sendall(payload[i : i + 50_000])
+            if i == 1_000_000:
+                cli.cosock_switch()
+        rd.join(60)
+        cli.shutdown(socket.SHUT_WR)
+        server.join(30)
+        stop.set()
+        sel.close()
+        assert bytes(echoed) == payload
+        assert cli.cosock_path == conn.cosock_path == "tcp"
+
+
+def test_peer_closed_before_answering_leaves_its_ring_bytes_readable() -> None:
+    srv = listener()
+    cli = CoSocket()
+    cli.settimeout(20)
+    cli.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    conn.settimeout(20)
+    settle(cli, conn)
+    payload = os.urandom(200_000)
+    cli.sendall(payload)
+    cli.close()  # no FIN frame, just TCP close: the bytes are in the ring
+    assert conn.cosock_switch()
+    assert recv_all(conn, 300_000) == payload
+    conn.close()
+    srv.close()
+
+
+def test_close_right_after_a_switch_still_delivers_the_resend() -> None:
+    with pair() as (cli, conn):
+        payload = os.urandom(600_000)
+        cli.sendall(payload)
+        got = bytearray()
+
+        def read() -> None:
+            got.extend(recv_all(conn, len(payload) + 1))
+
+        t = threading.Thread(target=read)
+        t.start()
+        cli.cosock_switch()
+        cli.close()  # lingers until the resend is in the kernel
+        t.join(30)
+        assert bytes(got) == payload
+
+
+def test_hostile_switch_offset_resets_the_connection_without_hanging() -> None:
+    with pair() as (cli, conn):
+        cli.sendall(b"abc")
+        # A SWITCH claiming the server sent bytes it never sent.
+        _Base.send(cli, b"\x06" + (10**6).to_bytes(8, "little"))
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            for _ in range(3):
+                conn.recv(10)
+        assert time.monotonic() - t0 < 5
+
+
+def test_switch_claiming_less_than_we_retain_is_refused() -> None:
+    with pair() as (cli, conn):
+        cli.sendall(os.urandom(10_000))
+        assert recv_all(conn, 10_000)
+        # The server consumed everything and published its tail; a SWITCH now claiming
+        # it consumed nothing asks for bytes the client no longer holds.
+        cli._begin_switch(cli._co)  # type: ignore[arg-type]
+        _Base.send(conn, b"\x06" + (0).to_bytes(8, "little"))
+        with pytest.raises((ConnectionResetError, RingCorrupted)):
+            for _ in range(3):
+                cli.recv(10)
