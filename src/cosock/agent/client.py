@@ -41,8 +41,9 @@ from ._version import VERSION, version_path
 from ._wire import MAX_REPLY_LINE, LineReader, WireError, decode, encode
 
 _RETRY_INTERVAL = 1.0  # seconds between connection attempts
-#: After the agent closed a working connection: retry this soon after that connection's
-#: own attempt (caps an agent that keeps hanging up at 100 reconnects per second).
+#: After the agent closed a working connection the client reconnects at once, but not
+#: sooner than this after its previous such quick reconnect (caps an agent that keeps
+#: hanging up at 100 reconnects per second; two migrations in a row cost at most this).
 _RECONNECT_GAP = 0.01
 #: Bits of :attr:`AgentClient.version` left for the agent's own counter.
 _EPOCH_SHIFT = 40
@@ -196,6 +197,7 @@ class AgentClient:
         self._reason = "not connected yet"
         self._last_attempt: float | None = None
         self._retry_at: float | None = None  # an earlier retry than _RETRY_INTERVAL allows
+        self._last_quick = -_RECONNECT_GAP  # when _retry_at last let an attempt through
         self._page: mmap.mmap | None = None  # the agent's version page, read-only
         self._given_up = 0  # an announced version that never arrived; not waited for again
         #: Last refusal of an automatic re-registration (for diagnostics).
@@ -282,6 +284,8 @@ class AgentClient:
             else:
                 due = now - self._last_attempt >= _RETRY_INTERVAL
             if due:
+                if self._retry_at is not None:
+                    self._last_quick = now
                 self._last_attempt = now
                 self._retry_at = None
                 self._connect_locked(now + _CONNECT_WAIT)
@@ -378,9 +382,9 @@ class AgentClient:
     def _received_locked(self, data: bytes) -> bool:
         """Apply what the agent sent; False (and the connection dropped) at its EOF."""
         if not data:
-            if self._index is not None and self._last_attempt is not None:
+            if self._index is not None:
                 # A working connection ended: the agent restarted or our guest migrated.
-                self._retry_at = self._last_attempt + _RECONNECT_GAP
+                self._retry_at = max(time.monotonic(), self._last_quick + _RECONNECT_GAP)
             self._drop_locked("the agent closed the connection")
             return False
         self._feed_locked(data)

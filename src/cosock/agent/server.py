@@ -430,9 +430,12 @@ class AgentServer:
         self._counters["errors"] += 1
         self._send(conn, encode({"ok": False, "error": error}), push=False)
 
+    def _publish_version(self) -> None:
+        VERSION.pack_into(self._version_page, 0, self._registry.version)
+
     def _push(self, exclude: _Conn | None) -> None:
         """Send the current snapshot to every subscriber (each with its own ``self``)."""
-        VERSION.pack_into(self._version_page, 0, self._registry.version)  # before any push
+        self._publish_version()  # before any push
         cache: dict[int | None, bytes] = {}
         for conn in [c for c in self._conns.values() if c.subscribed]:
             if conn is exclude or conn.closing or conn in self._doomed:
@@ -507,6 +510,7 @@ class AgentServer:
         The shutdown happens here, before the reply, so that once the requester hears back,
         every such client already reads EOF on its next poll.
         """
+        self._publish_version()  # so a woken process sees the page move, not only the EOF
         dropped = 0
         for other in list(self._conns.values()):
             if other is keep or other.netns != netns or other in self._doomed:
