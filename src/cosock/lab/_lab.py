@@ -183,6 +183,13 @@ class Lab:
         """Tear the lab down; see :func:`down`."""
         down(self.name)
 
+    def close(self) -> None:
+        """Close the netlink sockets :meth:`migrate` keeps open in this process (one per
+        namespace, so the next migration is cheap). Only needed by a process that migrates
+        guests of a lab another process tears down: an open one keeps its namespace alive.
+        :func:`down` closes them itself."""
+        _netns.close_lab_netlinks(self.name)
+
     #### Members
 
     def host(self, name: str | Host) -> Host:
