@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -331,6 +332,22 @@ def test_sleepers_wake_on_a_migration(lab: Lab, peers: Callable[..., Peer]) -> N
     lab.migrate("h1g1", "h1")
     assert mover.read(timeout=30)["readable"] is True
     assert mover.ask(op="facts")["self"] == {"name": "h1g1", "host": "h1"}
+
+
+def test_migrating_away_from_a_dead_agent(lab: Lab, peers: Callable[..., Peer]) -> None:
+    """The old host's agent is gone: the migration still completes, and the guest's process
+    finds the new agent once its back-off (1 s after the failed reconnect) has passed."""
+    mover = peers(lab, "h1g1", "probe")
+    assert mover.ask(op="listen", port=9003) == {"listening": 9003}
+    os.kill(lab.host("h1").agent_pid, signal.SIGKILL)
+    assert lab.migrate("h1g1", "h2").host == "h2"
+    assert agent_guests(lab, "h2")["h1g1"] == "h2"
+    deadline = time.monotonic() + 10
+    while (facts := mover.ask(op="facts"))["self"] is None:
+        assert time.monotonic() < deadline, facts
+        time.sleep(0.1)
+    assert facts["self"] == {"name": "h1g1", "host": "h2"}
+    assert ("h1g1", 9003) in agent_listeners(lab, "h2")
 
 
 #### Errors, delay, teardown
