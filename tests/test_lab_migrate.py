@@ -239,6 +239,7 @@ def test_tcp_stream_survives_two_migrations_and_crosses_the_wire(
             if got >= 2 << 20 or time.monotonic() > deadline:
                 return got, wire_bytes(lab) - wire0
 
+    assert abs(lab.wire_bytes() - wire_bytes(lab)) < 1 << 20  # the lab's view agrees
     got, wire = phase()  # neighbours: nothing of it on the wire
     assert got >= 2 << 20 and wire < got // 10, (got, wire)
     lab.migrate("h1g1", "h2")

@@ -351,6 +351,19 @@ class Lab:
         """(host namespace, ifname) of both ends of every inter-host wire."""
         return _migrate.wire_ends(self._state)
 
+    def wire_bytes(self) -> int:
+        """Bytes (rx + tx, headers included) that crossed the inter-host wires so far, each
+        counted once at the hub's end: proof that a migrated guest's traffic takes the wire."""
+        require_root("reading the lab's wire counters")
+        hub = self.hosts[0].netns if self.hosts else ""
+        with _state.lab_lock(self.name):
+            nl = _netns.lab_netlinks(self.name)
+            return sum(
+                sum(_netns.link_bytes(nl, ns, ifname))
+                for ns, ifname in self.wire_ends()
+                if ns == hub
+            )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
