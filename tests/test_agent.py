@@ -690,3 +690,62 @@ def test_other_netns_identified_by_inode(
     assert client.lookup("127.0.0.1", 7001) == (None, "no-listener")
     subs = {s["pid"]: s["guest"] for s in status(agent.path)["subscribers"]}
     assert subs[proc.pid] == "g2" and subs[proc2.pid] == f"netns-{anonymous}"
+
+
+#### Change detection and hand-over (what lab migration relies on)
+
+
+def test_version_and_wait_fileno_see_pushes(
+    make_agent: Callable[..., Agent], make_client: Callable[[Path], AgentClient]
+) -> None:
+    import select
+
+    agent = make_agent()
+    client, other = make_client(agent.path), make_client(agent.path)
+    assert client.version == 0  # nothing connects before the first use
+    fd = client.wait_fileno()
+    v0 = client.version
+    assert v0 > 0 and not select.select([fd], [], [], 0)[0]
+    other.listen("0.0.0.0", 8301, "/rv/a")  # a change: the agent pushes to client
+    assert select.select([fd], [], [], 5)[0] == [fd]
+    v1 = client.version  # moved before any poll: read from the agent's page
+    assert v1 > v0
+    client.poll()
+    assert not select.select([fd], [], [], 0)[0]  # drained
+    assert client.lookup("127.0.0.1", 8301)[0] is not None  # the pushed table is applied
+    assert client.version == v1
+
+
+def test_unregister_with_disconnect_hands_processes_over(
+    make_agent: Callable[..., Agent], make_client: Callable[[Path], AgentClient]
+) -> None:
+    """What migration does to an old agent: its guest's processes are hung up on, at once,
+    and reconnect on their next poll (no 1 s back-off), re-registering their listeners."""
+    import select
+
+    agent = make_agent(auto=False)
+    inode = os.stat("/proc/self/ns/net").st_ino
+    register_guest(agent.path, "g1", inode, ["10.99.0.1"])
+    client = make_client(agent.path)
+    client.listen("0.0.0.0", 8302, "/rv/b")
+    fd = client.wait_fileno()
+    v0 = client.version
+    assert unregister_guest(agent.path, "g1", disconnect=True) == 1
+    assert select.select([fd], [], [], 5)[0] == [fd]  # EOF already, as the reply came
+    assert client.version > v0
+    register_guest(agent.path, "g1", inode, ["10.99.0.1"])
+    client.poll()  # one poll: EOF seen, reconnected, listeners sent again
+    assert client.self_guest is not None and client.self_guest.name == "g1"
+    assert client.last_relisten_error is None
+    listeners = {(x["port"], x["pid"]) for x in status(agent.path)["listeners"]}
+    assert listeners == {(8302, os.getpid())}
+    # A plain unregister leaves connections alone; a second hang-up soon after still works.
+    assert unregister_guest(agent.path, "g1") == 0  # hangs up on nobody
+    register_guest(agent.path, "g1", inode, ["10.99.0.1"])
+    assert unregister_guest(agent.path, "g1", disconnect=True) == 1
+    register_guest(agent.path, "g1", inode, ["10.99.0.1"])
+    deadline = time.monotonic() + 2
+    while client.self_guest is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert client.self_guest.name == "g1"

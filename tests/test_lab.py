@@ -321,7 +321,9 @@ def test_moving_a_guest_port_keeps_it_reachable(lab: Lab) -> None:
 def test_env_popen_and_run(lab: Lab) -> None:
     g = lab.guest("h2g1")
     env = lab.env("h2g1")
-    assert env["COSOCK_AGENT"] == str(lab.host("h2").agent_socket)
+    # The guest's own agent path, a link to its host's directory (migration re-points it).
+    assert env["COSOCK_AGENT"] == f"/run/cosock/labs/{lab.name}/guests/h2g1/agent.sock"
+    assert os.path.samefile(env["COSOCK_AGENT"], lab.host("h2").agent_socket)
     assert env["COSOCK_GUEST"] == "h2g1"
     assert env["COSOCK_LAB"] == lab.name
     script = (

@@ -126,6 +126,26 @@ def bench(ctx: typer.Context) -> None:
     bench_app(args=list(ctx.args), prog_name="cosock bench", standalone_mode=False)
 
 
+@app.command()
+def migrate(
+    guest: Annotated[str, typer.Argument(help="Guest name, e.g. h1g1.")],
+    to: Annotated[str, typer.Option("--to", metavar="HOST", help="Host to move it to.")],
+    lab: Annotated[str, typer.Option("--lab", help="Lab name (default: lab).")] = "lab",
+    delay_ms: Annotated[
+        str | None,
+        typer.Option("--delay-ms", metavar="X", help="Delay the inter-host wires by X ms."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Live-migrate a lab guest to another host (same as `cosock lab migrate`)."""
+    try:
+        from .lab.cli import migrate_guest
+    except ImportError as exc:  # pragma: no cover - lab needs pyroute2
+        _fail(f"lab unavailable ({exc})", 1)
+        return
+    migrate_guest(lab, guest, to, delay_ms, as_json)
+
+
 def _mount_lab() -> None:
     try:
         from .lab.cli import app as lab_app

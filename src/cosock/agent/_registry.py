@@ -151,6 +151,10 @@ class Registry:
             self._ensure_auto(old.netns)
         self._changed()
 
+    def guest_named(self, name: object) -> Guest | None:
+        """The registered guest called ``name``, if any (automatic guests have none)."""
+        return self._guests.get(check_name(name))
+
     def unregister_guest(self, name: object) -> bool:
         """Forget a registered guest; True if it existed."""
         guest = self._guests.pop(check_name(name), None)

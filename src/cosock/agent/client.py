@@ -4,7 +4,14 @@
 connect path decides "is ip:port a co-resident cosock listener?" with dict lookups and one
 non-blocking ``recv`` that drains pending pushes.  Every failure (no agent, refused,
 EOF, garbage) makes it *unavailable* with a reason; callers then use plain TCP, and it
-retries connecting at most once per second.
+retries connecting at most once per second.  One exception: when the agent hangs up on a
+connection that was working (it restarted, or the lab migrated our guest to another host and
+re-pointed our agent path), the next poll reconnects at once, so a migrated process sees its
+new host without a second's delay.
+
+Two cheap change detectors serve the socket layer: :attr:`AgentClient.version` (a memory
+read of the agent's version page) and :meth:`AgentClient.wait_fileno` (an fd that becomes
+readable when the agent pushes or hangs up).
 
 The module functions (:func:`register_guest`, :func:`unregister_guest`, :func:`status`)
 are for the lab and admin tools: one short connection each.
@@ -12,6 +19,7 @@ are for the lab and admin tools: one short connection each.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import mmap
 import os
@@ -33,6 +41,12 @@ from ._version import VERSION, version_path
 from ._wire import MAX_REPLY_LINE, LineReader, WireError, decode, encode
 
 _RETRY_INTERVAL = 1.0  # seconds between connection attempts
+#: After the agent closed a working connection the client reconnects at once, but not
+#: sooner than this after its previous such quick reconnect (caps an agent that keeps
+#: hanging up at 100 reconnects per second; two migrations in a row cost at most this).
+_RECONNECT_GAP = 0.01
+#: Bits of :attr:`AgentClient.version` left for the agent's own counter.
+_EPOCH_SHIFT = 40
 _CONNECT_WAIT = 0.5  # longest a lookup waits for a (re)connection's first snapshot
 _REQUEST_TIMEOUT = 2.0
 _PUSH_PREFIX = b'{"push":'  # how encode() starts every push (the server puts "push" first)
@@ -42,6 +56,7 @@ _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 #: Captured before interception can patch ``select``.  A zero-timeout poll costs a third
 #: of a failing non-blocking recv (no exception), and the idle drain is all a lookup pays.
 _new_poller = select.poll
+_new_epoll = select.epoll
 
 
 class AgentRejected(AgentUnavailable):
@@ -167,6 +182,8 @@ class AgentClient:
         self._lock = threading.Lock()
         self._listeners: dict[tuple[str, int], str] = {}  # (addr, port) -> rendezvous
         self._closed = False
+        self._epoll: select.epoll | None = None  # created by wait_fileno()
+        self._epoch = 0  # bumped on every connect and drop: see version
         self._reset()
         _instances.add(self)
 
@@ -179,6 +196,8 @@ class AgentClient:
         self._index: _Index | None = None
         self._reason = "not connected yet"
         self._last_attempt: float | None = None
+        self._retry_at: float | None = None  # an earlier retry than _RETRY_INTERVAL allows
+        self._last_quick = -_RECONNECT_GAP  # when _retry_at last let an attempt through
         self._page: mmap.mmap | None = None  # the agent's version page, read-only
         self._given_up = 0  # an announced version that never arrived; not waited for again
         #: Last refusal of an automatic re-registration (for diagnostics).
@@ -213,6 +232,9 @@ class AgentClient:
             self._closed = True
             self._listeners.clear()
             self._drop_locked("client closed")
+            if self._epoll is not None:
+                self._epoll.close()
+                self._epoll = None
 
     def _forget_after_fork(self) -> None:
         # In the child: the lock may have been held by a thread that no longer exists, and
@@ -222,6 +244,9 @@ class AgentClient:
             self._sock.close()
         if self._page is not None:
             self._page.close()
+        if self._epoll is not None:
+            self._epoll.close()  # one epoll instance shared with the parent: never use it
+            self._epoll = None
         self._listeners.clear()  # they are the parent's
         self._reset()
 
@@ -229,6 +254,10 @@ class AgentClient:
 
     def _drop_locked(self, reason: str) -> None:
         if self._sock is not None:
+            self._epoch += 1
+            if self._epoll is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(self._sock)
             self._sock.close()
         if self._page is not None:
             self._page.close()
@@ -248,8 +277,17 @@ class AgentClient:
                     self._catch_up_locked(announced)
         if self._sock is None and not self._closed:
             now = time.monotonic()
-            if self._last_attempt is None or now - self._last_attempt >= _RETRY_INTERVAL:
+            if self._last_attempt is None:
+                due = True
+            elif self._retry_at is not None:
+                due = now >= self._retry_at
+            else:
+                due = now - self._last_attempt >= _RETRY_INTERVAL
+            if due:
+                if self._retry_at is not None:
+                    self._last_quick = now
                 self._last_attempt = now
+                self._retry_at = None
                 self._connect_locked(now + _CONNECT_WAIT)
 
     def _connect_locked(self, deadline: float) -> None:
@@ -271,9 +309,12 @@ class AgentClient:
             self._reason = f"cannot reach the agent at {self._path}: {_describe(exc)}"
             return
         self._sock = sock
+        self._epoch += 1
         self._page = self._map_version_page(self._path)
         self._poller = _new_poller()
         self._poller.register(sock, select.POLLIN)
+        if self._epoll is not None:
+            self._epoll.register(sock, select.EPOLLIN)
         self._reader = LineReader(MAX_REPLY_LINE)
         self._pending = deque(slots)
         self._reason = "waiting for the agent's snapshot"
@@ -341,6 +382,9 @@ class AgentClient:
     def _received_locked(self, data: bytes) -> bool:
         """Apply what the agent sent; False (and the connection dropped) at its EOF."""
         if not data:
+            if self._index is not None:
+                # A working connection ended: the agent restarted or our guest migrated.
+                self._retry_at = max(time.monotonic(), self._last_quick + _RECONNECT_GAP)
             self._drop_locked("the agent closed the connection")
             return False
         self._feed_locked(data)
@@ -407,6 +451,54 @@ class AgentClient:
         if slot.reply.get("ok") is not True:
             raise AgentRejected(str(slot.reply.get("error")))
         return slot.reply
+
+    #### Change detection (for sleeping sockets)
+
+    @property
+    def version(self) -> int:
+        """A number that grows whenever the agent's table may have changed; no syscall.
+
+        It is read from the agent's shared version page (one aligned 8-byte load from a
+        mapping), which the agent bumps *before* it pushes a snapshot, so a socket can check
+        it on every operation and call :meth:`poll` only when it moved.  The top bits count
+        this client's connects and drops, so the number also moves (and never goes back)
+        when the client hangs up or reconnects to another agent, e.g. after its guest
+        migrated; values from two agents are never compared as if they were one counter.
+
+        Without a mapped page (agent too old, file unreadable) the low bits are the version
+        of the snapshot already applied, so changes then show only after :meth:`poll`.
+        Nothing connects here: before the first query or :meth:`poll`, it stays 0.
+        """
+        with self._lock:  # uncontended: a user-space atomic, not a syscall
+            page, index = self._page, self._index
+            low = 0
+            if page is not None:
+                with contextlib.suppress(ValueError):  # closed under us: treat as no page
+                    low = VERSION.unpack_from(page)[0]
+            elif index is not None:
+                low = index.version
+            return (self._epoch << _EPOCH_SHIFT) | (low & ((1 << _EPOCH_SHIFT) - 1))
+
+    def wait_fileno(self) -> int:
+        """An fd that becomes readable when the agent pushes a snapshot or hangs up.
+
+        A sleeping socket adds it to its select/poll/epoll set (or ``loop.add_reader``) to
+        wake on residency changes, then calls :meth:`poll` (which drains it) and re-checks.
+        It is an epoll fd watching the current agent connection; it stays the same fd across
+        reconnects (the new connection is added to it), until :meth:`close`.  A forked child
+        must call this again (the parent's epoll instance is closed in the child).
+
+        While no agent is connected nothing makes it readable; :meth:`poll` reconnects at
+        most once per second then, so a sleeper that needs to notice a restarted agent
+        should also wake on a timeout.  Calling this connects if no connection exists.
+        """
+        with self._lock:
+            if self._epoll is None:
+                self._epoll = _new_epoll()
+                if self._sock is not None:
+                    self._epoll.register(self._sock, select.EPOLLIN)
+            self._poll_locked()
+            return self._epoll.fileno()
 
     #### Queries (hot path)
 
@@ -600,9 +692,20 @@ def register_guest(
     _oneshot(path, req)
 
 
-def unregister_guest(path: Path, name: str) -> None:
-    """Forget a guest (idempotent)."""
-    _oneshot(path, {"op": "unregister_guest", "name": name})
+def unregister_guest(path: Path, name: str, disconnect: bool = False) -> int:
+    """Forget a guest (idempotent).
+
+    With ``disconnect`` (the guest migrated away), the agent also hangs up on every
+    process of the guest's network namespace before replying, so their clients reconnect
+    (through their agent path, re-pointed to the new host) and re-register listeners there.
+
+    Returns:
+        How many connections the agent hung up on.
+    """
+    req: dict[str, Any] = {"op": "unregister_guest", "name": name}
+    if disconnect:
+        req["disconnect"] = True
+    return int(_oneshot(path, req).get("disconnected", 0))
 
 
 def status(path: Path) -> dict[str, Any]:

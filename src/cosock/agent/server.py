@@ -430,9 +430,12 @@ class AgentServer:
         self._counters["errors"] += 1
         self._send(conn, encode({"ok": False, "error": error}), push=False)
 
+    def _publish_version(self) -> None:
+        VERSION.pack_into(self._version_page, 0, self._registry.version)
+
     def _push(self, exclude: _Conn | None) -> None:
         """Send the current snapshot to every subscriber (each with its own ``self``)."""
-        VERSION.pack_into(self._version_page, 0, self._registry.version)  # before any push
+        self._publish_version()  # before any push
         cache: dict[int | None, bytes] = {}
         for conn in [c for c in self._conns.values() if c.subscribed]:
             if conn is exclude or conn.closing or conn in self._doomed:
@@ -491,7 +494,34 @@ class AgentServer:
 
     def _op_unregister_guest(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         self._require_admin(conn)
-        return {"removed": self._registry.unregister_guest(req.get("name"))}
+        disconnect = req.get("disconnect", False)
+        if not isinstance(disconnect, bool):
+            raise RequestError("disconnect must be true or false")
+        guest = self._registry.guest_named(req.get("name"))
+        removed = self._registry.unregister_guest(req.get("name"))
+        dropped = self._disconnect_netns(guest.netns, keep=conn) if guest and disconnect else 0
+        return {"removed": removed, "disconnected": dropped}
+
+    def _disconnect_netns(self, netns: int, keep: _Conn) -> int:
+        """Hang up on every process of a guest that left this host (lab migration).
+
+        Why: their clients then reconnect through the guest's (re-pointed) agent path and
+        re-register their listeners with the agent of the host the guest now lives on.
+        The shutdown happens here, before the reply, so that once the requester hears back,
+        every such client already reads EOF on its next poll.
+        """
+        self._publish_version()  # so a woken process sees the page move, not only the EOF
+        dropped = 0
+        for other in list(self._conns.values()):
+            if other is keep or other.netns != netns or other in self._doomed:
+                continue
+            with contextlib.suppress(OSError):
+                other.sock.shutdown(socket.SHUT_RDWR)
+            other.out.clear()
+            other.out_off = other.out_bytes = 0
+            self._doomed.add(other)
+            dropped += 1
+        return dropped
 
     def _op_subscribe(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         if not conn.subscribed:

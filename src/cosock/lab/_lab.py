@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._config import ENV_AGENT
-from . import _agents, _netns, _state
+from . import _agents, _migrate, _netns, _state
 from ._model import (
     BRIDGE,
     DEFAULT_NAME,
@@ -146,9 +146,13 @@ class Lab:
                 link = g["link"]
                 address = g["addresses"][0]
                 _netns.attach_guest(nl, link["netns"], g["netns"], link["ifname"], address)
+                g["mac"] = _netns.mac_of(nl, g["netns"], GUEST_IFNAME)
             _wait_links(nl, state)
         for rec in [*state["hosts"], *state["guests"]]:
             rec["netns_inode"] = os.stat(_netns.netns_path(rec["netns"])).st_ino
+        for g in state["guests"]:
+            _state.point_guest(name, g["name"], g["host"])
+            g["agent_link"] = str(_state.guest_agent_socket(name, g["name"]))
         _agents.wait_ready(started)
 
         lab = cls(state)
@@ -179,6 +183,13 @@ class Lab:
         """Tear the lab down; see :func:`down`."""
         down(self.name)
 
+    def close(self) -> None:
+        """Close the netlink sockets :meth:`migrate` keeps open in this process (one per
+        namespace, so the next migration is cheap). Only needed by a process that migrates
+        guests of a lab another process tears down: an open one keeps its namespace alive.
+        :func:`down` closes them itself."""
+        _netns.close_lab_netlinks(self.name)
+
     #### Members
 
     def host(self, name: str | Host) -> Host:
@@ -203,10 +214,16 @@ class Lab:
     #### Running things in guests
 
     def env(self, guest: str | Guest) -> dict[str, str]:
-        """Environment of processes in ``guest``: ours plus where its agent is and who it is."""
+        """Environment of processes in ``guest``: ours plus where its agent is and who it is.
+
+        The agent path is the guest's own (``<lab>/guests/<guest>/agent.sock``), a link that
+        :meth:`migrate` re-points, so processes started before a migration find the new
+        host's agent when they reconnect.
+        """
         g = self.guest(guest)
         env = dict(os.environ)
-        env[ENV_AGENT] = str(self.host(g.host).agent_socket)
+        link = self._guest_record(g.name).get("agent_link")
+        env[ENV_AGENT] = str(link or self.host(g.host).agent_socket)
         env[ENV_GUEST] = g.name
         env[ENV_LAB] = self.name
         return env
@@ -254,6 +271,66 @@ class Lab:
             result.check_returncode()
         return result
 
+    #### Migration
+
+    def migrate(
+        self, guest: str | Guest, to_host: str | Host, *, delay_ms: float | None = None
+    ) -> Guest:
+        """Live-migrate ``guest`` to ``to_host``; returns the guest's new record.
+
+        Its processes keep running with unchanged addresses and sockets; its port moves to
+        the new host's bridge (traffic to its old neighbours now crosses the inter-host
+        wire); the state file, the guest's agent path and both agents are updated, and the
+        old agent hangs up on the guest's processes so they reconnect to the new one. When
+        this returns, every process's next :meth:`AgentClient.poll` sees the new residency.
+        ``delay_ms`` (if given) first sets the delay of every inter-host wire (see
+        :meth:`set_wire_delay`).
+
+        Raises:
+            UnknownGuest, UnknownHost, MigrationError (already on that host): nothing done.
+            NetemUnavailable: a delay was asked for without tc netem; nothing done.
+            AgentUnavailable: the new host's agent could not register the guest (the network
+            move has happened and is recorded).
+        """
+        g_name = guest.name if isinstance(guest, Guest) else guest
+        h_name = to_host.name if isinstance(to_host, Host) else to_host
+        _migrate.check(self._state, g_name, h_name)  # clear errors before asking for root
+        require_root("cosock lab migrate")
+        with _state.lab_lock(self.name):
+            state = _state.read(self.name) or self._state  # the newest, under the lock
+            g, h = _migrate.check(state, g_name, h_name)
+            old = next(r for r in state["hosts"] if r["name"] == g["host"])
+            if delay_ms is not None:
+                _migrate.set_wire_delay(state, delay_ms)
+            _migrate.replug(state, g, h)
+            _state.write(self.name, state)
+            self._reload(state)
+            _migrate.hand_over(state, g, old)
+        return self.guest(g_name)
+
+    def set_wire_delay(self, delay_ms: float) -> None:
+        """Delay every packet on every inter-host wire by ``delay_ms`` each way (0: none).
+
+        Raises:
+            NetemUnavailable: the kernel has no tc netem; nothing was changed.
+        """
+        require_root("setting the lab's wire delay")
+        with _state.lab_lock(self.name):
+            state = _state.read(self.name) or self._state
+            _migrate.set_wire_delay(state, delay_ms)
+            _state.write(self.name, state)
+            self._reload(state)
+
+    def _reload(self, state: _state.State) -> None:
+        fresh = Lab(state)
+        self._state, self.hosts, self.guests = state, fresh.hosts, fresh.guests
+
+    def _guest_record(self, name: str) -> dict[str, Any]:
+        for rec in self._state.get("guests", []):
+            if rec["name"] == name:
+                return dict(rec)
+        raise UnknownGuest(f"lab {self.name!r} has no guest {name!r}")
+
     #### Agents
 
     def _register(self, guest: Guest) -> None:
@@ -268,11 +345,24 @@ class Lab:
 
     def link_of(self, guest: str | Guest) -> Mapping[str, str]:
         """Where the guest's bridge-side veth is (``{"netns", "ifname"}``): what migration moves."""
-        g = self.guest(guest)
-        for rec in self._state.get("guests", []):
-            if rec["name"] == g.name:
-                return dict(rec["link"])
-        raise UnknownGuest(f"lab {self.name!r} has no guest {g.name!r}")
+        return dict(self._guest_record(self.guest(guest).name)["link"])
+
+    def wire_ends(self) -> builtins.list[tuple[str, str]]:
+        """(host namespace, ifname) of both ends of every inter-host wire."""
+        return _migrate.wire_ends(self._state)
+
+    def wire_bytes(self) -> int:
+        """Bytes (rx + tx, headers included) that crossed the inter-host wires so far, each
+        counted once at the hub's end: proof that a migrated guest's traffic takes the wire."""
+        require_root("reading the lab's wire counters")
+        hub = self.hosts[0].netns if self.hosts else ""
+        with _state.lab_lock(self.name):
+            nl = _netns.lab_netlinks(self.name)
+            return sum(
+                sum(_netns.link_bytes(nl, ns, ifname))
+                for ns, ifname in self.wire_ends()
+                if ns == hub
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -375,6 +465,7 @@ def down(name: str = DEFAULT_NAME) -> None:
     state = _state.read(name) or {}
     pids = [int(h.get("agent_pid") or 0) for h in state.get("hosts", []) if isinstance(h, dict)]
     _agents.stop(pids)
+    _netns.close_lab_netlinks(name)
 
     namespaces = _netns.list_netns(name)
     keys = {key for ns in namespaces if (key := _netns.netns_key(ns)) is not None}

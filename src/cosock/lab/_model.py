@@ -58,6 +58,14 @@ class UnknownHost(LabError, LookupError):
     """No host of that name in the lab."""
 
 
+class MigrationError(LabError, ValueError):
+    """A migration that cannot be done, e.g. to the host the guest already lives on."""
+
+
+class NetemUnavailable(LabError):
+    """A wire delay was asked for, but the kernel has no ``tc netem``."""
+
+
 class NeedsRoot(LabError, PermissionError):
     """Network namespaces, bridges and setns need root (CAP_SYS_ADMIN + CAP_NET_ADMIN)."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import signal
 import time
@@ -21,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
-from ._model import BRIDGE, GUEST_IFNAME, PREFIXLEN, lab_of_netns
+from ._model import BRIDGE, GUEST_IFNAME, PREFIXLEN, NetemUnavailable, lab_of_netns
 
 NETNS_DIR = Path("/run/netns")
+
+#: Neighbour state of static FDB entries (the bridge's and ports' own addresses).
+NUD_PERMANENT = 0x80
 
 #: (st_dev, st_ino) of a namespace: how /proc/<pid>/ns/net is matched against our namespaces.
 NsKey = tuple[int, int]
@@ -133,6 +138,26 @@ class Netlinks:
         socks, self._socks = self._socks, {}
         for ipr in socks.values():
             ipr.close()
+
+
+#: Netlink sockets kept per lab between migrations (each costs a fork to open); closed by
+#: :func:`close_lab_netlinks`, which ``down`` calls before the namespaces go (an open netlink
+#: socket keeps its namespace alive).
+_lab_netlinks: dict[str, Netlinks] = {}
+
+
+def lab_netlinks(lab: str) -> Netlinks:
+    """This process's long-lived :class:`Netlinks` for ``lab`` (callers hold the lab lock)."""
+    nl = _lab_netlinks.get(lab)
+    if nl is None:
+        nl = _lab_netlinks[lab] = Netlinks()
+    return nl
+
+
+def close_lab_netlinks(lab: str) -> None:
+    nl = _lab_netlinks.pop(lab, None)
+    if nl is not None:
+        nl.close()
 
 
 def _index(ipr: Any, ifname: str) -> int:
@@ -291,3 +316,65 @@ def terminate(pids: Iterable[int], grace: float = 2.0) -> None:
     for pid in pending:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+#### Migration helpers
+
+
+def mac_of(nl: Netlinks, ns: str, ifname: str) -> str:
+    """The link-layer address of ``ifname`` in ``ns`` (a guest's eth0: its identity on L2)."""
+    ipr = nl(ns)
+    (link,) = ipr.get_links(_index(ipr, ifname))
+    return str(link.get("address"))
+
+
+def forget_mac(nl: Netlinks, ns: str, mac: str) -> int:
+    """Delete the learned (non-permanent) FDB entries for ``mac`` on the bridge in ``ns``.
+
+    Why: after a guest's port moved, the other bridges still send its frames towards where
+    it was (a bridge drops a frame whose learned port is the one it came in on) until the
+    guest happens to transmit. Forgotten, the address is flooded, reaches the guest at once,
+    and is learned again from its first reply. Returns how many entries were removed.
+    """
+    ipr = nl(ns)
+    removed = 0
+    for entry in ipr.fdb("dump"):
+        if str(entry.get("NDA_LLADDR", "")).lower() != mac.lower():
+            continue
+        if entry.get("state", 0) & NUD_PERMANENT:
+            continue  # the bridge's own or a port's own address
+        with contextlib.suppress(NetlinkError):
+            ipr.fdb("del", ifindex=entry["ifindex"], lladdr=mac, master=True)
+            removed += 1
+    return removed
+
+
+def set_delay(nl: Netlinks, ns: str, ifname: str, delay_ms: float) -> None:
+    """Make ``ifname`` in ``ns`` send every packet ``delay_ms`` late (tc netem); 0 removes it.
+
+    Raises:
+        NetemUnavailable: the kernel has no netem queueing discipline.
+    """
+    ipr = nl(ns)
+    index = _index(ipr, ifname)
+    if delay_ms <= 0:
+        with contextlib.suppress(NetlinkError):
+            ipr.tc("del", index=index, handle="root")
+        return
+    try:
+        ipr.tc("replace", "netem", index=index, handle="1:", delay=int(delay_ms * 1000))
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise NetemUnavailable(
+                "the kernel has no tc netem (CONFIG_NET_SCH_NETEM), so the wire cannot be"
+                " delayed; run without a delay"
+            ) from None
+        raise
+
+
+def link_bytes(nl: Netlinks, ns: str, ifname: str) -> tuple[int, int]:
+    """(rx_bytes, tx_bytes) of ``ifname`` in ``ns``: proof of which way traffic went."""
+    ipr = nl(ns)
+    (link,) = ipr.get_links(_index(ipr, ifname))
+    stats = link.get("IFLA_STATS64") or link.get("IFLA_STATS")
+    return int(stats["rx_bytes"]), int(stats["tx_bytes"])

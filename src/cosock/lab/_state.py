@@ -42,6 +42,33 @@ def agent_log_path(lab: str, host: str) -> Path:
     return host_dir(lab, host) / "agent.log"
 
 
+def guest_agent_dir(lab: str, guest: str) -> Path:
+    """``<lab>/guests/<guest>``: a symlink to the directory of the host the guest is on."""
+    return lab_dir(lab) / "guests" / guest
+
+
+def guest_agent_socket(lab: str, guest: str) -> Path:
+    """The agent path a guest's processes use; stable across migrations (see point_guest)."""
+    return guest_agent_dir(lab, guest) / "agent.sock"
+
+
+def point_guest(lab: str, guest: str, host: str) -> None:
+    """(Re-)point the guest's agent directory at ``host``'s, atomically.
+
+    Why a directory symlink: the agent socket and its version page both sit in the host's
+    directory, so one rename moves a guest's processes to the new agent (on their next
+    connect) without anyone having to change their environment. The target is relative, so
+    the link stays right wherever the lab directory is looked at from.
+    """
+    link = guest_agent_dir(lab, guest)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{guest}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(os.path.join("..", host), tmp)
+    os.replace(tmp, link)  # rename(2) replaces the old link itself, never what it points to
+
+
 def reserve(lab: str) -> bool:
     """Atomically create an empty 'creating' state file; False if one already exists."""
     LABS_DIR.mkdir(parents=True, exist_ok=True)
@@ -74,6 +101,8 @@ def read(lab: str) -> State | None:
 def remove(lab: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         state_path(lab).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (LABS_DIR / f".{lab}.lock").unlink()
 
 
 def names() -> list[str]:
@@ -82,6 +111,18 @@ def names() -> list[str]:
         return sorted(p.stem for p in LABS_DIR.glob("*.json") if not p.name.startswith("."))
     except OSError:
         return []
+
+
+@contextlib.contextmanager
+def lab_lock(lab: str) -> Iterator[None]:
+    """Serialise changes of one lab's state (two migrations at once would lose an update)."""
+    LABS_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LABS_DIR / f".{lab}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

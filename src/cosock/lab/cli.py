@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -173,6 +174,72 @@ def exec_(
         raise typer.Exit(128 + signal.SIGINT) from None
     rc = result.returncode
     raise typer.Exit(128 - rc if rc < 0 else rc)
+
+
+def _delay(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidLabSpec(f"invalid delay {raw!r}: not a number of milliseconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise InvalidLabSpec(f"invalid delay {raw!r}: must be a finite number >= 0")
+    return value
+
+
+def migrate_guest(name: str, guest: str, to: str, delay_ms: str | None, as_json: bool) -> None:
+    """What ``cosock lab migrate`` and ``cosock migrate`` do: one line (or JSON) or one error."""
+    try:
+        delay = _delay(delay_ms)
+        lab = Lab.load(validate_name(name))
+        before = lab.guest(guest).host
+        start = time.monotonic()
+        moved = lab.migrate(guest, to, delay_ms=delay)
+        seconds = time.monotonic() - start
+    except _expected_errors() as err:
+        _fail(err)
+    if as_json:
+        _print_json(
+            {
+                "lab": lab.name,
+                "guest": moved.name,
+                "from": before,
+                "to": moved.host,
+                "seconds": round(seconds, 4),
+                "wire_delay_ms": delay,
+            }
+        )
+        return
+    extra = f", wire delay {delay:g} ms" if delay is not None else ""
+    typer.echo(
+        f"guest {moved.name} migrated from {before} to {moved.host}"
+        f" in {seconds * 1000:.0f} ms{extra}"
+    )
+
+
+GuestArg = Annotated[str, typer.Argument(help="Guest name, e.g. h1g1.")]
+ToOpt = Annotated[str, typer.Option("--to", metavar="HOST", help="Host to move the guest to.")]
+DelayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--delay-ms",
+        metavar="X",
+        help="Also delay every inter-host wire by X ms each way (needs tc netem).",
+    ),
+]
+
+
+@app.command("migrate")
+def migrate_(
+    guest: GuestArg,
+    to: ToOpt,
+    name: NameOpt = DEFAULT_NAME,
+    delay_ms: DelayOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Live-migrate GUEST to another host: processes keep running, the link moves."""
+    migrate_guest(name, guest, to, delay_ms, as_json)
 
 
 @app.command("down")
