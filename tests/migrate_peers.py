@@ -3,6 +3,9 @@
     python migrate_peers.py probe                 # AgentClient facts, one JSON line per command
     python migrate_peers.py stream-server PORT    # both ways at once, sha256 over each stream
     python migrate_peers.py stream-client HOST PORT
+    python migrate_peers.py idle-server PORT      # sends/reads only when told to
+    python migrate_peers.py idle-client HOST PORT
+    ... --cosock                                  # the same through cosock.enable()
 
 Both read JSON commands on stdin and answer one JSON line each, so a test can ask them
 questions while they keep running across migrations.
@@ -144,11 +147,30 @@ class Pump:
         }
 
 
+def _info(sock: socket.socket) -> dict[str, Any]:
+    info = getattr(sock, "cosock_info", None)
+    return {"path": "tcp"} if info is None else dict(info())
+
+
+def _scribble(sock: socket.socket) -> dict[str, Any]:
+    """Overwrite the connection's whole shared region (both rings) with garbage."""
+    ch = getattr(sock, "_co", None)
+    mm = None if ch is None else ch.mm
+    if mm is None:
+        return {"scribbled": 0}
+    mm[:] = os.urandom(len(mm))
+    return {"scribbled": len(mm)}
+
+
 def _serve_commands(pump: Pump) -> None:
     for line in sys.stdin:
         op = json.loads(line)["op"]
         if op == "progress":
             _out(pump.progress())
+        elif op == "info":
+            _out(_info(pump.sock))
+        elif op == "scribble":
+            _out(_scribble(pump.sock))
         elif op == "stop":
             _out(pump.finish())
             return
@@ -169,7 +191,56 @@ def stream_client(host: str, port: int) -> None:
     _serve_commands(Pump(conn))
 
 
+#### idle: no thread touches the socket between commands
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "little")).digest(n)
+
+
+def _idle(sock: socket.socket) -> None:
+    sock.settimeout(60)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "send":
+            data = _pattern(int(cmd["n"]), int(cmd["seed"]))
+            sock.sendall(data)
+            _out({"sent": len(data), "sha": hashlib.sha256(data).hexdigest()})
+        elif op == "read":
+            buf = bytearray()
+            while len(buf) < int(cmd["n"]):
+                chunk = sock.recv(int(cmd["n"]) - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+            _out({"read": len(buf), "sha": hashlib.sha256(buf).hexdigest()})
+        elif op == "info":
+            _out(_info(sock))
+        elif op == "scribble":
+            _out(_scribble(sock))
+
+
+def idle_server(port: int) -> None:
+    srv = socket.create_server(("0.0.0.0", port))
+    _out({"listening": port})
+    conn, _ = srv.accept()
+    srv.close()
+    _idle(conn)
+
+
+def idle_client(host: str, port: int) -> None:
+    conn = socket.create_connection((host, port), timeout=60)
+    _out({"connected": True})
+    _idle(conn)
+
+
 if __name__ == "__main__":
+    if "--cosock" in sys.argv:
+        sys.argv.remove("--cosock")
+        import cosock
+
+        cosock.enable()
     role = sys.argv[1]
     if role == "probe":
         probe()
@@ -177,5 +248,9 @@ if __name__ == "__main__":
         stream_server(int(sys.argv[2]))
     elif role == "stream-client":
         stream_client(sys.argv[2], int(sys.argv[3]))
+    elif role == "idle-server":
+        idle_server(int(sys.argv[2]))
+    elif role == "idle-client":
+        idle_client(sys.argv[2], int(sys.argv[3]))
     else:
         raise SystemExit(f"unknown role {role!r}")

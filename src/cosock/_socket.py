@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-from . import _config
+from . import _config, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -53,7 +53,16 @@ from ._events import (
     Switch,
 )
 from ._offer import Offer, normalise_host
-from ._protocol import FRAME_SIZES, T_BELL, T_FIN, T_SPACE, Connection, Role
+from ._protocol import (
+    FRAME_SIZES,
+    T_BELL,
+    T_DATA,
+    T_FIN,
+    T_SPACE,
+    T_SWITCH,
+    Connection,
+    Role,
+)
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
@@ -121,6 +130,7 @@ class _Channel:
         "mm",
         "nodelay",
         "nonce",
+        "peer_ip",
         "phase",
         "pre_out",
         "proto",
@@ -133,6 +143,7 @@ class _Channel:
         "rx",
         "rx_busy",
         "rx_lock",
+        "sleepers",
         "spin_max",
         "spin_min",
         "spin_ns",
@@ -180,6 +191,9 @@ class _Channel:
         self.tx_out = bytearray()
         self.rx_busy = False
         self.tx_busy = False
+        #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
+        self.sleepers = 0
+        self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
@@ -286,6 +300,86 @@ class CoSocket(socket.socket):
             except (RingCorrupted, ProtocolError, ValueError) as exc:
                 self._poison(ch, exc)
 
+    def _cosock_check_residency(self, agent: Any) -> None:
+        """Residency watch: switch to TCP if the agent says the peer left this host.
+
+        Undecided (nothing happens) while the agent is unreachable or does not know us.
+        """
+        ch = self._co
+        if ch is None or ch.phase is not _SHM or ch.tcp_eof:
+            return
+        if ch.peer_ip is None:
+            try:
+                ch.peer_ip = normalise_host(super().getpeername()[0])
+            except (OSError, ValueError):
+                return
+        if ipaddress.ip_address(ch.peer_ip).is_loopback:
+            return  # same guest: wherever it goes, both ends go
+        if not agent.available or agent.self_guest is None:
+            return
+        if agent.guest_owning(ch.peer_ip) is None:
+            self.cosock_switch()
+
+    def _cosock_needs_service(self) -> bool:
+        """Residency watch: is a switch unfinished (the peer's SWITCH not read yet, or
+        resend bytes not handed to the kernel)?"""
+        ch = self._co
+        if ch is None or ch.tcp_eof or ch.error is not None:
+            return False
+        return ch.phase is _SWITCHING or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
+
+    def _cosock_service_events(self) -> int:
+        ch = self._co
+        if ch is None:
+            return 0
+        return select.POLLIN if ch.phase is _SWITCHING else select.POLLOUT
+
+    def _cosock_service(self) -> None:
+        """Residency watch: move an unfinished switch on for an application that is not
+        calling into this socket (an app thread asleep on the fd does it itself)."""
+        ch = self._co
+        if ch is None or ch.sleepers:
+            return
+        try:
+            if ch.phase is _SWITCHING:
+                self._pump_control_only(ch)
+            if ch.phase is _FRAMED and self._co is ch:
+                self._flush_framed(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+        except OSError:
+            pass  # the application's next call reports it
+
+    def _pump_control_only(self, ch: _Channel) -> None:
+        """Consume control frames up to and including the peer's SWITCH, never the DATA
+        after it: those stay in the kernel, so the fd's readiness stays the application's."""
+        with ch.rx_lock:
+            try:
+                peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not peeked:
+                self._pump_locked(ch)  # EOF: the ordinary path handles a peer that left
+                return
+            pending, _ = ch.proto.trailing_data
+            data = pending + peeked
+            pos = 0
+            while pos < len(data):
+                kind = data[pos]
+                size = FRAME_SIZES.get(kind)
+                if size is None or kind == T_DATA or pos + size > len(data):
+                    break
+                pos += size
+                if kind == T_SWITCH:
+                    break
+            take = pos - len(pending)
+            if take <= 0:
+                return
+            chunk = super().recv(take)
+            self._sync_offsets(ch)
+            ch.proto.receive_data(chunk)
+            self._events(ch)
+
     def _cosock_kernel_write(self) -> bool:
         """Selectors: must the kernel also watch writability (framed bytes are queued)?"""
         ch = self._co
@@ -367,7 +461,12 @@ class CoSocket(socket.socket):
         # doorbell back for up to 40 ms.
         ch.nodelay = super().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         super().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            ch.peer_ip = normalise_host(super().getpeername()[0])
+        except (OSError, ValueError):
+            ch.peer_ip = None  # a non-blocking connect still in progress: set on demand
         track(self)
+        _residency.ensure_watching()
 
     def _detach_channel(self) -> None:
         ch = self._co
@@ -904,9 +1003,16 @@ class CoSocket(socket.socket):
         poller = select.poll()
         output = bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
         poller.register(self.fileno(), select.POLLIN | (select.POLLOUT if output else 0))
-        t0 = time.perf_counter_ns()
-        woken = poller.poll(timeout)
-        slept = time.perf_counter_ns() - t0
+        phase = ch.phase
+        ch.sleepers += 1
+        try:
+            if ch.phase is not phase:
+                return  # the residency watch switched paths meanwhile: look again
+            t0 = time.perf_counter_ns()
+            woken = poller.poll(timeout)
+            slept = time.perf_counter_ns() - t0
+        finally:
+            ch.sleepers -= 1
         if output and woken and woken[0][1] & select.POLLOUT:
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)

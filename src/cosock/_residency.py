@@ -1,0 +1,106 @@
+"""Residency watch: move live connections off shared memory when their peer stops being
+co-resident (a live migration), also while the application is not calling into them.
+
+One daemon thread per process, started with the first accelerated connection. It sleeps
+on the agent client's wake-up fd (every pushed snapshot, every reconnect to another agent
+makes it readable), and when the agent's table changed it asks each connection whether
+its peer is still on this host; those whose peer left switch to TCP (``CoSocket``'s path
+switch). Until a switch is complete it also finishes it for idle applications: it reads
+the peer's SWITCH (and only control frames: data stays in the kernel, so the
+application's own readiness is untouched) and hands the resend to the kernel.
+
+The agent is never on the data path: when it is unreachable nothing is decided, and live
+connections carry on as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import _selectors
+
+if TYPE_CHECKING:
+    from ._socket import CoSocket
+
+log = logging.getLogger("cosock.residency")
+
+#: Sleep bound while nothing is switching (a missed wake-up costs at most this).
+_IDLE_MS = 1000
+#: Sleep bound while a switch is in progress (the peer's answer, room for the resend).
+_BUSY_MS = 50
+
+_lock = threading.Lock()
+_started_pid: int | None = None
+
+
+def ensure_watching() -> None:
+    """Start the watch thread of this process (again after a fork) if it is not running."""
+    global _started_pid
+    pid = os.getpid()
+    if _started_pid == pid:
+        return
+    with _lock:
+        if _started_pid == pid:
+            return
+        thread = threading.Thread(target=_run, name="cosock-residency", daemon=True)
+        thread.start()
+        _started_pid = pid
+
+
+def _live() -> list[CoSocket]:
+    out = []
+    for ref in list(_selectors._channels.values()):
+        sock = ref()
+        if sock is not None and sock._co is not None:
+            out.append(sock)
+    return out
+
+
+def _agent() -> Any:
+    from .agent.client import AgentClient
+
+    return AgentClient.shared()
+
+
+def _run() -> None:
+    seen: int | None = None
+    wait_fd: int | None = None
+    while True:
+        try:
+            agent = _agent()
+            if wait_fd is None:
+                wait_fd = agent.wait_fileno()
+        except Exception:  # no agent now: connections carry on; try again later
+            agent = None
+            wait_fd = None
+        socks = _live()
+        busy = [s for s in socks if s._cosock_needs_service()]
+        poller = select.poll()
+        if wait_fd is not None:
+            poller.register(wait_fd, select.POLLIN)
+        for sock in busy:
+            try:
+                poller.register(sock.fileno(), sock._cosock_service_events())
+            except (OSError, ValueError):
+                continue
+        try:
+            poller.poll(_BUSY_MS if busy else _IDLE_MS)
+        except InterruptedError:
+            pass
+        if agent is not None:
+            try:
+                agent.poll()
+                version = agent.version
+                if version != seen:
+                    seen = version
+                    for sock in socks:
+                        sock._cosock_check_residency(agent)
+            except Exception:
+                log.debug("residency check failed", exc_info=True)
+        for sock in _live():
+            if sock._cosock_needs_service():
+                sock._cosock_service()

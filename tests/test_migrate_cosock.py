@@ -1,0 +1,110 @@
+"""Live migration of cosock connections in the lab (root): the path switch end to end.
+
+Two co-resident guests stream both ways through shared memory; one guest migrates to
+another host mid-stream. Both ends must leave the rings on their own (the agents publish
+the residency change, each process's residency watch switches its connections), every
+byte must arrive exactly once and in order, and garbage written over the old rings after
+both ends left them must never be delivered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_lab_migrate import Peer, peers, wire_bytes  # noqa: F401 (peers is a fixture)
+
+from conftest import requires_root
+from cosock.lab import Lab
+
+pytestmark = [requires_root, pytest.mark.timeout(240)]
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _stream_phase(client: Peer, server: Peer, want: int = 2 << 20) -> int:
+    """Let the stream run until ``want`` more bytes arrived at the two ends together."""
+    start = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.2)
+        c, s = client.ask(op="progress"), server.ask(op="progress")
+        assert c["error"] is None and s["error"] is None, (c, s)
+        got: int = c["received"] + s["received"] - start
+        if got >= want or time.monotonic() > deadline:
+            return got
+
+
+def _finish(client: Peer, server: Peer) -> tuple[dict[str, Any], dict[str, Any]]:
+    client.send(op="stop")
+    server.send(op="stop")
+    c_end, s_end = client.read(timeout=90), server.read(timeout=90)
+    for end in (c_end, s_end):
+        assert end["error"] is None and not end["hung"], end
+    assert c_end["sent"] == s_end["received"] and c_end["sent_sha"] == s_end["received_sha"]
+    assert s_end["sent"] == c_end["received"] and s_end["sent_sha"] == c_end["received_sha"]
+    return c_end, s_end
+
+
+@pytest.mark.parametrize("mover", ["h1g1", "h1g2"])
+def test_cosock_stream_survives_migration_byte_exact(
+    lab: Lab, peers: Callable[..., Peer], mover: str
+) -> None:
+    server = peers(lab, "h1g2", "stream-server", "7300", "--cosock")
+    assert server.read() == {"listening": 7300}
+    client = peers(lab, "h1g1", "stream-client", lab.guest("h1g2").address, "7300", "--cosock")
+    assert client.read() == {"connected": True}
+
+    got = _stream_phase(client, server)
+    assert got >= 2 << 20
+    assert client.ask(op="info")["path"] == server.ask(op="info")["path"] == "shm"
+
+    wire0 = wire_bytes(lab)
+    lab.migrate(mover, "h2")
+    # Each end learns from its own agent and leaves the rings by itself.
+    _until(
+        lambda: client.ask(op="info")["path"] == server.ask(op="info")["path"] == "tcp",
+        "both ends to switch to TCP",
+    )
+    # Both ends have left the rings: from now on the shared memory must never be read.
+    assert client.ask(op="scribble")["scribbled"] > 0
+    got = _stream_phase(client, server)
+    assert got >= 2 << 20
+    assert wire_bytes(lab) - wire0 >= got  # the stream really crosses the wire now
+    c_info, s_info = client.ask(op="info"), server.ask(op="info")
+    assert c_info["switches"] == s_info["switches"] == 1
+
+    lab.migrate(mover, "h1")  # back: the connection keeps working (on TCP)
+    _stream_phase(client, server)
+    c_end, s_end = _finish(client, server)
+    assert c_end["sent"] > 4 << 20 and s_end["sent"] > 4 << 20
+
+
+def test_idle_connection_switches_without_the_application(
+    lab: Lab, peers: Callable[..., Peer]
+) -> None:
+    """Neither application touches its socket during the migration, and bytes sit
+    unread in both rings: the residency watch threads switch, exchange the consumed
+    offsets and hand the resend to the kernel on their own."""
+    server = peers(lab, "h1g2", "idle-server", "7301", "--cosock")
+    assert server.read() == {"listening": 7301}
+    client = peers(lab, "h1g1", "idle-client", lab.guest("h1g2").address, "7301", "--cosock")
+    assert client.read() == {"connected": True}
+    c_sent = client.ask(op="send", n=300_000, seed=1)
+    s_sent = server.ask(op="send", n=200_000, seed=2)
+    assert client.ask(op="info")["path"] == "shm"
+    lab.migrate("h1g1", "h2")
+    _until(
+        lambda: client.ask(op="info")["path"] == server.ask(op="info")["path"] == "tcp",
+        "both ends to switch to TCP",
+    )
+    assert client.ask(op="scribble")["scribbled"] > 0
+    assert server.ask(op="read", n=300_000) == {"read": 300_000, "sha": c_sent["sha"]}
+    assert client.ask(op="read", n=200_000) == {"read": 200_000, "sha": s_sent["sha"]}
