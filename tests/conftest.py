@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -138,3 +138,20 @@ def cosock_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     proc.kill()
     proc.wait()
     shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def peers() -> Iterator[Callable[..., Any]]:
+    """``peers(lab, guest, *args)``: start a labpeers.Peer; all are killed afterwards."""
+    from labpeers import Peer
+
+    started: list[Peer] = []
+
+    def start(lab: Lab, guest: str, *args: str) -> Peer:
+        peer = Peer(lab, guest, *args)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.close()

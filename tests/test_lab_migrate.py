@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from cosock.lab import (
     _netns,
     _state,
 )
+from labpeers import Peer
 
 PEERS = str(Path(__file__).with_name("migrate_peers.py"))
 ROOT = str(Path(__file__).resolve().parents[1] / "src")
@@ -42,69 +42,6 @@ pytestmark = [requires_root, pytest.mark.timeout(180)]
 
 
 #### Helpers
-
-
-class Peer:
-    """A program from migrate_peers.py running in a guest, asked questions as JSON lines."""
-
-    def __init__(self, lab: Lab, guest: str, *args: str) -> None:
-        env = {"PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
-        self.proc = lab.popen(
-            guest,
-            [sys.executable, PEERS, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        self._buf = b""
-
-    def read(self, timeout: float = 20.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError(f"no answer from {self.proc.args} within {timeout} s")
-            data = os.read(fd, 65536)
-            if not data:
-                raise EOFError(f"{self.proc.args} exited with {self.proc.wait(5)}")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def ask(self, timeout: float = 20.0, **cmd: Any) -> dict[str, Any]:
-        self.send(**cmd)
-        return self.read(timeout)
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
-
-
-@pytest.fixture
-def peers() -> Iterator[Callable[..., Peer]]:
-    """``peers(lab, guest, *args)``: start a Peer; all are killed afterwards."""
-    started: list[Peer] = []
-
-    def start(lab: Lab, guest: str, *args: str) -> Peer:
-        peer = Peer(lab, guest, *args)
-        started.append(peer)
-        return peer
-
-    yield start
-    for peer in started:
-        peer.close()
 
 
 def links(ns: str) -> dict[str, Any]:

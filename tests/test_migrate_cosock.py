@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_lab_migrate import Peer, peers, wire_bytes  # noqa: F401 (peers is a fixture)
 
 from conftest import requires_root
 from cosock.lab import Lab
+from labpeers import Peer
 
 pytestmark = [requires_root, pytest.mark.timeout(240)]
 
@@ -66,7 +66,7 @@ def test_cosock_stream_survives_migration_byte_exact(
     assert got >= 2 << 20
     assert client.ask(op="info")["path"] == server.ask(op="info")["path"] == "shm"
 
-    wire0 = wire_bytes(lab)
+    wire0 = lab.wire_bytes()
     lab.migrate(mover, "h2")
     # Each end learns from its own agent and leaves the rings by itself.
     _until(
@@ -77,7 +77,7 @@ def test_cosock_stream_survives_migration_byte_exact(
     assert client.ask(op="scribble")["scribbled"] > 0
     got = _stream_phase(client, server)
     assert got >= 2 << 20
-    assert wire_bytes(lab) - wire0 >= got  # the stream really crosses the wire now
+    assert lab.wire_bytes() - wire0 >= got  # the stream really crosses the wire now
     c_info, s_info = client.ask(op="info"), server.ask(op="info")
     assert c_info["switches"] == s_info["switches"] == 1
 
