@@ -1,4 +1,5 @@
-"""Live migration of cosock connections in the lab (root): the path switch end to end.
+"""Live migration of cosock connections in the lab (root): the path switch end to end,
+away (shm -> TCP) and back (TCP -> a fresh shared-memory channel).
 
 Two co-resident guests stream both ways through shared memory; one guest migrates to
 another host mid-stream. Both ends must leave the rings on their own (the agents publish
@@ -22,10 +23,12 @@ from labpeers import Peer
 pytestmark = [requires_root, pytest.mark.timeout(240)]
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def _until(check: Callable[[], bool], what: str, timeout: float = 30.0, *ends: Peer) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            state = [end.ask(op="info") for end in ends]
+            raise AssertionError(f"timed out waiting for {what}: {state}")
         time.sleep(0.05)
 
 
@@ -64,7 +67,8 @@ def test_cosock_stream_survives_migration_byte_exact(
 
     got = _stream_phase(client, server)
     assert got >= 2 << 20
-    assert client.ask(op="info")["path"] == server.ask(op="info")["path"] == "shm"
+    infos = client.ask(op="info"), server.ask(op="info")
+    assert infos[0]["path"] == infos[1]["path"] == "shm", infos
 
     wire0 = lab.wire_bytes()
     lab.migrate(mover, "h2")
@@ -81,8 +85,19 @@ def test_cosock_stream_survives_migration_byte_exact(
     c_info, s_info = client.ask(op="info"), server.ask(op="info")
     assert c_info["switches"] == s_info["switches"] == 1
 
-    lab.migrate(mover, "h1")  # back: the connection keeps working (on TCP)
-    _stream_phase(client, server)
+    lab.migrate(mover, "h1")  # back next to its peer: upgraded to a fresh channel
+    _until(
+        lambda: client.ask(op="info")["path"] == server.ask(op="info")["path"] == "shm",
+        "both ends to return to shared memory",
+        30.0,
+        client,
+        server,
+    )
+    wire0 = lab.wire_bytes()
+    got = _stream_phase(client, server)
+    assert lab.wire_bytes() - wire0 < got // 10  # off the wire again
+    c_info, s_info = client.ask(op="info"), server.ask(op="info")
+    assert c_info["upgrades"] == s_info["upgrades"] == 1
     c_end, s_end = _finish(client, server)
     assert c_end["sent"] > 4 << 20 and s_end["sent"] > 4 << 20
 

@@ -606,8 +606,12 @@ EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
     (CLIENT, State.UPGRADE_SENT, Data): State.UPGRADE_SENT,
     (CLIENT, State.UPGRADE_SENT, Fin): State.UPGRADE_SENT,
     (CLIENT, State.UPGRADE_ACCEPTED, RingMark): SHM,
+    (CLIENT, State.UPGRADE_ACCEPTED, Data): State.UPGRADE_ACCEPTED,
+    (CLIENT, State.UPGRADE_ACCEPTED, Fin): State.UPGRADE_ACCEPTED,
     (SERVER, State.UPGRADE_RECEIVED, Accept): State.RING_AWAIT,
     (SERVER, State.UPGRADE_RECEIVED, Reject): State.FRAMED,
+    (SERVER, State.UPGRADE_RECEIVED, Data): State.UPGRADE_RECEIVED,
+    (SERVER, State.UPGRADE_RECEIVED, Fin): State.UPGRADE_RECEIVED,
     **{(SERVER, State.RING_AWAIT, kind): State.RING_AWAIT for kind in (Bell, Space, Fin)},
 }
 

@@ -55,11 +55,13 @@ def _scribble(sock: CoSocket) -> None:
     ch.mm[:] = os.urandom(len(ch.mm))
 
 
-def _wait_path(sock: CoSocket, path: str, timeout: float = 10.0) -> None:
+def _wait_path(*socks: CoSocket, path: str = "tcp", timeout: float = 10.0) -> None:
+    """Until every socket is on ``path`` (each reads its control stream meanwhile)."""
     deadline = time.monotonic() + timeout
-    while sock.cosock_path != path:
-        assert time.monotonic() < deadline, f"still {sock.cosock_path}, wanted {path}"
-        sock._cosock_pump()
+    while any(s.cosock_path != path for s in socks):
+        assert time.monotonic() < deadline, f"{[s.cosock_path for s in socks]}, want {path}"
+        for s in socks:
+            s._cosock_pump()
         time.sleep(0.001)
 
 
@@ -74,8 +76,7 @@ def test_unconsumed_ring_bytes_are_resent_exactly_once() -> None:
         # before it reads the SWITCH; then its answer says so and nothing is resent.
         rest = recv_all(conn, 200_000)
         assert head + rest == payload
-        _wait_path(conn, "tcp")
-        _wait_path(cli, "tcp")
+        _wait_path(conn, cli)
         # New bytes both ways now travel in DATA frames.
         cli.sendall(b"after-switch")
         assert recv_all(conn, 12) == b"after-switch"
@@ -335,3 +336,86 @@ def test_switch_claiming_less_than_we_retain_is_refused() -> None:
         with pytest.raises((ConnectionResetError, RingCorrupted)):
             for _ in range(3):
                 cli.recv(10)
+
+
+#### The way back: TCP -> shared memory with a fresh channel
+
+
+def _upgrade(cli: CoSocket, conn: CoSocket) -> None:
+    """Ask for the upgrade and let both ends see it through (each reads its socket)."""
+    assert cli.cosock_upgrade()
+    deadline = time.monotonic() + 10
+    while not (cli.cosock_path == conn.cosock_path == "shm"):
+        assert time.monotonic() < deadline, (cli.cosock_path, conn.cosock_path)
+        conn._cosock_pump()
+        cli._cosock_pump()
+        time.sleep(0.001)
+
+
+def test_upgrade_back_to_shared_memory_keeps_the_stream_exact() -> None:
+    with pair() as (cli, conn):
+        cli.sendall(b"a" * 1000)
+        cli.cosock_switch()
+        assert recv_all(conn, 1000) == b"a" * 1000
+        _wait_path(cli, conn)
+        cli.sendall(b"framed")  # queued in DATA frames before the upgrade
+        conn.sendall(b"FRAMED")
+        _upgrade(cli, conn)
+        cli.sendall(b"ring")
+        conn.sendall(b"RING")
+        assert recv_all(conn, 10) == b"framedring"
+        assert recv_all(cli, 10) == b"FRAMEDRING"
+        assert cli.cosock_info()["upgrades"] == conn.cosock_info()["upgrades"] == 1
+        info = cli.cosock_info()
+        assert info["bytes_sent"] == conn.cosock_info()["bytes_received"] == 1 + 1010
+
+
+def test_many_switches_and_upgrades_under_load_both_ways() -> None:
+    with pair() as (cli, conn):
+        cycles = 0
+
+        def during() -> None:
+            nonlocal cycles
+            for _ in range(4):
+                time.sleep(0.03)
+                cli.cosock_switch()
+                deadline = time.monotonic() + 10
+                while not (cli.cosock_path == conn.cosock_path == "tcp"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                time.sleep(0.03)
+                assert cli.cosock_upgrade()
+                while not (cli.cosock_path == conn.cosock_path == "shm"):
+                    assert time.monotonic() < deadline, (
+                        cli.cosock_path,
+                        conn.cosock_path,
+                        cli._co and cli._co.proto.state,
+                        conn._co and conn._co.proto.state,
+                        cli.cosock_info(),
+                        conn.cosock_info(),
+                    )
+                    time.sleep(0.001)
+                cycles += 1
+
+        sent, got = _pump_both_ways(cli, conn, 40_000_000, during)
+        assert sent == got
+        assert cycles == 4
+        assert cli.cosock_info()["switches"] == 4
+        assert cli.cosock_info()["upgrades"] == conn.cosock_info()["upgrades"] == 4
+
+
+def test_upgrade_without_a_listener_is_refused_and_stays_on_tcp() -> None:
+    with pair() as (cli, conn):
+        cli.cosock_switch()
+        _wait_path(conn, cli)
+        conn.sendall(b"x")
+        assert cli.recv(1) == b"x"
+        assert conn._co is not None
+        conn._co.rv = None  # as if the listener had closed: no offer can be found
+        assert cli.cosock_upgrade()
+        cli.sendall(b"still")
+        assert recv_all(conn, 5) == b"still"
+        conn.sendall(b"fine")
+        assert recv_all(cli, 4) == b"fine"
+        assert conn.cosock_info()["upgrades_refused"] == 1
+        assert cli.cosock_path == conn.cosock_path == "tcp"

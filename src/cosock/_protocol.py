@@ -217,14 +217,23 @@ SEND_TRANSITIONS: Final[_Table] = {
         State.SWITCH_RECEIVED: {Switch: State.FRAMED},
         State.FRAMED: {**_FRAMED, Upgrade: State.UPGRADE_SENT},
         State.UPGRADE_SENT: {Data: State.UPGRADE_SENT, Fin: State.UPGRADE_SENT},
-        State.UPGRADE_ACCEPTED: {RingMark: State.SHM},
+        State.UPGRADE_ACCEPTED: {
+            RingMark: State.SHM,
+            Data: State.UPGRADE_ACCEPTED,  # what was queued goes out before the mark
+            Fin: State.UPGRADE_ACCEPTED,
+        },
     },
     Role.SERVER: {
         State.HELLO_RECEIVED: {Accept: State.SHM, Reject: State.TCP},
         State.SHM: _SHM_SEND,
         State.SWITCH_RECEIVED: {Switch: State.FRAMED},
         State.FRAMED: _FRAMED,
-        State.UPGRADE_RECEIVED: {Accept: State.RING_AWAIT, Reject: State.FRAMED},
+        State.UPGRADE_RECEIVED: {
+            Accept: State.RING_AWAIT,
+            Reject: State.FRAMED,
+            Data: State.UPGRADE_RECEIVED,  # a writer thread's frames before the answer
+            Fin: State.UPGRADE_RECEIVED,
+        },
         State.RING_AWAIT: {Bell: State.RING_AWAIT, Space: State.RING_AWAIT, Fin: State.RING_AWAIT},
     },
 }

@@ -67,6 +67,21 @@ class Rendezvous:
         self._owner = os.getpid()
         #: Datagrams dropped, by reason (counted, never raised at the listener).
         self.dropped: dict[str, int] = {}
+        #: Holders: the listener, and each accepted connection that may later be offered
+        #: a fresh channel (an upgrade after a switch) -- it outlives the listener.
+        self._holders = 1
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """Drop one holder; the last one closes the socket."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.close()
 
     def _drop(self, reason: str, fds: list[int]) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import _selectors
@@ -69,6 +70,7 @@ def _agent() -> Any:
 def _run() -> None:
     seen: int | None = None
     wait_fd: int | None = None
+    checked = 0.0
     while True:
         try:
             agent = _agent()
@@ -95,8 +97,11 @@ def _run() -> None:
             try:
                 agent.poll()
                 version = agent.version
-                if version != seen:
-                    seen = version
+                now = time.monotonic()
+                # Also once a second: a connection that just finished an upgrade or a
+                # switch must be judged against the table it missed while busy.
+                if version != seen or now - checked >= _IDLE_MS / 1000:
+                    seen, checked = version, now
                     for sock in socks:
                         sock._cosock_check_residency(agent)
             except Exception:

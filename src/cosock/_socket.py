@@ -49,8 +49,10 @@ from ._events import (
     Hello,
     PlainData,
     Reject,
+    RingMark,
     Space,
     Switch,
+    Upgrade,
 )
 from ._offer import Offer, normalise_host
 from ._protocol import (
@@ -73,6 +75,8 @@ _MSG_PEEK: Final = int(socket.MSG_PEEK)
 _MSG_WAITALL: Final = int(socket.MSG_WAITALL)
 _MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _CTL_CHUNK: Final = 65536
+#: Frames after which the stream may carry data (the residency watch stops reading).
+_LAST_CONTROL: Final = frozenset({T_SWITCH})
 #: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
@@ -85,6 +89,9 @@ _HANDSHAKE, _SHM, _BROKEN = "handshake", "shm", "broken"
 #: Path switch (DESIGN.md): we left the rings and wait for the peer's SWITCH, which says
 #: where our resend starts; then data goes in DATA frames on TCP (``_FRAMED``).
 _SWITCHING, _FRAMED = "switching", "tcp"
+#: Server, upgrade accepted: our data goes into the new ring, the client's still comes in
+#: DATA frames until its RINGMARK.
+_UPGRADING = "upgrading"
 #: Payload of one DATA frame we send (the protocol accepts up to MAX_DATA_FRAME).
 _DATA_CHUNK: Final = 256 * 1024
 #: How long close() may wait to hand over bytes written before the verdict.
@@ -99,8 +106,8 @@ def _agent() -> Any:
     return AgentClient.shared()
 
 
-def _check_fin(fin: int, rx: RingReader, avail: int) -> None:
-    if rx.tail + avail > fin:
+def _check_fin(fin: int, base: int, rx: RingReader, avail: int) -> None:
+    if base + rx.tail + avail > fin:
         raise RingCorrupted(f"peer wrote past its own FIN at offset {fin}: channel corrupted")
 
 
@@ -140,7 +147,10 @@ class _Channel:
         "retained",
         "retained_base",
         "role",
+        "rv",
+        "rv_path",
         "rx",
+        "rx_base",
         "rx_busy",
         "rx_lock",
         "sleepers",
@@ -149,8 +159,10 @@ class _Channel:
         "spin_ns",
         "tcp_eof",
         "tx",
+        "tx_base",
         "tx_busy",
         "tx_out",
+        "upgrade",
         "wr_shut",
     )
 
@@ -188,6 +200,12 @@ class _Channel:
         # made by another thread waits for it (see ``_quiesce``).
         self.retained: bytearray | None = None
         self.retained_base = 0
+        # The way back (TCP -> shm): a fresh channel's rings start at 0 while the stream
+        # goes on, so each ring position is read as ``base + position``.
+        self.rx_base = self.tx_base = 0
+        self.rv: Rendezvous | None = None  # server: the listener's, for upgrade offers
+        self.rv_path: str | None = None  # client: the listener's rendezvous socket
+        self.upgrade: tuple[Any, int] | None = None  # client: (mapping, capacity) offered
         self.tx_out = bytearray()
         self.rx_busy = False
         self.tx_busy = False
@@ -205,6 +223,8 @@ class _Channel:
             "sleep_ns": 0,
             "safety_timeouts": 0,
             "switches": 0,
+            "upgrades": 0,
+            "upgrades_refused": 0,
         }
 
     def release(self) -> None:
@@ -215,6 +235,12 @@ class _Channel:
         if self.mm is not None:
             self.mm.close()
             self.mm = None
+        if self.upgrade is not None:
+            self.upgrade[0].close()
+            self.upgrade = None
+        if self.rv is not None:
+            self.rv.release()
+            self.rv = None
 
 
 class CoSocket(socket.socket):
@@ -260,11 +286,12 @@ class CoSocket(socket.socket):
             sent = ch.proto.sent_offset + len(ch.tx_out)
             received = ch.proto.received_offset - len(self._rxb or b"")
         elif ch is not None:
-            sent = 0 if ch.tx is None else ch.tx.head
-            received = 0 if ch.rx is None else ch.rx.tail
+            sent = 0 if ch.tx is None else ch.tx_base + ch.tx.head
+            received = 0 if ch.rx is None else ch.rx_base + ch.rx.tail
         return {
             "path": self.cosock_path,
             "fallback_reason": None if self._reason is None else self._reason.value,
+            "error": None if ch is None or ch.error is None else str(ch.error),
             "bytes_sent": sent,
             "bytes_received": received,
             **({} if ch is None else ch.counters),
@@ -287,6 +314,23 @@ class CoSocket(socket.socket):
             self._poison(ch, exc)
         return True
 
+    def cosock_upgrade(self) -> bool:
+        """Ask to move a switched connection back to shared memory with a fresh channel.
+
+        What the residency watch does when a guest arrives next to its peer again. Only
+        the client (connect()ing) side asks; the server verifies the new offer like a
+        first one. Returns False when there is nothing to upgrade or no offer could be
+        made; the answer arrives in-band (the path becomes ``"shm"`` when accepted).
+        """
+        ch = self._co
+        if ch is None or ch.phase is not _FRAMED or ch.role is not Role.CLIENT:
+            return False
+        try:
+            self._start_upgrade(ch, _agent())
+        except Exception:
+            return False
+        return ch.upgrade is not None
+
     def _cosock_pump(self) -> None:
         """Consume queued control frames (the selector saw the TCP fd readable)."""
         ch = self._co
@@ -306,7 +350,7 @@ class CoSocket(socket.socket):
         Undecided (nothing happens) while the agent is unreachable or does not know us.
         """
         ch = self._co
-        if ch is None or ch.phase is not _SHM or ch.tcp_eof:
+        if ch is None or ch.phase not in (_SHM, _FRAMED) or ch.tcp_eof or ch.error:
             return
         if ch.peer_ip is None:
             try:
@@ -317,8 +361,11 @@ class CoSocket(socket.socket):
             return  # same guest: wherever it goes, both ends go
         if not agent.available or agent.self_guest is None:
             return
-        if agent.guest_owning(ch.peer_ip) is None:
+        coresident = agent.guest_owning(ch.peer_ip) is not None
+        if ch.phase is _SHM and not coresident:
             self.cosock_switch()
+        elif ch.phase is _FRAMED and coresident and ch.role is Role.CLIENT:
+            self._start_upgrade(ch, agent)
 
     def _cosock_needs_service(self) -> bool:
         """Residency watch: is a switch unfinished (the peer's SWITCH not read yet, or
@@ -326,13 +373,17 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is None or ch.tcp_eof or ch.error is not None:
             return False
-        return ch.phase is _SWITCHING or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
+        return (
+            ch.phase is _SWITCHING
+            or (ch.phase is _HANDSHAKE and ch.role is Role.SERVER)  # a server that never reads
+            or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
+        )
 
     def _cosock_service_events(self) -> int:
         ch = self._co
         if ch is None:
             return 0
-        return select.POLLIN if ch.phase is _SWITCHING else select.POLLOUT
+        return select.POLLOUT if ch.phase is _FRAMED else select.POLLIN
 
     def _cosock_service(self) -> None:
         """Residency watch: move an unfinished switch on for an application that is not
@@ -341,7 +392,9 @@ class CoSocket(socket.socket):
         if ch is None or ch.sleepers:
             return
         try:
-            if ch.phase is _SWITCHING:
+            if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
+                self._pump(ch)  # only a HELLO can be queued before our verdict
+            elif ch.phase is _SWITCHING:
                 self._pump_control_only(ch)
             if ch.phase is _FRAMED and self._co is ch:
                 self._flush_framed(ch)
@@ -370,7 +423,7 @@ class CoSocket(socket.socket):
                 if size is None or kind == T_DATA or pos + size > len(data):
                     break
                 pos += size
-                if kind == T_SWITCH:
+                if kind in _LAST_CONTROL:
                     break
             take = pos - len(pending)
             if take <= 0:
@@ -419,7 +472,8 @@ class CoSocket(socket.socket):
                 events |= EVENT_READ  # EOF
             elif ch.phase is _SHM and ch.rx is not None:
                 rx = ch.rx
-                if rx.available() or (ch.fin is not None and rx.tail >= ch.fin) or rx.arm():
+                eof = ch.fin is not None and ch.rx_base + rx.tail >= ch.fin
+                if rx.available() or eof or rx.arm():
                     events |= EVENT_READ
         if wanted & EVENT_WRITE:
             tx = ch.tx
@@ -576,7 +630,9 @@ class CoSocket(socket.socket):
             return None
         finally:
             os.close(fd)
-        return _Channel(Role.CLIENT, nonce, mm, capacity), address
+        ch = _Channel(Role.CLIENT, nonce, mm, capacity)
+        ch.rv_path = listener.rendezvous  # where an upgrade is offered, should the
+        return ch, address  # listener be gone by then
 
     def _source_ip(self, address: Any) -> str:
         """The local address the kernel will pick for ``address`` (a UDP connect probes it)."""
@@ -659,6 +715,9 @@ class CoSocket(socket.socket):
             os.close(pending.fd)
         ch = _Channel(Role.SERVER, offer.nonce, mm, offer.capacity)
         ch.reject = reject
+        if reject is None:
+            rv.hold()
+            ch.rv = rv
         self._attach(ch)
         self._pump(ch)  # the HELLO is usually here already: settle the verdict now
 
@@ -706,14 +765,16 @@ class CoSocket(socket.socket):
     def _sync_offsets(self, ch: _Channel, leaving: bool = False) -> None:
         """Tell the protocol how far the rings have moved (it checks FIN against it)."""
         proto = ch.proto
-        if proto.tx_framed:
-            return  # switched: the protocol counts DATA frames itself
-        rx = ch.rx
-        shm = ch.phase is _SHM or leaving
-        if shm and rx is not None and rx.tail != proto.received_offset:
-            proto.data_received(rx.tail - proto.received_offset)
-        if ch.tx is not None and ch.tx.head != proto.sent_offset and not proto.fin_sent:
-            proto.data_sent(ch.tx.head - proto.sent_offset)
+        rx, tx = ch.rx, ch.tx
+        # A direction in DATA frames is counted by the protocol itself.
+        if not proto.rx_framed and (ch.phase is _SHM or leaving) and rx is not None:
+            offset = ch.rx_base + rx.tail
+            if offset != proto.received_offset:
+                proto.data_received(offset - proto.received_offset)
+        if not proto.tx_framed and tx is not None and not proto.fin_sent:
+            offset = ch.tx_base + tx.head
+            if offset != proto.sent_offset:
+                proto.data_sent(offset - proto.sent_offset)
 
     # ------------------------------------------------------------------ path switch
 
@@ -731,9 +792,9 @@ class CoSocket(socket.socket):
         self._sync_offsets(ch, leaving=True)
         since = tx.consumed()  # validated: never past what we wrote
         ch.retained = bytearray(tx.unsent_bytes(since))
-        ch.retained_base = since
+        ch.retained_base = ch.tx_base + since
         ch.counters["switches"] += 1
-        if ch.fin is not None and ch.rx is not None and ch.rx.tail > ch.fin:
+        if ch.fin is not None and ch.rx is not None and ch.rx_base + ch.rx.tail > ch.fin:
             raise RingCorrupted("peer wrote past its own FIN")
         self._control(ch, Switch(ch.proto.received_offset))
 
@@ -764,6 +825,143 @@ class CoSocket(socket.socket):
         ch.retained = None
         ch.phase = _FRAMED
         self._flush_framed(ch)
+
+    # ------------------------------------------------------------------ upgrade
+
+    def _start_upgrade(self, ch: _Channel, agent: Any) -> None:
+        """Client, on TCP after a switch, co-resident again: offer a fresh channel to the
+        server's listener and ask for it in-band (UPGRADE with the new nonce)."""
+        if ch.upgrade is not None or ch.peer_ip is None or ch.wr_shut:
+            return
+        try:
+            peer_port = super().getpeername()[1]
+            local = super().getsockname()
+        except OSError:
+            return
+        listener, _why = agent.lookup(ch.peer_ip, peer_port)
+        path = ch.rv_path if listener is None else listener.rendezvous
+        if path is None:
+            return  # no way to reach the server's process: stay on TCP
+        capacity = _config.ring_size()
+        try:
+            fd = create_channel_fd(capacity)
+        except OSError:
+            return
+        try:
+            mm = map_channel_fd(fd, capacity)
+            nonce = os.urandom(16)
+            offer = Offer(
+                client=(normalise_host(local[0]), local[1]),
+                server=(ch.peer_ip, peer_port),
+                nonce=nonce,
+                capacity=capacity,
+                family=4 if self.family == socket.AF_INET else 6,
+            )
+            try:
+                send_offer(path, offer, fd)
+            except OSError:
+                mm.close()
+                return
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        ch.rv_path = path
+        ch.upgrade = (mm, capacity)
+        self._control(ch, Upgrade(nonce))
+
+    def _frame_all_locked(self, ch: _Channel) -> None:
+        """Put every queued byte (and a pending FIN) into frames: what follows in the
+        stream is about to live in a ring."""
+        proto = ch.proto
+        while ch.tx_out:
+            chunk = bytes(ch.tx_out[:_DATA_CHUNK])
+            del ch.tx_out[: len(chunk)]
+            ch.ctl_out += proto.send(Data(chunk))
+        if ch.fin_pending and not proto.fin_sent:
+            ch.fin_pending = False
+            ch.ctl_out += proto.send(Fin(proto.sent_offset))
+
+    def _install_rings(self, ch: _Channel, mm: Any, capacity: int) -> None:
+        old = (ch.tx, ch.rx, ch.mm)
+        tx_index = 0 if ch.role is Role.CLIENT else 1
+        ch.mm = mm
+        ch.tx = RingWriter(mm, tx_index, capacity)
+        ch.rx = RingReader(mm, 1 - tx_index, capacity)
+        for end in old[:2]:
+            if end is not None:
+                end.release()
+        if old[2] is not None:
+            old[2].close()
+        ch.bell_mark = 0
+
+    def _answer_upgrade(self, ch: _Channel) -> None:
+        """Server: verify the client's new offer like a first one (sender's guest, nonce
+        in-band, sizes); Accept moves our data into the new ring, else Reject."""
+        reason: FallbackReason | None = None
+        mm = None
+        pending = None
+        try:
+            peer = super().getpeername()
+            local = super().getsockname()
+            key = (normalise_host(peer[0]), peer[1], normalise_host(local[0]), local[1])
+            pending = ch.rv.take(key) if ch.rv is not None else None
+        except (OSError, ValueError):
+            pending = None
+        if pending is None:
+            reason = FallbackReason.NO_OFFER
+        else:
+            try:
+                if not self._sender_owns(pending.pid, key[0]):
+                    reason = FallbackReason.OFFER_INVALID
+                elif pending.offer.capacity > _config.ring_max():
+                    reason = FallbackReason.RESOURCE
+                else:
+                    mm = map_channel_fd(pending.fd, pending.offer.capacity)
+            except RingCorrupted:
+                reason = FallbackReason.OFFER_INVALID
+            except OSError:
+                reason = FallbackReason.RESOURCE
+            finally:
+                os.close(pending.fd)
+            if reason is None and not ch.proto.verify_upgrade(pending.offer.nonce):
+                reason = FallbackReason.OFFER_INVALID
+        if reason is not None or mm is None or pending is None:
+            if mm is not None:
+                mm.close()
+            ch.counters["upgrades_refused"] += 1
+            self._control(ch, Reject(reason or FallbackReason.OFFER_INVALID))
+            return
+        self._install_rings(ch, mm, pending.offer.capacity)
+        with ch.ctl_lock:  # no writer may queue between the last frame and the switch
+            self._frame_all_locked(ch)
+            ch.ctl_out += ch.proto.send(Accept())
+            ch.tx_base = ch.proto.sent_offset
+            ch.phase = _UPGRADING
+        ch.counters["upgrades"] += 1
+        self._flush_ctl(ch)
+
+    def _upgrade_accepted(self, ch: _Channel) -> None:
+        """Client: the server's data now comes through the new ring; ours follows after
+        RINGMARK, once everything queued has gone out in frames."""
+        assert ch.upgrade is not None
+        mm, capacity = ch.upgrade
+        ch.upgrade = None
+        self._install_rings(ch, mm, capacity)
+        ch.rx_base = ch.proto.received_offset
+        with ch.ctl_lock:  # no writer may queue between the last frame and the switch
+            self._frame_all_locked(ch)
+            ch.ctl_out += ch.proto.send(RingMark())
+            ch.tx_base = ch.proto.sent_offset
+            ch.phase = _SHM
+        ch.counters["upgrades"] += 1
+        self._flush_ctl(ch)
+
+    def _upgrade_refused(self, ch: _Channel) -> None:
+        if ch.upgrade is not None:
+            ch.upgrade[0].close()
+            ch.upgrade = None
+        ch.counters["upgrades_refused"] += 1
 
     def _flush_framed(self, ch: _Channel) -> bool:
         """Send queued bytes as DATA frames; True once nothing is left queued."""
@@ -867,6 +1065,15 @@ class CoSocket(socket.socket):
                 return
             if isinstance(event, Hello):
                 self._verdict(ch)
+            elif isinstance(event, Accept) and ch.phase is _FRAMED:
+                self._upgrade_accepted(ch)
+            elif isinstance(event, Reject) and ch.phase is _FRAMED:
+                self._upgrade_refused(ch)
+            elif isinstance(event, Upgrade):
+                self._answer_upgrade(ch)
+            elif isinstance(event, RingMark):
+                ch.rx_base = ch.proto.received_offset  # the client's data: now in the ring
+                ch.phase = _SHM
             elif isinstance(event, Accept):
                 ch.phase = _SHM
                 if ch.tx is not None and ch.tx.head:
@@ -1038,9 +1245,10 @@ class CoSocket(socket.socket):
             raise ValueError("negative buffersize in recv")
         ch = self._co
         if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
+            # (bytes framed before an upgrade wait in _rxb: the slow path serves them first)
             bells = ch.rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = ch.rx.available()
-            if avail and ch.fin is None:  # fast path: one copy, no zeroed scratch buffer
+            if avail and ch.fin is None and not self._rxb:  # fast path: one copy
                 n = min(avail, bufsize)
                 ch.rx_busy = True
                 try:
@@ -1059,7 +1267,7 @@ class CoSocket(socket.socket):
         if ch is None:
             if self._rxb is None and self._txb is None:
                 return super().recv_into(buffer, nbytes, flags)
-        elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut:
+        elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut and not self._rxb:
             rx = ch.rx
             assert rx is not None
             bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
@@ -1221,7 +1429,7 @@ class CoSocket(socket.socket):
                 bells = rx.bells_sent()
                 avail = rx.available()
             if ch.fin is not None:
-                _check_fin(ch.fin, rx, avail)
+                _check_fin(ch.fin, ch.rx_base, rx, avail)
             if avail:
                 n = min(avail, nbytes - got)
                 ch.rx_busy = True
@@ -1249,7 +1457,7 @@ class CoSocket(socket.socket):
         """How much of the peer's stream has reached us (ring or DATA frames)."""
         if ch.phase is _SWITCHING or ch.phase is _FRAMED:
             return ch.proto.received_offset
-        return 0 if ch.rx is None else ch.rx.tail
+        return 0 if ch.rx is None else ch.rx_base + ch.rx.tail
 
     def _consumed(self, ch: _Channel, n: int, avail: int, bells_before: int) -> None:
         """Bookkeeping after taking ``n`` of ``avail`` ring bytes.
@@ -1497,6 +1705,8 @@ class CoSocket(socket.socket):
             if room > 0:
                 n = min(room, len(view))
                 with ch.ctl_lock:
+                    if ch.phase is not _SWITCHING and ch.phase is not _FRAMED:
+                        return 0  # upgraded meanwhile: the caller goes the ring's way
                     ch.tx_out += view[:n]
                 if ch.phase is _FRAMED:
                     self._flush_framed(ch)
@@ -1620,7 +1830,7 @@ class CoSocket(socket.socket):
                     _agent().unlisten(addr, port)
                 except Exception:
                     pass
-            rv.close()
+            rv.release()
         _ss.close(self)
 
     def _settle_before_close(self, ch: _Channel) -> None:
