@@ -67,14 +67,24 @@ class ChannelPool:
                 self.hits += 1
             else:
                 self.misses += 1
-            if self.target > 0 and not self._closed:
-                if self._thread is None:
-                    self._start_locked()
-                self._cond.notify()
+                if self.target > 0 and not self._closed:
+                    if self._thread is None:
+                        self._start_locked()
+                    self._cond.notify()
         _discard(stale)
         if item is not None:
             return item[1], item[2]
         return new_channel(capacity)
+
+    def top_up(self) -> None:
+        """Let the thread replace what was taken.  Called once the caller is about to wait
+        on the network, so the thread's work overlaps that wait instead of competing with
+        the caller for the GIL during set-up."""
+        with self._cond:
+            if len(self._ready) < self.target and not self._closed:
+                if self._thread is None:
+                    self._start_locked()
+                self._cond.notify()
 
     def ready(self) -> int:
         with self._cond:
@@ -154,6 +164,12 @@ def pool() -> ChannelPool:
 def take(capacity: int) -> tuple[int, mmap.mmap]:
     """A fresh, never-offered channel ``(memfd, mapping)`` for one connection."""
     return pool().take(capacity)
+
+
+def top_up() -> None:
+    """See :meth:`ChannelPool.top_up` (a no-op before the first channel was taken)."""
+    if _pool is not None:
+        _pool.top_up()
 
 
 def _after_fork_in_child() -> None:

@@ -42,6 +42,7 @@ from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrup
 from ._events import NEED_DATA, Accept, Bell, Eof, Fin, Hello, PlainData, Reject, Space
 from ._offer import Offer, normalise_host
 from ._pool import take as take_channel
+from ._pool import top_up as top_up_channels
 from ._protocol import FRAME_SIZES, T_BELL, Connection, Role
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, map_channel_fd
@@ -447,6 +448,7 @@ class CoSocket(socket.socket):
         ch.ctl_out += ch.proto.send(Hello(ch.nonce))
         if send_hello:
             self._flush_ctl(ch)
+        top_up_channels()  # we wait for the verdict next: make the next channel meanwhile
 
     # ------------------------------------------------------------------ server side
 
