@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -69,6 +70,11 @@ _WILDCARDS: Final = ("0.0.0.0", "::")
 #: How long a probed source address is reused for one destination (see ``_source_ip``).
 _SOURCE_TTL: Final = 1.0
 _source_cache: dict[tuple[Any, ...], tuple[str, float]] = {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
 
 
 def _agent() -> Any:
@@ -532,8 +538,7 @@ class CoSocket(socket.socket):
         sender_ns = netns_of_pid(pid)
         if sender_ns is None:
             return False
-        addr = ipaddress.ip_address(client_ip)
-        if addr.is_loopback:
+        if _is_loopback(client_ip):
             return sender_ns == listener_netns
         guest = _agent().guest_owning(client_ip)
         return guest is not None and guest.netns == sender_ns
