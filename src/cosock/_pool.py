@@ -18,8 +18,10 @@ starts its own stock and thread when it first connects.
 
 Idle cost: the thread sleeps on a condition variable while the stock is full (no CPU),
 and the stock is small (``COSOCK_CHANNEL_POOL`` channels, default 2; 0 turns the thread
-off and channels are made on demand).  Only the header pages of a stocked channel are
-touched, so its memory cost is two pages plus page tables.
+off and channels are made on demand, e.g. for programs that fork after connecting and
+want no extra thread).  Only the header pages of a stocked channel are touched, so its
+memory cost is two pages plus page tables.  Measured (docs/connection-setup.md): the
+thread beats both making channels on demand and refilling synchronously after the HELLO.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class ChannelPool:
         the caller for the GIL during set-up."""
         with self._cond:
             if len(self._ready) < self.target and not self._closed:
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():
                     self._start_locked()
                 self._cond.notify()
 
