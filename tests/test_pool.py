@@ -97,6 +97,28 @@ def test_stock_is_filled_ahead_and_released_on_close() -> None:
     assert _open_fds() == before
 
 
+def test_idle_thread_exits_and_comes_back_when_needed() -> None:
+    p = _pool.ChannelPool(2, linger=0.1)
+    try:
+        fd, mm = p.take(CAP)
+        mm.close()
+        os.close(fd)
+        p.top_up()
+        first = p._thread
+        assert first is not None
+        _wait(lambda: p.ready() == 2 and not first.is_alive())  # idle: no extra thread
+        assert p._thread is None
+        for _ in range(3):  # more than the stock: the next top-up needs a new thread
+            fd, mm = p.take(CAP)
+            mm.close()
+            os.close(fd)
+        p.top_up()
+        assert p._thread is not None and p._thread is not first
+        _wait(lambda: p.ready() == 2)
+    finally:
+        p.close()
+
+
 def test_pool_of_zero_makes_channels_on_demand_without_a_thread() -> None:
     p = _pool.ChannelPool(0)
     fd, mm = p.take(CAP)

@@ -16,8 +16,10 @@ same memfd too, and two connections would share one channel), so a forked child 
 its inherited copies (``os.register_at_fork``) before any of its own code runs, and
 starts its own stock and thread when it first connects.
 
-Idle cost: the thread sleeps on a condition variable while the stock is full (no CPU),
-and the stock is small (``COSOCK_CHANNEL_POOL`` channels, default 2; 0 turns the thread
+Idle cost: the thread sleeps on a condition variable while the stock is full (no CPU)
+and exits after ``linger`` seconds without a take (an idle process has no extra thread,
+and a program that forks long after its last connect forks a single-threaded process);
+the stock is small (``COSOCK_CHANNEL_POOL`` channels, default 2; 0 turns the thread
 off and channels are made on demand, e.g. for programs that fork after connecting and
 want no extra thread).  Only the header pages of a stocked channel are touched, so its
 memory cost is two pages plus page tables.  Measured (docs/connection-setup.md): the
@@ -40,8 +42,11 @@ _Item = tuple[int, int, mmap.mmap]  # capacity, fd, mapping
 class ChannelPool:
     """The stock and its refill thread (one per process: see :func:`take`)."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, linger: float = 2.0) -> None:
         self.target = target
+        #: Seconds the thread waits for a take with a full stock before it exits (so an
+        #: idle process has no extra thread; :meth:`top_up` starts a new one).
+        self.linger = linger
         self._cond = threading.Condition(threading.Lock())
         self._ready: deque[_Item] = deque()
         self._capacity = 0
@@ -113,7 +118,10 @@ class ChannelPool:
         while True:
             with self._cond:
                 while not self._closed and len(self._ready) >= self.target:
-                    self._cond.wait()
+                    if not self._cond.wait(self.linger) and len(self._ready) >= self.target:
+                        if self._thread is threading.current_thread():
+                            self._thread = None
+                        return
                 if self._closed:
                     return
                 capacity = self._capacity
@@ -121,8 +129,10 @@ class ChannelPool:
                 fd, mm = new_channel(capacity)
             except OSError:
                 with self._cond:  # out of memfds or memory: wait for the next take
-                    if not self._closed:
-                        self._cond.wait()
+                    if not self._closed and not self._cond.wait(self.linger):
+                        if self._thread is threading.current_thread():
+                            self._thread = None
+                        return
                 continue
             with self._cond:
                 if self._closed or capacity != self._capacity:
