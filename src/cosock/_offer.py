@@ -93,16 +93,29 @@ def _check_endpoint(
     if not isinstance(host, str):
         raise error(f"{name} host must be a str, not {host!r}")
     try:
-        address = _address(host)
+        address, text, unfit = _endpoint_facts(host)
     except ValueError:
         raise error(f"{name} host {host!r} is not an IP address") from None
-    if address.is_unspecified:
-        raise error(f"{name} address {address} is unspecified")
-    if address.is_multicast:
-        raise error(f"{name} address {address} is multicast")
+    if unfit:
+        raise error(f"{name} address {address} is {unfit}")
     if type(port) is not int or not 0 < port < 65536:
         raise error(f"{name} port must be in 1..65535, not {port!r}")
-    return address, normalise_host(host), port
+    return address, text, port
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_facts(host: str) -> tuple[_IPAddress, str, str]:
+    """Parsed address, its normalised text, and why it cannot be an endpoint ("" if it
+    can); cached, since ``ipaddress``'s network-membership properties cost microseconds.
+
+    Raises:
+        ValueError: ``host`` is not an IP address (not cached).
+    """
+    address = _address(host)
+    unfit = "unspecified" if address.is_unspecified else ""
+    if not unfit and address.is_multicast:
+        unfit = "multicast"
+    return address, str(address), unfit
 
 
 def _check(

@@ -33,6 +33,9 @@ _MAX_DGRAM = 512
 _SEND_PATIENCE = 0.2
 _MAX_UNIX_PATH = 107
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
+#: Plain ints: flag arithmetic on socket's IntFlag members costs microseconds a datagram.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_CRED = struct.Struct("3i")
 
 
 @dataclass(slots=True)
@@ -93,8 +96,8 @@ class Rendezvous:
                     arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                     fds.extend(arr)
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    cred = struct.unpack("3i", payload[: struct.calcsize("3i")])
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    cred = _CRED.unpack_from(payload)
+            if flags & _TRUNCATED:
                 self._drop("truncated", fds)
                 continue
             if len(fds) != 1:
