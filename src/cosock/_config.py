@@ -29,6 +29,9 @@ DEFAULT_SPIN_US = 50
 #: Upper bound of the adaptive spin budget, in microseconds.
 ENV_SPIN_MAX_US = "COSOCK_SPIN_MAX_US"
 DEFAULT_SPIN_MAX_US = 2000
+#: Fresh channels a process keeps made ahead for its next connects (0: make on demand).
+ENV_CHANNEL_POOL = "COSOCK_CHANNEL_POOL"
+DEFAULT_CHANNEL_POOL = 2
 
 
 def default_agent_path() -> Path:
@@ -78,3 +81,11 @@ def spin_max_ns() -> int:
 def ring_max() -> int:
     raw = os.environ.get(ENV_RING_MAX)
     return max(DEFAULT_RING_MAX if not raw else int(raw), ring_size())
+
+
+def channel_pool() -> int:
+    raw = os.environ.get(ENV_CHANNEL_POOL)
+    n = DEFAULT_CHANNEL_POOL if not raw else int(raw)
+    if not 0 <= n <= 64:
+        raise ValueError(f"{ENV_CHANNEL_POOL}={raw!r}: must be between 0 and 64")
+    return n

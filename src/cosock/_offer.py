@@ -47,6 +47,7 @@ OFFER_SIZE: Final = _LAYOUT.size
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_host(host: str) -> str:
     """The canonical text of an IP address, as ``Offer.key`` uses it.
 
@@ -54,6 +55,7 @@ def normalise_host(host: str) -> str:
     ``::ffff:10.0.0.1`` where the other end says ``10.0.0.1``), IPv6 is compressed and a
     scope id (``fe80::1%eth0``) is dropped, since the offer has no room for it. Apply it to
     ``getpeername()[0]``/``getsockname()[0]`` before comparing them with ``Offer.key``.
+    Cached: every connection set-up normalises the same few addresses several times.
 
     Raises:
         ValueError: ``host`` is not an IP address.
@@ -82,24 +84,38 @@ def _packed(address: _IPAddress) -> bytes:
 
 def _check_endpoint(
     name: str, endpoint: object, error: type[ProtocolError]
-) -> tuple[_IPAddress, int]:
-    """Parse and check one (host, port) pair; raise ``error`` with a precise message."""
+) -> tuple[_IPAddress, str, int]:
+    """Parse and check one (host, port) pair: the address, its normalised text and the port;
+    raise ``error`` with a precise message."""
     if not (isinstance(endpoint, tuple) and len(endpoint) == 2):
         raise error(f"{name} must be a (host, port) tuple, not {endpoint!r}")
     host, port = endpoint
     if not isinstance(host, str):
         raise error(f"{name} host must be a str, not {host!r}")
     try:
-        address = _address(host)
+        address, text, unfit = _endpoint_facts(host)
     except ValueError:
         raise error(f"{name} host {host!r} is not an IP address") from None
-    if address.is_unspecified:
-        raise error(f"{name} address {address} is unspecified")
-    if address.is_multicast:
-        raise error(f"{name} address {address} is multicast")
+    if unfit:
+        raise error(f"{name} address {address} is {unfit}")
     if type(port) is not int or not 0 < port < 65536:
         raise error(f"{name} port must be in 1..65535, not {port!r}")
-    return address, port
+    return address, text, port
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_facts(host: str) -> tuple[_IPAddress, str, str]:
+    """Parsed address, its normalised text, and why it cannot be an endpoint ("" if it
+    can); cached, since ``ipaddress``'s network-membership properties cost microseconds.
+
+    Raises:
+        ValueError: ``host`` is not an IP address (not cached).
+    """
+    address = _address(host)
+    unfit = "unspecified" if address.is_unspecified else ""
+    if not unfit and address.is_multicast:
+        unfit = "multicast"
+    return address, str(address), unfit
 
 
 def _check(
@@ -113,8 +129,8 @@ def _check(
     """Check every field of an offer; return the normalised endpoints."""
     if type(family) is not int or family not in (4, 6):
         raise error(f"offer family must be 4 or 6, not {family!r}")
-    client_address, client_port = _check_endpoint("client", client, error)
-    server_address, server_port = _check_endpoint("server", server, error)
+    client_address, client_text, client_port = _check_endpoint("client", client, error)
+    server_address, server_text, server_port = _check_endpoint("server", server, error)
     if client_address.version != server_address.version:
         raise error(
             f"client {client_address} and server {server_address} are not the same IP version"
@@ -127,7 +143,7 @@ def _check(
         raise error(f"ring capacity {capacity!r} is not a power of two")
     if not MIN_RING_SIZE <= capacity <= MAX_RING_SIZE:
         raise error(f"ring capacity {capacity} is outside {MIN_RING_SIZE}..{MAX_RING_SIZE}")
-    return (str(client_address), client_port), (str(server_address), server_port)
+    return (client_text, client_port), (server_text, server_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,13 +223,27 @@ class Offer:
             raise RemoteProtocolError(f"offer family must be 4 or 6, not {family}")
         hosts = []
         for name, raw in (("client", client_ip), ("server", server_ip)):
-            address = ipaddress.IPv6Address(raw)
-            if family == 4 and address.ipv4_mapped is None:
+            text, v4_mapped = _unpacked(raw)
+            if family == 4 and not v4_mapped:
                 raise RemoteProtocolError(
-                    f"family 4 offer with {name} address {address}, which is not v4-mapped"
+                    f"family 4 offer with {name} address {text}, which is not v4-mapped"
                 )
-            hosts.append(str(address))
-        client = (hosts[0], client_port)
-        server = (hosts[1], server_port)
-        _check(client, server, nonce, capacity, family, RemoteProtocolError)
-        return cls(client=client, server=server, nonce=nonce, capacity=capacity, family=family)
+            hosts.append(text)
+        try:  # __post_init__ makes every other check, once
+            return cls(
+                client=(hosts[0], client_port),
+                server=(hosts[1], server_port),
+                nonce=nonce,
+                capacity=capacity,
+                family=family,
+            )
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpacked(raw: bytes) -> tuple[str, bool]:
+    """Text of a 16-byte address field and whether it is v4-mapped; cached, since parsing
+    with ``ipaddress`` is most of the cost of decoding an offer."""
+    address = ipaddress.IPv6Address(raw)
+    return str(address), address.ipv4_mapped is not None

@@ -33,6 +33,9 @@ _MAX_DGRAM = 512
 _SEND_PATIENCE = 0.2
 _MAX_UNIX_PATH = 107
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
+#: Plain ints: flag arithmetic on socket's IntFlag members costs microseconds a datagram.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_CRED = struct.Struct("3i")
 
 
 @dataclass(slots=True)
@@ -65,6 +68,9 @@ class Rendezvous:
         self._pending: OrderedDict[tuple[str, int, str, int], Pending] = OrderedDict()
         self._lock = threading.Lock()
         self._owner = os.getpid()
+        #: Network namespace of the listener (a loopback client must share it); read once
+        #: here rather than per accepted connection.
+        self.netns = os.stat("/proc/self/ns/net").st_ino
         #: Datagrams dropped, by reason (counted, never raised at the listener).
         self.dropped: dict[str, int] = {}
         #: Holders: the listener, and each accepted connection that may later be offered
@@ -105,8 +111,8 @@ class Rendezvous:
                     arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                     fds.extend(arr)
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    cred = struct.unpack("3i", payload[: struct.calcsize("3i")])
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    cred = _CRED.unpack_from(payload)
+            if flags & _TRUNCATED:
                 self._drop("truncated", fds)
                 continue
             if len(fds) != 1:
@@ -158,8 +164,18 @@ class Rendezvous:
 
 
 _sender: socket.socket | None = None
-_sender_pid = 0
 _sender_lock = threading.Lock()
+
+
+def _forget_sender_in_child() -> None:
+    # The parent's socket works in the child too, but each process keeps its own (so two
+    # processes never share one socket's send queue); no getpid() per offer needed.
+    global _sender, _sender_lock
+    _sender = None
+    _sender_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_sender_in_child)
 
 
 def send_offer(path: str, offer: Offer, fd: int) -> None:
@@ -168,12 +184,11 @@ def send_offer(path: str, offer: Offer, fd: int) -> None:
     Raises:
         OSError: the listener is gone (ENOENT, ECONNREFUSED) or its queue is full (EAGAIN).
     """
-    global _sender, _sender_pid
+    global _sender
     with _sender_lock:
-        if _sender is None or _sender_pid != os.getpid():
+        if _sender is None:
             _sender = _SOCKET(socket.AF_UNIX, socket.SOCK_DGRAM)
             _sender.setblocking(False)
-            _sender_pid = os.getpid()
         sock = _sender
     fds = array.array("i", [fd])
     payload = [offer.encode()]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -55,6 +56,8 @@ from ._events import (
     Upgrade,
 )
 from ._offer import Offer, normalise_host
+from ._pool import take as take_channel
+from ._pool import top_up as top_up_channels
 from ._protocol import (
     FRAME_SIZES,
     T_BELL,
@@ -66,7 +69,7 @@ from ._protocol import (
     Role,
 )
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
-from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
+from ._ring import RingReader, RingWriter, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 
 _BaseSocket = socket.socket
@@ -98,6 +101,15 @@ _DATA_CHUNK: Final = 256 * 1024
 _CLOSE_LINGER: Final = 2.0
 #: Spin iterations between two sched_yield() calls (a power of two minus one).
 _YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
+_WILDCARDS: Final = ("0.0.0.0", "::")
+#: How long a probed source address is reused for one destination (see ``_source_ip``).
+_SOURCE_TTL: Final = 1.0
+_source_cache: dict[tuple[Any, ...], tuple[str, float]] = {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
 
 
 def _agent() -> Any:
@@ -117,10 +129,6 @@ def _handshake_room(ch: _Channel) -> int:
         return max(0, _config.ring_size() if ch.tx is None else ch.tx.capacity) - len(ch.pre_out)
     assert ch.tx is not None
     return min(ch.tx.free(), ch.tx.capacity - ch.tx.head)
-
-
-def _own_netns() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
 
 
 class _Channel:
@@ -589,28 +597,31 @@ class CoSocket(socket.socket):
                 else FallbackReason.NOT_CORESIDENT
             )
             return None
-        me = agent.self_guest
+        me = agent.last_self_guest  # as of the lookup's poll: no second round
         if me is not None and listener.guest == me.name and not _config.loopback_enabled():
             self._reason = FallbackReason.LOOPBACK_DISABLED
             return None
         try:
             local = super().getsockname()
             src = normalise_host(local[0])
-            if src in ("0.0.0.0", "::"):
+            probed = src in _WILDCARDS
+            if probed:
                 src = self._source_ip(address)
             if local[1] == 0:
-                bind_ip = local[0] if normalise_host(local[0]) not in ("0.0.0.0", "::") else src
-                if self.family == socket.AF_INET6 and ":" not in bind_ip:
-                    bind_ip = "::ffff:" + bind_ip
-                super().bind((bind_ip, 0))
+                try:
+                    self._bind_ephemeral(src)
+                except OSError:
+                    if not probed:
+                        raise
+                    src = self._source_ip(address, fresh=True)  # the cached one went stale
+                    self._bind_ephemeral(src)
             local = (src, super().getsockname()[1])
             capacity = _config.ring_size()
-            fd = create_channel_fd(capacity)
+            fd, mm = take_channel(capacity)
         except OSError:
             self._reason = FallbackReason.RESOURCE
             return None
         try:
-            mm = map_channel_fd(fd, capacity)
             nonce = os.urandom(16)
             offer = Offer(
                 client=(normalise_host(local[0]), local[1]),
@@ -626,6 +637,7 @@ class CoSocket(socket.socket):
                 self._reason = FallbackReason.OFFER_UNDELIVERED
                 return None
         except OSError:
+            mm.close()
             self._reason = FallbackReason.RESOURCE
             return None
         finally:
@@ -634,14 +646,34 @@ class CoSocket(socket.socket):
         ch.rv_path = listener.rendezvous  # where an upgrade is offered, should the
         return ch, address  # listener be gone by then
 
-    def _source_ip(self, address: Any) -> str:
-        """The local address the kernel will pick for ``address`` (a UDP connect probes it)."""
+    def _source_ip(self, address: Any, fresh: bool = False) -> str:
+        """The local address the kernel will pick for ``address`` (a UDP connect probes it).
+
+        Probed once per destination and second: four syscalls a connect otherwise.  A stale
+        answer is harmless: binding it fails if it is no longer ours (the caller then probes
+        afresh), and any address that binds is ours, which is all the offer claims.
+        """
+        key = (self.family, address[0], address[3] if len(address) > 3 else 0)
+        now = time.monotonic()
+        hit = None if fresh else _source_cache.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
         probe = _BaseSocket(self.family, socket.SOCK_DGRAM)
         try:
             probe.connect(address)
-            return str(probe.getsockname()[0])
+            src = normalise_host(str(probe.getsockname()[0]))
         finally:
             probe.close()
+        if len(_source_cache) >= 1024:
+            _source_cache.clear()
+        _source_cache[key] = (src, now + _SOURCE_TTL)
+        return src
+
+    def _bind_ephemeral(self, src: str) -> None:
+        """Bind ``src`` and a kernel-chosen port, so the offer can name the 4-tuple."""
+        if self.family == socket.AF_INET6 and ":" not in src:
+            src = "::ffff:" + src
+        super().bind((src, 0))
 
     def _start_client(self, ch: _Channel, send_hello: bool) -> None:
         self._attach(ch)
@@ -649,6 +681,7 @@ class CoSocket(socket.socket):
         ch.ctl_out += ch.proto.send(Hello(ch.nonce))
         if send_hello:
             self._flush_ctl(ch)
+        top_up_channels()  # we wait for the verdict next: make the next channel meanwhile
 
     # ------------------------------------------------------------------ server side
 
@@ -683,15 +716,19 @@ class CoSocket(socket.socket):
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
         if self._rv is not None:
-            sock._server_attach(self._rv[0])
+            sock._server_attach(self._rv, addr)
         return sock, addr
 
-    def _server_attach(self, rv: Rendezvous) -> None:
+    def _server_attach(self, listener: tuple[Rendezvous, str, int], peer: Any) -> None:
+        """``peer`` is what accept() returned; a listener bound to one address needs no
+        getsockname() to know the local end (two syscalls saved per connection)."""
+        rv, addr, port = listener
         try:
-            peer = super().getpeername()
-            local = super().getsockname()
-        except OSError:
+            if normalise_host(addr) in _WILDCARDS:
+                addr, port = super().getsockname()[:2]
+        except (OSError, ValueError):
             return
+        local = (addr, port)
         key = (normalise_host(peer[0]), peer[1], normalise_host(local[0]), local[1])
         pending = rv.take(key)
         if pending is None:
@@ -701,7 +738,7 @@ class CoSocket(socket.socket):
         mm = None
         reject = None
         try:
-            if not self._sender_owns(pending.pid, key[0]):
+            if not self._sender_owns(pending.pid, key[0], rv.netns):
                 reject = FallbackReason.OFFER_INVALID
             elif offer.capacity > _config.ring_max():
                 reject = FallbackReason.RESOURCE  # a peer may not make us map gigabytes
@@ -721,14 +758,18 @@ class CoSocket(socket.socket):
         self._attach(ch)
         self._pump(ch)  # the HELLO is usually here already: settle the verdict now
 
-    def _sender_owns(self, pid: int, client_ip: str) -> bool:
-        """Does the offer's sender live in the guest that owns the claimed client address?"""
+    def _sender_owns(self, pid: int, client_ip: str, listener_netns: int) -> bool:
+        """Does the offer's sender live in the guest that owns the claimed client address?
+
+        A loopback client shares the listener's network namespace (``listener_netns``,
+        recorded when it began to listen: a loopback connection reaches the listening
+        socket only from the namespace that socket was made in).
+        """
         sender_ns = netns_of_pid(pid)
         if sender_ns is None:
             return False
-        addr = ipaddress.ip_address(client_ip)
-        if addr.is_loopback:
-            return sender_ns == _own_netns()
+        if _is_loopback(client_ip):
+            return sender_ns == listener_netns
         guest = _agent().guest_owning(client_ip)
         return guest is not None and guest.netns == sender_ns
 
@@ -844,11 +885,10 @@ class CoSocket(socket.socket):
             return  # no way to reach the server's process: stay on TCP
         capacity = _config.ring_size()
         try:
-            fd = create_channel_fd(capacity)
+            fd, mm = take_channel(capacity)  # fresh, never offered to anyone
         except OSError:
             return
         try:
-            mm = map_channel_fd(fd, capacity)
             nonce = os.urandom(16)
             offer = Offer(
                 client=(normalise_host(local[0]), local[1]),
@@ -901,18 +941,20 @@ class CoSocket(socket.socket):
         reason: FallbackReason | None = None
         mm = None
         pending = None
+        rv: Rendezvous | None = None
         try:
             peer = super().getpeername()
             local = super().getsockname()
             key = (normalise_host(peer[0]), peer[1], normalise_host(local[0]), local[1])
-            pending = ch.rv.take(key) if ch.rv is not None else None
+            rv = ch.rv
+            pending = rv.take(key) if rv is not None else None
         except (OSError, ValueError):
             pending = None
-        if pending is None:
+        if pending is None or rv is None:
             reason = FallbackReason.NO_OFFER
         else:
             try:
-                if not self._sender_owns(pending.pid, key[0]):
+                if not self._sender_owns(pending.pid, key[0], rv.netns):
                     reason = FallbackReason.OFFER_INVALID
                 elif pending.offer.capacity > _config.ring_max():
                     reason = FallbackReason.RESOURCE

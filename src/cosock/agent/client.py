@@ -533,6 +533,12 @@ class AgentClient:
             return self._index.self_guest if self._index else None
 
     @property
+    def last_self_guest(self) -> GuestInfo | None:
+        """Our guest as of the last poll, without polling again (right after a lookup)."""
+        index = self._index
+        return index.self_guest if index else None
+
+    @property
     def rendezvous_dir(self) -> Path | None:
         with self._lock:
             self._poll_locked()
