@@ -138,3 +138,40 @@ def cosock_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     proc.kill()
     proc.wait()
     shutil.rmtree(short, ignore_errors=True)
+
+
+#### Leaks
+
+
+def _singleton_fds() -> list[int]:
+    """Process-lifetime fds that are not leaks: the offer sender socket (one per process)."""
+    from cosock import _rendezvous
+
+    sender = _rendezvous._sender
+    if sender is not None and _rendezvous._sender_pid == os.getpid() and sender.fileno() >= 0:
+        return [sender.fileno()]
+    return []
+
+
+@pytest.fixture
+def leak_check() -> Iterator[None]:
+    """Fail the test if it leaves fds, memfds, memfd mappings, threads, child processes or
+    lab namespaces behind.  Request it before ``cosock_agent``/``lab`` (usefixtures order),
+    so their teardown runs before the check."""
+    import gc
+
+    from cosock._leaks import settled_leaks, snapshot
+    from cosock.lab._model import NETNS_PREFIX
+
+    ours = [f"{NETNS_PREFIX}t{_b36(os.getpid() % 1296):0>2}"]  # this process's labs only
+
+    def take() -> object:
+        gc.collect()
+        return snapshot(ours, _singleton_fds())
+
+    gc.collect()
+    before = snapshot(ours, _singleton_fds())
+    yield
+    leaks = settled_leaks(before, take)  # type: ignore[arg-type]
+    found = {kind: items for kind, items in leaks.items() if items}
+    assert not found, f"leaked: {found}"

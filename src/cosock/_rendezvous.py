@@ -63,6 +63,9 @@ class Rendezvous:
         self._sock.bind(str(self.path))
         self._sock.setblocking(False)
         self._pending: OrderedDict[tuple[str, int, str, int], Pending] = OrderedDict()
+        # Nonces of offers already taken (bounded like the pending table): a replay of a
+        # used offer is refused, not queued for a later connection that reuses its 4-tuple.
+        self._taken: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
         self._owner = os.getpid()
         #: Datagrams dropped, by reason (counted, never raised at the listener).
@@ -109,7 +112,14 @@ class Rendezvous:
 
     def _store(self, item: Pending) -> None:
         with self._lock:
-            old = self._pending.pop(item.offer.key, None)
+            old = self._pending.get(item.offer.key)
+            nonce = item.offer.nonce
+            if nonce in self._taken or (old is not None and old.offer.nonce == nonce):
+                # A replay (a client never sends one nonce twice): the first copy stands,
+                # so whoever replays it cannot swap their memory in under the real nonce.
+                self._drop("replayed", [item.fd])
+                return
+            self._pending.pop(item.offer.key, None)
             if old is not None:  # a replayed or superseded offer: the newest wins
                 os.close(old.fd)
                 self.dropped["replaced"] = self.dropped.get("replaced", 0) + 1
@@ -127,7 +137,16 @@ class Rendezvous:
         """The offer for this accepted connection, if any (the caller owns its fd)."""
         self.drain()
         with self._lock:
-            return self._pending.pop(key, None)
+            item = self._pending.pop(key, None)
+            if item is not None:
+                now = time.monotonic()
+                self._taken[item.offer.nonce] = now
+                while self._taken and (
+                    len(self._taken) > _MAX_PENDING
+                    or now - next(iter(self._taken.values())) >= _OFFER_TTL
+                ):
+                    self._taken.popitem(last=False)
+            return item
 
     def close(self) -> None:
         with self._lock:
