@@ -5,6 +5,8 @@
     python lab_peers.py many HOST PORT N            # N concurrent clients, hashes checked
     python lab_peers.py half-close HOST PORT        # shutdown(SHUT_WR) then read the reply
     python lab_peers.py forge-offer RENDEZVOUS CLIENT_IP CLIENT_PORT SERVER_IP PORT
+    python lab_peers.py sink-server PORT            # per connection: read to the end, report
+    python lab_peers.py stream HOST PORT            # send until killed
 """
 
 from __future__ import annotations
@@ -93,6 +95,40 @@ def forge_offer(rendezvous: str, cip: str, cport: int, sip: str, sport: int) -> 
     print(json.dumps({"sent": True}), flush=True)
 
 
+def sink_server(port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+    print(json.dumps({"listening": port}), flush=True)
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(60)
+        conn.sendall(b"!")  # the client waits for it: both sides then know the path
+        path, total, end = "none", 0, "eof"
+        try:
+            while chunk := conn.recv(1 << 20):
+                total += len(chunk)
+                path = getattr(conn, "cosock_path", "tcp") if path == "none" else path
+        except OSError as exc:
+            end = type(exc).__name__
+        conn.close()
+        print(json.dumps({"path": path, "bytes": total, "end": end}), flush=True)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def stream(host: str, port: int) -> None:
+    s = socket.create_connection((host, port), timeout=60)
+    block = os.urandom(1 << 16)
+    assert s.recv(1) == b"!"
+    print(json.dumps({"path": getattr(s, "cosock_path", "tcp")}), flush=True)
+    while True:
+        s.sendall(block)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "hash-server":
@@ -103,5 +139,9 @@ if __name__ == "__main__":
         half_close(args[0], int(args[1]))
     elif cmd == "forge-offer":
         forge_offer(args[0], args[1], int(args[2]), args[3], int(args[4]))
+    elif cmd == "sink-server":
+        sink_server(int(args[0]))
+    elif cmd == "stream":
+        stream(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown command {cmd}")

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -618,3 +619,77 @@ def test_fuzz_agent_line_reader_and_decoder(chunks: list[bytes], limit: int) -> 
             assert isinstance(msg, dict)
     with contextlib.suppress(RemoteProtocolError):
         reader.take_rest()
+
+
+# --------------------------------------------------------------------------- listener claims
+
+
+def test_a_process_cannot_claim_a_listener_it_does_not_hold(cosock_agent: Path) -> None:
+    """Another process of the guest asks the agent to publish *its* rendezvous for our
+    server's address: refused (it holds no such listening socket), so clients keep
+    offering their memfds to the real server only."""
+    from cosock.agent.client import AgentClient, status
+
+    srv = listener()
+    addr, port = srv.getsockname()
+    code = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from cosock.agent.client import AgentClient
+        from cosock._errors import AgentUnavailable
+        c = AgentClient(Path({str(cosock_agent)!r}))
+        try:
+            c.listen({addr!r}, {port}, "/tmp/evil.sock")
+            print("accepted")
+        except (AgentUnavailable, OSError) as exc:
+            print("refused", exc)
+        c.close()
+        """
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
+        assert out.stdout.startswith("refused"), out.stdout + out.stderr
+        assert "holds no listening socket" in out.stdout
+        assert status(cosock_agent)["counters"]["refused_listens"] == 1
+        AgentClient.shared().poll()
+        with bystander(srv) as pair:  # still offered to the real rendezvous
+            still_fine(pair)
+    finally:
+        srv.close()
+
+
+def test_hello_without_an_offer_is_rejected_not_handed_to_the_app() -> None:
+    """The offer of a cosock client was taken by another process sharing the listener (a
+    pre-forked sibling whose accept() drained the rendezvous): the server that accepts the
+    connection must REJECT in-band, and its application must not read the HELLO as data."""
+    srv = listener()
+    try:
+        cli = CoSocket()
+        cli.settimeout(10)
+        cli.connect(srv.getsockname())
+        cli.sendall(b"request")
+        pid = os.fork()
+        if pid == 0:  # the sibling: drains the offer into its own table, then exits
+            try:
+                rv_of(srv).drain()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        conn, _ = srv.accept()
+        with cli, conn:
+            conn.settimeout(10)
+            assert conn.cosock_fallback_reason is FallbackReason.NO_OFFER
+            reply: list[bytes] = []
+            waiter = threading.Thread(target=lambda: reply.append(recv_all(cli, 5)))
+            waiter.start()  # a client waiting for its reply (it resends after the REJECT)
+            try:
+                assert recv_all(conn, 7) == b"request"
+                conn.sendall(b"reply")
+            finally:
+                waiter.join(15)
+            assert reply == [b"reply"]
+            assert cli.cosock_fallback_reason is FallbackReason.NO_OFFER
+    finally:
+        srv.close()

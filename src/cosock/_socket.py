@@ -41,7 +41,7 @@ from . import _config
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import NEED_DATA, Accept, Bell, Eof, Fin, Hello, PlainData, Reject, Space
 from ._offer import Offer, normalise_host
-from ._protocol import FRAME_SIZES, T_BELL, Connection, Role
+from ._protocol import FRAME_SIZES, HELLO_MAGIC, T_BELL, Connection, Role
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
@@ -469,6 +469,13 @@ class CoSocket(socket.socket):
         pending = rv.take(key)
         if pending is None:
             self._reason = FallbackReason.NO_OFFER
+            if self._hello_queued():
+                # A cosock client whose offer we lack (expired, taken by a sibling process,
+                # or sent to someone else): REJECT it in-band; its HELLO is not app data.
+                ch = _Channel(Role.SERVER, os.urandom(16), None, _config.ring_size())
+                ch.reject = FallbackReason.NO_OFFER
+                self._attach(ch)
+                self._pump(ch)
             return
         offer = pending.offer
         mm = None
@@ -490,6 +497,18 @@ class CoSocket(socket.socket):
         ch.reject = reject
         self._attach(ch)
         self._pump(ch)  # the HELLO is usually here already: settle the verdict now
+
+    def _hello_queued(self) -> bool:
+        """Do the first bytes already received look like a HELLO (never blocks)?"""
+        timeout = super().gettimeout()
+        super().settimeout(0.0)  # with a timeout, CPython would wait despite MSG_DONTWAIT
+        try:
+            head = super().recv(len(HELLO_MAGIC), _MSG_PEEK)
+        except OSError:
+            return False
+        finally:
+            super().settimeout(timeout)
+        return bool(head) and HELLO_MAGIC.startswith(head)
 
     def _sender_owns(self, pid: int, client_ip: str) -> bool:
         """Does the offer's sender live in the guest that owns the claimed client address?"""
