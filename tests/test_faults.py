@@ -380,3 +380,57 @@ def test_guest_namespace_deleted_mid_stream(lab_factory: Any) -> None:
             proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+@pytest.mark.usefixtures("leak_check")
+def test_agent_restart_server_in_another_process_is_accelerated_again(
+    own_agent: dict[str, Any],
+) -> None:
+    """The listener lives in a process that only accept()s (it never looks anything up):
+    after the agent comes back it must still re-register, or no client is accelerated
+    again."""
+    import json
+
+    from cosock._rendezvous import _sender  # noqa: F401 - created by our offers below
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cosock.torture", "server", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def attempt() -> str:
+        with CoSocket() as cli:
+            cli.settimeout(10)
+            cli.connect(("127.0.0.1", port))
+            up = b"hello"
+            cli.sendall(b"".join(x.to_bytes(8, "big") for x in (len(up), 0, 1)) + b"\0" + up)
+            assert recv_all(cli, 32) == hashlib.sha256(up).digest()
+            return cli.cosock_path
+
+    try:
+        assert server.stdout is not None
+        assert json.loads(server.stdout.readline()) == {"listening": port}
+        assert attempt() == "shm"
+        own_agent["proc"].kill()
+        own_agent["proc"].wait()
+        time.sleep(1.1)
+        assert attempt() == "tcp"
+        own_agent["proc"] = start_agent(own_agent["path"])
+        deadline = time.monotonic() + 15
+        paths = []
+        while time.monotonic() < deadline:
+            paths.append(attempt())
+            if paths[-1] == "shm":
+                break
+            time.sleep(0.3)
+        assert paths[-1] == "shm", f"never accelerated again: {paths}"
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()

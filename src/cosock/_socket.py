@@ -457,6 +457,12 @@ class CoSocket(socket.socket):
             sock.setblocking(True)
         if self._rv is not None:
             sock._server_attach(self._rv[0])
+            try:
+                # A process that only accepts never asks the agent anything: let it notice
+                # a restarted agent (and re-register this listener) here.  One recv syscall.
+                _agent().poll()
+            except Exception:
+                pass
         return sock, addr
 
     def _server_attach(self, rv: Rendezvous) -> None:
