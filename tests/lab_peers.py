@@ -2,7 +2,7 @@
 ``cosock run`` (or its environment) they are accelerated, without it they are not.
 
     python lab_peers.py hash-server PORT            # per connection: len, data -> sha256
-    python lab_peers.py many HOST PORT N            # N concurrent clients, hashes checked
+    python lab_peers.py many HOST PORT N [SEED]     # N concurrent clients, hashes checked
     python lab_peers.py half-close HOST PORT        # shutdown(SHUT_WR) then read the reply
     python lab_peers.py forge-offer RENDEZVOUS CLIENT_IP CLIENT_PORT SERVER_IP PORT
     python lab_peers.py sink-server PORT            # per connection: read to the end, report
@@ -53,11 +53,16 @@ def hash_server(port: int) -> None:
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def many(host: str, port: int, n: int) -> None:
+def many(host: str, port: int, n: int, seed: int | None = None) -> None:
+    """``n`` connections open at once; sizes 1000 + 37 i, or random (1 B..256 KiB) by seed."""
+    import random
+
+    rng = random.Random(seed)
     socks = []
     for i in range(n):
         s = socket.create_connection((host, port), timeout=60)
-        socks.append((s, os.urandom(1000 + 37 * i)))
+        size = 1000 + 37 * i if seed is None else rng.randrange(1, 256 << 10)
+        socks.append((s, rng.randbytes(size) if seed is not None else os.urandom(size)))
     for s, data in socks:
         s.sendall(len(data).to_bytes(8, "big") + data)
     ok = 0
@@ -134,7 +139,7 @@ if __name__ == "__main__":
     if cmd == "hash-server":
         hash_server(int(args[0]))
     elif cmd == "many":
-        many(args[0], int(args[1]), int(args[2]))
+        many(args[0], int(args[1]), int(args[2]), int(args[3]) if len(args) > 3 else None)
     elif cmd == "half-close":
         half_close(args[0], int(args[1]))
     elif cmd == "forge-offer":

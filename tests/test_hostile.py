@@ -693,3 +693,19 @@ def test_hello_without_an_offer_is_rejected_not_handed_to_the_app() -> None:
             assert cli.cosock_fallback_reason is FallbackReason.NO_OFFER
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("target", ["offer", "protocol", "agent-wire"])
+@pytest.mark.timeout(120)
+def test_atheris_fuzz_targets(target: str) -> None:
+    """Coverage-guided fuzzing of the peer-facing parsers (bounded: 20,000 runs each)."""
+    pytest.importorskip("atheris", reason="atheris (libFuzzer for Python) is not installed")
+    script = Path(__file__).with_name("fuzz_atheris.py")
+    out = subprocess.run(
+        [sys.executable, str(script), target, "-runs=20000", "-timeout=10", "-seed=1"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Done 20000 runs" in out.stderr

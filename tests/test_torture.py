@@ -60,3 +60,47 @@ def test_torture_loopback_short(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_torture_lab_short(tmp_path: Path) -> None:
     _check(_run(tmp_path, "lab", 8))
+
+
+@requires_root
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("leak_check")
+def test_a_thousand_concurrent_connections_between_two_guests(lab_factory: Any) -> None:
+    """1,000 connections open at once from h1g2 to h1g1, random sizes (1 B..256 KiB, seeded),
+    each checked by sha256 on the server's side; all on shared memory (64 KiB rings bound
+    the memory: 1,000 x 2 x 68 KiB)."""
+    from cosock._run import run_env
+
+    peers = str(Path(__file__).with_name("lab_peers.py"))
+    lab = lab_factory(hosts=1, guests=2)
+    env = {
+        g: run_env(lab.env(g), start_agent=False) | {"COSOCK_RING_SIZE": "65536"}
+        for g in ("h1g1", "h1g2")
+    }
+    server = lab.popen(
+        "h1g1",
+        [sys.executable, peers, "hash-server", "7400"],
+        env=env["h1g1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert json.loads(server.stdout.readline()) == {"listening": 7400}
+        ip = lab.guest("h1g1").addresses[0]
+        out = lab.run(
+            "h1g2",
+            [sys.executable, peers, "many", ip, "7400", "1000", "12345"],
+            env=env["h1g2"],
+            capture_output=True,
+            timeout=240,
+        )
+        assert out.returncode == 0, out.stderr
+        stdout = out.stdout if isinstance(out.stdout, str) else out.stdout.decode()
+        result = json.loads(stdout.strip().splitlines()[-1])
+        assert result == {"ok": 1000, "paths": {"shm": 1000}, "server_paths": {"shm": 1000}}
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
