@@ -709,3 +709,56 @@ def test_atheris_fuzz_targets(target: str) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Done 20000 runs" in out.stderr
+
+
+# --------------------------------------------------------------------------- rendezvous limits
+
+
+def test_offer_flood_cannot_exhaust_the_listeners_descriptors() -> None:
+    """Each queued offer holds an fd: with a 256-fd limit at most 64 are kept, the oldest
+    are closed and counted, and the listener can still accept."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        rv = Rendezvous(Path("/tmp"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        fd = create_channel_fd(CAP)
+        try:
+            for port in range(1000, 1200):
+                offer = Offer(("127.0.0.1", port), ("127.0.0.1", 80), os.urandom(16), CAP, 4)
+                send_dgram(rv.path, offer.encode(), [fd])
+                if port % 8 == 0:
+                    rv.drain()  # the listener's accept() drains as the flood comes in
+        finally:
+            os.close(fd)
+        rv.drain()
+        assert len(rv._pending) == 64
+        assert rv.dropped == {"overflow": 200 - 64}
+    finally:
+        rv.close()
+
+
+def test_short_rendezvous_dir_made_by_someone_else_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback directory for long agent paths is a fixed name under /tmp: if another
+    user made it first, we must not put our socket where they can swap it."""
+    from cosock import _rendezvous
+
+    foreign = tmp_path / "short"
+    foreign.mkdir(mode=0o777)
+    os.chmod(foreign, 0o777)
+    monkeypatch.setattr(_rendezvous, "_SHORT_DIR", str(foreign))
+    deep = tmp_path / ("d" * 100)
+    with pytest.raises(PermissionError):
+        Rendezvous(deep)
+    os.chmod(foreign, 0o700)
+    rv = Rendezvous(deep)  # ours and private: fine
+    try:
+        assert rv.path.parent == foreign
+    finally:
+        rv.close()
