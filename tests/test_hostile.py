@@ -762,3 +762,44 @@ def test_short_rendezvous_dir_made_by_someone_else_is_refused(
         assert rv.path.parent == foreign
     finally:
         rv.close()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: runs a child as another user")
+def test_only_root_or_the_agents_user_may_register_guests() -> None:
+    """A shared agent's socket is open to every local user; registering (or removing) a
+    guest is not: the uid comes from SO_PEERCRED, not from the request."""
+    import shutil
+    import tempfile
+
+    from conftest import start_agent
+
+    short = Path(tempfile.mkdtemp(prefix="csa-", dir="/dev/shm"))  # others may traverse it
+    os.chmod(short, 0o755)
+    proc = start_agent(short / "agent.sock", auto=False)
+    code = textwrap.dedent(
+        f"""
+        import json, os, socket
+        os.setgid(65534); os.setuid(65534)
+        s = socket.socket(socket.AF_UNIX); s.settimeout(10)
+        s.connect({str(short / "agent.sock")!r})
+        for req in ({{"op": "register_guest", "name": "evil", "netns": 1, "addresses": []}},
+                    {{"op": "unregister_guest", "name": "evil"}}):
+            s.sendall(json.dumps(req).encode() + b"\\n")
+            buf = b""
+            while not buf.endswith(b"\\n"):
+                buf += s.recv(4096)
+            print(buf.decode().strip())
+        """
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
+        replies = [json.loads(line) for line in out.stdout.splitlines()]
+        assert len(replies) == 2, out.stderr
+        for reply in replies:
+            assert reply["ok"] is False and "permission denied" in reply["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(short, ignore_errors=True)
