@@ -104,3 +104,91 @@ def test_a_thousand_concurrent_connections_between_two_guests(lab_factory: Any) 
         server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+def test_tally_counts_what_it_claims() -> None:
+    """The driver's arithmetic on the worker's facts: only a failure overlapping a kill of
+    its own server is excused; a timeout is a hang; bytes after the last one are duplicates."""
+    from cosock.torture import _tally
+
+    base = {"path": "shm", "fallback": None, "half": False, "extra": 0, "prefix_ok": True}
+    facts = [
+        {
+            **base,
+            "port": 1,
+            "up": 10,
+            "down": 20,
+            "up_ok": True,
+            "down_got": 20,
+            "error": None,
+            "t0": 0.0,
+            "t1": 1.0,
+        },
+        {
+            **base,
+            "port": 1,
+            "up": 10,
+            "down": 20,
+            "up_ok": None,
+            "down_got": 5,
+            "error": "ConnectionResetError",
+            "t0": 0.0,
+            "t1": 1.0,
+        },  # its server was killed
+        {
+            **base,
+            "port": 2,
+            "up": 10,
+            "down": 20,
+            "up_ok": None,
+            "down_got": 5,
+            "error": "early-eof",
+            "t0": 0.0,
+            "t1": 1.0,
+        },  # nothing excuses this one
+        {
+            **base,
+            "port": 2,
+            "up": 1,
+            "down": 2,
+            "up_ok": True,
+            "down_got": 2,
+            "error": None,
+            "extra": 7,
+            "t0": 0.0,
+            "t1": 1.0,
+            "path": "tcp",
+            "fallback": "no-offer",
+        },
+        {
+            **base,
+            "port": 2,
+            "up": 1,
+            "down": 2,
+            "up_ok": None,
+            "down_got": 0,
+            "error": "timeout",
+            "t0": 0.0,
+            "t1": 1.0,
+        },
+        {
+            **base,
+            "port": 2,
+            "up": 0,
+            "down": 4,
+            "up_ok": True,
+            "down_got": 4,
+            "error": None,
+            "prefix_ok": False,
+            "t0": 0.0,
+            "t1": 1.0,
+        },  # corrupt download
+    ]
+    figures = _tally(facts, [(1, 0.5, 0.6)])
+    assert figures == {
+        "bytes_verified": 30 + 5 + 5 + 3,
+        "lost_bytes": (15 + 10) + (2 + 1) + 4,
+        "duplicated_bytes": 7,
+        "hangs": 1,
+        "fallbacks": {"no-offer": 1},
+    }
