@@ -44,6 +44,7 @@ from sockutil import listener, recv_all, settle
 pytestmark = [pytest.mark.usefixtures("leak_check", "cosock_agent"), pytest.mark.timeout(60)]
 
 CAP = 1 << 16
+MIB_ = 1 << 20
 REASON_OFFER_INVALID = REASON_CODES[FallbackReason.OFFER_INVALID]
 
 
@@ -803,3 +804,84 @@ def test_only_root_or_the_agents_user_may_register_guests() -> None:
         proc.kill()
         proc.wait()
         shutil.rmtree(short, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- more phases
+
+
+def test_garbage_after_the_peers_fin_fails_later_calls_cleanly() -> None:
+    """Half-closed peer (FIN sent), then garbage: we still read every byte and EOF; once
+    the garbage is parsed our writes fail like on a reset connection, never block."""
+    srv = listener()
+    try:
+        with bystander(srv) as pair, bystander(srv) as (cli, conn):
+            conn.sendall(b"last words")
+            conn.shutdown(socket.SHUT_WR)  # FIN frame
+            socket.socket.sendall(conn, GARBAGE["unknown-type"])
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                got = recv_all(cli, 100)
+            assert got in (b"last words", b"")  # all of it, or a reset: never other bytes
+            with pytest.raises(OSError) as info:
+                for _ in range(64):  # 4 MiB: more than the ring, which nobody drains
+                    cli.sendall(b"z" * 65536)
+            assert not isinstance(info.value, TimeoutError), "writer hung"
+            still_fine(pair)
+    finally:
+        srv.close()
+
+
+def test_garbage_in_the_ring_flags_never_corrupts_data() -> None:
+    """The peer scribbles random values over the wake-up flags of both rings (spinning,
+    doorbell count, space request and answer) during a transfer both ways: the bytes stay
+    exact and the transfer ends (flags only steer wake-ups; the 5 s safety net bounds a
+    wake-up the liar talked us out of)."""
+    import hashlib
+    import random
+    import threading as th
+
+    from cosock._ring import _BELLS, _SPACE_RUNG, _SPACE_WAIT, _SPINNING
+
+    srv = listener()
+    try:
+        with bystander(srv) as (cli, conn):
+            cli.settimeout(60)
+            conn.settimeout(60)
+            ch = conn._co
+            assert ch is not None and ch.tx is not None and ch.rx is not None
+            headers = [ch.tx._hdr, ch.rx._hdr]  # the same memory the peer maps
+            stop = th.Event()
+
+            def scribble() -> None:
+                rng = random.Random(5)
+                while not stop.wait(0.001):
+                    hdr = rng.choice(headers)
+                    slot = rng.choice([_SPINNING, _BELLS, _SPACE_WAIT, _SPACE_RUNG])
+                    hdr[slot] = rng.choice([0, 1, 2, (1 << 64) - 1, rng.getrandbits(64)])
+
+            data = os.urandom(4 * MIB_)
+            results: dict[str, bytes] = {}
+
+            def reader(sock: CoSocket, name: str) -> None:
+                results[name] = recv_all(sock, len(data))
+
+            vandal = th.Thread(target=scribble)
+            readers = [th.Thread(target=reader, args=(s, n)) for s, n in ((conn, "s"), (cli, "c"))]
+            vandal.start()
+            for t in readers:
+                t.start()
+            try:
+                cli.sendall(data)
+                conn.sendall(data)
+            finally:
+                for t in readers:
+                    t.join(90)
+                stop.set()
+                vandal.join()
+            digest = hashlib.sha256(data).digest()
+            assert {k: hashlib.sha256(v).digest() == digest for k, v in results.items()} == {
+                "s": True,
+                "c": True,
+            }
+    finally:
+        srv.close()

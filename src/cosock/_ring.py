@@ -40,6 +40,7 @@ _SPINNING = 24
 _BELLS = 32
 _SPACE_WAIT = 40
 _SPACE_RUNG = 48
+_U64 = (1 << 64) - 1
 
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -207,11 +208,11 @@ class RingWriter(_RingEnd):
         return self.consumed() >= old_head
 
     def count_bell(self) -> None:
-        self._hdr[_BELLS] = self._hdr[_BELLS] + 1
+        self._hdr[_BELLS] = (self._hdr[_BELLS] + 1) & _U64  # the peer may have set 2**64-1
 
     def request_space(self) -> int:
         """Ask the consumer for a SPACE wake-up; returns free bytes re-read after the fence."""
-        self._hdr[_SPACE_WAIT] = self._hdr[_SPACE_WAIT] + 1
+        self._hdr[_SPACE_WAIT] = (self._hdr[_SPACE_WAIT] + 1) & _U64
         fence()
         return self.free()
 
