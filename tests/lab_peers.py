@@ -68,6 +68,7 @@ def many(host: str, port: int, n: int, seed: int | None = None) -> None:
     ok = 0
     paths: dict[str, int] = {}
     server_paths: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for s, data in socks:
         if recv_exact(s, 32) == hashlib.sha256(data).digest():
             ok += 1
@@ -75,8 +76,12 @@ def many(host: str, port: int, n: int, seed: int | None = None) -> None:
         server_paths[sp] = server_paths.get(sp, 0) + 1
         p = getattr(s, "cosock_path", "tcp")
         paths[p] = paths.get(p, 0) + 1
+        reason = getattr(s, "cosock_fallback_reason", None)
+        if reason is not None:
+            reasons[reason.value] = reasons.get(reason.value, 0) + 1
         s.close()
-    print(json.dumps({"ok": ok, "paths": paths, "server_paths": server_paths}), flush=True)
+    out = {"ok": ok, "paths": paths, "server_paths": server_paths, "reasons": reasons}
+    print(json.dumps(out), flush=True)
 
 
 def half_close(host: str, port: int) -> None:
