@@ -44,7 +44,8 @@ def _fds() -> dict[int, str]:
 
 def _mappings() -> frozenset[str]:
     with open("/proc/self/maps") as f:
-        return frozenset(f"{line.split()[0]} {line.split()[-1]}" for line in f if "/memfd:" in line)
+        rows = (line.split(maxsplit=5) for line in f if "/memfd:" in line)
+        return frozenset(f"{row[0]} {row[-1].strip()}" for row in rows)
 
 
 def _children() -> frozenset[int]:
