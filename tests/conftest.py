@@ -155,3 +155,42 @@ def peers() -> Iterator[Callable[..., Any]]:
     yield start
     for peer in started:
         peer.close()
+
+
+#### Leaks
+
+
+def _singleton_fds() -> list[int]:
+    """Process-lifetime fds that are not leaks: the offer sender socket (one per process)."""
+    from cosock import _rendezvous
+
+    sender = _rendezvous._sender  # per process (a forked child makes its own)
+    if sender is not None and sender.fileno() >= 0:
+        return [sender.fileno()]
+    return []
+
+
+@pytest.fixture
+def leak_check() -> Iterator[None]:
+    """Fail the test if it leaves fds, memfds, memfd mappings, threads, child processes or
+    lab namespaces behind.  Request it before ``cosock_agent``/``lab`` (usefixtures order),
+    so their teardown runs before the check."""
+    import gc
+
+    from cosock._leaks import settled_leaks, snapshot
+    from cosock.lab._model import NETNS_PREFIX
+
+    ours = [f"{NETNS_PREFIX}t{_b36(os.getpid() % 1296):0>2}"]  # this process's labs only
+
+    from cosock import _pool
+
+    def take() -> object:
+        _pool.reset()  # stocked, never-offered channels are the pool's, not leaks
+        gc.collect()
+        return snapshot(ours, _singleton_fds())
+
+    before = take()
+    yield
+    leaks = settled_leaks(before, take)  # type: ignore[arg-type]
+    found = {kind: items for kind, items in leaks.items() if items}
+    assert not found, f"leaked: {found}"

@@ -2,9 +2,11 @@
 ``cosock run`` (or its environment) they are accelerated, without it they are not.
 
     python lab_peers.py hash-server PORT            # per connection: len, data -> sha256
-    python lab_peers.py many HOST PORT N            # N concurrent clients, hashes checked
+    python lab_peers.py many HOST PORT N [SEED]     # N concurrent clients, hashes checked
     python lab_peers.py half-close HOST PORT        # shutdown(SHUT_WR) then read the reply
     python lab_peers.py forge-offer RENDEZVOUS CLIENT_IP CLIENT_PORT SERVER_IP PORT
+    python lab_peers.py sink-server PORT            # per connection: read to the end, report
+    python lab_peers.py stream HOST PORT            # send until killed
 """
 
 from __future__ import annotations
@@ -51,16 +53,22 @@ def hash_server(port: int) -> None:
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def many(host: str, port: int, n: int) -> None:
+def many(host: str, port: int, n: int, seed: int | None = None) -> None:
+    """``n`` connections open at once; sizes 1000 + 37 i, or random (1 B..256 KiB) by seed."""
+    import random
+
+    rng = random.Random(seed)
     socks = []
     for i in range(n):
         s = socket.create_connection((host, port), timeout=60)
-        socks.append((s, os.urandom(1000 + 37 * i)))
+        size = 1000 + 37 * i if seed is None else rng.randrange(1, 256 << 10)
+        socks.append((s, rng.randbytes(size) if seed is not None else os.urandom(size)))
     for s, data in socks:
         s.sendall(len(data).to_bytes(8, "big") + data)
     ok = 0
     paths: dict[str, int] = {}
     server_paths: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for s, data in socks:
         if recv_exact(s, 32) == hashlib.sha256(data).digest():
             ok += 1
@@ -68,8 +76,12 @@ def many(host: str, port: int, n: int) -> None:
         server_paths[sp] = server_paths.get(sp, 0) + 1
         p = getattr(s, "cosock_path", "tcp")
         paths[p] = paths.get(p, 0) + 1
+        reason = getattr(s, "cosock_fallback_reason", None)
+        if reason is not None:
+            reasons[reason.value] = reasons.get(reason.value, 0) + 1
         s.close()
-    print(json.dumps({"ok": ok, "paths": paths, "server_paths": server_paths}), flush=True)
+    out = {"ok": ok, "paths": paths, "server_paths": server_paths, "reasons": reasons}
+    print(json.dumps(out), flush=True)
 
 
 def half_close(host: str, port: int) -> None:
@@ -93,15 +105,53 @@ def forge_offer(rendezvous: str, cip: str, cport: int, sip: str, sport: int) -> 
     print(json.dumps({"sent": True}), flush=True)
 
 
+def sink_server(port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+    print(json.dumps({"listening": port}), flush=True)
+
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(60)
+        conn.sendall(b"!")  # the client waits for it: both sides then know the path
+        path, total, end = "none", 0, "eof"
+        try:
+            while chunk := conn.recv(1 << 20):
+                total += len(chunk)
+                path = getattr(conn, "cosock_path", "tcp") if path == "none" else path
+        except OSError as exc:
+            end = type(exc).__name__
+        conn.close()
+        print(json.dumps({"path": path, "bytes": total, "end": end}), flush=True)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def stream(host: str, port: int) -> None:
+    s = socket.create_connection((host, port), timeout=60)
+    block = os.urandom(1 << 16)
+    assert s.recv(1) == b"!"
+    print(json.dumps({"path": getattr(s, "cosock_path", "tcp")}), flush=True)
+    while True:
+        s.sendall(block)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "hash-server":
         hash_server(int(args[0]))
     elif cmd == "many":
-        many(args[0], int(args[1]), int(args[2]))
+        many(args[0], int(args[1]), int(args[2]), int(args[3]) if len(args) > 3 else None)
     elif cmd == "half-close":
         half_close(args[0], int(args[1]))
     elif cmd == "forge-offer":
         forge_offer(args[0], args[1], int(args[2]), args[3], int(args[4]))
+    elif cmd == "sink-server":
+        sink_server(int(args[0]))
+    elif cmd == "stream":
+        stream(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown command {cmd}")

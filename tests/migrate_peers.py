@@ -73,12 +73,15 @@ def _wait(cmd: dict[str, Any]) -> None:
 def probe() -> None:
     from cosock.agent.client import AgentClient
 
+    held: list[socket.socket] = []
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "facts":
             _out(_facts(cmd))
         elif op == "listen":
+            # The agent checks that a listener really listens there: hold the port open.
+            held.append(socket.create_server(("0.0.0.0", int(cmd["port"]))))
             AgentClient.shared().listen("0.0.0.0", int(cmd["port"]), f"/tmp/rv-{cmd['port']}")
             _out({"listening": cmd["port"]})
         elif op == "wait":

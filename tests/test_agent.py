@@ -99,6 +99,7 @@ class Agent:
     def start(self) -> Agent:
         argv = [sys.executable, "-m", "cosock.agent", "--socket", str(self.path)]
         argv += ["--host", self.host] + (["--auto"] if self.auto else [])
+        argv += ["--trust-listeners"]  # these tests register listeners without sockets
         proc = self.proc = subprocess.Popen(
             argv, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )

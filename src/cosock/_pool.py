@@ -173,6 +173,16 @@ def pool() -> ChannelPool:
         return _pool
 
 
+def reset() -> None:
+    """Close this process's pool (its stock unmapped, its thread stopped); the next
+    connection makes a new one.  For leak accounting: stocked channels are not leaks."""
+    global _pool
+    with _pool_lock:
+        p, _pool = _pool, None
+    if p is not None:
+        p.close()
+
+
 def take(capacity: int) -> tuple[int, mmap.mmap]:
     """A fresh, never-offered channel ``(memfd, mapping)`` for one connection."""
     return pool().take(capacity)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
+import stat
 import struct
 import threading
 import time
@@ -32,10 +34,19 @@ _OFFER_TTL = 30.0
 _MAX_DGRAM = 512
 _SEND_PATIENCE = 0.2
 _MAX_UNIX_PATH = 107
+#: Where rendezvous sockets go when the agent's directory makes the path too long.
+_SHORT_DIR = "/tmp/cosock-rv-{uid}"
 _ANC_SIZE = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
 #: Plain ints: flag arithmetic on socket's IntFlag members costs microseconds a datagram.
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _CRED = struct.Struct("3i")
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a shared fallback directory someone else made (they could swap our socket)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{directory} is not a private directory of ours")
 
 
 @dataclass(slots=True)
@@ -57,8 +68,9 @@ class Rendezvous:
         if len(str(directory / name)) >= _MAX_UNIX_PATH:
             # sun_path holds 108 bytes: a deep agent directory must not silently turn
             # acceleration off, so use a short private directory instead.
-            directory = Path(f"/tmp/cosock-rv-{os.getuid()}")
+            directory = Path(_SHORT_DIR.format(uid=os.getuid()))
             directory.mkdir(mode=0o700, exist_ok=True)
+            _check_private(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / name
         self._sock = _SOCKET(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -66,11 +78,18 @@ class Rendezvous:
         self._sock.bind(str(self.path))
         self._sock.setblocking(False)
         self._pending: OrderedDict[tuple[str, int, str, int], Pending] = OrderedDict()
+        # Nonces of offers already taken (bounded like the pending table): a replay of a
+        # used offer is refused, not queued for a later connection that reuses its 4-tuple.
+        self._taken: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
         self._owner = os.getpid()
         #: Network namespace of the listener (a loopback client must share it); read once
         #: here rather than per accepted connection.
         self.netns = os.stat("/proc/self/ns/net").st_ino
+        # Every pending offer holds an fd: a flood must not use up the listener's table.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = _MAX_PENDING if soft == resource.RLIM_INFINITY else max(16, soft // 4)
+        self._max_pending = min(_MAX_PENDING, limit)
         #: Datagrams dropped, by reason (counted, never raised at the listener).
         self.dropped: dict[str, int] = {}
         #: Holders: the listener, and each accepted connection that may later be offered
@@ -130,7 +149,14 @@ class Rendezvous:
 
     def _store(self, item: Pending) -> None:
         with self._lock:
-            old = self._pending.pop(item.offer.key, None)
+            old = self._pending.get(item.offer.key)
+            nonce = item.offer.nonce
+            if nonce in self._taken or (old is not None and old.offer.nonce == nonce):
+                # A replay (a client never sends one nonce twice): the first copy stands,
+                # so whoever replays it cannot swap their memory in under the real nonce.
+                self._drop("replayed", [item.fd])
+                return
+            self._pending.pop(item.offer.key, None)
             if old is not None:  # a replayed or superseded offer: the newest wins
                 os.close(old.fd)
                 self.dropped["replaced"] = self.dropped.get("replaced", 0) + 1
@@ -138,17 +164,28 @@ class Rendezvous:
             now = time.monotonic()
             while self._pending:
                 first = next(iter(self._pending.values()))
-                if len(self._pending) <= _MAX_PENDING and now - first.received < _OFFER_TTL:
+                full = len(self._pending) > self._max_pending
+                if not full and now - first.received < _OFFER_TTL:
                     break
                 self._pending.popitem(last=False)
                 os.close(first.fd)
-                self.dropped["expired"] = self.dropped.get("expired", 0) + 1
+                reason = "overflow" if full else "expired"
+                self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def take(self, key: tuple[str, int, str, int]) -> Pending | None:
         """The offer for this accepted connection, if any (the caller owns its fd)."""
         self.drain()
         with self._lock:
-            return self._pending.pop(key, None)
+            item = self._pending.pop(key, None)
+            if item is not None:
+                now = time.monotonic()
+                self._taken[item.offer.nonce] = now
+                while self._taken and (
+                    len(self._taken) > _MAX_PENDING
+                    or now - next(iter(self._taken.values())) >= _OFFER_TTL
+                ):
+                    self._taken.popitem(last=False)
+            return item
 
     def close(self) -> None:
         with self._lock:

@@ -33,6 +33,11 @@ log = logging.getLogger("cosock.residency")
 _IDLE_MS = 1000
 #: Sleep bound while a switch is in progress (the peer's answer, room for the resend).
 _BUSY_MS = 50
+#: How often connections are judged again without news from the agent (an upgrade that
+#: was refused because the server's agent had not caught up yet is retried this soon).
+_RECHECK_MS = 200
+#: With no accelerated connection left for this long, the thread ends (restarted on demand).
+_RETIRE_S = 2.0
 
 _lock = threading.Lock()
 _started_pid: int | None = None
@@ -42,14 +47,22 @@ def ensure_watching() -> None:
     """Start the watch thread of this process (again after a fork) if it is not running."""
     global _started_pid
     pid = os.getpid()
-    if _started_pid == pid:
-        return
-    with _lock:
+    with _lock:  # the thread clears _started_pid under it when it retires
         if _started_pid == pid:
             return
         thread = threading.Thread(target=_run, name="cosock-residency", daemon=True)
         thread.start()
         _started_pid = pid
+
+
+def _retire() -> bool:
+    """No accelerated connection is left: end the thread (True) unless one just came."""
+    global _started_pid
+    with _lock:
+        if _live():
+            return False
+        _started_pid = None
+        return True
 
 
 def _live() -> list[CoSocket]:
@@ -69,17 +82,24 @@ def _agent() -> Any:
 
 def _run() -> None:
     seen: int | None = None
-    wait_fd: int | None = None
     checked = 0.0
+    idle_since: float | None = None
     while True:
+        socks = _live()
+        now = time.monotonic()
+        if not socks:
+            # Nothing to watch: do not keep the agent connection busy; retire soon.
+            idle_since = idle_since or now
+            if now - idle_since >= _RETIRE_S and _retire():
+                return
+            time.sleep(_BUSY_MS / 1000)
+            continue
+        idle_since = None
         try:
             agent = _agent()
-            if wait_fd is None:
-                wait_fd = agent.wait_fileno()
+            wait_fd: int | None = agent.wait_fileno()
         except Exception:  # no agent now: connections carry on; try again later
-            agent = None
-            wait_fd = None
-        socks = _live()
+            agent = wait_fd = None
         busy = [s for s in socks if s._cosock_needs_service()]
         poller = select.poll()
         if wait_fd is not None:
@@ -89,8 +109,10 @@ def _run() -> None:
                 poller.register(sock.fileno(), sock._cosock_service_events())
             except (OSError, ValueError):
                 continue
+        # A switched connection may be upgraded (and a refused upgrade retried) soon.
+        framed = any(s.cosock_path == "tcp" for s in socks)
         try:
-            poller.poll(_BUSY_MS if busy else _IDLE_MS)
+            poller.poll(_BUSY_MS if busy else _RECHECK_MS if framed else _IDLE_MS)
         except InterruptedError:
             pass
         if agent is not None:
@@ -100,7 +122,7 @@ def _run() -> None:
                 now = time.monotonic()
                 # Also once a second: a connection that just finished an upgrade or a
                 # switch must be judged against the table it missed while busy.
-                if version != seen or now - checked >= _IDLE_MS / 1000:
+                if version != seen or now - checked >= _RECHECK_MS / 1000:
                     seen, checked = version, now
                     for sock in socks:
                         sock._cosock_check_residency(agent)

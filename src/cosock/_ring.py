@@ -40,6 +40,7 @@ _SPINNING = 24
 _BELLS = 32
 _SPACE_WAIT = 40
 _SPACE_RUNG = 48
+_U64 = (1 << 64) - 1
 
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -129,13 +130,14 @@ def map_channel_fd(fd: int, capacity: int) -> mmap.mmap:
 
 
 class _RingEnd:
-    __slots__ = ("_data", "_hdr", "capacity", "mask")
+    __slots__ = ("_data", "_hdr", "_shared", "capacity", "mask")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
         base = index * (HEADER_SIZE + capacity)
         view = memoryview(mm)
         self._hdr = view[base : base + HEADER_SIZE].cast("Q")
         self._data = view[base + HEADER_SIZE : base + HEADER_SIZE + capacity]
+        self._shared: memoryview | None = None  # the shared header while frozen
         view.release()
         self.capacity = capacity
         self.mask = capacity - 1
@@ -144,6 +146,22 @@ class _RingEnd:
         """Drop our views so the mapping can be closed."""
         self._hdr.release()
         self._data.release()
+        if self._shared is not None:
+            self._shared.release()
+
+    def freeze(self) -> None:
+        """Stop looking at shared memory: counters read from now on come from a private
+        copy taken here (a thread racing a path switch sees stale but sane values, never
+        what was written into the region afterwards)."""
+        if self._shared is None:
+            self._shared = self._hdr
+            self._hdr = memoryview(bytearray(self._hdr.tobytes())).cast("Q")
+
+    def thaw(self) -> None:
+        """Look at shared memory again (the peer left without taking part in a switch:
+        what it put in the ring is all there is)."""
+        if self._shared is not None:
+            self._hdr, self._shared = self._shared, None
 
 
 class RingWriter(_RingEnd):
@@ -219,11 +237,11 @@ class RingWriter(_RingEnd):
         return self.consumed() >= old_head
 
     def count_bell(self) -> None:
-        self._hdr[_BELLS] = self._hdr[_BELLS] + 1
+        self._hdr[_BELLS] = (self._hdr[_BELLS] + 1) & _U64  # the peer may have set 2**64-1
 
     def request_space(self) -> int:
         """Ask the consumer for a SPACE wake-up; returns free bytes re-read after the fence."""
-        self._hdr[_SPACE_WAIT] = self._hdr[_SPACE_WAIT] + 1
+        self._hdr[_SPACE_WAIT] = (self._hdr[_SPACE_WAIT] + 1) & _U64
         fence()
         return self.free()
 

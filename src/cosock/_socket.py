@@ -60,6 +60,8 @@ from ._pool import take as take_channel
 from ._pool import top_up as top_up_channels
 from ._protocol import (
     FRAME_SIZES,
+    HELLO_MAGIC,
+    HELLO_SIZE,
     T_BELL,
     T_DATA,
     T_FIN,
@@ -67,6 +69,7 @@ from ._protocol import (
     T_SWITCH,
     Connection,
     Role,
+    State,
 )
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, map_channel_fd
@@ -80,6 +83,7 @@ _MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _CTL_CHUNK: Final = 65536
 #: Frames after which the stream may carry data (the residency watch stops reading).
 _LAST_CONTROL: Final = frozenset({T_SWITCH})
+_ACCEPT: Final = b"\x02"  # the ACCEPT frame
 #: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
@@ -383,7 +387,7 @@ class CoSocket(socket.socket):
             return False
         return (
             ch.phase is _SWITCHING
-            or (ch.phase is _HANDSHAKE and ch.role is Role.SERVER)  # a server that never reads
+            or ch.phase is _HANDSHAKE  # the verdict, for an application that does not read
             or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
         )
 
@@ -401,7 +405,9 @@ class CoSocket(socket.socket):
             return
         try:
             if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
-                self._pump(ch)  # only a HELLO can be queued before our verdict
+                self._pump_hello_only(ch)
+            elif ch.phase is _HANDSHAKE:
+                self._pump_accept_only(ch)
             elif ch.phase is _SWITCHING:
                 self._pump_control_only(ch)
             if ch.phase is _FRAMED and self._co is ch:
@@ -410,6 +416,36 @@ class CoSocket(socket.socket):
             self._poison(ch, exc)
         except OSError:
             pass  # the application's next call reports it
+
+    def _pump_hello_only(self, ch: _Channel) -> None:
+        """Settle the verdict for a server application that does not read: consume a
+        queued HELLO and nothing else (other bytes are a plain client's, the app's)."""
+        with ch.rx_lock:
+            if ch.proto.nonce_ok is not None:
+                return
+            try:
+                head = super().recv(HELLO_SIZE, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(head) < HELLO_SIZE or not head.startswith(HELLO_MAGIC):
+                return
+            ch.proto.receive_data(super().recv(HELLO_SIZE))
+            self._events(ch)
+
+    def _pump_accept_only(self, ch: _Channel) -> None:
+        """Client: take a queued ACCEPT (never a REJECT: plain data follows that one, and
+        it is the application's to read)."""
+        with ch.rx_lock:
+            if ch.proto.state is not State.HELLO_SENT or ch.proto.trailing_data[0]:
+                return
+            try:
+                head = super().recv(1, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            if head != _ACCEPT:
+                return
+            ch.proto.receive_data(super().recv(1))
+            self._events(ch)
 
     def _pump_control_only(self, ch: _Channel) -> None:
         """Consume control frames up to and including the peer's SWITCH, never the DATA
@@ -717,6 +753,12 @@ class CoSocket(socket.socket):
             sock.setblocking(True)
         if self._rv is not None:
             sock._server_attach(self._rv, addr)
+            try:
+                # A process that only accepts never asks the agent anything: let it notice
+                # a restarted agent (and re-register this listener) here.  One recv syscall.
+                _agent().poll()
+            except Exception:
+                pass
         return sock, addr
 
     def _server_attach(self, listener: tuple[Rendezvous, str, int], peer: Any) -> None:
@@ -733,6 +775,13 @@ class CoSocket(socket.socket):
         pending = rv.take(key)
         if pending is None:
             self._reason = FallbackReason.NO_OFFER
+            if self._hello_queued():
+                # A cosock client whose offer we lack (expired, taken by a sibling process,
+                # or sent to someone else): REJECT it in-band; its HELLO is not app data.
+                ch = _Channel(Role.SERVER, os.urandom(16), None, _config.ring_size())
+                ch.reject = FallbackReason.NO_OFFER
+                self._attach(ch)
+                self._pump(ch)
             return
         offer = pending.offer
         mm = None
@@ -757,6 +806,18 @@ class CoSocket(socket.socket):
             ch.rv = rv
         self._attach(ch)
         self._pump(ch)  # the HELLO is usually here already: settle the verdict now
+
+    def _hello_queued(self) -> bool:
+        """Do the first bytes already received look like a HELLO (never blocks)?"""
+        timeout = super().gettimeout()
+        super().settimeout(0.0)  # with a timeout, CPython would wait despite MSG_DONTWAIT
+        try:
+            head = super().recv(len(HELLO_MAGIC), _MSG_PEEK)
+        except OSError:
+            return False
+        finally:
+            super().settimeout(timeout)
+        return bool(head) and HELLO_MAGIC.startswith(head)
 
     def _sender_owns(self, pid: int, client_ip: str, listener_netns: int) -> bool:
         """Does the offer's sender live in the guest that owns the claimed client address?
@@ -834,6 +895,9 @@ class CoSocket(socket.socket):
         since = tx.consumed()  # validated: never past what we wrote
         ch.retained = bytearray(tx.unsent_bytes(since))
         ch.retained_base = ch.tx_base + since
+        for end in (tx, ch.rx):
+            if end is not None:
+                end.freeze()
         ch.counters["switches"] += 1
         if ch.fin is not None and ch.rx is not None and ch.rx_base + ch.rx.tail > ch.fin:
             raise RingCorrupted("peer wrote past its own FIN")
@@ -846,9 +910,12 @@ class CoSocket(socket.socket):
         Each side of the handshake writes its flag, then reads the other's: with the GIL
         ordering Python-level stores, one of the two sees the other.
         """
-        deadline = time.monotonic() + 1.0
-        while (ch.rx_busy or ch.tx_busy) and time.monotonic() < deadline:
-            time.sleep(0)  # lets the copying thread run
+        spins = 0
+        while ch.rx_busy or ch.tx_busy:
+            # Never give up: a snapshot taken while another thread still copies would
+            # miss (or double) its bytes.  Busy flags are always cleared in a finally.
+            spins += 1
+            time.sleep(0 if spins < 100 else 0.0005)  # lets the copying thread run
 
     def _switched(self, ch: _Channel) -> None:
         """The peer's SWITCH arrived (both of ours are out): resend from its consumed
@@ -1071,6 +1138,9 @@ class CoSocket(socket.socket):
     def _peer_gone_while_switching(ch: _Channel) -> None:
         """The peer closed before answering our SWITCH: it can resend nothing, so what it
         left in the ring is all there is.  Read it as before (and send nothing more)."""
+        for end in (ch.tx, ch.rx):
+            if end is not None:
+                end.thaw()
         ch.phase = _SHM
         ch.retained = None
         with ch.ctl_lock:
@@ -1232,7 +1302,10 @@ class CoSocket(socket.socket):
         if ready is not None and ch.spin_ns:
             end = time.perf_counter_ns() + ch.spin_ns
             spins = 0
+            entry = ch.phase
             while time.perf_counter_ns() < end:
+                if ch.phase is not entry:
+                    return  # switched paths: the ring is not to be looked at again
                 if ready():
                     return
                 spins += 1
@@ -1240,7 +1313,7 @@ class CoSocket(socket.socket):
                     # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
                     # would hold it until the next tick (4 ms at HZ=250).
                     os.sched_yield()
-        if arm is not None and arm():
+        if arm is not None and (ch.phase is _SWITCHING or ch.phase is _FRAMED or arm()):
             return
         if deadline is None:
             timeout = _MAX_SLEEP_MS
@@ -1752,6 +1825,12 @@ class CoSocket(socket.socket):
                     ch.tx_out += view[:n]
                 if ch.phase is _FRAMED:
                     self._flush_framed(ch)
+                    # Blocking: hand the bytes to the kernel before returning, as a plain
+                    # send does (bytes left in our memory would die with the process).
+                    while deadline != 0.0 and (ch.tx_out or ch.ctl_out) and self._co is ch:
+                        self._check_writable(ch)
+                        self._wait_writable(deadline)
+                        self._flush_framed(ch)
                 return n
             if deadline == 0.0:
                 return 0
@@ -1759,6 +1838,14 @@ class CoSocket(socket.socket):
             self._pump(ch)
             if self._co is not ch:
                 return 0
+
+    def _wait_writable(self, deadline: float | None) -> None:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLOUT)
+        poller.poll(_MAX_SLEEP_MS if left is None else max(1, int(left * 1000)))
 
     def _check_writable(self, ch: _Channel) -> None:
         if ch.wr_shut:

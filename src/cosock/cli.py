@@ -146,6 +146,34 @@ def migrate(
     migrate_guest(lab, guest, to, delay_ms, as_json)
 
 
+@app.command()
+def torture(
+    seconds: Annotated[float, typer.Option(min=1, max=3600, help="how long to run")] = 30,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+    connections: Annotated[
+        int, typer.Option(min=1, max=256, help="client threads making connections at once")
+    ] = 8,
+    seed: Annotated[int | None, typer.Option(help="random seed (printed if not given)")] = None,
+    mode: Annotated[str, typer.Option(help="auto (lab if root), loopback or lab")] = "auto",
+) -> None:
+    """Bounded soak: connects, transfers with sha256, half-closes, peer kills, agent
+    restarts; fails (exit 1) on lost or duplicated bytes, hangs or leaks."""
+    from .torture import torture as run_torture
+
+    if mode not in ("auto", "loopback", "lab"):
+        _fail(f"--mode must be auto, loopback or lab, not {mode!r}")
+    figures = run_torture(
+        seconds, connections, seed, mode, log=lambda m: typer.echo(f"torture: {m}", err=True)
+    )
+    text = json.dumps(figures, indent=2)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    typer.echo(text)
+    bad = figures["lost_bytes"] or figures["duplicated_bytes"] or figures["hangs"]
+    if bad or any(figures["leaks"].values()):
+        raise typer.Exit(1)
+
+
 def _mount_lab() -> None:
     try:
         from .lab.cli import app as lab_app

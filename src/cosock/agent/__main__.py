@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="per-user mode: unknown namespaces become guests netns-<inode>; private dirs",
     )
+    parser.add_argument(
+        "--trust-listeners",
+        action="store_true",
+        help="do not check that a listen request comes from the socket's owner (tests only)",
+    )
     args = parser.parse_args(argv)
     if not args.host or not args.host.isprintable():
         parser.error("--host must be a non-empty printable name")
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
     )
     try:
-        serve(path, args.host, auto_guests=args.auto)
+        serve(path, args.host, auto_guests=args.auto, verify_listeners=not args.trust_listeners)
     except (CosockError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

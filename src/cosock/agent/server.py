@@ -35,6 +35,7 @@ from typing import Any
 
 from .._config import ENV_ENABLE
 from .._errors import AgentUnavailable, CosockError
+from ._owner import holds_listener
 from ._plain import PLAIN_SOCKET
 from ._registry import Registry, RequestError, check_name
 from ._version import VERSION, version_path
@@ -149,14 +150,19 @@ class AgentServer:
         host: this host's name, reported in snapshots.
         auto_guests: per-user mode: unknown namespaces become guests ``netns-<inode>``,
             and the socket and rendezvous directories are private (0700).
+        verify_listeners: accept a ``listen`` only from a process that holds a listening
+            socket on that address and port (see ``_owner``); off only for registry tests.
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
         OSError: the path cannot be created or bound.
     """
 
-    def __init__(self, path: Path, host: str, auto_guests: bool = False) -> None:
+    def __init__(
+        self, path: Path, host: str, auto_guests: bool = False, verify_listeners: bool = True
+    ) -> None:
         check_name(host, "host")
+        self.verify_listeners = verify_listeners
         self.path = Path(path)
         self.host = host
         self.private = auto_guests
@@ -168,7 +174,16 @@ class AgentServer:
         self._next_id = 1
         self._started = time.monotonic()
         self._counters = dict.fromkeys(
-            ("connections", "requests", "errors", "malformed", "pushes", "dropped"), 0
+            (
+                "connections",
+                "requests",
+                "errors",
+                "malformed",
+                "pushes",
+                "dropped",
+                "refused_listens",
+            ),
+            0,
         )
         self._stopping = False
         self._accept_paused_until = 0.0
@@ -532,6 +547,17 @@ class AgentServer:
     def _op_listen(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         if not conn.subscribed:
             raise RequestError("subscribe first")
+        addr, port = req.get("addr"), req.get("port")
+        if (
+            self.verify_listeners
+            and isinstance(addr, str)
+            and type(port) is int
+            and not holds_listener(conn.pid, addr, port)
+        ):
+            self._counters["refused_listens"] += 1
+            raise RequestError(
+                f"permission denied: pid {conn.pid} holds no listening socket on {addr}:{port}"
+            )
         guest = self._registry.listen(
             conn.id, conn.netns, conn.pid, req.get("addr"), req.get("port"), req.get("rendezvous")
         )
@@ -578,7 +604,7 @@ _OPS: dict[str, _Handler] = {
 #### Entry points
 
 
-def serve(path: Path, host: str, auto_guests: bool = False) -> None:
+def serve(path: Path, host: str, auto_guests: bool = False, verify_listeners: bool = True) -> None:
     """Run an agent on ``path`` until SIGTERM/SIGINT (or :meth:`AgentServer.stop`).
 
     Raises:
@@ -600,7 +626,7 @@ def serve(path: Path, host: str, auto_guests: bool = False) -> None:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, on_signal)
-        server = AgentServer(path, host, auto_guests)
+        server = AgentServer(path, host, auto_guests, verify_listeners)
         if not stop_requested:
             server.serve_forever()
     finally:
