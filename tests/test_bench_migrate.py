@@ -112,3 +112,52 @@ def test_the_other_direction_is_another_pattern() -> None:
     assert result["verified"] <= 4 * 12
     assert result["corrupted"] == 4 * SEG - result["verified"]
     assert result["lost"] == 4 * SEG - result["verified"]
+
+
+#### A real run (root): two migrations in a lab the bench builds itself
+
+
+@requires_root
+@pytest.mark.timeout(300)
+def test_bench_migrate_counts_every_byte(lab_name: str, tmp_path: Path) -> None:
+    out, png = tmp_path / "migrate.json", tmp_path / "migrate.png"
+    argv = [sys.executable, "-m", "cosock", "bench", "--migrate", "--migrations", "2"]
+    argv += ["--seconds", "1.5", "--lab-name", lab_name, "--json", str(out), "--plot", str(png)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "OK" in done.stdout and "bytes verified" in done.stdout
+    report = json.loads(out.read_text())
+    assert png.stat().st_size > 10_000
+
+    assert report["migrations"] == 2 == len(report["migration_events"])
+    for key in ("lost", "duplicated", "reordered", "corrupted", "resets"):
+        assert report[key] == 0, key
+    dirs = report["directions"]
+    assert set(dirs) == {"h1g1->h1g2", "h1g2->h1g1"}
+    for d in dirs.values():
+        # Counted by the receiver's checker, against the sender's own count.
+        assert d["sent"] > 1 << 20
+        assert d["verified"] == d["received"] == d["sent"]
+        assert not d["errors"] and not d["hung"]
+    assert report["bytes_verified"] == sum(d["sent"] for d in dirs.values())
+
+    # Both guests started on one host: shared memory; the first migration left it.
+    assert report["paths_before"] == {"h1g1": "shm", "h1g2": "shm"}
+    phases = report["phases"]
+    assert all(phases[0][d]["paths"] == ["shm"] for d in dirs)
+    assert phases[0]["wire_MB"] == 0 and phases[1]["wire_MB"] > 0
+    first = [s for s in report["switches"] if s["migration"] == 1]
+    assert {s["direction"] for s in first} == set(dirs)
+    assert all((s["from"], s["to"]) == ("shm", "tcp") for s in first)
+    pauses = sorted(s["pause_ms"] for s in report["switches"])
+    assert report["pause_ms_max"] == pauses[-1]
+    assert pauses[0] <= report["pause_ms_p50"] <= pauses[-1]
+    assert all(p >= 0 for p in pauses)
+
+    # The timeline is each receiver's own count, ending at what it verified.
+    for name, d in dirs.items():
+        samples = [s for s in report["timeline"] if s["direction"] == name]
+        counts = [s["bytes"] for s in samples]
+        assert len(samples) > 50 and counts == sorted(counts)
+        assert counts[-1] == d["received"]
+        assert {"shm", "tcp"} <= {s["path"] for s in samples}
