@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,16 @@ def show(report: dict[str, Any], console: Console) -> None:
         f" {report['reordered']}, corrupted {report['corrupted']}, resets {report['resets']};"
         f" pause p50 {_ms(report['pause_ms_p50'])} ms, max {_ms(report['pause_ms_max'])} ms"
     )
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The report, indented, with one timeline sample per line (thousands of them)."""
+    head = {k: v for k, v in report.items() if k != "timeline"}
+    text = json.dumps(head, indent=2)
+    samples = ",\n    ".join(json.dumps(s) for s in report.get("timeline", []))
+    text = text[: text.rindex("}")].rstrip() + f',\n  "timeline": [\n    {samples}\n  ]\n}}\n'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def rates(samples: list[dict[str, Any]], window: float) -> list[tuple[float, float, str]]:

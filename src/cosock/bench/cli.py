@@ -153,8 +153,7 @@ def _bench_migrate(
     from rich.console import Console
 
     from ._migrate import MigrateOptions, run_migrate
-    from ._migshow import plot, show
-    from ._report import write_json
+    from ._migshow import plot, show, write_json
     from ._runner import BenchError
 
     overrides: dict[str, Any] = {}
