@@ -9,9 +9,11 @@ under its own name and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 
 from conftest import requires_root
 from cosock.bench._pattern import SEG, Pattern, StreamChecker
+from cosock.bench._proc import JsonProc
 
 P = Pattern(7)
 N = 10 * SEG + 1234
@@ -112,6 +115,54 @@ def test_the_other_direction_is_another_pattern() -> None:
     assert result["verified"] <= 4 * 12
     assert result["corrupted"] == 4 * SEG - result["verified"]
     assert result["lost"] == 4 * SEG - result["verified"]
+
+
+#### The guest program, on loopback (no root, no cosock): stop, count, check
+
+
+def _peer(tmp: Path, name: str, *args: str) -> JsonProc:
+    argv = [sys.executable, "-m", "cosock.bench._migpeer", *args, "--sample-ms", "5"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSOCK_")}
+    log = tmp / f"{name}.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    return JsonProc(name, proc, log)
+
+
+def test_peers_count_both_directions_to_the_byte(tmp_path: Path) -> None:
+    server = _peer(tmp_path, "server", "server", "0", "--seed", "1", "--peer-seed", "2")
+    client = None
+    try:
+        port = server.read(timeout=30)["listening"]
+        client = _peer(
+            tmp_path, "client", "client", "127.0.0.1", str(port), "--seed", "2", "--peer-seed", "1"
+        )
+        for proc in (server, client):
+            assert proc.read(timeout=30)["path"] == "tcp"
+        time.sleep(0.5)
+        assert client.request({"op": "status"}, timeout=30)["received"] > 0
+        halted = {}
+        for proc in (server, client):
+            proc.send({"op": "stop"})
+        for name, proc in (("server", server), ("client", client)):
+            halted[name] = proc.read(timeout=60)
+        server.send({"op": "finish", "peer_sent": halted["client"]["sent"]})
+        client.send({"op": "finish", "peer_sent": halted["server"]["sent"]})
+        ends = {"server": server.read(timeout=60), "client": client.read(timeout=60)}
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.stop()
+    for me, peer in (("server", "client"), ("client", "server")):
+        end = ends[me]
+        assert not end["errors"] and not end["hung"] and not end["eof_early"]
+        assert end["check"]["verified"] == end["received"] == halted[peer]["sent"] > 0
+        assert _faults(end["check"]) == CLEAN
+        counts = [n for _, n, _ in end["samples"]]
+        assert counts == sorted(counts) and counts[-1] == end["received"]
+        assert end["switches"] == []  # plain TCP throughout
 
 
 #### A real run (root): two migrations in a lab the bench builds itself

@@ -74,6 +74,7 @@ class _Run:
         self.t0 = 0.0
         self.steps = options.migrations + 2
         self.step = 0
+        self.failed = False
 
     def say(self, label: str) -> None:
         if self.progress is not None:
@@ -124,8 +125,10 @@ class _Run:
             st = self.status()
             now = time.monotonic()
             errors = [e for s in st.values() for e in s["errors"]]
-            if errors:
-                raise BenchError(f"the stream failed: {'; '.join(errors)}")
+            if errors:  # counted in the report; no point migrating a broken stream further
+                self.failed = True
+                self.say(f"the stream failed: {'; '.join(errors)}")
+                return {g: s["path"] for g, s in st.items()}
             rate = sum(st[g]["received"] - last[g]["received"] for g in st) / (now - last_t)
             paths = "/".join(st[g]["path"] for g in (SERVER, NEAR))
             self.say(f"{label}: {paths}, {rate / 1e6:,.0f} MB/s")
@@ -189,6 +192,8 @@ def run_migrate(options: MigrateOptions, progress: Progress | None = None) -> di
             run.step = 1
             paths0 = run.stream_for(options.seconds, "both guests on h1")
             for n in range(1, options.migrations + 1):
+                if run.failed:
+                    break
                 run.migrate(n)
             ends = run.finish()
         except WorkerError as exc:
