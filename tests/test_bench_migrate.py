@@ -83,6 +83,8 @@ def test_duplicated_bytes_are_counted(a: int, b: int) -> None:
     data = P.expected(0, N)
     result = _check(data[:b] + data[a:b] + data[b:])
     assert _faults(result) == {**CLEAN, "duplicated": b - a}
+    jump = result["jumps"][0]  # the stream went back by b - a (seen a few bytes late if
+    assert jump["received_at"] - jump["found"] == b - a  # the first ones match by chance)
     assert result["verified"] == N and result["received"] == N + (b - a)
 
 
@@ -175,14 +177,14 @@ def test_bench_migrate_counts_every_byte(lab_name: str, tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "cosock", "bench", "--migrate", "--migrations", "2"]
     argv += ["--seconds", "1.5", "--lab-name", lab_name, "--json", str(out), "--plot", str(png)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "OK" in done.stdout and "bytes verified" in done.stdout
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text()) if out.exists() else {}
+    assert "bytes verified" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert png.stat().st_size > 10_000
 
     assert report["migrations"] == 2 == len(report["migration_events"])
+    evidence = json.dumps({k: v for k, v in report.items() if k != "timeline"})[:6000]
     for key in ("lost", "duplicated", "reordered", "corrupted", "resets"):
-        assert report[key] == 0, key
+        assert report[key] == 0, f"{key}: {evidence}"
     dirs = report["directions"]
     assert set(dirs) == {"h1g1->h1g2", "h1g2->h1g1"}
     for d in dirs.values():
@@ -190,6 +192,7 @@ def test_bench_migrate_counts_every_byte(lab_name: str, tmp_path: Path) -> None:
         assert d["sent"] > 1 << 20
         assert d["verified"] == d["received"] == d["sent"]
         assert not d["errors"] and not d["hung"]
+    assert done.returncode == 0 and "OK" in done.stdout
     assert report["bytes_verified"] == sum(d["sent"] for d in dirs.values())
 
     # Both guests started on one host: shared memory; the first migration left it.

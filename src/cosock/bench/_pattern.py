@@ -31,6 +31,7 @@ MAGIC = b"CSMB"
 #: Bytes of body the checker looks up to locate a run without a header.
 WINDOW = 16
 _HEADER = struct.Struct("<4sQI")
+MAX_JUMPS = 20
 
 
 class Pattern:
@@ -137,6 +138,9 @@ class StreamChecker:
         self._expect = 0
         self._aligned = True
         self._pending = b""
+        #: Where the stream stopped matching (receive position, offset expected, offset
+        #: the bytes really had): the first few, to tell what a fault looked like.
+        self.jumps: list[dict[str, int]] = []
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -158,6 +162,7 @@ class StreamChecker:
             "duplicated": self.duplicated,
             "reordered": self.reordered,
             "corrupted": self.corrupted + beyond,
+            "jumps": self.jumps,
         }
 
     def _process(self, buf: bytes, final: bool) -> None:
@@ -176,6 +181,9 @@ class StreamChecker:
             if at is None:  # not enough bytes to tell yet
                 self._pending = buf[pos:]
                 return
+            if len(self.jumps) < MAX_JUMPS:
+                where = self.received - len(buf) + pos
+                self.jumps.append({"received_at": where, "expected": self._expect, "found": at})
             self._expect = at
             self._aligned = True
 
