@@ -44,6 +44,8 @@ class World:
     procs: list[JsonProc] = field(default_factory=list)
     #: Pin the server guest's programs to one CPU and the others to another (netperf -T).
     pin: bool = False
+    #: The ``Lab`` in lab mode (the migration bench moves its guests), else None.
+    lab: Any = None
 
     def env(self, guest: str, cosock: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
         """Environment of a program in ``guest``: with cosock enabled (``cosock run``'s
@@ -100,7 +102,7 @@ def lab_world(name: str) -> Iterator[World]:
         ) -> subprocess.Popen[str]:
             return lab.popen(guest, argv, env=env, **_pipes(err))
 
-        world = World("lab", lab.guest(SERVER).address, tmp, spawn, lab.env)
+        world = World("lab", lab.guest(SERVER).address, tmp, spawn, lab.env, lab=lab)
         yield world
     finally:
         if world is not None:

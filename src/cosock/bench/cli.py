@@ -61,13 +61,39 @@ def bench(
         bool, typer.Option("--app", help="also unmodified HTTP (uvicorn+httpx) and asyncio echo")
     ] = False,
     mode: Annotated[str, typer.Option(help="auto (lab if root), lab, or loopback")] = "auto",
-    lab_name: Annotated[str, typer.Option(help="name of the lab the bench builds")] = "bench",
+    lab_name: Annotated[
+        str | None,
+        typer.Option(help="name of the lab the bench builds [default: bench, benchmig]"),
+    ] = None,
     pin: Annotated[
         bool, typer.Option("--pin", help="servers on one CPU, clients on another (netperf -T)")
     ] = False,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate",
+            help="instead: stream both ways while a guest migrates away and back (root)",
+        ),
+    ] = False,
+    migrations: Annotated[
+        int | None, typer.Option(help="--migrate: how many migrations [10; quick: 4]", min=1)
+    ] = None,
+    seconds: Annotated[
+        float | None,
+        typer.Option(help="--migrate: seconds of streaming between migrations [3; quick: 2]"),
+    ] = None,
 ) -> None:
-    """Every transport side by side in one run: tcp, uds, cosock, cosock-remote."""
+    """Every transport side by side in one run: tcp, uds, cosock, cosock-remote.
+
+    With --migrate: a live stream both ways between two co-resident guests while one of
+    them migrates to another host and back; every byte checked, pauses measured.
+    """
     from rich.console import Console
+
+    if migrate:
+        _bench_migrate(quick, json_path, plot_path, migrations, seconds, lab_name)
+        return
+    lab_name = lab_name or "bench"
 
     from ._report import show, write_json
     from ._runner import BenchError, BenchOptions, run_bench
@@ -114,6 +140,50 @@ def bench(
 
         plot(report, plot_path)
         err.print(f"plot written to {plot_path}")
+
+
+def _bench_migrate(
+    quick: bool,
+    json_path: Path | None,
+    plot_path: Path | None,
+    migrations: int | None,
+    seconds: float | None,
+    lab_name: str | None,
+) -> None:
+    from rich.console import Console
+
+    from ._migrate import MigrateOptions, run_migrate
+    from ._migshow import plot, show, write_json
+    from ._runner import BenchError
+
+    overrides: dict[str, Any] = {}
+    for key, value in (("migrations", migrations), ("seconds", seconds), ("lab_name", lab_name)):
+        if value is not None:
+            overrides[key] = value
+    options = MigrateOptions.quick(**overrides) if quick else MigrateOptions(**overrides)
+    try:
+        options.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    err = Console(stderr=True)
+    try:
+        with _ProgressBar(err) as progress:
+            report = run_migrate(options, progress)
+    except BenchError as exc:
+        err.print(f"[bold red]cosock bench --migrate FAILED:[/] {exc}")
+        raise typer.Exit(1) from None
+    show(report, console)
+    if json_path is not None:
+        write_json(report, json_path)
+        err.print(f"report written to {json_path}")
+    if plot_path is not None:
+        plot(report, plot_path)
+        err.print(f"plot written to {plot_path}")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 class _ProgressBar:
