@@ -116,6 +116,19 @@ def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
 
+#: ``COSOCK_TRACE=PATH``: append path-switch events with timestamps (diagnostics only).
+_TRACE: Final = os.environ.get("COSOCK_TRACE")
+
+
+def _trace(what: str, ch: _Channel) -> None:
+    if _TRACE:
+        with open(_TRACE, "a") as f:
+            f.write(
+                f"{time.monotonic():.6f} {os.getpid()} {threading.get_native_id()} "
+                f"{ch.role.value} {what} phase={ch.phase} sleepers={ch.sleepers}\n"
+            )
+
+
 def _agent() -> Any:
     from .agent.client import AgentClient
 
@@ -372,9 +385,11 @@ class CoSocket(socket.socket):
         if ipaddress.ip_address(ch.peer_ip).is_loopback:
             return  # same guest: wherever it goes, both ends go
         if not agent.available or agent.self_guest is None:
+            _trace("residency: agent unavailable", ch)
             return
         coresident = agent.guest_owning(ch.peer_ip) is not None
         if ch.phase is _SHM and not coresident:
+            _trace("residency: peer left", ch)
             self.cosock_switch()
         elif ch.phase is _FRAMED and coresident and ch.role is Role.CLIENT:
             self._start_upgrade(ch, agent)
@@ -844,6 +859,7 @@ class CoSocket(socket.socket):
                 try:
                     n = super().send(ch.ctl_out)
                 except (BlockingIOError, InterruptedError):
+                    _trace(f"ctl-blocked {len(ch.ctl_out)}", ch)
                     return
                 except OSError as exc:
                     if ch.error is None:
@@ -888,7 +904,9 @@ class CoSocket(socket.socket):
         stale copy, or garbage -- so everything unconsumed travels again, framed, on TCP.
         """
         ch.phase = _SWITCHING  # fast paths stop here; a thread inside a copy finishes
+        _trace("freeze", ch)
         self._quiesce(ch)
+        _trace("quiesced", ch)
         tx = ch.tx
         assert tx is not None
         self._sync_offsets(ch, leaving=True)
@@ -902,6 +920,7 @@ class CoSocket(socket.socket):
         if ch.fin is not None and ch.rx is not None and ch.rx_base + ch.rx.tail > ch.fin:
             raise RingCorrupted("peer wrote past its own FIN")
         self._control(ch, Switch(ch.proto.received_offset))
+        _trace("switch-sent", ch)
 
     @staticmethod
     def _quiesce(ch: _Channel) -> None:
@@ -928,6 +947,7 @@ class CoSocket(socket.socket):
                 f"peer says it consumed {start} bytes; we still hold [{base}, "
                 f"{base + len(retained)}): channel corrupted"
             )
+        _trace(f"peer-switch resend={base + len(retained) - start}", ch)
         with ch.ctl_lock:  # in place: a writer thread may be appending to tx_out
             ch.tx_out[0:0] = retained[start - base :]
         ch.retained = None
@@ -976,6 +996,7 @@ class CoSocket(socket.socket):
         ch.rv_path = path
         ch.upgrade = (mm, capacity)
         self._control(ch, Upgrade(nonce))
+        _trace("upgrade-offered", ch)
 
     def _frame_all_locked(self, ch: _Channel) -> None:
         """Put every queued byte (and a pending FIN) into frames: what follows in the
@@ -1344,6 +1365,8 @@ class CoSocket(socket.socket):
         ch.counters["sleep_ns"] += slept
         if not woken and timeout == _MAX_SLEEP_MS:
             ch.counters["safety_timeouts"] += 1  # only an idle peer, or a lost wake-up
+        if slept > 100_000_000:
+            _trace(f"slept {slept // 1_000_000} ms phase-at-entry={phase} woken={woken}", ch)
         if ready is None:
             return
         if woken and slept < _BUSY_WAKE_NS:
