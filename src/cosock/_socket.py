@@ -288,6 +288,11 @@ class CoSocket(socket.socket):
     def getblocking(self) -> bool:
         return self._utimeout != 0.0
 
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        """The timeout the application set (the kernel fd is non-blocking with a channel)."""
+        return self._utimeout
+
     def _attach(self, ch: _Channel) -> None:
         self._co = ch
         super().settimeout(0.0)
@@ -681,8 +686,8 @@ class CoSocket(socket.socket):
 
     def _deadline(self, flags: int) -> float | None:
         """None = wait forever, 0.0 = never wait, else a monotonic deadline."""
-        if flags & _MSG_DONTWAIT or self._utimeout == 0.0:
-            return 0.0
+        if self._utimeout == 0.0 or (flags & _MSG_DONTWAIT and self._utimeout is None):
+            return 0.0  # with a timeout, CPython waits for readiness even under MSG_DONTWAIT
         if self._utimeout is None:
             return None
         return time.monotonic() + self._utimeout
@@ -719,7 +724,7 @@ class CoSocket(socket.socket):
         else:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                raise TimeoutError("timed out")  # like CPython: no errno
             timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
         poller = select.poll()
         poller.register(self.fileno(), select.POLLIN)
@@ -830,7 +835,9 @@ class CoSocket(socket.socket):
 
     def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
-        waitall = bool(flags & _MSG_WAITALL) and not peek
+        # With a timeout the kernel fd is non-blocking in CPython too: MSG_WAITALL then
+        # returns what is there, like plain sockets do.
+        waitall = bool(flags & _MSG_WAITALL) and not peek and self._utimeout is None
         deadline = self._deadline(flags)
         got = 0
         woke = deadline == 0.0  # a non-blocking call must notice EOF and frames at once
@@ -905,7 +912,7 @@ class CoSocket(socket.socket):
                 return 0
             woke = False
         rx = ch.rx
-        if ch.phase is _SHM and rx is not None and not ch.rd_shut:
+        if ch.phase is _SHM and rx is not None:  # after SHUT_RD too, like Linux
             bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
@@ -1026,6 +1033,9 @@ class CoSocket(socket.socket):
         elif not flags and self._fast_send(ch, data):
             return None
         view = memoryview(data).cast("B")
+        if not view:  # CPython still makes one send call: EPIPE after SHUT_WR, say
+            self._send(view, flags, all_=False)
+            return None
         deadline = self._deadline(flags)
         sent = 0
         while sent < len(view):
@@ -1033,7 +1043,7 @@ class CoSocket(socket.socket):
                 sent += self._send(view[sent:], flags, all_=False)
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                raise TimeoutError("timed out")  # like CPython: no errno
             sent += self._send(view[sent:], flags, all_=True, deadline=deadline)
         return None
 
