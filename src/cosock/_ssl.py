@@ -23,6 +23,7 @@ import errno
 import ssl
 import threading
 import time
+import weakref
 from typing import Any
 
 from ._selectors import track, untrack
@@ -48,7 +49,9 @@ class _BioTransport:
         server_hostname: str | None,
         session: ssl.SSLSession | None,
     ) -> None:
-        self._sock = sock
+        # Weak, like OpenSSL's owner reference: a dropped socket is freed (and its fd
+        # closed) at once, not when the cycle collector finds the pair.
+        self._owner = weakref.ref(sock)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = context.wrap_bio(
@@ -61,6 +64,13 @@ class _BioTransport:
         self._out_lock = threading.Lock()  # _pending_out
         self._send_lock = threading.Lock()  # one flusher at a time keeps records in order
         self._recv_lock = threading.Lock()  # one record reader at a time
+
+    @property
+    def _sock(self) -> CoSSLSocket:
+        sock = self._owner()
+        if sock is None:
+            raise OSError(errno.EBADF, "Bad file descriptor: the SSL socket is gone")
+        return sock
 
     # Everything without I/O (cipher, version, getpeercert, session, ...) is the SSLObject's.
     def __getattr__(self, name: str) -> Any:
