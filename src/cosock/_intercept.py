@@ -5,17 +5,21 @@ replaced attribute; :func:`disable` puts each one back.  ``socket.create_connect
 ``socket.create_server``, ``socket.fromfd`` and asyncio all look ``socket.socket`` up at
 call time, so patching the one class covers them.  Code that did ``from socket import
 socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
+``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
+``select.select``/``select.poll`` (ring-aware readiness, ``_select``) are replaced too.
 """
 
 from __future__ import annotations
 
 import gc
+import select
 import selectors
 import socket
 import ssl
 import threading
 from typing import Any
 
+from ._select import co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
 from ._ssl import CoSSLSocket
@@ -28,6 +32,9 @@ __implements__: tuple[tuple[Any, str, Any], ...] = (
     (socket, "socket", CoSocket),
     # SSLContext.wrap_socket builds its sockets from this class attribute.
     (ssl.SSLContext, "sslsocket_class", CoSSLSocket),
+    # Raw readiness calls answer for accelerated fds from the rings (epoll: not yet).
+    (select, "select", co_select),
+    (select, "poll", co_poll),
     *((selectors, name, cls) for name, cls in REPLACEMENTS.items()),
 )
 

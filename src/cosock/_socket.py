@@ -47,6 +47,8 @@ from ._ring import RingReader, RingWriter, create_channel_fd, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 
 _BaseSocket = socket.socket
+#: The kernel's poll, bound now: enable() makes ``select.poll`` ring-aware for applications.
+_kernel_poll = select.poll
 # Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
 _MSG_PEEK: Final = int(socket.MSG_PEEK)
 _MSG_WAITALL: Final = int(socket.MSG_WAITALL)
@@ -726,7 +728,7 @@ class CoSocket(socket.socket):
             if left <= 0:
                 raise TimeoutError("timed out")  # like CPython: no errno
             timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
-        poller = select.poll()
+        poller = _kernel_poll()
         poller.register(self.fileno(), select.POLLIN)
         t0 = time.perf_counter_ns()
         woken = poller.poll(timeout)
@@ -1192,7 +1194,7 @@ class CoSocket(socket.socket):
             left = None if deadline is None else deadline - time.monotonic()
             if deadline == 0.0 or (left is not None and left <= 0):
                 return
-            poller = select.poll()
+            poller = _kernel_poll()
             poller.register(fd, select.POLLIN | select.POLLOUT)
             events = poller.poll(None if left is None else max(0, int(left * 1000)))
             if any(ev & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, ev in events):
@@ -1272,7 +1274,7 @@ class CoSocket(socket.socket):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                poller = select.poll()
+                poller = _kernel_poll()
                 poller.register(self.fileno(), select.POLLIN)
                 poller.poll(max(1, int(left * 1000)))
 
