@@ -111,11 +111,84 @@ def test_poll_is_exact_for_rings_mixed_with_pipes_and_plain_sockets(world):
         p.unregister(cli)
 
 
+def fill(sock: socket.socket) -> None:
+    """Write until the ring is full (the socket is left non-blocking)."""
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        for _ in range(100):
+            sock.send(b"f" * 8192)
+
+
+def test_epoll_level_triggered_mixed(world):
+    cli, conn, pcli, pconn, r, w = (world[k] for k in ("cli", "conn", "pcli", "pconn", "r", "w"))
+    with select.epoll() as ep:
+        assert isinstance(ep, select.epoll)
+        for obj in (cli, pcli, r):
+            ep.register(obj, select.EPOLLIN)
+        with pytest.raises(FileExistsError):
+            ep.register(cli, select.EPOLLIN)
+        t0 = time.monotonic()
+        assert ep.poll(0.2) == []
+        assert time.monotonic() - t0 >= 0.15
+        conn.sendall(b"abcdef")
+        os.write(w, b"x")
+        pconn.sendall(b"y")
+        time.sleep(0.05)
+        got = dict(ep.poll(5))
+        assert got == {
+            cli.fileno(): select.EPOLLIN,
+            pcli.fileno(): select.EPOLLIN,
+            r: select.EPOLLIN,
+        }
+        assert cli.recv(2) == b"ab"
+        assert dict(ep.poll(0)).get(cli.fileno()) == select.EPOLLIN  # level: still there
+        assert len(ep.poll(0, maxevents=1)) == 1
+        assert cli.recv(10) == b"cdef"
+        os.read(r, 1)
+        pcli.recv(1)
+        assert ep.poll(0.05) == []
+        ep.modify(cli, select.EPOLLOUT)
+        assert ep.poll(0) == [(cli.fileno(), select.EPOLLOUT)]
+        fill(cli)
+        assert ep.poll(0.1) == []
+        conn.recv(65536)
+        assert ep.poll(5) == [(cli.fileno(), select.EPOLLOUT)]
+        ep.unregister(cli)
+        with pytest.raises(FileNotFoundError):
+            ep.modify(cli, select.EPOLLIN)
+    assert ep.closed
+
+
+def test_epoll_edge_triggered_and_oneshot(world):
+    cli, conn = world["cli"], world["conn"]
+    ep = select.epoll()
+    ep.register(cli, select.EPOLLIN | select.EPOLLET)
+    conn.sendall(b"12345")
+    assert ep.poll(5) == [(cli.fileno(), select.EPOLLIN)]
+    assert ep.poll(0.05) == []  # edge-triggered: reported once while it stays readable
+    cli.setblocking(False)
+    assert cli.recv(100) == b"12345"
+    with pytest.raises(BlockingIOError):
+        cli.recv(100)  # read until EAGAIN, as edge-triggered callers do
+    conn.sendall(b"678")
+    assert ep.poll(5) == [(cli.fileno(), select.EPOLLIN)]  # a new edge
+    assert cli.recv(100) == b"678"
+    ep.modify(cli, select.EPOLLIN | select.EPOLLONESHOT)
+    conn.sendall(b"a")
+    assert ep.poll(5) == [(cli.fileno(), select.EPOLLIN)]
+    conn.sendall(b"b")
+    assert ep.poll(0.05) == []  # one shot: disabled until modify()
+    ep.modify(cli, select.EPOLLIN | select.EPOLLONESHOT)
+    assert ep.poll(5) == [(cli.fileno(), select.EPOLLIN)]
+    assert cli.recv(10) == b"ab"
+    ep.close()
+
+
 def test_disable_restores_select_exactly():
-    originals = select.select, select.poll
+    originals = select.select, select.poll, select.epoll
     cosock.enable()
     try:
-        assert (select.select, select.poll) != originals
+        assert (select.select, select.poll, select.epoll) != originals
     finally:
         cosock.disable()
-    assert (select.select, select.poll) == originals
+    assert (select.select, select.poll, select.epoll) == originals

@@ -6,7 +6,7 @@ replaced attribute; :func:`disable` puts each one back.  ``socket.create_connect
 call time, so patching the one class covers them.  Code that did ``from socket import
 socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
 ``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
-``select.select``/``select.poll`` (ring-aware readiness, ``_select``) are replaced too.
+``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ssl
 import threading
 from typing import Any
 
-from ._select import co_poll, co_select
+from ._select import CoEpoll, co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
 from ._ssl import CoSSLSocket
@@ -32,9 +32,10 @@ __implements__: tuple[tuple[Any, str, Any], ...] = (
     (socket, "socket", CoSocket),
     # SSLContext.wrap_socket builds its sockets from this class attribute.
     (ssl.SSLContext, "sslsocket_class", CoSSLSocket),
-    # Raw readiness calls answer for accelerated fds from the rings (epoll: not yet).
+    # Raw readiness calls answer for accelerated fds from the rings.
     (select, "select", co_select),
     (select, "poll", co_poll),
+    (select, "epoll", CoEpoll),
     *((selectors, name, cls) for name, cls in REPLACEMENTS.items()),
 )
 
