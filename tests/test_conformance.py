@@ -39,6 +39,8 @@ def outcome(call: Callable[[], Any]) -> Any:
         return ("ok", call())
     except OSError as exc:
         return ("raise", type(exc).__name__, exc.errno, str(exc))
+    except (ValueError, TypeError) as exc:
+        return ("raise", type(exc).__name__, str(exc))
 
 
 def settle(a: socket.socket, b: socket.socket) -> None:
@@ -159,22 +161,64 @@ def test_recvfrom_forms(make_pair: Pair) -> None:
     assert buf[5:8] == b"789"
 
 
-def test_argument_errors(make_pair: Pair) -> None:
-    cli, _conn = make_pair()
-    with pytest.raises(ValueError):
-        cli.recv(-1)
-    with pytest.raises(ValueError):
-        cli.recv_into(bytearray(2), 5)
-    with pytest.raises(ValueError):
-        cli.recv_into(bytearray(2), -1)
-    with pytest.raises(TypeError):
-        cli.send("text")  # type: ignore[arg-type]
-    assert outcome(lambda: cli.shutdown(7)) == (
-        "raise",
-        "OSError",
-        errno.EINVAL,
-        "[Errno 22] Invalid argument",
-    )
+def _misuse(cli: socket.socket, conn: socket.socket) -> list[Any]:
+    """Calls with bad arguments, with and without bytes waiting: what each raises."""
+    calls: list[Callable[[], Any]] = [
+        lambda: cli.recv(-1),
+        lambda: cli.recv_into(bytearray(2), 5),
+        lambda: cli.recv_into(bytearray(2), -1),
+        lambda: cli.recv_into(b"immutable"),
+        lambda: cli.send("text"),  # type: ignore[arg-type]
+        lambda: cli.sendall("text"),  # type: ignore[arg-type]
+        lambda: cli.sendmsg(["text"]),  # type: ignore[list-item]
+        lambda: cli.shutdown(7),
+        lambda: cli.settimeout(-1),
+        lambda: cli.settimeout("x"),  # type: ignore[arg-type]
+    ]
+    seen = [outcome(c) for c in calls]
+    conn.sendall(b"waiting")  # CoSocket has fast paths for when ring bytes wait
+    time.sleep(0.05)
+    seen += [outcome(c) for c in calls[:5]]
+    seen.append(outcome(lambda: recv_all(cli, 7)))
+    return seen
+
+
+def test_argument_errors_match_plain_sockets(make_pair: Pair) -> None:
+    cli, conn = make_pair()
+    with _pair_of(get_original(socket, "socket")) as (pcli, pconn):
+        pcli.settimeout(10)
+        assert _misuse(cli, conn) == _misuse(pcli, pconn)
+
+
+def test_dup_and_context_manager(make_pair: Pair) -> None:
+    cli, conn = make_pair()
+    twin = cli.dup()
+    assert twin.fileno() != cli.fileno() and twin.gettimeout() == cli.gettimeout()
+    cli.close()
+    twin.sendall(b"via dup")
+    assert recv_all(conn, 7) == b"via dup"
+    conn.sendall(b"back")
+    assert recv_all(twin, 4) == b"back"
+    with twin:
+        pass
+    assert twin.fileno() == -1
+    assert conn.recv(1) == b""
+
+
+def test_sendfile(make_pair: Pair, tmp_path: Any) -> None:
+    cli, conn = make_pair()
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(recv_all(conn, len(blob) - 1000)))
+    reader.start()
+    with path.open("rb") as f:
+        assert cli.sendfile(f, offset=1000) == len(blob) - 1000
+        assert f.tell() == len(blob)
+    reader.join(20)
+    assert got == [blob[1000:]]
+    still_shm(cli, conn)
 
 
 # ---------------------------------------------------------------------- flags

@@ -86,6 +86,16 @@ def _handshake_room(ch: _Channel) -> int:
     return min(ch.tx.free(), ch.tx.capacity - ch.tx.head)
 
 
+def _byte_view(data: Any, method: Any, sock: Any) -> memoryview:
+    """``data`` as bytes; for what is not a buffer, CPython's own TypeError (its argument
+    parsing rejects the object before any I/O, so the call never reaches the fd)."""
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        method(sock, data)
+        raise
+
+
 def _own_netns() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
@@ -779,15 +789,16 @@ class CoSocket(socket.socket):
                 if view.format != "B" or view.ndim != 1:
                     view = view.cast("B")
                 size = len(view)
-                n = nbytes if 0 < nbytes <= size else size
-                if nbytes < 0 or nbytes > size:
-                    raise ValueError("negative buffersize or buffer too small in recv_into")
-                if n > avail:
-                    n = avail
-                rx.read_into(view, n)
-                self._consumed(ch, n, avail, bells)
-                return n
+                if 0 <= nbytes <= size and not view.readonly:  # else raise as CPython below
+                    n = nbytes or size
+                    if n > avail:
+                        n = avail
+                    rx.read_into(view, n)
+                    self._consumed(ch, n, avail, bells)
+                    return n
         view = memoryview(buffer).cast("B")
+        if view.readonly:  # CPython's own TypeError: its argument parsing rejects it, no I/O
+            return super().recv_into(buffer, nbytes, flags)
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes == 0 or nbytes > len(view):
@@ -1005,7 +1016,7 @@ class CoSocket(socket.socket):
                 return super().send(data, flags)
         elif not flags and self._fast_send(ch, data):
             return len(data)
-        return self._send(memoryview(data).cast("B"), flags, all_=False)
+        return self._send(_byte_view(data, _BaseSocket.send, self), flags, all_=False)
 
     def _fast_send(self, ch: _Channel, data: Any) -> bool:
         """Write ``data`` whole if it fits right now (the common case); else False."""
@@ -1034,7 +1045,7 @@ class CoSocket(socket.socket):
                 return super().sendall(data, flags)
         elif not flags and self._fast_send(ch, data):
             return None
-        view = memoryview(data).cast("B")
+        view = _byte_view(data, _BaseSocket.sendall, self)
         if not view:  # CPython still makes one send call: EPIPE after SHUT_WR, say
             self._send(view, flags, all_=False)
             return None
@@ -1061,7 +1072,8 @@ class CoSocket(socket.socket):
             return super().sendmsg(buffers, anc, flags, address)
         if anc:
             raise OSError(errno.EOPNOTSUPP, "ancillary data is not carried by cosock channels")
-        return self.send(b"".join(memoryview(b).cast("B") for b in buffers), flags)
+        views = [_byte_view(b, lambda s, b: _BaseSocket.sendmsg(s, [b]), self) for b in buffers]
+        return self.send(b"".join(views), flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         if self._co is None and self._txb is None:
