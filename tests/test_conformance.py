@@ -672,13 +672,16 @@ _OPS = st.one_of(
         st.lists(st.binary(max_size=500), max_size=4),
     ),
     st.tuples(
-        st.integers(0, 1), st.sampled_from(["recv", "peek", "dontwait"]), st.integers(0, 4000)
+        st.integers(0, 1),
+        st.sampled_from(["recv", "peek", "dontwait", "waitall", "recv_into"]),
+        st.integers(0, 4000),
     ),
     st.tuples(st.integers(0, 1), st.just("shut_wr"), st.none()),
 )
 
 
 _PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_READS = ("recv", "peek", "dontwait", "waitall", "recv_into")
 
 
 def _apply(sock: socket.socket, kind: str, arg: Any) -> Any:
@@ -692,6 +695,11 @@ def _apply(sock: socket.socket, kind: str, arg: Any) -> Any:
         return outcome(lambda: sock.recv(arg, socket.MSG_PEEK))
     if kind == "dontwait":
         return outcome(lambda: sock.recv(arg, socket.MSG_DONTWAIT))
+    if kind == "waitall":
+        return outcome(lambda: sock.recv(arg, socket.MSG_WAITALL))
+    if kind == "recv_into":
+        buf = bytearray(arg + 3)
+        return outcome(lambda: (sock.recv_into(buf, arg), bytes(buf)))
     assert kind == "shut_wr"
     return outcome(lambda: sock.shutdown(socket.SHUT_WR))
 
@@ -733,43 +741,73 @@ def test_random_operation_sequences_match_plain_tcp(ops: list[tuple[int, str, An
     only when bytes (or EOF) are due, sends within what a peer's buffers hold.
     """
     plain_cls = get_original(socket, "socket")
-    pending = [0, 0]  # bytes in flight towards side i
-    eof = [False, False]  # side i has seen the peer's SHUT_WR
-    shut = [False, False]
     traces: list[list[Any]] = [[], []]
     with _pair_of(plain_cls) as plain, _pair_of(CoSocket) as accel:
-        for side, kind, arg in ops:
-            other = 1 - side
-            if kind in ("send", "sendmsg"):
-                size = len(arg) if kind == "send" else sum(map(len, arg))
-                if pending[other] + size > 60_000:
-                    continue  # stay far below any buffer: a blocking send must not block
-                if not shut[side]:
-                    pending[other] += size
-            elif kind == "recv" and pending[side] == 0 and not eof[side] and arg:
-                continue  # would block forever on both
-            elif kind == "peek" and pending[side] == 0 and not eof[side] and arg:
-                continue
-            elif kind == "shut_wr":
-                if shut[side] and shut[other]:
-                    continue  # TCP is closed then: see test_shutdown_once_both_sides_are_done
-                eof[other] = True
-                shut[side] = True
-            for trace, pair in zip(traces, (plain, accel), strict=True):
-                if kind in ("recv", "peek", "dontwait") and pending[side] and arg:
-                    # The bytes are on their way: wait until they all are readable, so
-                    # the two transports are compared at the same state.
-                    want = pending[side]
-                    deadline = time.monotonic() + 5
-                    while time.monotonic() < deadline:
-                        with contextlib.suppress(BlockingIOError):  # Nagle may hold some
-                            if len(pair[side].recv(want, _PEEK_NOW)) >= want:
-                                break
-                        time.sleep(0.001)
-                trace.append((side, kind, _apply(pair[side], kind, arg)))
-            r = traces[1][-1][2]
-            if kind in ("recv", "dontwait") and r[0] == "ok" and isinstance(r[1], bytes):
-                pending[side] -= len(r[1])
+        # A watchdog instead of socket timeouts (which would change MSG_WAITALL and
+        # MSG_DONTWAIT): a sequence that blocks by mistake is cut off and fails.
+        fired: list[bool] = []
+
+        def cut_off() -> None:
+            fired.append(True)
+            for s in (*plain, *accel):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(20, cut_off)
+        watchdog.start()
+        try:
+            _drive(ops, plain, accel, traces)
+        finally:
+            watchdog.cancel()
+        assert not fired, "an operation blocked"
         assert traces[1] == traces[0]
         for s in accel:
             assert isinstance(s, CoSocket) and s.cosock_path == "shm"
+
+
+def _drive(
+    ops: list[tuple[int, str, Any]],
+    plain: tuple[socket.socket, socket.socket],
+    accel: tuple[socket.socket, socket.socket],
+    traces: list[list[Any]],
+) -> None:
+    """Apply ``ops`` to both pairs, skipping those whose plain-TCP outcome would not be
+    deterministic (a blocking read with nothing due, a send that could block)."""
+    pending = [0, 0]  # bytes in flight towards side i
+    eof = [False, False]  # side i has seen the peer's SHUT_WR
+    shut = [False, False]
+    for side, kind, arg in ops:
+        other = 1 - side
+        if kind in ("send", "sendmsg"):
+            size = len(arg) if kind == "send" else sum(map(len, arg))
+            if pending[other] + size > 60_000:
+                continue  # stay far below any buffer: a blocking send must not block
+            if not shut[side]:
+                pending[other] += size
+        elif kind in ("recv", "peek", "recv_into") and not pending[side]:
+            if (arg or kind == "recv_into") and not eof[side]:
+                continue  # would block forever on both (recv_into(buf, 0) fills buf)
+        elif kind == "waitall" and pending[side] < arg and not eof[side]:
+            continue  # would wait for bytes nobody sends
+        elif kind == "shut_wr":
+            if shut[side] and shut[other]:
+                continue  # TCP is closed then: see test_shutdown_once_both_sides_are_done
+            eof[other] = True
+            shut[side] = True
+        for trace, pair in zip(traces, (plain, accel), strict=True):
+            if kind in _READS and pending[side]:
+                # The bytes are on their way: wait until they all are readable, so
+                # the two transports are compared at the same state.
+                want = pending[side]
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(BlockingIOError):  # Nagle may hold some
+                        if len(pair[side].recv(want, _PEEK_NOW)) >= want:
+                            break
+                    time.sleep(0.001)
+            trace.append((side, kind, _apply(pair[side], kind, arg)))
+        r = traces[1][-1][2]
+        if kind in ("recv", "dontwait", "waitall") and r[0] == "ok":
+            pending[side] -= len(r[1])
+        elif kind == "recv_into" and r[0] == "ok":
+            pending[side] -= r[1][0]
