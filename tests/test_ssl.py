@@ -440,3 +440,50 @@ def test_enable_disable_restores_sslsocket_class(cosock_agent):
     finally:
         cosock.disable()
     assert ssl.SSLContext.sslsocket_class is original
+
+
+def test_mixed_peers_and_a_stale_offer_fall_back_to_plain_tls(cosock_agent, server_ctx, client_ctx):
+    """A plain TLS client to a cosock server (no offer), and a plain client reusing the
+    4-tuple of someone's stale offer (the server starts on a channel, then falls back with
+    the ClientHello owed to the application): TLS works both times."""
+    from sockutil import stale_offer_plain_pair
+
+    plain_cls = get_original(socket, "socket")
+    lsrv, plain, conn = stale_offer_plain_pair()  # its client must be a plain socket
+    cosock.enable()
+    try:
+        srv = socket.create_server(("127.0.0.1", 0))
+        peer = Peer(srv, lambda conn: _tls_echo(server_ctx, conn))
+        raw = plain_cls()
+        raw.settimeout(20)
+        raw.connect(srv.getsockname())
+        tls = client_ctx.wrap_socket(raw, server_hostname="localhost")
+        assert type(tls) is get_original(ssl.SSLContext, "sslsocket_class")
+        tls.sendall(b"plain client")
+        assert recv_all(tls, 12) == b"plain client"
+        tls.close()
+        assert peer.result() == "tcp"
+        srv.close()
+
+        assert conn.cosock_path == "handshake"  # waiting for a HELLO that never comes
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(_tls_echo(server_ctx, conn)))
+        t.start()
+        tls = client_ctx.wrap_socket(plain, server_hostname="localhost")
+        tls.sendall(b"stale offer")
+        assert recv_all(tls, 11) == b"stale offer"
+        tls.close()
+        t.join(20)
+        assert out == ["tcp"]
+    finally:
+        cosock.disable()
+        lsrv.close()
+
+
+def _tls_echo(ctx: ssl.SSLContext, conn: socket.socket) -> str:
+    tls = ctx.wrap_socket(conn, server_side=True)
+    while data := tls.recv(65536):
+        tls.sendall(data)
+    path: str = tls.cosock_path  # type: ignore[attr-defined]
+    tls.close()
+    return path
