@@ -5,44 +5,56 @@ replaced attribute; :func:`disable` puts each one back.  ``socket.create_connect
 ``socket.create_server``, ``socket.fromfd`` and asyncio all look ``socket.socket`` up at
 call time, so patching the one class covers them.  Code that did ``from socket import
 socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
+``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
+``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too.
 """
 
 from __future__ import annotations
 
 import gc
+import select
 import selectors
 import socket
+import ssl
 import threading
-from types import ModuleType
 from typing import Any
 
+from ._select import CoEpoll, co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
+from ._ssl import CoSSLSocket
 
-_saved: dict[tuple[ModuleType, str], Any] = {}
+#: (module or class, attribute name) -> the original value.
+_saved: dict[tuple[Any, str], Any] = {}
 _lock = threading.RLock()
 #: What ``enable()`` replaces: (module, attribute) -> replacement.
-__implements__: tuple[tuple[ModuleType, str, Any], ...] = (
+__implements__: tuple[tuple[Any, str, Any], ...] = (
     (socket, "socket", CoSocket),
+    # SSLContext.wrap_socket builds its sockets from this class attribute.
+    (ssl.SSLContext, "sslsocket_class", CoSSLSocket),
+    # Raw readiness calls answer for accelerated fds from the rings.
+    (select, "select", co_select),
+    (select, "poll", co_poll),
+    (select, "epoll", CoEpoll),
     *((selectors, name, cls) for name, cls in REPLACEMENTS.items()),
 )
 
 
-def patch_item(module: ModuleType, name: str, value: Any) -> None:
+def patch_item(module: Any, name: str, value: Any) -> None:
     """Replace ``module.name``, remembering the first original."""
     with _lock:
         _saved.setdefault((module, name), getattr(module, name))
         setattr(module, name, value)
 
 
-def remove_item(module: ModuleType, name: str) -> None:
+def remove_item(module: Any, name: str) -> None:
     """Restore ``module.name`` to its original, if we replaced it."""
     with _lock:
         if (module, name) in _saved:
             setattr(module, name, _saved.pop((module, name)))
 
 
-def get_original(module: ModuleType, name: str) -> Any:
+def get_original(module: Any, name: str) -> Any:
     """The attribute as it was before cosock touched it."""
     with _lock:
         return _saved.get((module, name), getattr(module, name))

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from ._socket import CoSocket
 
 log = logging.getLogger("cosock.residency")
+#: The kernel's poll, taken before ``cosock.enable()`` can make select.poll ring-aware.
+_kernel_poll = select.poll
 
 #: Sleep bound while nothing is switching (a missed wake-up costs at most this).
 _IDLE_MS = 1000
@@ -101,7 +103,7 @@ def _run() -> None:
         except Exception:  # no agent now: connections carry on; try again later
             agent = wait_fd = None
         busy = [s for s in socks if s._cosock_needs_service()]
-        poller = select.poll()
+        poller = _kernel_poll()
         if wait_fd is not None:
             poller.register(wait_fd, select.POLLIN)
         for sock in busy:

@@ -76,6 +76,8 @@ from ._ring import RingReader, RingWriter, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 
 _BaseSocket = socket.socket
+#: The kernel's poll, bound now: enable() makes ``select.poll`` ring-aware for applications.
+_kernel_poll = select.poll
 # Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
 _MSG_PEEK: Final = int(socket.MSG_PEEK)
 _MSG_WAITALL: Final = int(socket.MSG_WAITALL)
@@ -146,6 +148,20 @@ def _handshake_room(ch: _Channel) -> int:
         return max(0, _config.ring_size() if ch.tx is None else ch.tx.capacity) - len(ch.pre_out)
     assert ch.tx is not None
     return min(ch.tx.free(), ch.tx.capacity - ch.tx.head)
+
+
+def _byte_view(data: Any, method: Any, sock: Any) -> memoryview:
+    """``data`` as bytes; for what is not a buffer, CPython's own TypeError (its argument
+    parsing rejects the object before any I/O, so the call never reaches the fd)."""
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        method(sock, data)
+        raise
+
+
+def _own_netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
 
 
 class _Channel:
@@ -566,6 +582,11 @@ class CoSocket(socket.socket):
 
     def getblocking(self) -> bool:
         return self._utimeout != 0.0
+
+    @property
+    def timeout(self) -> float | None:  # type: ignore[override]
+        """The timeout the application set (the kernel fd is non-blocking with a channel)."""
+        return self._utimeout
 
     def _attach(self, ch: _Channel) -> None:
         self._co = ch
@@ -1300,8 +1321,8 @@ class CoSocket(socket.socket):
 
     def _deadline(self, flags: int) -> float | None:
         """None = wait forever, 0.0 = never wait, else a monotonic deadline."""
-        if flags & _MSG_DONTWAIT or self._utimeout == 0.0:
-            return 0.0
+        if self._utimeout == 0.0 or (flags & _MSG_DONTWAIT and self._utimeout is None):
+            return 0.0  # with a timeout, CPython waits for readiness even under MSG_DONTWAIT
         if self._utimeout is None:
             return None
         return time.monotonic() + self._utimeout
@@ -1341,9 +1362,9 @@ class CoSocket(socket.socket):
         else:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                raise TimeoutError("timed out")  # like CPython: no errno
             timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
-        poller = select.poll()
+        poller = _kernel_poll()
         output = bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
         poller.register(self.fileno(), select.POLLIN | (select.POLLOUT if output else 0))
         phase = ch.phase
@@ -1415,23 +1436,25 @@ class CoSocket(socket.socket):
                 if view.format != "B" or view.ndim != 1:
                     view = view.cast("B")
                 size = len(view)
-                n = nbytes if 0 < nbytes <= size else size
-                if nbytes < 0 or nbytes > size:
-                    raise ValueError("negative buffersize or buffer too small in recv_into")
-                if n > avail:
-                    n = avail
-                ch.rx_busy = True
-                try:
-                    if ch.phase is _SHM:
-                        rx.read_into(view, n)
-                    else:
-                        n = 0
-                finally:
-                    ch.rx_busy = False
+                n = 0
+                if 0 <= nbytes <= size and not view.readonly:  # else raise as CPython below
+                    n = nbytes or size
+                    if n > avail:
+                        n = avail
+                    ch.rx_busy = True
+                    try:
+                        if ch.phase is _SHM:
+                            rx.read_into(view, n)
+                        else:
+                            n = 0
+                    finally:
+                        ch.rx_busy = False
                 if n:
                     self._consumed(ch, n, avail, bells)
                     return n
         view = memoryview(buffer).cast("B")
+        if view.readonly:  # CPython's own TypeError: its argument parsing rejects it, no I/O
+            return super().recv_into(buffer, nbytes, flags)
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes == 0 or nbytes > len(view):
@@ -1481,7 +1504,9 @@ class CoSocket(socket.socket):
 
     def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
-        waitall = bool(flags & _MSG_WAITALL) and not peek
+        # With a timeout the kernel fd is non-blocking in CPython too: MSG_WAITALL then
+        # returns what is there, like plain sockets do.
+        waitall = bool(flags & _MSG_WAITALL) and not peek and self._utimeout is None
         deadline = self._deadline(flags)
         got = 0
         woke = deadline == 0.0  # a non-blocking call must notice EOF and frames at once
@@ -1556,7 +1581,7 @@ class CoSocket(socket.socket):
                 return 0
             woke = False
         rx = ch.rx
-        if ch.phase is _SHM and rx is not None and not ch.rd_shut:
+        if ch.phase is _SHM and rx is not None:  # after SHUT_RD too, like Linux
             bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
@@ -1670,7 +1695,7 @@ class CoSocket(socket.socket):
                 return super().send(data, flags)
         elif not flags and self._fast_send(ch, data):
             return len(data)
-        return self._send(memoryview(data).cast("B"), flags, all_=False)
+        return self._send(_byte_view(data, _BaseSocket.send, self), flags, all_=False)
 
     def _fast_send(self, ch: _Channel, data: Any) -> bool:
         """Write ``data`` whole if it fits right now (the common case); else False."""
@@ -1705,7 +1730,10 @@ class CoSocket(socket.socket):
                 return super().sendall(data, flags)
         elif not flags and self._fast_send(ch, data):
             return None
-        view = memoryview(data).cast("B")
+        view = _byte_view(data, _BaseSocket.sendall, self)
+        if not view:  # CPython still makes one send call: EPIPE after SHUT_WR, say
+            self._send(view, flags, all_=False)
+            return None
         deadline = self._deadline(flags)
         sent = 0
         while sent < len(view):
@@ -1713,7 +1741,7 @@ class CoSocket(socket.socket):
                 sent += self._send(view[sent:], flags, all_=False)
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                raise TimeoutError("timed out")  # like CPython: no errno
             sent += self._send(view[sent:], flags, all_=True, deadline=deadline)
         return None
 
@@ -1729,7 +1757,8 @@ class CoSocket(socket.socket):
             return super().sendmsg(buffers, anc, flags, address)
         if anc:
             raise OSError(errno.EOPNOTSUPP, "ancillary data is not carried by cosock channels")
-        return self.send(b"".join(memoryview(b).cast("B") for b in buffers), flags)
+        views = [_byte_view(b, lambda s, b: _BaseSocket.sendmsg(s, [b]), self) for b in buffers]
+        return self.send(b"".join(views), flags)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         if self._co is None and self._txb is None:
@@ -1866,7 +1895,7 @@ class CoSocket(socket.socket):
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError(errno.ETIMEDOUT, "timed out")
-        poller = select.poll()
+        poller = _kernel_poll()
         poller.register(self.fileno(), select.POLLOUT)
         poller.poll(_MAX_SLEEP_MS if left is None else max(1, int(left * 1000)))
 
@@ -1914,7 +1943,7 @@ class CoSocket(socket.socket):
             left = None if deadline is None else deadline - time.monotonic()
             if deadline == 0.0 or (left is not None and left <= 0):
                 return
-            poller = select.poll()
+            poller = _kernel_poll()
             poller.register(fd, select.POLLIN | select.POLLOUT)
             events = poller.poll(None if left is None else max(0, int(left * 1000)))
             if any(ev & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, ev in events):
@@ -2001,7 +2030,7 @@ class CoSocket(socket.socket):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                poller = select.poll()
+                poller = _kernel_poll()
                 poller.register(self.fileno(), select.POLLIN)
                 poller.poll(max(1, int(left * 1000)))
 
@@ -2017,7 +2046,7 @@ class CoSocket(socket.socket):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            poller = select.poll()
+            poller = _kernel_poll()
             poller.register(self.fileno(), select.POLLIN | select.POLLOUT)
             poller.poll(max(1, int(left * 1000)))
             self._pump(ch)
