@@ -218,6 +218,15 @@ def _idle(sock: socket.socket) -> None:
                     break
                 buf += chunk
             _out({"read": len(buf), "sha": hashlib.sha256(buf).hexdigest()})
+        elif op == "shutdown":
+            sock.shutdown(socket.SHUT_WR)
+            _out({"shutdown": True})
+        elif op == "readall":
+            digest, total = hashlib.sha256(), 0
+            while chunk := sock.recv(1 << 16):
+                digest.update(chunk)
+                total += len(chunk)
+            _out({"read": total, "sha": digest.hexdigest()})
         elif op == "info":
             _out(_info(sock))
         elif op == "scribble":

@@ -10,6 +10,8 @@ both ends left them must never be delivered.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,3 +125,80 @@ def test_idle_connection_switches_without_the_application(
     assert client.ask(op="scribble")["scribbled"] > 0
     assert server.ask(op="read", n=300_000) == {"read": 300_000, "sha": c_sent["sha"]}
     assert client.ask(op="read", n=200_000) == {"read": 200_000, "sha": s_sent["sha"]}
+
+
+#### Many migrations, and faults during a switch
+
+
+def _pair(
+    lab: Lab, peers: Callable[..., Peer], port: int, role: str = "stream"
+) -> tuple[Peer, Peer]:
+    server = peers(lab, "h1g2", f"{role}-server", str(port), "--cosock")
+    assert server.read() == {"listening": port}
+    client = peers(lab, "h1g1", f"{role}-client", lab.guest("h1g2").address, str(port), "--cosock")
+    assert client.read() == {"connected": True}
+    return client, server
+
+
+def _paths(client: Peer, server: Peer) -> tuple[str, str]:
+    return client.ask(op="info")["path"], server.ask(op="info")["path"]
+
+
+def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[..., Peer]) -> None:
+    client, server = _pair(lab, peers, 7310)
+    _stream_phase(client, server, want=1 << 20)
+    for i in range(20):
+        away = i % 2 == 0
+        lab.migrate("h1g1", "h2" if away else "h1")
+        want = "tcp" if away else "shm"
+        _until(lambda w=want: _paths(client, server) == (w, w), f"paths {want} after #{i + 1}")
+        assert _stream_phase(client, server, want=256 << 10) >= 256 << 10
+    c_end, s_end = _finish(client, server)
+    assert c_end["sent"] > 5 << 20 and s_end["sent"] > 5 << 20
+
+
+def test_two_migrations_in_quick_succession(lab: Lab, peers: Callable[..., Peer]) -> None:
+    """Away and straight back, twice, without waiting for any switch to finish."""
+    client, server = _pair(lab, peers, 7311)
+    _stream_phase(client, server, want=1 << 20)
+    for _ in range(2):
+        lab.migrate("h1g1", "h2")
+        lab.migrate("h1g1", "h1")
+    _stream_phase(client, server, want=1 << 20)
+    _finish(client, server)
+
+
+def test_both_guests_move_and_meet_again_on_the_new_host(
+    lab: Lab, peers: Callable[..., Peer]
+) -> None:
+    """The peer migrates at (nearly) the same moment: first apart, then together on h2."""
+    client, server = _pair(lab, peers, 7312)
+    _stream_phase(client, server, want=1 << 20)
+    lab.migrate("h1g1", "h2")
+    lab.migrate("h1g2", "h2")
+    _until(lambda: _paths(client, server) == ("shm", "shm"), "the pair to share memory on h2")
+    _stream_phase(client, server, want=1 << 20)
+    _finish(client, server)
+
+
+def test_half_close_in_flight_during_migration(lab: Lab, peers: Callable[..., Peer]) -> None:
+    """All of the client's bytes and its FIN sit in the ring, unread, when it migrates."""
+    client, server = _pair(lab, peers, 7313, role="idle")
+    sent = client.ask(op="send", n=700_000, seed=3)
+    assert client.ask(op="shutdown") == {"shutdown": True}
+    lab.migrate("h1g1", "h2")
+    assert server.ask(op="readall", timeout=60) == {"read": 700_000, "sha": sent["sha"]}
+    reply = server.ask(op="send", n=50_000, seed=4)
+    assert client.ask(op="read", n=50_000) == {"read": 50_000, "sha": reply["sha"]}
+
+
+def test_migration_with_the_old_agent_dead(lab: Lab, peers: Callable[..., Peer]) -> None:
+    """h1's agent is gone: only the mover learns of the move (from its new agent); its
+    SWITCH alone must take the peer along."""
+    client, server = _pair(lab, peers, 7314)
+    _stream_phase(client, server, want=1 << 20)
+    os.kill(lab.host("h1").agent_pid, signal.SIGKILL)
+    lab.migrate("h1g1", "h2")
+    _until(lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP", 40.0)
+    _stream_phase(client, server, want=1 << 20)
+    _finish(client, server)
