@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1254,3 +1255,155 @@ def test_verify_upgrade_without_an_upgrade_is_a_local_error() -> None:
     pair = ConnectionPair().switch()
     with pytest.raises(LocalProtocolError, match="no Upgrade"):
         pair.server.verify_upgrade(NONCE)
+
+
+#### Property: any interleaving of data, SWITCH and upgrade keeps both streams exact
+
+NONCE2 = bytes(range(200, 216))
+RING_STATES = {State.SHM, State.RING_AWAIT, State.UPGRADE_ACCEPTED}
+
+
+class _Side:
+    """One end driven like the socket layer: writes go to the ring or into DATA frames,
+    reads come from the peer's ring or from DATA frames, a SWITCH is answered with ours,
+    an upgrade is verified and accepted.  The 'ring' is the peer's stream between the
+    offsets its current ring started at and has reached."""
+
+    def __init__(self, conn: Connection, stream: bytes) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.wire = bytearray()  # sent, not yet delivered to the peer
+        self.ring_start = self.ring_head = 0  # our current ring, in our stream's offsets
+        self.got = bytearray()  # what the application read
+
+    def send(self, event: Event) -> None:
+        self.wire += self.conn.send(event)
+
+    def write(self, n: int) -> None:
+        c = self.conn
+        if c.state in RING_STATES and not c.tx_framed and not c.fin_sent:
+            n = min(n, len(self.stream) - c.sent_offset)
+            c.data_sent(n)
+            self.ring_head = c.sent_offset
+        elif c.tx_framed and c.state in (State.FRAMED, State.UPGRADE_SENT):
+            chunk = self.stream[c.tcp_next : c.tcp_next + n]
+            if chunk:
+                self.send(Data(chunk))
+
+    def read(self, peer: _Side, n: int) -> None:
+        c = self.conn
+        if c.rx_framed or c.state not in (*RING_STATES, State.SWITCH_RECEIVED):
+            return
+        start = c.received_offset
+        assert start >= peer.ring_start
+        n = min(n, peer.ring_head - start)
+        if n > 0:
+            c.data_received(n)
+            self.got += peer.stream[start : start + n]
+
+    def _resend_owed(self) -> None:
+        """Before our data moves into a ring, a resend still owed goes out framed."""
+        c = self.conn
+        if c.tcp_next < c.sent_offset:
+            self.send(Data(self.stream[c.tcp_next : c.sent_offset]))
+
+    def react(self, peer: _Side) -> None:
+        for event in drain(self.conn):
+            if isinstance(event, Data):
+                self.got += event.data
+            elif isinstance(event, Switch) and self.conn.state is State.SWITCH_RECEIVED:
+                self.send(Switch(self.conn.received_offset))
+            elif isinstance(event, Upgrade):
+                assert self.conn.verify_upgrade(NONCE2)
+                self._resend_owed()
+                self.send(Accept())
+                self.ring_start = self.ring_head = self.conn.sent_offset
+            elif isinstance(event, Accept) and self.conn.state is State.UPGRADE_ACCEPTED:
+                self._resend_owed()
+                self.send(RingMark())
+                self.ring_start = self.ring_head = self.conn.sent_offset
+
+
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "read", "deliver", "switch", "upgrade"]),
+        st.sampled_from([CLIENT, SERVER]),
+        st.integers(1, 300),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(steps=STEPS)
+def test_switch_and_upgrade_interleavings_keep_both_streams_exact(
+    steps: list[tuple[str, Role, int]],
+) -> None:
+    pair = _play(steps)
+    hypothesis.event(f"final state {pair.client.state.value}/{pair.server.state.value}")
+
+
+def _play(steps: Sequence[tuple[str, Role, int]]) -> ConnectionPair:
+    """Run ``steps`` on a fresh accepted pair, settle, and check both streams are exact."""
+    pair = ConnectionPair().accept()
+    sides = {
+        CLIENT: _Side(pair.client, bytes(i % 251 for i in range(5000))),
+        SERVER: _Side(pair.server, bytes((i * 7) % 253 for i in range(5000))),
+    }
+
+    def other(role: Role) -> Role:
+        return SERVER if role is CLIENT else CLIENT
+
+    def deliver(role: Role, k: int) -> None:
+        src, dst = sides[role], sides[other(role)]
+        chunk, src.wire[:] = bytes(src.wire[:k]), src.wire[k:]
+        if chunk:
+            dst.conn.receive_data(chunk)
+            dst.react(src)
+
+    for op, role, n in steps:
+        me, peer = sides[role], sides[other(role)]
+        if op == "write":
+            me.write(n)
+        elif op == "read":
+            me.read(peer, n)
+        elif op == "deliver":
+            deliver(role, n)
+        elif op == "switch" and me.conn.state is State.SHM:
+            me.send(Switch(me.conn.received_offset))
+        elif op == "upgrade" and role is CLIENT and me.conn.state is State.FRAMED:
+            me.send(Upgrade(NONCE2))
+    # Let everything settle: deliver, read and write until nothing moves.
+    for _ in range(200):
+        for role in Role:
+            sides[role].write(10_000)
+            sides[role].read(sides[other(role)], 10_000)
+            deliver(role, len(sides[role].wire))
+    for role in Role:
+        side, peer = sides[role], sides[other(role)]
+        assert bytes(side.got) == peer.stream, (role, side.conn.state, len(side.got))
+    return pair
+
+
+def test_the_interleaving_property_reaches_every_path() -> None:
+    """The property's driver really goes through a switch and an upgrade."""
+    script = [
+        ("write", CLIENT, 300),
+        ("write", SERVER, 200),
+        ("read", SERVER, 100),
+        ("switch", SERVER, 0),
+        ("write", CLIENT, 50),
+        ("deliver", SERVER, 50),
+        ("deliver", CLIENT, 50),
+        ("deliver", SERVER, 50),
+        ("upgrade", CLIENT, 0),
+        ("deliver", CLIENT, 100),
+        ("deliver", SERVER, 100),
+        ("write", SERVER, 100),
+        ("deliver", CLIENT, 100),
+        ("switch", CLIENT, 0),
+    ]
+    pair = _play(script)
+    # Switched, then upgraded back (the last switch came while the upgrade was pending).
+    assert pair.client.state is pair.server.state is SHM
+    assert pair.client.sent_offset == pair.server.received_offset == 5000
