@@ -795,6 +795,9 @@ class CoSocket(socket.socket):
                 _agent().poll()
             except Exception:
                 pass
+        elif self._eligible():
+            # The listener never reached the agent: say so on each connection it accepts.
+            sock._reason = self._reason or FallbackReason.AGENT_UNREACHABLE
         return sock, addr
 
     def _server_attach(self, listener: tuple[Rendezvous, str, int], peer: Any) -> None:

@@ -137,6 +137,8 @@ def _one_connection(host: str, port: int, rng: random.Random) -> dict[str, Any]:
         fact["path"] = sock.cosock_path
         reason = sock.cosock_fallback_reason
         fact["fallback"] = None if reason is None else reason.value
+        if reason is None and sock.cosock_info().get("switches"):
+            fact["fallback"] = "switched"  # left shared memory on a live connection
         sock.close()
         fact["t1"] = time.monotonic()
     return fact
@@ -391,7 +393,8 @@ def _tally(
     verified = lost = dup = hangs = 0
     fallbacks: Counter[str] = Counter()
     for f in facts:
-        if f["path"] == "tcp":
+        # A connect that failed (its peer just killed) never had a path to fall back from.
+        if f["path"] == "tcp" and (f["fallback"] or f["error"] is None):
             fallbacks[f["fallback"] or "unknown"] += 1
         dup += f["extra"]
         down_ok = f["prefix_ok"]
