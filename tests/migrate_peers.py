@@ -194,6 +194,65 @@ def stream_client(host: str, port: int) -> None:
     _serve_commands(Pump(conn))
 
 
+#### asyncio echo server + request/response client with sequence numbers
+
+
+def asyncio_echo_server(port: int) -> None:
+    """An unmodified asyncio streams echo server (one line per request)."""
+    import asyncio
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "0.0.0.0", port)
+        _out({"listening": port})
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def rr_client(host: str, port: int) -> None:
+    """Request/response as fast as it can, each request numbered and padded; every answer
+    must be the request just sent (order and content), until told to stop."""
+    sock = socket.create_connection((host, port), timeout=60)
+    reader = sock.makefile("rb")
+    _out({"connected": True})
+    stop = threading.Event()
+    state: dict[str, Any] = {"done": 0, "bad": 0, "error": None}
+
+    def loop() -> None:
+        seq = 0
+        try:
+            while not stop.is_set():
+                line = b"%d " % seq + b"x" * (seq % 3000) + b"\n"
+                sock.sendall(line)
+                if reader.readline() != line:
+                    state["bad"] += 1
+                seq += 1
+                state["done"] = seq
+        except OSError as exc:
+            state["error"] = repr(exc)
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    for cmd_line in sys.stdin:
+        op = json.loads(cmd_line)["op"]
+        if op == "progress":
+            _out(dict(state))
+        elif op == "info":
+            _out(_info(sock))
+        elif op == "stop":
+            stop.set()
+            worker.join(60)
+            _out({**state, "hung": worker.is_alive()})
+            return
+
+
 #### idle: no thread touches the socket between commands
 
 
@@ -260,6 +319,10 @@ if __name__ == "__main__":
         stream_server(int(sys.argv[2]))
     elif role == "stream-client":
         stream_client(sys.argv[2], int(sys.argv[3]))
+    elif role == "asyncio-echo-server":
+        asyncio_echo_server(int(sys.argv[2]))
+    elif role == "rr-client":
+        rr_client(sys.argv[2], int(sys.argv[3]))
     elif role == "idle-server":
         idle_server(int(sys.argv[2]))
     elif role == "idle-client":

@@ -202,3 +202,30 @@ def test_migration_with_the_old_agent_dead(lab: Lab, peers: Callable[..., Peer])
     _until(lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP", 40.0)
     _stream_phase(client, server, want=1 << 20)
     _finish(client, server)
+
+
+def test_asyncio_echo_and_numbered_requests_while_the_client_migrates(
+    lab: Lab, peers: Callable[..., Peer]
+) -> None:
+    """An unmodified asyncio echo server under constant request/response load; every
+    answer must be the numbered request just sent, across four migrations."""
+    server = peers(lab, "h1g2", "asyncio-echo-server", "7315", "--cosock")
+    assert server.read() == {"listening": 7315}
+    client = peers(lab, "h1g1", "rr-client", lab.guest("h1g2").address, "7315", "--cosock")
+    assert client.read() == {"connected": True}
+
+    def advance(by: int) -> None:
+        start = client.ask(op="progress")["done"]
+        _until(lambda: client.ask(op="progress")["done"] >= start + by, f"{by} more answers")
+
+    advance(200)
+    assert client.ask(op="info")["path"] == "shm"
+    for i in range(4):
+        away = i % 2 == 0
+        lab.migrate("h1g1", "h2" if away else "h1")
+        want = "tcp" if away else "shm"
+        _until(lambda w=want: client.ask(op="info")["path"] == w, f"client on {want}")
+        advance(200)
+    end = client.ask(op="stop", timeout=90)
+    assert end["error"] is None and not end["hung"] and end["bad"] == 0, end
+    assert end["done"] >= 1000
