@@ -51,7 +51,8 @@ def _check(figures: dict[str, Any]) -> None:
     # test_faults checks the agent-down reason deterministically).
     from cosock._errors import FallbackReason
 
-    assert set(figures["fallbacks"]) <= {r.value for r in FallbackReason}
+    # "switched": still on TCP after a migration moved it there (no fallback at connect)
+    assert set(figures["fallbacks"]) <= {r.value for r in FallbackReason} | {"switched"}
 
 
 @pytest.mark.timeout(150)
@@ -62,7 +63,9 @@ def test_torture_loopback_short(tmp_path: Path) -> None:
 @requires_root
 @pytest.mark.timeout(180)
 def test_torture_lab_short(tmp_path: Path) -> None:
-    _check(_run(tmp_path, "lab", 8))
+    figures = _run(tmp_path, "lab", 8)
+    _check(figures)
+    assert figures["faults"]["migrate"] >= 1  # the clients' guest moved away and back
 
 
 @requires_root

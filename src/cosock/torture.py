@@ -216,10 +216,23 @@ def _fault_agent_restart(run: Run) -> None:
     run.env.start_agent()  # live connections must not notice: no break recorded
 
 
-#: Fault kinds by name.  A migration session adds ``FAULTS["migrate"] = fn`` (lab mode).
+def _fault_migrate(run: Run) -> None:
+    """The clients' guest live-migrates to the other host and back: every live connection
+    switches to TCP and up again, and must not lose, double or reorder a byte (no break
+    is recorded: any damage counts)."""
+    env = run.env
+    if not isinstance(env, _LabEnv):
+        return
+    env.lab.migrate("h1g2", "h2")
+    time.sleep(run.rng.uniform(0.1, 0.6))
+    env.lab.migrate("h1g2", "h1")
+
+
+#: Fault kinds by name ("migrate" needs the lab: two hosts).
 FAULTS: dict[str, Callable[[Run], None]] = {
     "peer_kill": _fault_peer_kill,
     "agent_restart": _fault_agent_restart,
+    "migrate": _fault_migrate,
 }
 
 
@@ -317,7 +330,7 @@ class _LabEnv(_Env):
         from .lab import Lab
 
         self.name = f"tt{os.getpid() % 100000}"
-        self.lab = Lab.up(self.name, hosts=1, guests=2)
+        self.lab = Lab.up(self.name, hosts=2, guests=2)  # h2: where "migrate" goes
         self.host = self.lab.guest("h1g1").addresses[0]
         self._agent_pid = self.lab.host("h1").agent_pid
         self._log = Path(tempfile.mkdtemp(prefix="cosock-torture-")) / "agent.log"
@@ -429,7 +442,7 @@ def torture(
     seed: int | None = None,
     mode: str = "auto",
     servers: int = 2,
-    faults: tuple[str, ...] = ("peer_kill", "agent_restart"),
+    faults: tuple[str, ...] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run the soak; return the figures (see the module docstring for what counts)."""
@@ -442,6 +455,10 @@ def torture(
     worker_report: dict[str, Any] = {}
     hangs = 0
     with _environment(mode) as env:
+        if faults is None:
+            faults = ("peer_kill", "agent_restart")
+            if isinstance(env, _LabEnv):
+                faults += ("migrate",)
         run = Run(env, _free_ports(servers), rng=rng)
         worker: subprocess.Popen[str] | None = None
         try:
