@@ -63,3 +63,16 @@ class Peer:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
+
+
+def stream_phase(client: Peer, server: Peer, want: int = 2 << 20) -> int:
+    """Let the stream run until ``want`` more bytes arrived at the two ends together."""
+    start = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.2)
+        c, s = client.ask(op="progress"), server.ask(op="progress")
+        assert c["error"] is None and s["error"] is None, (c, s)
+        got: int = c["received"] + s["received"] - start
+        if got >= want or time.monotonic() > deadline:
+            return got

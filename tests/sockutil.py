@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 from cosock import CoSocket
 
@@ -33,6 +35,24 @@ def settle(cli: socket.socket, conn: socket.socket) -> None:
     assert conn.recv(1) == b"?"
     conn.sendall(b"!")
     assert cli.recv(1) == b"!"
+
+
+@contextlib.contextmanager
+def accelerated_pair(srv: CoSocket, timeout: float = 10) -> Iterator[tuple[CoSocket, CoSocket]]:
+    """A client connected to ``srv`` and its accepted socket, both on shared memory
+    (asserted); both closed afterwards."""
+    cli = CoSocket(srv.family, socket.SOCK_STREAM)
+    cli.settimeout(timeout)
+    cli.connect(srv.getsockname()[:2])
+    conn, _ = srv.accept()
+    conn.settimeout(timeout)
+    try:
+        settle(cli, conn)
+        assert cli.cosock_path == conn.cosock_path == "shm"
+        yield cli, conn
+    finally:
+        cli.close()
+        conn.close()
 
 
 def stale_offer_plain_pair(memfd: int | None = None) -> tuple[CoSocket, socket.socket, CoSocket]:

@@ -39,7 +39,7 @@ from cosock._offer import OFFER_SIZE, Offer
 from cosock._protocol import T_ACCEPT, T_REJECT, Connection, Role
 from cosock._rendezvous import Rendezvous
 from cosock._ring import HEADER_SIZE, create_channel_fd
-from sockutil import listener, recv_all, settle
+from sockutil import accelerated_pair, listener, recv_all
 
 pytestmark = [pytest.mark.usefixtures("leak_check", "cosock_agent"), pytest.mark.timeout(60)]
 
@@ -86,18 +86,8 @@ def hello(nonce: bytes) -> bytes:
 @contextlib.contextmanager
 def bystander(srv: CoSocket) -> Iterator[tuple[CoSocket, CoSocket]]:
     """A legitimate accelerated connection on the same listener, alive during an attack."""
-    cli = CoSocket()
-    cli.settimeout(10)
-    cli.connect(srv.getsockname())
-    conn, _ = srv.accept()
-    conn.settimeout(10)
-    try:
-        settle(cli, conn)
-        assert cli.cosock_path == conn.cosock_path == "shm"
+    with accelerated_pair(srv) as (cli, conn):
         yield cli, conn
-    finally:
-        cli.close()
-        conn.close()
 
 
 def still_fine(pair: tuple[CoSocket, CoSocket]) -> None:

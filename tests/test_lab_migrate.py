@@ -33,7 +33,7 @@ from cosock.lab import (
     _netns,
     _state,
 )
-from labpeers import Peer
+from labpeers import Peer, stream_phase
 
 PEERS = str(Path(__file__).with_name("migrate_peers.py"))
 ROOT = str(Path(__file__).resolve().parents[1] / "src")
@@ -166,15 +166,7 @@ def test_tcp_stream_survives_two_migrations_and_crosses_the_wire(
     def phase() -> tuple[int, int]:
         """Stream a while; (bytes the two ends received meanwhile, bytes on the wires)."""
         wire0 = wire_bytes(lab)
-        got0 = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
-        deadline = time.monotonic() + 30
-        while True:
-            time.sleep(0.3)
-            c, s = client.ask(op="progress"), server.ask(op="progress")
-            assert c["error"] is None and s["error"] is None, (c, s)
-            got = c["received"] + s["received"] - got0
-            if got >= 2 << 20 or time.monotonic() > deadline:
-                return got, wire_bytes(lab) - wire0
+        return stream_phase(client, server), wire_bytes(lab) - wire0
 
     assert abs(lab.wire_bytes() - wire_bytes(lab)) < 1 << 20  # the lab's view agrees
     got, wire = phase()  # neighbours: nothing of it on the wire

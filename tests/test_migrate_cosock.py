@@ -20,7 +20,7 @@ import pytest
 
 from conftest import requires_root
 from cosock.lab import Lab
-from labpeers import Peer
+from labpeers import Peer, stream_phase
 
 pytestmark = [requires_root, pytest.mark.timeout(240)]
 
@@ -32,19 +32,6 @@ def _until(check: Callable[[], bool], what: str, timeout: float = 30.0, *ends: P
             state = [end.ask(op="info") for end in ends]
             raise AssertionError(f"timed out waiting for {what}: {state}")
         time.sleep(0.05)
-
-
-def _stream_phase(client: Peer, server: Peer, want: int = 2 << 20) -> int:
-    """Let the stream run until ``want`` more bytes arrived at the two ends together."""
-    start = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
-    deadline = time.monotonic() + 30
-    while True:
-        time.sleep(0.2)
-        c, s = client.ask(op="progress"), server.ask(op="progress")
-        assert c["error"] is None and s["error"] is None, (c, s)
-        got: int = c["received"] + s["received"] - start
-        if got >= want or time.monotonic() > deadline:
-            return got
 
 
 def _finish(client: Peer, server: Peer) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,7 +54,7 @@ def test_cosock_stream_survives_migration_byte_exact(
     client = peers(lab, "h1g1", "stream-client", lab.guest("h1g2").address, "7300", "--cosock")
     assert client.read() == {"connected": True}
 
-    got = _stream_phase(client, server)
+    got = stream_phase(client, server)
     assert got >= 2 << 20
     infos = client.ask(op="info"), server.ask(op="info")
     assert infos[0]["path"] == infos[1]["path"] == "shm", infos
@@ -81,7 +68,7 @@ def test_cosock_stream_survives_migration_byte_exact(
     )
     # Both ends have left the rings: from now on the shared memory must never be read.
     assert client.ask(op="scribble")["scribbled"] > 0
-    got = _stream_phase(client, server)
+    got = stream_phase(client, server)
     assert got >= 2 << 20
     assert lab.wire_bytes() - wire0 >= got  # the stream really crosses the wire now
     c_info, s_info = client.ask(op="info"), server.ask(op="info")
@@ -96,7 +83,7 @@ def test_cosock_stream_survives_migration_byte_exact(
         server,
     )
     wire0 = lab.wire_bytes()
-    got = _stream_phase(client, server)
+    got = stream_phase(client, server)
     assert lab.wire_bytes() - wire0 < got // 10  # off the wire again
     c_info, s_info = client.ask(op="info"), server.ask(op="info")
     assert c_info["upgrades"] == s_info["upgrades"] == 1
@@ -146,13 +133,13 @@ def _paths(client: Peer, server: Peer) -> tuple[str, str]:
 
 def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[..., Peer]) -> None:
     client, server = _pair(lab, peers, 7310)
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     for i in range(20):
         away = i % 2 == 0
         lab.migrate("h1g1", "h2" if away else "h1")
         want = "tcp" if away else "shm"
         _until(lambda w=want: _paths(client, server) == (w, w), f"paths {want} after #{i + 1}")
-        assert _stream_phase(client, server, want=256 << 10) >= 256 << 10
+        assert stream_phase(client, server, want=256 << 10) >= 256 << 10
     c_end, s_end = _finish(client, server)
     assert c_end["sent"] > 5 << 20 and s_end["sent"] > 5 << 20
 
@@ -160,11 +147,11 @@ def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[.
 def test_two_migrations_in_quick_succession(lab: Lab, peers: Callable[..., Peer]) -> None:
     """Away and straight back, twice, without waiting for any switch to finish."""
     client, server = _pair(lab, peers, 7311)
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     for _ in range(2):
         lab.migrate("h1g1", "h2")
         lab.migrate("h1g1", "h1")
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     _finish(client, server)
 
 
@@ -173,11 +160,11 @@ def test_both_guests_move_and_meet_again_on_the_new_host(
 ) -> None:
     """The peer migrates at (nearly) the same moment: first apart, then together on h2."""
     client, server = _pair(lab, peers, 7312)
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     lab.migrate("h1g1", "h2")
     lab.migrate("h1g2", "h2")
     _until(lambda: _paths(client, server) == ("shm", "shm"), "the pair to share memory on h2")
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     _finish(client, server)
 
 
@@ -196,11 +183,11 @@ def test_migration_with_the_old_agent_dead(lab: Lab, peers: Callable[..., Peer])
     """h1's agent is gone: only the mover learns of the move (from its new agent); its
     SWITCH alone must take the peer along."""
     client, server = _pair(lab, peers, 7314)
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     os.kill(lab.host("h1").agent_pid, signal.SIGKILL)
     lab.migrate("h1g1", "h2")
     _until(lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP", 40.0)
-    _stream_phase(client, server, want=1 << 20)
+    stream_phase(client, server, want=1 << 20)
     _finish(client, server)
 
 

@@ -23,7 +23,7 @@ import pytest
 from cosock import CoSocket
 from cosock._errors import RingCorrupted
 from cosock._selectors import REPLACEMENTS
-from sockutil import listener, recv_all, settle
+from sockutil import accelerated_pair, listener, recv_all, settle
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
 
@@ -33,18 +33,10 @@ _Base = socket.socket
 @contextlib.contextmanager
 def pair() -> Iterator[tuple[CoSocket, CoSocket]]:
     srv = listener()
-    cli = CoSocket(socket.AF_INET, socket.SOCK_STREAM)
-    cli.settimeout(20)
-    cli.connect(srv.getsockname())
-    conn, _ = srv.accept()
-    conn.settimeout(20)
     try:
-        settle(cli, conn)
-        assert cli.cosock_path == conn.cosock_path == "shm"
-        yield cli, conn
+        with accelerated_pair(srv, timeout=20) as (cli, conn):
+            yield cli, conn
     finally:
-        cli.close()
-        conn.close()
         srv.close()
 
 

@@ -1087,13 +1087,7 @@ class CoSocket(socket.socket):
             self._control(ch, Reject(reason or FallbackReason.OFFER_INVALID))
             return
         self._install_rings(ch, mm, pending.offer.capacity)
-        with ch.ctl_lock:  # no writer may queue between the last frame and the switch
-            self._frame_all_locked(ch)
-            ch.ctl_out += ch.proto.send(Accept())
-            ch.tx_base = ch.proto.sent_offset
-            ch.phase = _UPGRADING
-        ch.counters["upgrades"] += 1
-        self._flush_ctl(ch)
+        self._tx_into_ring(ch, Accept(), _UPGRADING)
 
     def _upgrade_accepted(self, ch: _Channel) -> None:
         """Client: the server's data now comes through the new ring; ours follows after
@@ -1103,11 +1097,15 @@ class CoSocket(socket.socket):
         ch.upgrade = None
         self._install_rings(ch, mm, capacity)
         ch.rx_base = ch.proto.received_offset
+        self._tx_into_ring(ch, RingMark(), _SHM)
+
+    def _tx_into_ring(self, ch: _Channel, mark: Accept | RingMark, phase: str) -> None:
+        """Our data moves into the new ring after ``mark``: frame what is queued first."""
         with ch.ctl_lock:  # no writer may queue between the last frame and the switch
             self._frame_all_locked(ch)
-            ch.ctl_out += ch.proto.send(RingMark())
+            ch.ctl_out += ch.proto.send(mark)
             ch.tx_base = ch.proto.sent_offset
-            ch.phase = _SHM
+            ch.phase = phase
         ch.counters["upgrades"] += 1
         self._flush_ctl(ch)
 
