@@ -823,21 +823,7 @@ class CoSocket(socket.socket):
                 self._pump(ch)
             return
         offer = pending.offer
-        mm = None
-        reject = None
-        try:
-            if not self._sender_owns(pending.pid, key[0], rv.netns):
-                reject = FallbackReason.OFFER_INVALID
-            elif offer.capacity > _config.ring_max():
-                reject = FallbackReason.RESOURCE  # a peer may not make us map gigabytes
-            else:
-                mm = map_channel_fd(pending.fd, offer.capacity)
-        except RingCorrupted:
-            reject = FallbackReason.OFFER_INVALID
-        except OSError:
-            reject = FallbackReason.RESOURCE
-        finally:
-            os.close(pending.fd)
+        mm, reject = self._map_offer(pending, key[0], rv)
         ch = _Channel(Role.SERVER, offer.nonce, mm, offer.capacity)
         ch.reject = reject
         if reject is None:
@@ -845,6 +831,24 @@ class CoSocket(socket.socket):
             ch.rv = rv
         self._attach(ch)
         self._pump(ch)  # the HELLO is usually here already: settle the verdict now
+
+    def _map_offer(
+        self, pending: Any, client_ip: str, rv: Rendezvous
+    ) -> tuple[Any, FallbackReason | None]:
+        """Check an offer (first or upgrade) and map its memfd: ``(mapping, None)``, or
+        ``(None, reason)``.  Takes ownership of the offer's fd."""
+        try:
+            if not self._sender_owns(pending.pid, client_ip, rv.netns):
+                return None, FallbackReason.OFFER_INVALID
+            if pending.offer.capacity > _config.ring_max():
+                return None, FallbackReason.RESOURCE  # a peer may not make us map gigabytes
+            return map_channel_fd(pending.fd, pending.offer.capacity), None
+        except RingCorrupted:
+            return None, FallbackReason.OFFER_INVALID
+        except OSError:
+            return None, FallbackReason.RESOURCE
+        finally:
+            os.close(pending.fd)
 
     def _hello_queued(self) -> bool:
         """Do the first bytes already received look like a HELLO (never blocks)?"""
@@ -1065,19 +1069,7 @@ class CoSocket(socket.socket):
         if pending is None or rv is None:
             reason = FallbackReason.NO_OFFER
         else:
-            try:
-                if not self._sender_owns(pending.pid, key[0], rv.netns):
-                    reason = FallbackReason.OFFER_INVALID
-                elif pending.offer.capacity > _config.ring_max():
-                    reason = FallbackReason.RESOURCE
-                else:
-                    mm = map_channel_fd(pending.fd, pending.offer.capacity)
-            except RingCorrupted:
-                reason = FallbackReason.OFFER_INVALID
-            except OSError:
-                reason = FallbackReason.RESOURCE
-            finally:
-                os.close(pending.fd)
+            mm, reason = self._map_offer(pending, key[0], rv)
             if reason is None and not ch.proto.verify_upgrade(pending.offer.nonce):
                 reason = FallbackReason.OFFER_INVALID
         if reason is not None or mm is None or pending is None:
