@@ -216,3 +216,21 @@ def test_asyncio_echo_and_numbered_requests_while_the_client_migrates(
     end = client.ask(op="stop", timeout=90)
     assert end["error"] is None and not end["hung"] and end["bad"] == 0, end
     assert end["done"] >= 1000
+
+
+def test_repeated_agent_news_changes_nothing_more(lab: Lab, peers: Callable[..., Peer]) -> None:
+    """Agent pushes that repeat what is known (a listener appearing elsewhere, a guest
+    re-registered) neither switch again nor upgrade a pair that is apart."""
+    client, server = _pair(lab, peers, 7316)
+    stream_phase(client, server, want=1 << 20)
+    lab.migrate("h1g1", "h2")
+    _until(lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP")
+    other = peers(lab, "h2g1", "probe")
+    for port in (9101, 9102, 9103):  # three more pushes from h2's agent, to the mover too
+        assert other.ask(op="listen", port=port) == {"listening": port}
+    time.sleep(1.0)  # several residency re-judgements
+    stream_phase(client, server, want=1 << 20)
+    for end in (client, server):
+        info = end.ask(op="info")
+        assert (info["path"], info["switches"], info["upgrades"]) == ("tcp", 1, 0), info
+    _finish(client, server)
