@@ -1054,6 +1054,7 @@ class CoSocket(socket.socket):
     def _answer_upgrade(self, ch: _Channel) -> None:
         """Server: verify the client's new offer like a first one (sender's guest, nonce
         in-band, sizes); Accept moves our data into the new ring, else Reject."""
+        _trace("upgrade-received", ch)
         reason: FallbackReason | None = None
         mm = None
         pending = None
@@ -1084,6 +1085,7 @@ class CoSocket(socket.socket):
     def _upgrade_accepted(self, ch: _Channel) -> None:
         """Client: the server's data now comes through the new ring; ours follows after
         RINGMARK, once everything queued has gone out in frames."""
+        _trace("upgrade-accepted", ch)
         assert ch.upgrade is not None
         mm, capacity = ch.upgrade
         ch.upgrade = None
