@@ -194,3 +194,22 @@ def leak_check() -> Iterator[None]:
     leaks = settled_leaks(before, take)  # type: ignore[arg-type]
     found = {kind: items for kind, items in leaks.items() if items}
     assert not found, f"leaked: {found}"
+
+
+#: Modules whose every test runs under ``leak_check`` (set up first, checked last).
+#: Not yet: test_ssl.py (two cosock-mode tests leave a channel's socket and memfd open)
+#: and test_migrate_cosock.py (an epoll fd after Lab.migrate) -- open findings.
+_LEAK_CHECKED = (
+    "test_socket.py",
+    "test_switch.py",
+    "test_selectors.py",
+    "test_select_raw.py",
+    "test_lab_paths.py",
+    "test_pool.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in _LEAK_CHECKED and "leak_check" not in item.fixturenames:
+            item.fixturenames.insert(0, "leak_check")  # type: ignore[attr-defined]
