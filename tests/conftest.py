@@ -197,8 +197,6 @@ def leak_check() -> Iterator[None]:
 
 
 #: Modules whose every test runs under ``leak_check`` (set up first, checked last).
-#: Not yet: test_ssl.py (two cosock-mode tests leave a channel's socket and memfd open)
-#: and test_migrate_cosock.py (an epoll fd after Lab.migrate) -- open findings.
 _LEAK_CHECKED = (
     "test_socket.py",
     "test_switch.py",
@@ -206,6 +204,8 @@ _LEAK_CHECKED = (
     "test_select_raw.py",
     "test_lab_paths.py",
     "test_pool.py",
+    "test_migrate_cosock.py",
+    "test_ssl.py",
 )
 
 

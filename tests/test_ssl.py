@@ -157,6 +157,7 @@ def test_unwrap_returns_the_plain_connection(mode, listener, server_ctx, client_
         assert plain is tls
         data = recv_all(plain, 16)
         plain.sendall(b"plain reply")
+        plain.close()  # the TLS object owns the fd now (wrap_socket detached ``conn``)
         return data
 
     peer = Peer(listener, serve)
@@ -203,9 +204,9 @@ def test_read_and_handshake_timeouts(mode, listener, server_ctx, client_ctx):
     release = threading.Event()
 
     def serve(conn: socket.socket) -> Any:
-        tls = server_ctx.wrap_socket(conn, server_side=True)
-        release.wait(10)
-        tls.sendall(b"late")
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            release.wait(10)
+            tls.sendall(b"late")
         return True
 
     peer = Peer(listener, serve)
@@ -225,6 +226,7 @@ def test_read_and_handshake_timeouts(mode, listener, server_ctx, client_ctx):
     with pytest.raises(TimeoutError, match="The handshake operation timed out"):
         client_ctx.wrap_socket(raw, server_hostname="localhost")
     silent.result()
+    raw.close()
 
 
 def test_wrap_before_connect_and_wrapped_listener(mode, server_ctx, client_ctx):
@@ -280,6 +282,7 @@ def test_nonblocking_want_read_and_want_write(mode, listener, server_ctx, client
         go.wait(20)
         data = recv_all(tls, len(blob))
         tls.sendall(hashlib.sha256(data).digest())
+        tls.close()  # the TLS object owns the fd now (wrap_socket detached ``conn``)
         return len(data)
 
     peer = Peer(listener, serve)

@@ -79,7 +79,12 @@ def _live() -> list[CoSocket]:
 def _agent() -> Any:
     from .agent.client import AgentClient
 
-    return AgentClient.shared()
+    # Only the client the connections were made with: never open a new one (after a
+    # test's reset_shared(), or the application's close(), the watch must not revive it).
+    client = AgentClient.current()
+    if client is None:
+        raise LookupError("no agent client in this process")
+    return client
 
 
 def _run() -> None:

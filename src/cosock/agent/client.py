@@ -219,6 +219,13 @@ class AgentClient:
             return cls._shared
 
     @classmethod
+    def current(cls) -> AgentClient | None:
+        """The process-wide client if one is open; never creates one (for background
+        threads that must not reconnect what the application has closed)."""
+        client = cls._shared
+        return client if client is not None and not client._closed else None
+
+    @classmethod
     def reset_shared(cls) -> None:
         """Close the shared client; the next :meth:`shared` reads the agent path again."""
         with cls._shared_lock:
