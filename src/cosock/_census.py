@@ -51,7 +51,8 @@ _RETIRE_S = 2.0
 
 _BaseSocket = socket.socket
 
-_lock = threading.Lock()
+#: Reentrant: a garbage collection inside it may close a socket that reports a reason.
+_lock = threading.RLock()
 _started_pid: int | None = None
 #: Sockets that got a fallback reason (weakly held: closing and dropping one is enough).
 _noted: weakref.WeakKeyDictionary[CoSocket, bool] = weakref.WeakKeyDictionary()
@@ -199,7 +200,8 @@ def _directory() -> Path | None:
     """``conn/`` beside the rendezvous directory of the agent we last heard from."""
     from .agent.client import AgentClient
 
-    rv = AgentClient.shared().last_rendezvous_dir
+    client = AgentClient.existing()  # made by the connections we list
+    rv = None if client is None else client.last_rendezvous_dir
     if rv is None:
         return None
     directory = rv.parent / DIR_NAME
@@ -291,7 +293,7 @@ def _run() -> None:
 
 def _after_fork_in_child() -> None:
     global _started_pid, _written, _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()

@@ -219,6 +219,12 @@ class AgentClient:
             return cls._shared
 
     @classmethod
+    def existing(cls) -> AgentClient | None:
+        """The shared client if this process made one; never makes one (for observers)."""
+        client = cls._shared
+        return client if client is not None and not client._closed else None
+
+    @classmethod
     def reset_shared(cls) -> None:
         """Close the shared client; the next :meth:`shared` reads the agent path again."""
         with cls._shared_lock:
