@@ -125,7 +125,9 @@ def test_switched_connection_shows_tcp_one_switch_and_bytes_go_on(cosock_agent: 
 
 
 def test_plain_tcp_fallbacks_show_their_reason_and_are_counted(cosock_agent: Path) -> None:
-    before = _mine(cosock_agent).get("fallbacks", {})
+    from cosock import _census
+
+    before = _census.snapshot()["fallbacks"]  # what this process publishes, from its start
     srv = listener()  # a cosock listener reached by a plain client: no offer
     plain_srv = socket.socket()  # a plain listener reached by cosock: not co-resident
     plain_srv.bind(("127.0.0.1", 0))
@@ -233,6 +235,7 @@ def test_forged_file_naming_another_process_is_ignored(cosock_agent: Path) -> No
     """A file must be written by the process it names (same start time and owner)."""
     target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        connections(cosock_agent)  # the agent is serving: its directories exist
         fake = {
             "format": 1,
             "pid": target.pid,
