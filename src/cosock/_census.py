@@ -200,7 +200,7 @@ def _directory() -> Path | None:
     """``conn/`` beside the rendezvous directory of the agent we last heard from."""
     from .agent.client import AgentClient
 
-    client = AgentClient.existing()  # made by the connections we list
+    client = AgentClient.current()  # made by the connections we list
     rv = None if client is None else client.last_rendezvous_dir
     if rv is None:
         return None

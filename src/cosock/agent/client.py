@@ -219,8 +219,9 @@ class AgentClient:
             return cls._shared
 
     @classmethod
-    def existing(cls) -> AgentClient | None:
-        """The shared client if this process made one; never makes one (for observers)."""
+    def current(cls) -> AgentClient | None:
+        """The process-wide client if one is open; never creates one (for background
+        threads that must not reconnect what the application has closed)."""
         client = cls._shared
         return client if client is not None and not client._closed else None
 
