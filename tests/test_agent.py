@@ -442,6 +442,7 @@ def test_garbage_and_oversize_lines(
     fuzz.settimeout(5)
     fuzz.connect(str(agent.path))
     ops = ["register_guest", "unregister_guest", "subscribe", "listen", "unlisten", "status"]
+    ops += ["connections", "metrics"]
     fields = ["name", "netns", "addresses", "host", "addr", "port", "rendezvous"]
     requests = []
     for _ in range(300):

@@ -20,7 +20,7 @@ __all__ = ["KINDS", "Snapshot", "compare", "settled_leaks", "snapshot"]
 #: Leak kinds, in the order ``cosock torture`` reports them.
 KINDS = ("fds", "memfds", "mappings", "threads", "processes", "namespaces")
 #: Per-process service threads that live as long as the process, by design.
-_SERVICE_THREADS = frozenset({"cosock-residency"})
+_SERVICE_THREADS = frozenset({"cosock-residency", "cosock-census"})
 _NETNS_DIR = Path("/run/netns")
 
 

@@ -48,6 +48,9 @@ _started_pid: int | None = None
 def ensure_watching() -> None:
     """Start the watch thread of this process (again after a fork) if it is not running."""
     global _started_pid
+    from . import _census
+
+    _census.ensure_publishing()  # ``cosock status`` lists the connections we watch
     pid = os.getpid()
     with _lock:  # the thread clears _started_pid under it when it retires
         if _started_pid == pid:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-from . import _config, _residency
+from . import _census, _config, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -290,7 +290,7 @@ class CoSocket(socket.socket):
     Other families and types behave exactly like ``socket.socket``.
     """
 
-    __slots__ = ("_co", "_reason", "_rv", "_rxb", "_shut_after_flush", "_txb", "_utimeout")
+    __slots__ = ("_co", "_rv", "_rxb", "_shut_after_flush", "_txb", "_utimeout", "_why")
 
     def __init__(
         self,
@@ -304,11 +304,22 @@ class CoSocket(socket.socket):
         self._rv: tuple[Rendezvous, str, int] | None = None
         self._rxb: bytearray | None = None  # plain bytes owed to the app after a fallback
         self._txb: bytearray | None = None  # plain bytes owed to the peer after a fallback
-        self._reason: FallbackReason | None = None
+        self._why: FallbackReason | None = None
         self._shut_after_flush = False
         self._utimeout: float | None = super().gettimeout()
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def _reason(self) -> FallbackReason | None:
+        return self._why
+
+    @_reason.setter
+    def _reason(self, why: FallbackReason | None) -> None:
+        """Every fallback reason passes here: ``cosock status`` counts and lists them."""
+        self._why = why
+        if why is not None:
+            _census.noted(self, why)
 
     @property
     def cosock_path(self) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -62,14 +62,36 @@ def status(
         Path | None, typer.Option("--socket", help="agent socket (default: COSOCK_AGENT)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="print the counters in Prometheus text format")
+    ] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until Ctrl-C")] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", min=1, help="refresh N times, then exit")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, max=3600, help="seconds between refreshes")
+    ] = 1.0,
 ) -> None:
-    """Show an agent's guests and listeners."""
+    """Connections of this host's processes (path, bytes, switches, fallback reason),
+    the agent's guests and listeners."""
     from . import _config
-    from .agent.client import status as agent_status
 
     path = socket_path or _config.agent_path()
+    if prometheus and (as_json or watch or count is not None):
+        _fail("--prometheus prints once: no --json, --watch or --count with it")
     try:
-        state: dict[str, Any] = agent_status(path)
+        if prometheus:
+            from .agent.client import metrics
+
+            typer.echo(metrics(path), nl=False)
+            return
+        from .status_view import gather
+
+        if watch or count is not None:
+            _watch(path, as_json, count, interval)
+            return
+        state = gather(path)
     except Exception as exc:
         _fail(f"agent at {path} unreachable: {exc}")
         return
@@ -77,21 +99,34 @@ def status(
         typer.echo(json.dumps(state, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    guests = Table(title=f"agent {path} (host {state.get('host')})")
-    for col in ("guest", "netns", "addresses"):
-        guests.add_column(col)
-    for g in state.get("guests", []):
-        guests.add_row(g["name"], str(g["netns"]), ", ".join(g["addresses"]))
-    console.print(guests)
-    listeners = Table(title="listeners")
-    for col in ("guest", "address", "port", "pid"):
-        listeners.add_column(col)
-    for item in state.get("listeners", []):
-        listeners.add_row(item["guest"], item["addr"], str(item["port"]), str(item["pid"]))
-    console.print(listeners)
+    from .status_view import render
+
+    Console().print(render(state, path))
+
+
+def _watch(path: Path, as_json: bool, count: int | None, interval: float) -> None:
+    """Refresh ``count`` times (or until Ctrl-C): a live table, or one JSON line each."""
+    import time
+
+    from .status_view import gather, render
+
+    shown = 0
+    if as_json:
+        while count is None or shown < count:
+            if shown:
+                time.sleep(interval)
+            typer.echo(json.dumps(gather(path), separators=(",", ":")))
+            shown += 1
+        return
+    from rich.live import Live
+
+    with Live(render(gather(path), path), auto_refresh=False) as live:
+        shown = 1
+        while count is None or shown < count:
+            time.sleep(interval)
+            live.update(render(gather(path), path), refresh=True)
+            shown += 1
 
 
 @app.command()

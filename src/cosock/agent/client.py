@@ -551,6 +551,12 @@ class AgentClient:
             self._poll_locked()
             return self._index.rendezvous_dir if self._index else None
 
+    @property
+    def last_rendezvous_dir(self) -> Path | None:
+        """The agent's rendezvous directory as of the last poll, without polling again."""
+        index = self._index
+        return index.rendezvous_dir if index else None
+
     def lookup(self, ip: str, port: int) -> tuple[ListenerInfo | None, str]:
         """The co-resident cosock listener for ``ip:port``, or None and why not.
 
@@ -726,3 +732,15 @@ def status(path: Path) -> dict[str, Any]:
     reply = _oneshot(path, {"op": "status"})
     del reply["ok"]
     return reply
+
+
+def connections(path: Path) -> dict[str, Any]:
+    """The cosock connections of this host's processes (yours only unless admin)."""
+    reply = _oneshot(path, {"op": "connections"})
+    del reply["ok"]
+    return reply
+
+
+def metrics(path: Path) -> str:
+    """The agent's counters in Prometheus text format."""
+    return str(_oneshot(path, {"op": "metrics"})["text"])

@@ -35,6 +35,8 @@ from typing import Any
 
 from .._config import ENV_ENABLE
 from .._errors import AgentUnavailable, CosockError
+from ._connections import DIR_NAME as CENSUS_DIR
+from ._connections import collect, prometheus_text
 from ._owner import holds_listener
 from ._plain import PLAIN_SOCKET
 from ._registry import Registry, RequestError, check_name
@@ -168,6 +170,7 @@ class AgentServer:
         self.private = auto_guests
         _prepare_dir(self.path.parent, self.private)
         self.rendezvous_dir = self.path.parent / "rv"
+        self.census_dir = self.path.parent / CENSUS_DIR
         self._registry = Registry(host, str(self.rendezvous_dir), auto_guests)
         self._conns: dict[int, _Conn] = {}
         self._doomed: set[_Conn] = set()
@@ -195,6 +198,9 @@ class AgentServer:
             # Per-user: nobody else may even look.  Shared host: anyone may create a
             # rendezvous socket, nobody may list or remove others' (like /tmp, minus listing).
             os.chmod(self.rendezvous_dir, 0o700 if self.private else 0o1733)
+            # Each process keeps its connections' file here (``cosock._census``).
+            self.census_dir.mkdir(exist_ok=True)
+            os.chmod(self.census_dir, 0o700 if self.private else 0o1733)
         except BaseException:
             self._lsock.close()
             raise
@@ -590,6 +596,24 @@ class AgentServer:
             "uptime": round(time.monotonic() - self._started, 3),
         }
 
+    def _census(self) -> list[dict[str, Any]]:
+        def guest_of(pid: int) -> str | None:
+            guest = self._registry.guest_for(_netns_of(pid))
+            return guest.name if guest else None
+
+        return collect(self.census_dir, guest_of)
+
+    def _op_connections(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+        """Connections of the processes on this host (only your own unless admin)."""
+        processes = self._census()
+        if conn.uid not in (0, os.geteuid()):
+            processes = [p for p in processes if p["uid"] == conn.uid]
+        return {"host": self.host, "processes": processes}
+
+    def _op_metrics(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
+        """Counters in Prometheus text format, for a scraper on the agent's socket."""
+        return {"text": prometheus_text(self.host, self._census())}
+
 
 _OPS: dict[str, _Handler] = {
     "register_guest": AgentServer._op_register_guest,
@@ -598,6 +622,8 @@ _OPS: dict[str, _Handler] = {
     "listen": AgentServer._op_listen,
     "unlisten": AgentServer._op_unlisten,
     "status": AgentServer._op_status,
+    "connections": AgentServer._op_connections,
+    "metrics": AgentServer._op_metrics,
 }
 
 
