@@ -207,7 +207,6 @@ _LEAK_CHECKED = (
     "test_lab_paths.py",
     "test_pool.py",
     "test_migrate_cosock.py",
-    "test_ssl.py",
 )
 
 
