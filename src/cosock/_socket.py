@@ -35,7 +35,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from . import _census, _config, _residency
@@ -83,8 +83,8 @@ _MSG_PEEK: Final = int(socket.MSG_PEEK)
 _MSG_WAITALL: Final = int(socket.MSG_WAITALL)
 _MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 _CTL_CHUNK: Final = 65536
-#: Frames after which the stream may carry data (the residency watch stops reading).
-_LAST_CONTROL: Final = frozenset({T_SWITCH})
+#: ``_take_frames`` verdicts on a frame: take it, take it and stop, stop before it.
+_TAKE, _LAST, _STOP = 0, 1, 2
 _ACCEPT: Final = b"\x02"  # the ACCEPT frame
 #: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
@@ -463,30 +463,25 @@ class CoSocket(socket.socket):
         """Settle the verdict for a server application that does not read: consume a
         queued HELLO and nothing else (other bytes are a plain client's, the app's)."""
         with ch.rx_lock:
-            if ch.proto.nonce_ok is not None:
-                return
-            try:
-                head = super().recv(HELLO_SIZE, _MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return
-            if len(head) < HELLO_SIZE or not head.startswith(HELLO_MAGIC):
-                return
-            ch.proto.receive_data(super().recv(HELLO_SIZE))
-            self._events(ch)
+            if ch.proto.nonce_ok is None:
+                self._take_if(ch, HELLO_SIZE, lambda head: head.startswith(HELLO_MAGIC))
 
     def _pump_accept_only(self, ch: _Channel) -> None:
         """Client: take a queued ACCEPT (never a REJECT: plain data follows that one, and
         it is the application's to read)."""
         with ch.rx_lock:
-            if ch.proto.state is not State.HELLO_SENT or ch.proto.trailing_data[0]:
-                return
-            try:
-                head = super().recv(1, _MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return
-            if head != _ACCEPT:
-                return
-            ch.proto.receive_data(super().recv(1))
+            if ch.proto.state is State.HELLO_SENT and not ch.proto.trailing_data[0]:
+                self._take_if(ch, 1, lambda head: head == _ACCEPT)
+
+    def _take_if(self, ch: _Channel, size: int, wanted: Callable[[bytes], bool]) -> None:
+        """Consume the next ``size`` queued bytes only if they are all there and
+        ``wanted``; act on them."""
+        try:
+            head = super().recv(size, _MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(head) == size and wanted(head):
+            ch.proto.receive_data(super().recv(size))
             self._events(ch)
 
     def _pump_control_only(self, ch: _Channel) -> None:
@@ -500,24 +495,40 @@ class CoSocket(socket.socket):
             if not peeked:
                 self._pump_locked(ch)  # EOF: the ordinary path handles a peer that left
                 return
-            pending, _ = ch.proto.trailing_data
-            data = pending + peeked
-            pos = 0
-            while pos < len(data):
-                kind = data[pos]
-                size = FRAME_SIZES.get(kind)
-                if size is None or kind == T_DATA or pos + size > len(data):
-                    break
-                pos += size
-                if kind in _LAST_CONTROL:
-                    break
-            take = pos - len(pending)
-            if take <= 0:
-                return
+            self._take_frames(ch, peeked, lambda kind: _LAST if kind == T_SWITCH else _TAKE)
+
+    def _take_frames(self, ch: _Channel, peeked: bytes, admit: Callable[[int], int]) -> None:
+        """Consume the whole control frames at the front of the stream that ``admit`` lets
+        through (``_TAKE``, ``_LAST``: this one and no more, ``_STOP``: not this one), and
+        act on them; ``peeked`` is what MSG_PEEK showed of the kernel's queue.  DATA frames
+        and anything incomplete stay queued."""
+        pending, _ = ch.proto.trailing_data
+        data = pending + peeked
+        pos = 0
+        while pos < len(data):
+            kind = data[pos]
+            size = FRAME_SIZES.get(kind)
+            if size is None or kind == T_DATA or pos + size > len(data):
+                break
+            verdict = admit(kind)
+            if verdict == _STOP:
+                break
+            pos += size
+            if verdict == _LAST:
+                break
+        take = pos - len(pending)
+        if take <= 0:
+            return
+        try:
             chunk = super().recv(take)
             self._sync_offsets(ch)
             ch.proto.receive_data(chunk)
-            self._events(ch)
+        except ProtocolError as exc:
+            self._poison(ch, exc)
+            return
+        except OSError:
+            return
+        self._events(ch)
 
     def _cosock_kernel_write(self) -> bool:
         """Selectors: must the kernel also watch writability (framed bytes are queued)?"""
@@ -1666,31 +1677,16 @@ class CoSocket(socket.socket):
             return
         if not peeked:
             return
-        pending, _ = ch.proto.trailing_data
-        data = pending + peeked
-        pos = 0
-        while pos < len(data):
-            size = FRAME_SIZES.get(data[pos])
-            if size is None or pos + size > len(data) or data[pos] not in _WAKE_FRAMES:
-                break
-            if data[pos] == T_BELL:
-                if want == 0:
-                    break
+
+        def admit(kind: int) -> int:
+            nonlocal want
+            if kind not in _WAKE_FRAMES or (kind == T_BELL and want == 0):
+                return _STOP
+            if kind == T_BELL:
                 want -= 1
-            pos += size
-        take = pos - len(pending)
-        if take <= 0:
-            return
-        try:
-            chunk = super().recv(take)
-            self._sync_offsets(ch)
-            ch.proto.receive_data(chunk)
-        except ProtocolError as exc:
-            self._poison(ch, exc)
-            return
-        except OSError:
-            return
-        self._events(ch)
+            return _TAKE
+
+        self._take_frames(ch, peeked, admit)
 
     # ------------------------------------------------------------------ send
 
