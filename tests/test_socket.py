@@ -702,6 +702,60 @@ def test_deep_agent_directory_still_accelerates(tmp_path, monkeypatch):
         shutil.rmtree(deep, ignore_errors=True)
 
 
+def test_a_thread_left_on_a_refused_channel_neither_resends_the_verdict_nor_eats_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The residency thread may settle a verdict while the accepting thread waits for the
+    channel's lock: the loser must not send the REJECT a second time (the client would
+    read it as data) nor read the client's plain bytes into the dead channel."""
+    attached = []
+    real_attach = CoSocket._attach
+
+    def recording_attach(self: CoSocket, ch: object) -> None:
+        attached.append(ch)
+        real_attach(self, ch)
+
+    monkeypatch.setattr(CoSocket, "_attach", recording_attach)
+    srv = listener()
+    port = srv.getsockname()[1]
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from cosock import CoSocket
+                s = CoSocket(); s.connect(("127.0.0.1", {port}))
+                s.sendall(b"big ring please"); print(s.recv(2), s.cosock_path, flush=True)
+                """
+            ),
+        ],
+        env={**os.environ, "COSOCK_RING_SIZE": str(128 << 20)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        (refused,) = attached
+        deadline = time.monotonic() + 10
+        while conn._co is not None and time.monotonic() < deadline:
+            conn._pump(refused)  # the verdict, as either thread would settle it
+        assert conn._co is None
+        for _ in range(3):  # a late thread still holding the channel
+            assert not conn._pump(refused)
+        assert recv_all(conn, 15) == b"big ring please"
+        conn.sendall(b"ok")
+        assert child.stdout is not None
+        assert child.stdout.readline().split() == ["b'ok'", "tcp"]
+        child.wait(timeout=10)
+        conn.close()
+    finally:
+        child.kill()
+        child.wait()
+        srv.close()
+
+
 def test_oversized_ring_offer_is_refused_and_served_plainly():
     """A peer may not make the server map more than COSOCK_RING_MAX per direction."""
     srv = listener()

@@ -463,14 +463,18 @@ class CoSocket(socket.socket):
         """Settle the verdict for a server application that does not read: consume a
         queued HELLO and nothing else (other bytes are a plain client's, the app's)."""
         with ch.rx_lock:
-            if ch.proto.nonce_ok is None:
+            if self._co is ch and ch.proto.nonce_ok is None:
                 self._take_if(ch, HELLO_SIZE, lambda head: head.startswith(HELLO_MAGIC))
 
     def _pump_accept_only(self, ch: _Channel) -> None:
         """Client: take a queued ACCEPT (never a REJECT: plain data follows that one, and
         it is the application's to read)."""
         with ch.rx_lock:
-            if ch.proto.state is State.HELLO_SENT and not ch.proto.trailing_data[0]:
+            if (
+                self._co is ch
+                and ch.proto.state is State.HELLO_SENT
+                and not ch.proto.trailing_data[0]
+            ):
                 self._take_if(ch, 1, lambda head: head == _ACCEPT)
 
     def _take_if(self, ch: _Channel, size: int, wanted: Callable[[bytes], bool]) -> None:
@@ -488,6 +492,8 @@ class CoSocket(socket.socket):
         """Consume control frames up to and including the peer's SWITCH, never the DATA
         after it: those stay in the kernel, so the fd's readiness stays the application's."""
         with ch.rx_lock:
+            if self._co is not ch:
+                return
             try:
                 peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
             except (BlockingIOError, InterruptedError):
@@ -1159,7 +1165,9 @@ class CoSocket(socket.socket):
         two threads feeding the parser could reorder it.
         """
         with ch.rx_lock:
-            return self._pump_locked(ch)
+            if self._co is not ch:
+                return False  # another thread ended the channel while we waited: the
+            return self._pump_locked(ch)  # queued bytes are plain data now, not ours
 
     def _pump_locked(self, ch: _Channel) -> bool:
         progressed = False
@@ -1290,7 +1298,9 @@ class CoSocket(socket.socket):
 
     def _fallback(self, ch: _Channel, reason: FallbackReason) -> None:
         """Give up on shared memory before the channel was accepted: resend our ring bytes."""
-        owed = bytearray(ch.ctl_out)
+        with ch.ctl_lock:  # ours to send now, once: no thread may flush it again
+            owed = bytearray(ch.ctl_out)
+            ch.ctl_out.clear()
         if ch.role is Role.SERVER:
             owed += ch.pre_out
         elif ch.tx is not None:
@@ -1665,7 +1675,8 @@ class CoSocket(socket.socket):
         peeked copy; only the prefix up to the first younger doorbell is consumed.
         """
         with ch.rx_lock:
-            self._drain_stale_bells_locked(ch, upto)
+            if self._co is ch:
+                self._drain_stale_bells_locked(ch, upto)
 
     def _drain_stale_bells_locked(self, ch: _Channel, upto: int) -> None:
         want = upto - ch.proto.bells_received
