@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import selectors
 import socket
 import threading
@@ -22,6 +23,7 @@ import pytest
 
 from cosock import CoSocket
 from cosock._errors import RingCorrupted
+from cosock._events import Switch
 from cosock._selectors import REPLACEMENTS
 from sockutil import accelerated_pair, listener, recv_all, settle
 
@@ -269,6 +271,37 @@ def test_nonblocking_selector_echo_survives_a_switch(name: str) -> None:
         sel.close()
         assert bytes(echoed) == payload
         assert cli.cosock_path == conn.cosock_path == "tcp"
+
+
+def test_the_residency_watch_leaves_the_peers_resend_to_the_application(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch switches for an application asleep on the kernel fd.  DATA frames the
+    peer sends right after our SWITCH must stay queued in the kernel, where they make the
+    fd readable; taken into our buffer by the watch, they would wake nobody (the app slept
+    until its 5 s safety timeout: the stall seen under load in the lab)."""
+    with pair() as (cli, conn):
+        conn.sendall(b"x" * 1000)  # in the ring, never read by cli: conn must resend it
+        assert conn.cosock_switch()  # the peer went first; its SWITCH waits for cli
+        real_control = CoSocket._control
+
+        def peer_answers_at_once(self: CoSocket, ch: object, event: object) -> None:
+            real_control(self, ch, event)
+            if self is cli and isinstance(event, Switch):
+                _wait_path(conn)  # conn reads our SWITCH and resends its 1000 bytes
+                deadline = time.monotonic() + 10
+                while len(_Base.recv(cli, 1 << 16, socket.MSG_PEEK)) < 1000:
+                    assert time.monotonic() < deadline, "the resend never arrived"
+                    time.sleep(0.001)
+
+        monkeypatch.setattr(CoSocket, "_control", peer_answers_at_once)
+        assert cli._switch(cli._pump_control_only)  # what the residency watch runs
+        monkeypatch.undo()
+        assert cli.cosock_path == "tcp"
+        assert not cli._rxb, "the watch took the application's bytes out of the kernel"
+        assert select.select([cli.fileno()], [], [], 0)[0], "the resend does not wake the app"
+        cli.settimeout(10)
+        assert recv_all(cli, 1000) == b"x" * 1000
 
 
 def test_peer_closed_before_answering_leaves_its_ring_bytes_readable() -> None:

@@ -356,12 +356,15 @@ class CoSocket(socket.socket):
         switch. Both directions switch; the peer follows when it reads our SWITCH frame.
         Returns False when there is nothing to switch (not on the shared-memory path).
         """
+        return self._switch(self._pump)
+
+    def _switch(self, pump: Callable[[_Channel], object]) -> bool:
         ch = self._co
         if ch is None or ch.phase is not _SHM or ch.tcp_eof:
             return False
         try:
             self._begin_switch(ch)
-            self._pump(ch)
+            pump(ch)
         except (RingCorrupted, ProtocolError, ValueError) as exc:
             self._poison(ch, exc)
         return True
@@ -417,7 +420,9 @@ class CoSocket(socket.socket):
         coresident = agent.guest_owning(ch.peer_ip) is not None
         if ch.phase is _SHM and not coresident:
             _trace("residency: peer left", ch)
-            self.cosock_switch()
+            # Not a full pump: DATA frames taken here would sit in our buffer while the
+            # application sleeps on the kernel fd, which they no longer make readable.
+            self._switch(self._pump_control_only)
         elif ch.phase is _FRAMED and coresident and ch.role is Role.CLIENT:
             self._start_upgrade(ch, agent)
 
