@@ -721,35 +721,47 @@ class CoSocket(socket.socket):
                     src = self._source_ip(address, fresh=True)  # the cached one went stale
                     self._bind_ephemeral(src)
             local = (src, super().getsockname()[1])
-            capacity = _config.ring_size()
-            fd, mm = take_channel(capacity)
         except OSError:
             self._reason = FallbackReason.RESOURCE
             return None
+        made = self._send_channel_offer(listener.rendezvous, local, (ip, port))
+        if isinstance(made, FallbackReason):
+            self._reason = made
+            return None
+        nonce, mm, capacity = made
+        ch = _Channel(Role.CLIENT, nonce, mm, capacity)
+        ch.rv_path = listener.rendezvous  # where an upgrade is offered, should the
+        return ch, address  # listener be gone by then
+
+    def _send_channel_offer(
+        self, path: str, local: Any, server: tuple[str, int]
+    ) -> tuple[bytes, Any, int] | FallbackReason:
+        """Offer a fresh channel (memfd + nonce + 4-tuple) to a listener's rendezvous, for
+        a first connect or an upgrade: ``(nonce, mapping, capacity)``, or why not."""
+        capacity = _config.ring_size()
+        try:
+            fd, mm = take_channel(capacity)  # fresh, never offered to anyone
+        except OSError:
+            return FallbackReason.RESOURCE
         try:
             nonce = os.urandom(16)
             offer = Offer(
                 client=(normalise_host(local[0]), local[1]),
-                server=(ip, port),
+                server=server,
                 nonce=nonce,
                 capacity=capacity,
                 family=4 if self.family == socket.AF_INET else 6,
             )
-            try:
-                send_offer(listener.rendezvous, offer, fd)
-            except OSError:
-                mm.close()
-                self._reason = FallbackReason.OFFER_UNDELIVERED
-                return None
+            send_offer(path, offer, fd)
         except OSError:
             mm.close()
-            self._reason = FallbackReason.RESOURCE
-            return None
+            return FallbackReason.OFFER_UNDELIVERED
+        except BaseException:
+            mm.close()
+            raise
         finally:
             os.close(fd)
-        ch = _Channel(Role.CLIENT, nonce, mm, capacity)
-        ch.rv_path = listener.rendezvous  # where an upgrade is offered, should the
-        return ch, address  # listener be gone by then
+        return nonce, mm, capacity
 
     def _source_ip(self, address: Any, fresh: bool = False) -> str:
         """The local address the kernel will pick for ``address`` (a UDP connect probes it).
@@ -1031,29 +1043,10 @@ class CoSocket(socket.socket):
         path = ch.rv_path if listener is None else listener.rendezvous
         if path is None:
             return  # no way to reach the server's process: stay on TCP
-        capacity = _config.ring_size()
-        try:
-            fd, mm = take_channel(capacity)  # fresh, never offered to anyone
-        except OSError:
-            return
-        try:
-            nonce = os.urandom(16)
-            offer = Offer(
-                client=(normalise_host(local[0]), local[1]),
-                server=(ch.peer_ip, peer_port),
-                nonce=nonce,
-                capacity=capacity,
-                family=4 if self.family == socket.AF_INET else 6,
-            )
-            try:
-                send_offer(path, offer, fd)
-            except OSError:
-                mm.close()
-                return
-        except OSError:
-            return
-        finally:
-            os.close(fd)
+        made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port))
+        if isinstance(made, FallbackReason):
+            return  # stay on TCP; the watch asks again
+        nonce, mm, capacity = made
         ch.rv_path = path
         ch.upgrade = (mm, capacity)
         self._control(ch, Upgrade(nonce))
