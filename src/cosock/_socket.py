@@ -446,12 +446,15 @@ class CoSocket(socket.socket):
 
     def _cosock_service(self) -> None:
         """Residency watch: move an unfinished switch on for an application that is not
-        calling into this socket (an app thread asleep on the fd does it itself)."""
+        calling into this socket.  An app thread asleep on the fd reads for itself, but
+        frames queued after it fell asleep are sent from here: it may watch POLLIN only."""
         ch = self._co
-        if ch is None or ch.sleepers:
+        if ch is None:
             return
         try:
-            if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
+            if ch.sleepers:
+                pass  # reading is the sleeper's
+            elif ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
                 self._pump_hello_only(ch)
             elif ch.phase is _HANDSHAKE:
                 self._pump_accept_only(ch)
