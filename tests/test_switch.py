@@ -304,6 +304,42 @@ def test_the_residency_watch_leaves_the_peers_resend_to_the_application(
         assert recv_all(cli, 1000) == b"x" * 1000
 
 
+def test_a_pump_racing_our_switch_waits_for_its_private_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch switches while an application thread reads: that thread must not act on
+    the peer's SWITCH while ours is half done (phase set, the bytes to resend not yet
+    copied), or it resends from nothing and calls the channel corrupted."""
+    with pair() as (cli, conn):
+        cli.sendall(b"a" * 1000)  # unread by conn: cli must resend it
+        conn.sendall(b"b" * 1000)  # unread by cli: conn must resend it
+        assert conn.cosock_switch()
+        deadline = time.monotonic() + 10
+        while not _Base.recv(cli, 64, socket.MSG_PEEK):  # conn's SWITCH has arrived
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        real_quiesce = CoSocket._quiesce
+        racers: list[threading.Thread] = []
+
+        def quiesce_while_the_app_pumps(ch: object) -> None:
+            racer = threading.Thread(target=cli._pump, args=(ch,))
+            racer.start()
+            racer.join(0.5)  # blocked on the pump's lock, as it should be
+            racers.append(racer)
+            real_quiesce(ch)
+
+        monkeypatch.setattr(CoSocket, "_quiesce", staticmethod(quiesce_while_the_app_pumps))
+        assert cli._switch(cli._pump_control_only)  # what the residency watch runs
+        monkeypatch.undo()
+        racers[0].join(10)
+        _wait_path(cli, conn)
+        cli.settimeout(10)
+        conn.settimeout(10)
+        assert recv_all(conn, 1000) == b"a" * 1000
+        assert recv_all(cli, 1000) == b"b" * 1000
+        assert cli.cosock_info()["error"] is None
+
+
 def test_peer_closed_before_answering_leaves_its_ring_bytes_readable() -> None:
     srv = listener()
     cli = CoSocket()

@@ -127,7 +127,11 @@ def _trace(what: str, ch: _Channel) -> None:
         with open(_TRACE, "a") as f:
             f.write(
                 f"{time.monotonic():.6f} {os.getpid()} {threading.get_native_id()} "
-                f"{ch.role.value} {what} phase={ch.phase} sleepers={ch.sleepers}\n"
+                f"{ch.role.value} {what} phase={ch.phase} sleepers={ch.sleepers} "
+                f"tx={ch.tx_base}+{None if ch.tx is None else ch.tx.head} "
+                f"sent={ch.proto.sent_offset} tcp_next={ch.proto.tcp_next} "
+                f"rx={ch.rx_base}+{None if ch.rx is None else ch.rx.tail} "
+                f"received={ch.proto.received_offset} tx_out={len(ch.tx_out)}\n"
             )
 
 
@@ -360,13 +364,18 @@ class CoSocket(socket.socket):
 
     def _switch(self, pump: Callable[[_Channel], object]) -> bool:
         ch = self._co
-        if ch is None or ch.phase is not _SHM or ch.tcp_eof:
+        if ch is None:
             return False
-        try:
-            self._begin_switch(ch)
-            pump(ch)
-        except (RingCorrupted, ProtocolError, ValueError) as exc:
-            self._poison(ch, exc)
+        # Under the pump's lock: a thread that parsed the peer's SWITCH while ours is half
+        # done (phase set, private copy not yet taken) would resend from nothing.
+        with ch.rx_lock:
+            if self._co is not ch or ch.phase is not _SHM or ch.tcp_eof:
+                return False
+            try:
+                self._begin_switch(ch)
+                pump(ch)
+            except (RingCorrupted, ProtocolError, ValueError) as exc:
+                self._poison(ch, exc)
         return True
 
     def cosock_upgrade(self) -> bool:
@@ -1130,6 +1139,7 @@ class CoSocket(socket.socket):
             ch.tx_base = ch.proto.sent_offset
             ch.phase = phase
         ch.counters["upgrades"] += 1
+        _trace(f"into-ring after {type(mark).__name__}", ch)
         self._flush_ctl(ch)
 
     def _upgrade_refused(self, ch: _Channel) -> None:
@@ -1254,6 +1264,7 @@ class CoSocket(socket.socket):
             elif isinstance(event, RingMark):
                 ch.rx_base = ch.proto.received_offset  # the client's data: now in the ring
                 ch.phase = _SHM
+                _trace("ringmark-received", ch)
             elif isinstance(event, Accept):
                 ch.phase = _SHM
                 if ch.tx is not None and ch.tx.head:
