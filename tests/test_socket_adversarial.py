@@ -1390,13 +1390,10 @@ def test_doorbell_model_select_reader_never_waits_on_data(sizes, bufsize, schedu
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=False,  # timing-dependent: may pass by luck; see module docstring
-    reason="BUG: with a reader thread and a writer thread on one socket (full duplex), "
-    "each pumps the shared control stream and eats the other's BELL/SPACE between its "
-    "arm() and poll(): the victim sleeps until the 5 s safety timeout",
-)
 def test_full_duplex_threads_on_one_socket_lose_no_wakeups(monkeypatch):
+    """A reader thread and a writer thread share one socket: each pumps the shared control
+    stream and may take the other's BELL/SPACE between its arm() and poll(); the taker
+    kicks the channel's eventfd, so the victim never waits for the safety timeout."""
     monkeypatch.setenv("COSOCK_RING_SIZE", "65536")
     size = 1 * MIB  # 16 ring-fulls each way per round; plain TCP takes milliseconds
     with pair(timeout=60) as (cli, conn):

@@ -179,6 +179,7 @@ class _Channel:
         "error",
         "fin",
         "fin_pending",
+        "kick",
         "mm",
         "nodelay",
         "nonce",
@@ -256,6 +257,7 @@ class _Channel:
         self.tx_busy = False
         #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
         self.sleepers = 0
+        self.kick: int | None = None  # eventfd: a sibling thread took our wake-up (_sleep)
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
@@ -273,6 +275,9 @@ class _Channel:
         }
 
     def release(self) -> None:
+        if self.kick is not None:
+            os.close(self.kick)
+            self.kick = None
         for end in (self.tx, self.rx):
             if end is not None:
                 end.release()
@@ -1244,7 +1249,32 @@ class CoSocket(socket.socket):
         ch.tcp_eof = True
         ch.phase = _BROKEN
 
+    @staticmethod
+    def _make_kick(ch: _Channel) -> int | None:
+        """The channel's eventfd for waking sibling sleepers, made at its first sleep (most
+        channels never sleep); None if no descriptor is left (wake-ups then rely on the
+        safety timeout, as before)."""
+        with ch.ctl_lock:
+            if ch.kick is None:
+                try:
+                    ch.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                except OSError:
+                    return None
+            return ch.kick
+
     def _events(self, ch: _Channel) -> None:
+        """Act on what the protocol parsed; then wake threads of ours asleep on this
+        channel: the frames we took may have been their doorbell, or their data."""
+        try:
+            self._handle_events(ch)
+        finally:
+            if ch.sleepers and ch.kick is not None:
+                try:
+                    os.eventfd_write(ch.kick, 1)
+                except OSError:
+                    pass
+
+    def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
             try:
                 event = ch.proto.next_event()
@@ -1394,21 +1424,27 @@ class CoSocket(socket.socket):
                     # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
                     # would hold it until the next tick (4 ms at HZ=250).
                     os.sched_yield()
-        if arm is not None and (ch.phase is _SWITCHING or ch.phase is _FRAMED or arm()):
-            return
-        if deadline is None:
-            timeout = _MAX_SLEEP_MS
-        else:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")  # like CPython: no errno
-            timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
-        poller = _kernel_poll()
-        output = bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
-        poller.register(self.fileno(), select.POLLIN | (select.POLLOUT if output else 0))
+        kick = ch.kick if ch.kick is not None else self._make_kick(ch)
         phase = ch.phase
+        # Counted before arm(): from here on, another thread of ours that takes our
+        # doorbell off the shared TCP stream (full duplex) kicks us (_events).
         ch.sleepers += 1
         try:
+            if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
+                return
+            if deadline is None:
+                timeout = _MAX_SLEEP_MS
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")  # like CPython: no errno
+                timeout = min(_MAX_SLEEP_MS, max(1, int(left * 1000 + 0.999)))
+            poller = _kernel_poll()
+            output = bool(ch.ctl_out or (ch.tx_out and ch.phase is _FRAMED))
+            fd = self.fileno()
+            poller.register(fd, select.POLLIN | (select.POLLOUT if output else 0))
+            if kick is not None:
+                poller.register(kick, select.POLLIN)
             if ch.phase is not phase:
                 return  # the residency watch switched paths meanwhile: look again
             t0 = time.perf_counter_ns()
@@ -1416,7 +1452,12 @@ class CoSocket(socket.socket):
             slept = time.perf_counter_ns() - t0
         finally:
             ch.sleepers -= 1
-        if output and woken and woken[0][1] & select.POLLOUT:
+        if kick is not None and any(who == kick for who, _ in woken):
+            try:
+                os.eventfd_read(kick)
+            except (BlockingIOError, OSError):
+                pass  # a sibling sleeper drained it first; it re-checks too
+        if output and any(who == fd and ev & select.POLLOUT for who, ev in woken):
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)
             else:
