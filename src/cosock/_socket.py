@@ -30,6 +30,7 @@ import _socket
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _residency
+from . import _census, _config, _linger, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -117,6 +118,8 @@ _source_cache: dict[tuple[Any, ...], tuple[str, float]] = {}
 def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
+
+log = logging.getLogger("cosock")
 
 #: ``COSOCK_TRACE=PATH``: append path-switch events with timestamps (diagnostics only).
 _TRACE: Final = os.environ.get("COSOCK_TRACE")
@@ -299,7 +302,16 @@ class CoSocket(socket.socket):
     Other families and types behave exactly like ``socket.socket``.
     """
 
-    __slots__ = ("_co", "_rv", "_rxb", "_shut_after_flush", "_txb", "_utimeout", "_why")
+    __slots__ = (
+        "_co",
+        "_lingering",
+        "_rv",
+        "_rxb",
+        "_shut_after_flush",
+        "_txb",
+        "_utimeout",
+        "_why",
+    )
 
     def __init__(
         self,
@@ -315,6 +327,7 @@ class CoSocket(socket.socket):
         self._txb: bytearray | None = None  # plain bytes owed to the peer after a fallback
         self._why: FallbackReason | None = None
         self._shut_after_flush = False
+        self._lingering = False  # a closed connection's twin, finishing what it owed
         self._utimeout: float | None = super().gettimeout()
 
     # ------------------------------------------------------------------ introspection
@@ -456,6 +469,8 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is None:
             return 0
+        if ch.phase is _HANDSHAKE and ch.ctl_out:
+            return select.POLLIN | select.POLLOUT  # a non-blocking connect's HELLO
         return select.POLLOUT if ch.phase is _FRAMED else select.POLLIN
 
     def _cosock_service(self) -> None:
@@ -466,6 +481,8 @@ class CoSocket(socket.socket):
         if ch is None:
             return
         try:
+            if ch.phase is _HANDSHAKE and ch.ctl_out and self._connect_done():
+                self._flush_ctl(ch)  # the peer may be waiting for our HELLO to answer
             if ch.sleepers:
                 pass  # reading is the sleeper's
             elif ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
@@ -480,6 +497,13 @@ class CoSocket(socket.socket):
             self._poison(ch, exc)
         except OSError:
             pass  # the application's next call reports it
+
+    def _connect_done(self) -> bool:
+        """Has a non-blocking connect completed, without error (never consumes SO_ERROR)?"""
+        poller = _kernel_poll()
+        poller.register(self.fileno(), select.POLLOUT)
+        ready = poller.poll(0)
+        return bool(ready) and not ready[0][1] & (select.POLLERR | select.POLLHUP)
 
     def _pump_hello_only(self, ch: _Channel) -> None:
         """Settle the verdict for a server application that does not read: consume a
@@ -2038,31 +2062,16 @@ class CoSocket(socket.socket):
         return None
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
+        if not self._lingering and self._owes() and not self._hand_over():
+            # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
+            try:
+                self._cosock_finish_owed(time.monotonic() + _CLOSE_LINGER)
+            except (OSError, ProtocolError, ValueError, RingCorrupted):
+                pass
         ch = self._co
-        if ch is not None and ch.phase is _HANDSHAKE and ch.refs == 1:
-            # Bytes written before the verdict must not die with us: settle it, then
-            # they are in the peer's ring (ACCEPT) or resent over TCP (REJECT).
-            try:
-                self._settle_before_close(ch)
-            except (OSError, ProtocolError, ValueError):
-                pass
-            ch = self._co
-        if ch is not None and ch.refs == 1 and ch.phase in (_SWITCHING, _FRAMED):
-            try:
-                self._settle_switch_before_close(ch)
-            except (OSError, ProtocolError, ValueError):
-                pass
         # No FIN frame and no pump here: close() ends only this fd, which a forked child
         # may share (socketserver.ForkingMixIn).  The peer learns of the close from TCP
         # itself and reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
-        if self._txb:
-            try:
-                old = super().gettimeout()
-                super().settimeout(_CLOSE_LINGER)
-                self._flush_plain(block=True)
-                super().settimeout(old)
-            except OSError:
-                pass
         if ch is not None:
             self._co = None
             untrack(self, self.fileno())
@@ -2080,42 +2089,75 @@ class CoSocket(socket.socket):
             rv.release()
         _ss.close(self)
 
-    def _settle_before_close(self, ch: _Channel) -> None:
-        """A server's bytes written before the HELLO live only in our memory: wait (briefly)
-        for the HELLO so they reach the ring (ACCEPT) or the TCP stream (REJECT).
+    def _owes(self) -> bool:
+        """Does closing now leave the peer short of bytes that only we can still send?"""
+        ch = self._co
+        if ch is None:
+            return bool(self._txb)
+        if ch.refs != 1 or ch.tcp_eof or ch.error is not None:
+            return False  # a dup()ed twin carries on; or nobody is left to send to
+        if ch.phase is _HANDSHAKE:
+            # Ours until the verdict: a REJECT needs them resent, by us.
+            if ch.role is Role.SERVER:
+                return bool(ch.pre_out)
+            return ch.tx is not None and ch.tx.head > 0
+        if ch.phase is _SWITCHING:
+            return True  # the peer's SWITCH says what we must resend
+        return ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out)
 
-        A client does not wait: its bytes are in the ring, which the server reads after its
-        ACCEPT even when we are gone.  Only a REJECT (a failed verification) would need
-        them resent, and that needs us alive: a known limit (the path switch will lift it).
-        """
-        if ch.role is not Role.SERVER or not ch.pre_out:
-            return
-        deadline = time.monotonic() + _CLOSE_LINGER
-        while self._co is ch and ch.phase is _HANDSHAKE and not ch.tcp_eof:
-            if not self._pump(ch):
-                left = deadline - time.monotonic()
-                if left <= 0:
+    def _hand_over(self) -> bool:
+        """Move what we owe to a lingering twin on a ``dup`` of our fd (see ``_linger``)."""
+        try:
+            fd = os.dup(self.fileno())
+        except OSError:
+            return False
+        heir = CoSocket(self.family, self.type, self.proto, fileno=fd)
+        heir._lingering = True
+        _socket.socket.settimeout(heir, 0.0)
+        heir._utimeout = 0.0  # the twin never blocks: it polls (the fd may be shared)
+        heir._txb, self._txb = self._txb, None
+        heir._shut_after_flush, self._shut_after_flush = self._shut_after_flush, False
+        ch = self._co
+        if ch is not None:
+            self._co = None
+            untrack(self, self.fileno())
+            heir._co = ch  # the channel's reference moves with it
+        _linger.start(heir)
+        return True
+
+    def _cosock_finish_owed(self, deadline: float) -> None:
+        """Settle the verdict, finish a switch, hand owed bytes to the kernel: until
+        nothing is owed, the peer is gone, or ``deadline``."""
+        fd = self.fileno()
+        while self._owes():
+            ch = self._co
+            events = select.POLLIN
+            if ch is None:
+                if self._flush_plain(block=False):
                     return
-                poller = _kernel_poll()
-                poller.register(self.fileno(), select.POLLIN)
-                poller.poll(max(1, int(left * 1000)))
-
-    def _settle_switch_before_close(self, ch: _Channel) -> None:
-        """Bytes the peer has not consumed live only in our memory after a switch: finish
-        the switch and hand them to the kernel (briefly, like SO_LINGER) before closing."""
-        deadline = time.monotonic() + _CLOSE_LINGER
-        while self._co is ch and not ch.tcp_eof and ch.error is None:
-            if ch.phase is _FRAMED and self._flush_framed(ch):
-                return
-            if ch.phase is not _SWITCHING and ch.phase is not _FRAMED:
-                return
+                events = select.POLLOUT
+            elif ch.phase is _FRAMED:
+                if self._flush_framed(ch) and not ch.ctl_out:
+                    return
+                events |= select.POLLOUT
+            elif ch.ctl_out:
+                self._flush_ctl(ch)
+                events |= select.POLLOUT if ch.ctl_out else 0
+            if ch is not None and self._pump(ch):
+                continue  # a verdict or SWITCH may have moved us on: look again
             left = deadline - time.monotonic()
             if left <= 0:
+                log.warning("cosock: close() gave up on %s owed bytes", self._owed_count())
                 return
             poller = _kernel_poll()
-            poller.register(self.fileno(), select.POLLIN | select.POLLOUT)
-            poller.poll(max(1, int(left * 1000)))
-            self._pump(ch)
+            poller.register(fd, events)
+            poller.poll(max(1, min(1000, int(left * 1000))))
+
+    def _owed_count(self) -> int:
+        ch = self._co
+        if ch is None:
+            return len(self._txb or b"")
+        return len(ch.tx_out) + len(ch.retained or b"") + len(ch.pre_out)
 
     def detach(self) -> int:
         """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
