@@ -230,6 +230,46 @@ def client_aiohttp(base: str) -> dict[str, Any]:
     return {}
 
 
+def client_aiohttp_uvloop(base: str) -> dict[str, Any]:
+    """The aiohttp client on uvloop: libuv makes the socket, Python never sees it."""
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return client_aiohttp(base)
+
+
+def client_uvloop_streams(base: str) -> dict[str, Any]:
+    """asyncio streams on uvloop (libuv makes the socket), raw HTTP/1.1 keep-alive GETs."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    import uvloop
+
+    url = urlsplit(base)
+    gets = [(n, m, p) for n, m, p, _ in SCRIPT if m == "GET" and p.startswith("/bytes/")]
+
+    async def main() -> dict[str, Any]:
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        bodies, ports = {}, set()
+        for name, _method, path in gets:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower().split("\r\n")
+            headers = dict(h.split(": ", 1) for h in head[1:] if h)
+            assert head[0].startswith("http/1.1 200"), head
+            bodies[name] = _digest(await reader.readexactly(int(headers["content-length"])))
+            ports.add(headers["x-client-port"])
+        sockname = writer.get_extra_info("socket")
+        result = {"bodies": bodies, "ports": sorted(ports), "sock": type(sockname).__name__}
+        await asyncio.get_running_loop().run_in_executor(None, _hold_then_exit, result)
+        writer.close()
+        return result
+
+    uvloop.run(main())
+    return {}
+
+
 def client_urllib(base: str) -> dict[str, Any]:
     """urllib.request: one connection per request (it sends Connection: close)."""
     import urllib.request
@@ -244,6 +284,43 @@ def client_urllib(base: str) -> dict[str, Any]:
             ports.add(r.headers["x-client-port"])
     _hold_then_exit({"bodies": bodies, "ports": sorted(ports)})
     return {}
+
+
+#### uvloop: a listening socket made in Python, handed to the loop (as gunicorn does)
+
+
+def server_uvloop_sock(host: str, port: int) -> None:
+    import asyncio
+    import socket
+
+    import uvloop
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data.upper())
+
+    async def main() -> None:
+        sock = socket.create_server((host, port), family=_family(host))
+        server = await asyncio.get_running_loop().create_server(Upper, sock=sock)
+        _ready(sock.getsockname()[1])
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def client_upper(host: str, port: int) -> None:
+    import socket
+
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"hello uvloop\n")
+        try:
+            got = sock.recv(100).decode()
+        except OSError as exc:
+            got = repr(exc)
+        _hold_then_exit({"got": got})
 
 
 #### wsgiref
@@ -561,11 +638,14 @@ _SERVERS = {
     "forking-server": server_forking,
     "ftp-server": server_ftp,
     "smtp-server": server_smtp,
+    "uvloop-sock-server": server_uvloop_sock,
 }
 _HTTP_CLIENTS = {
     "httpx": client_httpx,
     "requests": client_requests,
     "aiohttp": client_aiohttp,
+    "aiohttp-uvloop": client_aiohttp_uvloop,
+    "uvloop-streams": client_uvloop_streams,
     "urllib": client_urllib,
 }
 _CLIENTS = {
@@ -573,6 +653,7 @@ _CLIENTS = {
     "forking": client_forking,
     "ftp": client_ftp,
     "smtp": client_smtp,
+    "upper": client_upper,
 }
 
 

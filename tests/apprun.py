@@ -169,6 +169,16 @@ def wait_rows(
         time.sleep(0.2)
 
 
+def rows_where(world: World, match: Callable[[Row], bool], timeout: float = 15) -> list[Row]:
+    """The rows that ``match``, once there are any (or none after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in world.rows() if match(r)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def loopback_world(agent: Path, logs: Path) -> World:
     def spawn(place: Place, argv: list[str], env: dict[str, str], **kw: Any) -> Any:
         return subprocess.Popen(argv, env={**os.environ, **env}, **kw)
