@@ -271,7 +271,9 @@ def client_uvloop_streams(base: str) -> dict[str, Any]:
 
 
 def client_urllib(base: str) -> dict[str, Any]:
-    """urllib.request: one connection per request (it sends Connection: close)."""
+    """urllib.request: one connection per request (it sends Connection: close).  The last
+    request is held with its body half read, so its connection is open while the test
+    looks; the body's digest follows on a second line."""
     import urllib.request
 
     bodies, ports = {}, set()
@@ -282,8 +284,18 @@ def client_urllib(base: str) -> dict[str, Any]:
             body = r.read()
             bodies[name] = _digest(body)
             ports.add(r.headers["x-client-port"])
-    _hold_then_exit({"bodies": bodies, "ports": sorted(ports)})
+    with urllib.request.urlopen(base + f"/bytes/{HELD}", timeout=30) as r:
+        first = r.read(1000)
+        _hold_then_exit(
+            {"bodies": bodies, "ports": sorted(ports), "held": r.headers["x-client-port"]}
+        )
+        body = first + r.read()
+    print(json.dumps({"held": _digest(body)}), flush=True)
     return {}
+
+
+#: A body larger than a ring (1 MiB by default): its sender blocks while the reader holds.
+HELD = 6_291_469
 
 
 #### uvloop: a listening socket made in Python, handed to the loop (as gunicorn does)
@@ -366,6 +378,8 @@ def server_xmlrpc(host: str, port: int) -> None:
     from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
     class Handler(SimpleXMLRPCRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: ServerProxy reuses its connection
+
         def log_message(self, *args: Any) -> None:
             pass
 
@@ -396,7 +410,8 @@ def client_xmlrpc(host: str, port: int) -> None:
         "blob": _digest(proxy.blob(1_500_007).data),
         "digest": proxy.digest(xmlrpc.client.Binary(payload(999_983, b"upload"))),
     }
-    _hold_then_exit({"results": got})
+    conn = proxy("transport")._connection[1]  # the kept-alive http.client connection
+    _hold_then_exit({"results": got, "port": conn.sock.getsockname()[1]})
     proxy("close")()
 
 
@@ -437,7 +452,7 @@ def client_forking(host: str, port: int) -> None:
             f.flush()
             got.append(f.readline())
         ok = got == [line.upper() for line in lines]
-        _hold_then_exit({"ok": ok, "lines": len(got)})
+        _hold_then_exit({"ok": ok, "lines": len(got), "port": sock.getsockname()[1]})
         f.write(b"BYE\n")
         f.flush()
         pid_line = f.readline().decode().split()
@@ -538,7 +553,18 @@ def client_ftp(host: str, port: int) -> None:
     ftp.retrlines("RETR small.txt", lines.append)
     got["small.txt"] = lines
     got["size"] = ftp.size("big.bin")
-    _hold_then_exit({"results": got})
+    # Hold a transfer half read: control and data connection are both open.
+    ftp.voidcmd("TYPE I")
+    data = ftp.transfercmd("RETR big.bin")
+    first = data.recv(1000)
+    ports = {"control": ftp.sock.getsockname()[1], "data": data.getsockname()[1]}
+    _hold_then_exit({"results": got, "ports": ports})
+    rest = [first]
+    while chunk := data.recv(65536):
+        rest.append(chunk)
+    data.close()
+    ftp.voidresp()
+    print(json.dumps({"held": _digest(b"".join(rest))}), flush=True)
     ftp.quit()
 
 
@@ -612,7 +638,7 @@ def client_smtp(host: str, port: int) -> None:
             smtp.rcpt("b@example.org")
             code, text = smtp.data(msg)
             replies.append([code, text.decode()])
-        _hold_then_exit({"replies": replies})
+        _hold_then_exit({"replies": replies, "port": smtp.sock.getsockname()[1]})
 
 
 #### helpers

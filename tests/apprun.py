@@ -179,6 +179,31 @@ def rows_where(world: World, match: Callable[[Row], bool], timeout: float = 15) 
         time.sleep(0.2)
 
 
+def both_ends(
+    world: World,
+    client_port: int,
+    path: str = "shm",
+    check: Callable[[Row, Row], bool] = lambda c, s: True,
+    timeout: float = 15,
+) -> tuple[Row, Row]:
+    """The rows of both ends of the connection from ``client_port``, once both are listed
+    on ``path`` and pass ``check`` (counts in the census may lag a second behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = world.rows()
+        c = [r for r in rows if r["local_port"] == client_port]
+        s = [
+            r
+            for r in rows
+            if r["peer_port"] == client_port and c and r["local_port"] == c[0]["peer_port"]
+        ]
+        if len(c) == len(s) == 1 and c[0]["path"] == s[0]["path"] == path and check(c[0], s[0]):
+            return c[0], s[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"connection from port {client_port} not on {path}: {c} {s}")
+        time.sleep(0.2)
+
+
 def loopback_world(agent: Path, logs: Path) -> World:
     def spawn(place: Place, argv: list[str], env: dict[str, str], **kw: Any) -> Any:
         return subprocess.Popen(argv, env={**os.environ, **env}, **kw)
