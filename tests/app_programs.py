@@ -298,6 +298,21 @@ def client_urllib(base: str) -> dict[str, Any]:
 HELD = 6_291_469
 
 
+def client_hold_get(host: str, port: int) -> None:
+    """http.client GET /held.bin, held after its first bytes (its connection open while
+    the test looks); then the rest, and the whole body's digest on a second line."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/held.bin")
+    response = conn.getresponse()
+    first = response.read(1000)
+    sock = response.fp.raw._sock  # type: ignore[union-attr]  # HTTP/1.0: the response owns it
+    _hold_then_exit({"status": response.status, "port": sock.getsockname()[1]})
+    print(json.dumps({"held": _digest(first + response.read())}), flush=True)
+    conn.close()
+
+
 #### uvloop: a listening socket made in Python, handed to the loop (as gunicorn does)
 
 
@@ -680,6 +695,7 @@ _CLIENTS = {
     "ftp": client_ftp,
     "smtp": client_smtp,
     "upper": client_upper,
+    "hold-get": client_hold_get,
 }
 
 

@@ -9,6 +9,7 @@ connection's two ends are looked up in the agent's ``connections`` op: shared me
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,23 @@ def test_smtplib_against_a_makefile_line_server(world: World) -> None:
     assert report["replies"] == want
     both_ends(world, report["port"])
     prog.finish()
+
+
+@pytest.mark.parametrize("client_host", ["127.0.0.1", "::1"], ids=["v4-mapped", "v6"])
+def test_http_server_cli_dual_stack(world: World, tmp_path: Path, client_host: str) -> None:
+    """``python -m http.server --bind ::`` (a dual-stack AF_INET6 listener, the stdlib's
+    own command line) reached over IPv4 (a v4-mapped peer) and over IPv6 loopback."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    (docroot / "held.bin").write_bytes(payload(HELD))
+    port = world.port()
+    argv = [PY, "-m", "http.server", str(port), "--bind", "::", "--directory", str(docroot)]
+    world.serve(argv, ready="Serving HTTP")
+    prog = Client(world, world.near, [PY, PROGS, "hold-get", client_host, str(port)])
+    report = prog.read()
+    assert report["status"] == 200
+    c, s = both_ends(world, report["port"])
+    assert c["peer_port"] == port and s["local_addr"].startswith("::")
+    assert prog.finish() == [{"held": _digest(payload(HELD))}]
