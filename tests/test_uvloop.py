@@ -1,10 +1,15 @@
 """uvloop under ``cosock run``: libuv makes and drives its own sockets, so cosock never
 sees them.  Such programs keep working on plain TCP, and ``cosock status`` (the agent's
 ``connections`` op) shows the other end's connection as not accelerated while the uvloop
-end is not listed at all.  ``--loop asyncio`` gets the acceleration back (test_apps.py)."""
+end is not listed at all.  ``--loop asyncio`` gets the acceleration back (test_apps.py).
+CoSockets made in Python and handed to uvloop are kept plain by the guard in
+``cosock._uvloop`` (they used to break the connection)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,35 +66,55 @@ def test_uvloop_server_and_client_stay_on_plain_tcp_and_status_says_so(world: Wo
     from_uvloop.finish()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: a CoSocket connected from Python and handed to uvloop (aiohttp's client "
-    "makes its socket with socket.socket and connects it with loop.sock_connect, which "
-    "uvloop runs as sock.connect(): CoSocket.connect then offers a channel and sends HELLO) "
-    "is driven by libuv on the raw fd: the request goes out as plain TCP bytes while the "
-    "server reads frames, and the client reads the server's control frames as HTTP "
-    "('Bad status line')",
-)
 def test_aiohttp_client_on_uvloop_talks_to_a_cosock_server(world: World) -> None:
+    """aiohttp's client makes its socket with ``socket.socket`` (a CoSocket) and connects
+    it with ``loop.sock_connect``; on uvloop that used to offer a channel and then write
+    plain bytes (broken).  The uvloop guard connects it plainly: exact bodies, and the
+    server's end is listed on tcp (``no-offer``)."""
     _srv, port = uvicorn_server(world, loop="asyncio")
     client = Client(world, world.near, [PY, PROGS, "aiohttp-uvloop", world.server_host, str(port)])
     report = client.read()
-    client.finish()
     assert report["bodies"] == expected()
+    (p,) = (int(x) for x in report["ports"])
+    (s,) = rows_where(world, lambda r: (r["local_port"], r["peer_port"]) == (port, p))
+    assert (s["path"], s["accelerated"], s["fallback_reason"]) == ("tcp", False, "no-offer")
+    assert not rows_where(world, lambda r: r["local_port"] == p, timeout=1)
+    client.finish()
+    assert "Traceback" not in client.log.read_text()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: a listening CoSocket made in Python and handed to uvloop "
-    "(loop.create_server(sock=...), as gunicorn + uvicorn workers and uvicorn --fd do) is "
-    "registered with the agent by its listen(), but libuv accepts on the fd without "
-    "CoSocket.accept: a cosock client's offer is never answered and its in-band HELLO "
-    "reaches the application as data, so the connection breaks ('unknown frame type')",
-)
 def test_python_listener_handed_to_uvloop_serves_cosock_clients(world: World) -> None:
+    """A listener made and listened in Python, then given to uvloop's
+    ``create_server(sock=...)`` (gunicorn + uvicorn workers, ``uvicorn --fd``): the guard
+    withdraws it from the agent, so a cosock client chooses TCP instead of offering a
+    channel that libuv would never answer."""
     port = world.port()
     world.serve([PY, PROGS, "uvloop-sock-server", world.server_host, str(port)])
     client = Client(world, world.near, [PY, PROGS, "upper", world.server_host, str(port)])
     got = client.read()["got"]
-    client.finish()
     assert got == "HELLO UVLOOP\n"
+    (c,) = rows_where(world, lambda r: r["peer_port"] == port)
+    assert (c["path"], c["fallback_reason"]) == ("tcp", "not-coresident")
+    client.finish()
+
+
+def test_guard_is_installed_on_import_and_removed_exactly() -> None:
+    code = textwrap.dedent(
+        """
+        import cosock
+        cosock.enable()
+        import uvloop  # imported after enable(): patched on import
+        assert "sock_connect" in uvloop.Loop.__dict__ and "create_server" in uvloop.Loop.__dict__
+        cosock.disable()
+        assert "sock_connect" not in uvloop.Loop.__dict__
+        assert "create_server" not in uvloop.Loop.__dict__
+        cosock.enable()  # imported before enable(): patched at once
+        assert "sock_connect" in uvloop.Loop.__dict__
+        cosock.disable()
+        assert not [k for k in ("sock_connect", "create_server") if k in uvloop.Loop.__dict__]
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

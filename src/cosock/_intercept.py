@@ -6,7 +6,9 @@ replaced attribute; :func:`disable` puts each one back.  ``socket.create_connect
 call time, so patching the one class covers them.  Code that did ``from socket import
 socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
 ``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
-``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too.
+``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too,
+and ``uvloop.Loop`` gets a guard that keeps CoSockets handed to libuv on plain TCP
+(``_uvloop``; installed on uvloop's import if it comes later).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ssl
 import threading
 from typing import Any
 
+from . import _uvloop
 from ._select import CoEpoll, co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
@@ -64,6 +67,8 @@ def enable() -> None:
     """Route every new AF_INET/AF_INET6 stream socket of this process through cosock."""
     for module, name, value in __implements__:
         patch_item(module, name, value)
+    # uvloop drives fds in C: CoSockets handed to it must stay plain (see _uvloop).
+    _uvloop.install()
 
 
 def disable() -> None:
@@ -71,6 +76,7 @@ def disable() -> None:
     with _lock:
         for module, name in list(_saved):
             remove_item(module, name)
+        _uvloop.uninstall()
 
 
 def enabled() -> bool:
