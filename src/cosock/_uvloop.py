@@ -37,7 +37,7 @@ from typing import Any
 
 from ._socket import CoSocket
 
-_PlainSocket = socket.socket  # the original class (this module is imported before enable())
+_PlainSocket: type[socket.socket] = CoSocket.__mro__[1]  # socket.socket before any patching
 _lock = threading.Lock()
 #: Attribute name -> what ``uvloop.Loop.__dict__`` held before (None: it was inherited).
 _saved: dict[str, Any] = {}
