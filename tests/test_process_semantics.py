@@ -253,3 +253,18 @@ def test_getaddrinfo_and_resolution_helpers_are_unchanged() -> None:
     )
     assert result["results"] is True
     assert all(result["same"].values()), result["same"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--", "no-such-program-xyz"], ["run", "no-such-program-xyz"]],
+    ids=["fast-path", "cli"],
+)
+def test_cosock_run_missing_program_is_127_like_the_shell(argv: list[str]) -> None:
+    """``cosock run -- CMD`` skips the CLI framework (it starts every program); both
+    forms answer a missing program the same way."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cosock", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 127
+    assert out.stderr == "cosock: command not found: no-such-program-xyz\n"
