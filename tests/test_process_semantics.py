@@ -5,8 +5,9 @@ fresh interpreter: ``os.fork`` with a live accelerated connection, ``socket.from
 Found here (see docs/transparency.md, "Process semantics"): a forked child that takes over a
 connection keeps working on the shared-memory path, and a child's close or exit does not end
 the parent's stream; but a connection used by both processes after a fork goes wrong (each
-keeps its own ring counters), and ``fromfd`` of an accelerated connection's fd yields a
-plain-TCP CoSocket on the control stream that breaks the connection (xfails below).
+keeps its own ring counters: xfails below); ``fromfd`` of an accelerated connection's fd
+used to yield a plain-TCP CoSocket on the control stream that broke the connection (fixed:
+``enable()`` wraps ``fromfd``).
 """
 
 from __future__ import annotations
@@ -178,15 +179,10 @@ def test_fromfd_of_a_plain_connection_works() -> None:
     assert result == {"type": "CoSocket", "got": "via twin", "back": "back", "path": "tcp"}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: socket.fromfd(fd) of an accelerated connection builds a new CoSocket "
-    "around a dup of the TCP control fd with no channel (plain TCP); bytes sent through it "
-    "reach the peer as control frames and reset the connection ('unknown frame type'). "
-    "Fix: CoSocket(fileno=...) could find a live channel socket with the same socket inode "
-    "(os.fstat) and share its channel as dup() does",
-)
 def test_fromfd_of_an_accelerated_connection_shares_it() -> None:
+    """Found here: ``fromfd`` used to wrap a dup of the control fd in a channel-less
+    CoSocket whose sends reset the connection ('unknown frame type'); ``enable()`` now
+    wraps ``socket.fromfd`` so that the new socket shares the channel, like ``dup()``."""
     result = _run(
         """
         srv, cli, conn = shm_pair()
@@ -242,7 +238,7 @@ def test_getaddrinfo_and_resolution_helpers_are_unchanged() -> None:
                    ("localhost", "http", 0, socket.SOCK_STREAM), (None, 0, 0, 0, 0,
                    socket.AI_PASSIVE)]
         names = ["getaddrinfo", "gethostbyname", "getfqdn", "inet_pton", "create_connection",
-                 "create_server", "fromfd", "socketpair"]
+                 "create_server", "socketpair"]
         before = {n: getattr(socket, n) for n in names}
         plain = [socket.getaddrinfo(*q) for q in queries]
         cosock.enable()
