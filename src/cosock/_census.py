@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -312,5 +313,17 @@ def _after_fork_in_child() -> None:
         _residency.ensure_watching()  # starts this module's thread too
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _before_fork() -> None:
+    """Note where we publish before a fork even if this process's census thread has not
+    looked yet (a ForkingMixIn server forks right after its first accept): the child has
+    no agent client to ask."""
+    global _last_directory
+    module = sys.modules.get("cosock.agent.client")  # no import inside a fork hook
+    client = None if module is None else module.AgentClient.current()
+    rv = None if client is None else client.last_rendezvous_dir
+    if rv is not None:
+        _last_directory = rv.parent / DIR_NAME
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 atexit.register(_remove_file)
