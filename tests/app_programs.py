@@ -240,9 +240,12 @@ def client_aiohttp_uvloop(base: str) -> dict[str, Any]:
     return client_aiohttp(base)
 
 
-def client_uvloop_streams(base: str) -> dict[str, Any]:
-    """asyncio streams on uvloop (libuv makes the socket), raw HTTP/1.1 keep-alive GETs."""
+def client_uvloop_streams(base: str, own_socket: bool = False) -> dict[str, Any]:
+    """asyncio streams on uvloop (libuv makes the socket), raw HTTP/1.1 keep-alive GETs.
+    With ``own_socket`` the connection is made in Python first and handed to the loop
+    (``open_connection(sock=...)``)."""
     import asyncio
+    import socket
     from urllib.parse import urlsplit
 
     import uvloop
@@ -251,11 +254,17 @@ def client_uvloop_streams(base: str) -> dict[str, Any]:
     gets = [(n, m, p) for n, m, p, _ in SCRIPT if m == "GET" and p.startswith("/bytes/")]
 
     async def main() -> dict[str, Any]:
-        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        if own_socket:
+            sock = socket.create_connection((url.hostname, url.port), timeout=10)
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_connection(url.hostname, url.port)
         bodies, ports = {}, set()
         for name, _method, path in gets:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower().split("\r\n")
+            raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            head = raw_head.decode(errors="replace").lower().split("\r\n")
             headers = dict(h.split(": ", 1) for h in head[1:] if h)
             assert head[0].startswith("http/1.1 200"), head
             bodies[name] = _digest(await reader.readexactly(int(headers["content-length"])))
@@ -687,6 +696,7 @@ _HTTP_CLIENTS = {
     "aiohttp": client_aiohttp,
     "aiohttp-uvloop": client_aiohttp_uvloop,
     "uvloop-streams": client_uvloop_streams,
+    "uvloop-streams-sock": lambda base: client_uvloop_streams(base, own_socket=True),
     "urllib": client_urllib,
 }
 _CLIENTS = {
