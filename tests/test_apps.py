@@ -8,6 +8,8 @@ The loopback world needs no root; the lab world (real network namespaces) runs a
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,21 @@ def check_exchange(world: World, prog: Client, client: str, port: int, want_path
         )
 
     ((c, s),) = wait_rows(world, port, ports, settled)
+    if want_path == "shm" and client == "httpx":
+        # The same through the user's tool: `cosock status --json` of the server's agent.
+        out = subprocess.run(
+            [PY, "-m", "cosock", "status", "--json", "--socket", str(world.agents[0])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        listed = {
+            (r["local_port"], r["peer_port"]): r["path"]
+            for p in json.loads(out.stdout)["processes"]
+            for r in p["connections"]
+        }
+        assert listed[(c["local_port"], port)] == listed[(port, c["local_port"])] == "shm"
     if want_path == "shm":
         assert c["accelerated"] and s["accelerated"]
         assert c["fallback_reason"] is None and s["fallback_reason"] is None
