@@ -267,3 +267,40 @@ def test_cosock_run_missing_program_is_127_like_the_shell(argv: list[str]) -> No
     )
     assert out.returncode == 127
     assert out.stderr == "cosock: command not found: no-such-program-xyz\n"
+
+
+def test_disable_with_open_connections_and_mixed_sockets() -> None:
+    """Issue 5, bad input: ``disable()`` while connections are open (they keep working, on
+    shared memory); a program mixing plain and cosock sockets (a plain client of a cosock
+    listener, a cosock client of a plain listener) gets correct, plain-TCP connections."""
+    result = _run(
+        """
+        import threading
+        srv, cli, conn = shm_pair()
+        cosock.disable()
+        big = os.urandom(3 << 20)
+        box = []
+        reader = threading.Thread(target=lambda: box.append(recv_all(conn, len(big))))
+        reader.start(); cli.sendall(big); reader.join(30)
+        conn.sendall(b"still here"); back = recv_all(cli, 10)
+        out = {"open": [box == [big], back.decode(), cli.cosock_path, conn.cosock_path]}
+        plain = socket.socket(); plain.settimeout(10)  # disabled: the stdlib class
+        plain.connect(srv.getsockname()); accepted, _ = srv.accept()
+        plain.sendall(b"plain to cosock"); got = recv_all(accepted, 15)
+        out["plain_client"] = [type(plain).__name__, got.decode(), accepted.cosock_path,
+                               accepted.cosock_info().get("fallback_reason")]
+        psrv = socket.create_server(("127.0.0.1", 0))
+        cosock.enable()
+        co = socket.create_connection(psrv.getsockname(), timeout=10); peer, _ = psrv.accept()
+        co.sendall(b"cosock to plain"); got = recv_all(peer, 15)
+        # (the stdlib's accept() builds its socket from the module's class at call time)
+        out["cosock_client"] = [type(co).__name__, peer.cosock_path, got.decode(),
+                                co.cosock_path, co.cosock_info().get("fallback_reason")]
+        print(json.dumps(out))
+        """
+    )
+    assert result == {
+        "open": [True, "still here", "shm", "shm"],
+        "plain_client": ["socket", "plain to cosock", "tcp", "no-offer"],
+        "cosock_client": ["CoSocket", "tcp", "cosock to plain", "tcp", "not-coresident"],
+    }
