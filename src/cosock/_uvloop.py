@@ -128,6 +128,9 @@ class _Loader(importlib.abc.Loader):
         self._inner.exec_module(module)
         _patch(module)
 
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, get_resource_reader...
+        return getattr(self._inner, name)
+
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Wraps uvloop's loader so that it is patched as soon as it is imported."""
