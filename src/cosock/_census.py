@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -62,6 +63,8 @@ _fallbacks: collections.Counter[str] = collections.Counter()
 _ends: weakref.WeakKeyDictionary[CoSocket, tuple[str, int, str, int]] = weakref.WeakKeyDictionary()
 #: The file this process wrote last (removed when the thread retires or the process exits).
 _written: Path | None = None
+#: Where this process (or the parent it was forked from) last published.
+_last_directory: Path | None = None
 
 
 def noted(sock: CoSocket, why: FallbackReason) -> None:
@@ -200,12 +203,15 @@ def _directory() -> Path | None:
     """``conn/`` beside the rendezvous directory of the agent we last heard from."""
     from .agent.client import AgentClient
 
+    global _last_directory
     client = AgentClient.current()  # made by the connections we list
     rv = None if client is None else client.last_rendezvous_dir
-    if rv is None:
-        return None
-    directory = rv.parent / DIR_NAME
-    return directory if directory.is_dir() else None
+    if rv is not None:
+        _last_directory = rv.parent / DIR_NAME
+    # A forked child has no agent client (it is never inherited) until it connects
+    # again: it publishes where its parent did, the host it was forked on.
+    directory = _last_directory
+    return directory if directory is not None and directory.is_dir() else None
 
 
 def _write(directory: Path, doc: dict[str, Any]) -> Path | None:
@@ -297,7 +303,27 @@ def _after_fork_in_child() -> None:
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()
+    # A forked child (socketserver.ForkingMixIn, multiprocessing) inherits the parent's
+    # accelerated connections but not its threads: restart the residency thread (it
+    # services path switches the peer starts) and this one, or ``cosock status`` would not
+    # list the connections the child serves.  (The child has no agent client until it
+    # connects again, so residency news from the agent reaches it only then.)
+    _residency._after_fork_in_child()
+    if _residency._live():
+        _residency.ensure_watching()  # starts this module's thread too
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _before_fork() -> None:
+    """Note where we publish before a fork even if this process's census thread has not
+    looked yet (a ForkingMixIn server forks right after its first accept): the child has
+    no agent client to ask."""
+    global _last_directory
+    module = sys.modules.get("cosock.agent.client")  # no import inside a fork hook
+    client = None if module is None else module.AgentClient.current()
+    rv = None if client is None else client.last_rendezvous_dir
+    if rv is not None:
+        _last_directory = rv.parent / DIR_NAME
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 atexit.register(_remove_file)

@@ -2,27 +2,59 @@
 
 A gevent-style registry (first original wins, so patching twice is harmless) holds every
 replaced attribute; :func:`disable` puts each one back.  ``socket.create_connection``,
-``socket.create_server``, ``socket.fromfd`` and asyncio all look ``socket.socket`` up at
-call time, so patching the one class covers them.  Code that did ``from socket import
-socket`` before :func:`enable` keeps the original class (see :func:`stale_references`).
+``socket.create_server``, ``socket.socketpair`` and asyncio all look ``socket.socket`` up at
+call time, so patching the one class covers them; ``socket.fromfd`` is wrapped so that the
+fd of an accelerated connection gives a socket sharing its channel.  Code that did ``from
+socket import socket`` before :func:`enable` keeps the original class (see
+:func:`stale_references`).
 ``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
-``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too.
+``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too,
+and ``uvloop.Loop`` gets a guard that keeps CoSockets handed to libuv on plain TCP
+(``_uvloop``; installed on uvloop's import if it comes later).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import select
 import selectors
 import socket
 import ssl
+import stat
 import threading
 from typing import Any
 
+from . import _residency, _uvloop
 from ._select import CoEpoll, co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
 from ._ssl import CoSSLSocket
+
+_stdlib_fromfd = socket.fromfd
+
+
+def co_fromfd(fd: int, family: int, type: int, proto: int = 0) -> socket.socket:
+    """``socket.fromfd``, except for an fd of a connection this process accelerates: the
+    new socket shares its channel (as ``dup()`` does) instead of being a plain socket on
+    the control stream, whose sends would reach the peer as frames and reset it."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISSOCK(st.st_mode):
+        for sock in _residency._live():
+            try:
+                other = os.fstat(sock.fileno())
+            except OSError:
+                continue
+            same = (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+            if same and (sock.family, sock.type) == (family, type):
+                twin = sock.dup()
+                twin.settimeout(socket.getdefaulttimeout())  # as fromfd: a fresh socket's
+                return twin
+    return _stdlib_fromfd(fd, family, type, proto)
+
 
 #: (module or class, attribute name) -> the original value.
 _saved: dict[tuple[Any, str], Any] = {}
@@ -30,6 +62,8 @@ _lock = threading.RLock()
 #: What ``enable()`` replaces: (module, attribute) -> replacement.
 __implements__: tuple[tuple[Any, str, Any], ...] = (
     (socket, "socket", CoSocket),
+    # fromfd of an accelerated connection's fd shares its channel.
+    (socket, "fromfd", co_fromfd),
     # SSLContext.wrap_socket builds its sockets from this class attribute.
     (ssl.SSLContext, "sslsocket_class", CoSSLSocket),
     # Raw readiness calls answer for accelerated fds from the rings.
@@ -64,6 +98,8 @@ def enable() -> None:
     """Route every new AF_INET/AF_INET6 stream socket of this process through cosock."""
     for module, name, value in __implements__:
         patch_item(module, name, value)
+    # uvloop drives fds in C: CoSockets handed to it must stay plain (see _uvloop).
+    _uvloop.install()
 
 
 def disable() -> None:
@@ -71,6 +107,7 @@ def disable() -> None:
     with _lock:
         for module, name in list(_saved):
             remove_item(module, name)
+        _uvloop.uninstall()
 
 
 def enabled() -> bool:

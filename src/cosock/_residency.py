@@ -60,6 +60,14 @@ def ensure_watching() -> None:
         _started_pid = pid
 
 
+def _after_fork_in_child() -> None:
+    """Forget the parent's thread (its lock may have been held at the fork); called by
+    ``_census``'s fork hook, which then restarts both threads if connections are live."""
+    global _lock, _started_pid
+    _lock = threading.Lock()
+    _started_pid = None
+
+
 def _retire() -> bool:
     """No accelerated connection is left: end the thread (True) unless one just came."""
     global _started_pid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def exec_with_cosock(argv: Sequence[str]) -> None:
         raise ValueError("no command given: use cosock run -- CMD [ARGS...]")
     env = run_env()
     os.execvpe(argv[0], list(argv), env)
+
+
+def run_main(argv: Sequence[str]) -> int:
+    """``cosock run -- CMD...`` without the CLI framework: the same messages and exit
+    codes as ``cosock.cli.run`` (127 for a missing command, 2 for other errors)."""
+    try:
+        exec_with_cosock(argv)
+    except FileNotFoundError:
+        print(f"cosock: command not found: {argv[0]}", file=sys.stderr)
+        return 127
+    except (OSError, ValueError) as exc:
+        print(f"cosock: {exc}", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover - exec does not return

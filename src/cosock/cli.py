@@ -46,14 +46,24 @@ def agent(
     socket_path: Annotated[Path, typer.Option("--socket", help="Unix socket path")],
     host: Annotated[str, typer.Option(help="host name shown in tables")] = "local",
     auto: Annotated[bool, typer.Option(help="auto-register unknown netns as guests")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="also serve GET /metrics (Prometheus text) on 127.0.0.1:PORT (0: any)",
+        ),
+    ] = None,
 ) -> None:
     """Run a host agent in the foreground."""
+    from ._errors import CosockError
     from .agent.server import serve
 
     try:
-        serve(socket_path, host, auto_guests=auto)
-    except OSError as exc:
-        _fail(str(exc))
+        serve(socket_path, host, auto_guests=auto, metrics_port=metrics_port)
+    except (CosockError, OSError) as exc:
+        _fail(str(exc), 1)
 
 
 @app.command()

@@ -37,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not check that a listen request comes from the socket's owner (tests only)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve GET /metrics (Prometheus text) on 127.0.0.1:PORT (0: any free port)",
+    )
     args = parser.parse_args(argv)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0..65535, not {args.metrics_port}")
     if not args.host or not args.host.isprintable():
         parser.error("--host must be a non-empty printable name")
     path: Path = args.socket if args.socket is not None else _config.agent_path()
@@ -45,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
     )
     try:
-        serve(path, args.host, auto_guests=args.auto, verify_listeners=not args.trust_listeners)
+        serve(
+            path,
+            args.host,
+            auto_guests=args.auto,
+            verify_listeners=not args.trust_listeners,
+            metrics_port=args.metrics_port,
+        )
     except (CosockError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -630,13 +630,28 @@ _OPS: dict[str, _Handler] = {
 #### Entry points
 
 
-def serve(path: Path, host: str, auto_guests: bool = False, verify_listeners: bool = True) -> None:
+def serve(
+    path: Path,
+    host: str,
+    auto_guests: bool = False,
+    verify_listeners: bool = True,
+    metrics_port: int | None = None,
+) -> None:
     """Run an agent on ``path`` until SIGTERM/SIGINT (or :meth:`AgentServer.stop`).
+
+    Args:
+        metrics_port: also serve ``GET /metrics`` (Prometheus text) on 127.0.0.1 at this
+            port (0: any free port, logged); None: no HTTP at all.
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
+        MetricsPortError: the metrics port is not a port number or cannot be bound.
         OSError: the socket cannot be created.
     """
+    from ._metrics_http import MetricsEndpoint, check_port
+
+    if metrics_port is not None:
+        check_port(metrics_port)  # before anything is created
     # Handlers go in before the socket exists: whoever sees it answer may signal us at once.
     stop_requested = False
     previous: dict[signal.Signals, Any] = {}
@@ -648,16 +663,21 @@ def serve(path: Path, host: str, auto_guests: bool = False, verify_listeners: bo
             server.stop()
 
     server: AgentServer | None = None
+    endpoint: MetricsEndpoint | None = None
     try:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, on_signal)
         server = AgentServer(path, host, auto_guests, verify_listeners)
+        if metrics_port is not None:
+            endpoint = MetricsEndpoint(metrics_port, server.path)
         if not stop_requested:
             server.serve_forever()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if endpoint is not None:
+            endpoint.close()
         if server is not None:
             server.close()
 

@@ -1,0 +1,170 @@
+"""uvloop guard: keep CoSockets that a program hands to uvloop on plain TCP.
+
+uvloop (libuv) connects, accepts, reads and writes on raw fds, so a CoSocket's data path
+and handshake never run there.  Its own sockets are harmless (they never meet the agent),
+but it also takes socket objects made in Python, and under ``cosock.enable()`` those are
+CoSockets:
+
+- ``loop.sock_connect(sock, addr)`` calls ``sock.connect()``: on a CoSocket that offers a
+  channel and sends the in-band HELLO, then libuv writes plain bytes on the fd (aiohttp's
+  client on uvloop does this).  The guard connects a plain twin of the same fd instead,
+  so the connection is plain TCP from its first byte.
+- ``loop.create_server(sock=listener)``: ``listen()`` registered the CoSocket with the agent,
+  but libuv accepts without ``CoSocket.accept``, so co-resident clients' offers would go
+  unanswered and their HELLO would reach the application.  The guard withdraws the listener
+  from the agent first: clients then choose TCP (``not-coresident``).
+
+Not covered: a CoSocket that already has a channel, given to ``create_connection(sock=)``
+or ``connect_accepted_socket`` (connected or accepted in Python, then handed over): its
+bytes are in the rings, which uvloop cannot read (docs/transparency.md).
+
+:func:`install` patches ``uvloop.Loop`` (a Python subclass of the Cython loop, so the
+methods can be set on it) now if uvloop is imported, else right after its import;
+:func:`uninstall` undoes both exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from ._socket import CoSocket
+
+_PlainSocket: type[socket.socket] = CoSocket.__mro__[1]  # socket.socket before any patching
+_lock = threading.Lock()
+#: Attribute name -> what ``uvloop.Loop.__dict__`` held before (None: it was inherited).
+_saved: dict[str, Any] = {}
+_patched: Any = None  # the uvloop.Loop class we patched
+
+
+def _withdraw(sock: CoSocket) -> None:
+    """Unregister a listening CoSocket from the agent (what its close() does), keeping it
+    open: connections to it are plain TCP from now on."""
+    registered = sock._rv
+    if registered is None:
+        return
+    rv, addr, port = registered
+    sock._rv = None
+    if os.getpid() == rv._owner:
+        try:
+            from .agent.client import AgentClient
+
+            client = AgentClient.current()
+            if client is not None:
+                client.unlisten(addr, port)
+        except Exception:
+            pass
+    rv.release()
+
+
+def _wrappers(base: Any) -> dict[str, Any]:
+    orig_connect = base.sock_connect
+    orig_server = base.create_server
+
+    async def sock_connect(self: Any, sock: Any, address: Any) -> Any:
+        if not isinstance(sock, CoSocket) or sock._co is not None:
+            return await orig_connect(self, sock, address)
+        twin = _PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        try:
+            twin.setblocking(False)
+            return await orig_connect(self, twin, address)
+        finally:
+            twin.detach()  # the fd stays the CoSocket's
+
+    async def create_server(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sock = kwargs.get("sock")
+        if isinstance(sock, CoSocket):
+            _withdraw(sock)
+        return await orig_server(self, *args, **kwargs)
+
+    sock_connect.__doc__ = orig_connect.__doc__
+    create_server.__doc__ = orig_server.__doc__
+    return {"sock_connect": sock_connect, "create_server": create_server}
+
+
+def _patch(module: ModuleType) -> None:
+    global _patched
+    loop_cls = getattr(module, "Loop", None)
+    if loop_cls is None:
+        return
+    with _lock:
+        if _patched is not None:
+            return
+        for name, func in _wrappers(loop_cls).items():
+            _saved[name] = loop_cls.__dict__.get(name)
+            setattr(loop_cls, name, func)
+        _patched = loop_cls
+
+
+def _unpatch() -> None:
+    global _patched
+    with _lock:
+        if _patched is None:
+            return
+        for name, value in _saved.items():
+            if value is None:
+                delattr(_patched, name)
+            else:
+                setattr(_patched, name, value)
+        _saved.clear()
+        _patched = None
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        _patch(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, get_resource_reader...
+        return getattr(self._inner, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Wraps uvloop's loader so that it is patched as soon as it is imported."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "uvloop":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
+                return spec
+        return None
+
+
+_finder = _Finder()
+
+
+def install() -> None:
+    """Guard uvloop now if it is imported, else as soon as it is."""
+    module = sys.modules.get("uvloop")
+    if module is not None:
+        _patch(module)
+    elif _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+def uninstall() -> None:
+    """Undo :func:`install` exactly."""
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
+    _unpatch()

@@ -1,0 +1,306 @@
+"""Process semantics under ``cosock.enable()`` (what ``cosock run`` does), each case in a
+fresh interpreter: ``os.fork`` with a live accelerated connection, ``socket.fromfd``,
+``socketpair``, UDP and ``AF_UNIX`` sockets, ``getaddrinfo``.
+
+Found here (see docs/transparency.md, "Process semantics"): a forked child that takes over a
+connection keeps working on the shared-memory path, and a child's close or exit does not end
+the parent's stream; but a connection used by both processes after a fork goes wrong (each
+keeps its own ring counters: xfails below); ``fromfd`` of an accelerated connection's fd
+used to yield a plain-TCP CoSocket on the control stream that broke the connection (fixed:
+``enable()`` wraps ``fromfd``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.usefixtures("cosock_agent"), pytest.mark.timeout(60)]
+
+_PRELUDE = """
+import json, os, socket, sys, cosock
+cosock.enable()
+
+def recv_all(s, n):
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+def shm_pair():
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname(), timeout=10)
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    cli.sendall(b"?"); assert conn.recv(1) == b"?"
+    conn.sendall(b"!"); assert cli.recv(1) == b"!"
+    assert cli.cosock_path == conn.cosock_path == "shm"
+    return srv, cli, conn
+"""
+
+
+def _run(code: str) -> Any:
+    """Run ``code`` after the prelude in a new interpreter; its last stdout line as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_forked_child_serves_the_inherited_connection_alone() -> None:
+    """The usual pattern (ForkingMixIn, pre-fork handoff): after the fork only the child
+    uses the connection, both ways, while the parent keeps its copy open."""
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        big = os.urandom(3 << 20)  # three rings' worth: the child blocks and is woken
+        pid = os.fork()
+        if pid == 0:
+            cli.sendall(big)
+            ok = recv_all(cli, 5) == b"reply" and cli.cosock_path == "shm"
+            cli.close()
+            os._exit(0 if ok else 3)
+        got = recv_all(conn, len(big))
+        conn.sendall(b"reply")
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({
+            "child": os.waitstatus_to_exitcode(status), "exact": got == big,
+            "paths": [cli.cosock_path, conn.cosock_path],
+        }))
+        """
+    )
+    assert result == {"child": 0, "exact": True, "paths": ["shm", "shm"]}
+
+
+_BOTH_USE = (
+    "BUG (for programs that use one connection from both sides of a fork): a ring's "
+    "producer and consumer counters live in each process's CoSocket, not only in shared "
+    "memory, so after a fork the process that did not move them still has the old ones: "
+)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason=_BOTH_USE + "bytes the child received are received again by the parent "
+    "(duplicated silently; TCP would give the parent only the bytes after them)",
+)
+def test_parent_reads_after_the_forked_child_read() -> None:
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"12345abcde")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if recv_all(cli, 5) == b"12345" else 3)
+        os.waitpid(pid, 0)
+        print(json.dumps({"parent": cli.recv(100).decode()}))
+        """
+    )
+    assert result == {"parent": "abcde"}
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason=_BOTH_USE + "the parent's next send writes at its stale head, over the child's "
+    "unread bytes, and publishes the same head: the peer receives 'parent' and never "
+    "'child ' (lost silently; when the child's bytes were already read the parent's send "
+    "fails instead with ConnectionResetError 'channel corrupted')",
+)
+def test_parent_sends_after_the_forked_child_sent() -> None:
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        pid = os.fork()
+        if pid == 0:
+            cli.sendall(b"child ")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        conn.settimeout(2)
+        try:
+            cli.sendall(b"parent")
+            got = recv_all(conn, 12).decode()
+        except OSError as exc:
+            got = repr(exc)
+        print(json.dumps({"got": got}))
+        """
+    )
+    assert result == {"got": "child parent"}
+
+
+def test_forked_child_closing_at_exit_does_not_end_the_parents_stream() -> None:
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)  # without touching it
+        os.waitpid(pid, 0)
+        pid = os.fork()
+        if pid == 0:
+            cli.close(); conn.close()
+            sys.exit(0)  # a regular exit: atexit hooks, garbage collection
+        os.waitpid(pid, 0)
+        conn.sendall(b"x" * 100000)
+        n = len(recv_all(cli, 100000))
+        cli.shutdown(socket.SHUT_WR)
+        print(json.dumps({"n": n, "eof": conn.recv(1) == b"", "path": cli.cosock_path}))
+        """
+    )
+    assert result == {"n": 100000, "eof": True, "path": "shm"}
+
+
+def test_fromfd_of_a_plain_connection_works() -> None:
+    """A connection that is plain TCP (peer not a cosock listener): ``fromfd`` gives a
+    working socket on the same connection."""
+    result = _run(
+        """
+        import _socket
+        plain_srv = socket.socket.__mro__[1](socket.AF_INET, socket.SOCK_STREAM)
+        plain_srv.bind(("127.0.0.1", 0)); plain_srv.listen()
+        cli = socket.create_connection(plain_srv.getsockname(), timeout=10)
+        conn, _ = plain_srv.accept()
+        twin = socket.fromfd(cli.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        twin.sendall(b"via twin"); got = recv_all(conn, 8)
+        conn.sendall(b"back"); back = recv_all(twin, 4)
+        print(json.dumps({"type": type(twin).__name__, "got": got.decode(),
+                          "back": back.decode(), "path": cli.cosock_path}))
+        """
+    )
+    assert result == {"type": "CoSocket", "got": "via twin", "back": "back", "path": "tcp"}
+
+
+def test_fromfd_of_an_accelerated_connection_shares_it() -> None:
+    """Found here: ``fromfd`` used to wrap a dup of the control fd in a channel-less
+    CoSocket whose sends reset the connection ('unknown frame type'); ``enable()`` now
+    wraps ``socket.fromfd`` so that the new socket shares the channel, like ``dup()``."""
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        twin = socket.fromfd(cli.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            twin.sendall(b"via twin"); got = recv_all(conn, 8).decode()
+            conn.sendall(b"back"); back = recv_all(twin, 4).decode()
+        except OSError as exc:
+            got = back = repr(exc)
+        print(json.dumps({"got": got, "back": back, "path": conn.cosock_path}))
+        """
+    )
+    assert result == {"got": "via twin", "back": "back", "path": "shm"}
+
+
+def test_socketpair_udp_and_unix_sockets_are_untouched(tmp_path: Path) -> None:
+    result = _run(
+        f"""
+        out = {{}}
+        a, b = socket.socketpair()
+        a.sendall(b"pair" * 50000); b.settimeout(5)
+        out["pair"] = [type(a).__name__, len(recv_all(b, 200000)), a.family == socket.AF_UNIX,
+                       getattr(a, "cosock_path", None)]
+        u1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u1.bind(("127.0.0.1", 0))
+        u2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u2.bind(("127.0.0.1", 0))
+        u2.sendto(b"datagram", u1.getsockname()); u1.settimeout(5)
+        data, addr = u1.recvfrom(100)
+        out["udp"] = [data.decode(), addr == u2.getsockname(), u1.type == socket.SOCK_DGRAM]
+        path = {str(tmp_path / "u.sock")!r}
+        us = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); us.bind(path); us.listen()
+        uc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); uc.settimeout(5)
+        uc.connect(path); ua, _ = us.accept()
+        uc.sendall(b"unix" * 25000); ua.settimeout(5)
+        out["unix"] = [len(recv_all(ua, 100000)), ua.getsockname() == path]
+        from cosock._census import snapshot
+        out["listed"] = len(snapshot()["connections"])
+        print(json.dumps(out))
+        """
+    )
+    assert result == {
+        "pair": ["CoSocket", 200000, True, "tcp"],
+        "udp": ["datagram", True, True],
+        "unix": [100000, True],
+        "listed": 0,
+    }
+
+
+def test_getaddrinfo_and_resolution_helpers_are_unchanged() -> None:
+    result = _run(
+        """
+        cosock.disable()
+        queries = [("localhost", 80), ("127.0.0.1", 0), ("::1", 8080, socket.AF_INET6),
+                   ("localhost", "http", 0, socket.SOCK_STREAM), (None, 0, 0, 0, 0,
+                   socket.AI_PASSIVE)]
+        names = ["getaddrinfo", "gethostbyname", "getfqdn", "inet_pton", "create_connection",
+                 "create_server", "socketpair"]
+        before = {n: getattr(socket, n) for n in names}
+        plain = [socket.getaddrinfo(*q) for q in queries]
+        cosock.enable()
+        same = {n: getattr(socket, n) is before[n] for n in names}
+        print(json.dumps({"same": same, "results": [socket.getaddrinfo(*q) for q in queries]
+                          == plain}))
+        """
+    )
+    assert result["results"] is True
+    assert all(result["same"].values()), result["same"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run", "--", "no-such-program-xyz"], ["run", "no-such-program-xyz"]],
+    ids=["fast-path", "cli"],
+)
+def test_cosock_run_missing_program_is_127_like_the_shell(argv: list[str]) -> None:
+    """``cosock run -- CMD`` skips the CLI framework (it starts every program); both
+    forms answer a missing program the same way."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cosock", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 127
+    assert out.stderr == "cosock: command not found: no-such-program-xyz\n"
+
+
+def test_disable_with_open_connections_and_mixed_sockets() -> None:
+    """Issue 5, bad input: ``disable()`` while connections are open (they keep working, on
+    shared memory); a program mixing plain and cosock sockets (a plain client of a cosock
+    listener, a cosock client of a plain listener) gets correct, plain-TCP connections."""
+    result = _run(
+        """
+        import threading
+        srv, cli, conn = shm_pair()
+        cosock.disable()
+        big = os.urandom(3 << 20)
+        box = []
+        reader = threading.Thread(target=lambda: box.append(recv_all(conn, len(big))))
+        reader.start(); cli.sendall(big); reader.join(30)
+        conn.sendall(b"still here"); back = recv_all(cli, 10)
+        out = {"open": [box == [big], back.decode(), cli.cosock_path, conn.cosock_path]}
+        plain = socket.socket(); plain.settimeout(10)  # disabled: the stdlib class
+        plain.connect(srv.getsockname()); accepted, _ = srv.accept()
+        plain.sendall(b"plain to cosock"); got = recv_all(accepted, 15)
+        out["plain_client"] = [type(plain).__name__, got.decode(), accepted.cosock_path,
+                               accepted.cosock_info().get("fallback_reason")]
+        psrv = socket.create_server(("127.0.0.1", 0))
+        cosock.enable()
+        co = socket.create_connection(psrv.getsockname(), timeout=10); peer, _ = psrv.accept()
+        co.sendall(b"cosock to plain"); got = recv_all(peer, 15)
+        # (the stdlib's accept() builds its socket from the module's class at call time)
+        out["cosock_client"] = [type(co).__name__, peer.cosock_path, got.decode(),
+                                co.cosock_path, co.cosock_info().get("fallback_reason")]
+        print(json.dumps(out))
+        """
+    )
+    assert result == {
+        "open": [True, "still here", "shm", "shm"],
+        "plain_client": ["socket", "plain to cosock", "tcp", "no-offer"],
+        "cosock_client": ["CoSocket", "tcp", "cosock to plain", "tcp", "not-coresident"],
+    }
