@@ -595,6 +595,52 @@ def test_forking_server_parent_close_does_not_end_the_stream():
             cli.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_fork_while_another_thread_holds_the_channel_locks_does_not_hang_the_child():
+    """ForkingMixIn forks right after accept(), while the residency watch may be pumping
+    the new connection under its lock: the child must not inherit that lock held by a
+    thread that does not exist there."""
+    with pair() as (cli, conn):
+        settle(cli, conn)
+        ch = conn._co
+        assert ch is not None
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with ch.rx_lock, ch.ctl_lock:
+                held.set()
+                release.wait(20)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:  # the child: only this thread exists here
+            code = 2
+            try:
+                conn.settimeout(10)
+                conn.sendall(b"from the child")
+                code = 0 if recv_all(conn, 5) == b"hello" else 1
+            finally:
+                os._exit(code)
+        try:
+            release.set()
+            holder.join(10)
+            cli.settimeout(10)
+            assert recv_all(cli, 14) == b"from the child"
+            cli.sendall(b"hello")
+            deadline = time.monotonic() + 20
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                assert time.monotonic() < deadline, "the forked child hangs"
+                time.sleep(0.01)
+            pid = 0
+            assert os.waitstatus_to_exitcode(done[1]) == 0
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
 # --------------------------------------------------------------------------- REJECT
 
 

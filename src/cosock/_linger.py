@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from typing import Any, Final
@@ -70,4 +71,11 @@ def _wait_at_exit() -> None:
             return
 
 
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # the parent's lingering threads do not exist here
+    _threads.clear()
+
+
 atexit.register(_wait_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

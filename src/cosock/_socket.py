@@ -75,6 +75,7 @@ from ._protocol import (
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, map_channel_fd
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
+from ._selectors import _channels as _tracked
 
 _BaseSocket = socket.socket
 #: The kernel's poll, bound now: enable() makes ``select.poll`` ring-aware for applications.
@@ -2178,6 +2179,23 @@ class CoSocket(socket.socket):
             track(sock)
         sock._reason = self._reason
         return sock
+
+
+def _channels_after_fork_in_child() -> None:
+    """Only the forking thread lives on in a child: a lock another thread held at the fork
+    (the residency watch pumping, say) would stay held for ever, a busy flag or sleeper
+    count stay up.  Each inherited channel starts afresh."""
+    for ref in list(_tracked.values()):
+        sock = ref()
+        ch = None if sock is None else sock._co
+        if ch is not None:
+            ch.rx_lock = threading.RLock()
+            ch.ctl_lock = threading.Lock()
+            ch.rx_busy = ch.tx_busy = False
+            ch.sleepers = 0
+
+
+os.register_at_fork(after_in_child=_channels_after_fork_in_child)
 
 
 def path_of(sock: socket.socket) -> str:
