@@ -131,11 +131,6 @@ def _paths(client: Peer, server: Peer) -> tuple[str, str]:
     return client.ask(op="info")["path"], server.ask(op="info")["path"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (open, same as the asyncio RR stall below): inside a fully loaded test run "
-    "one of the twenty switches sometimes does not finish within 30 s; passes alone",
-)
 def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[..., Peer]) -> None:
     client, server = _pair(lab, peers, 7310)
     stream_phase(client, server, want=1 << 20)
@@ -196,13 +191,6 @@ def test_migration_with_the_old_agent_dead(lab: Lab, peers: Callable[..., Peer])
     _finish(client, server)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (open): under CPU load (two busy loops beside it) about 1 run in 3 stalls "
-    "after a switch: the blocking rr-client (path tcp, switches=1) waits for the echo of its "
-    "last request (240 bytes sent, not answered) until the 5 s safety timeouts; passes "
-    "alone. Not yet traced: COSOCK_TRACE changes the timing enough to hide it",
-)
 def test_asyncio_echo_and_numbered_requests_while_the_client_migrates(
     lab: Lab, peers: Callable[..., Peer]
 ) -> None:
