@@ -702,6 +702,27 @@ def test_deep_agent_directory_still_accelerates(tmp_path, monkeypatch):
         shutil.rmtree(deep, ignore_errors=True)
 
 
+def _big_ring_client(port: int) -> subprocess.Popen[str]:
+    """A client offering a ring larger than COSOCK_RING_MAX: it sends, then prints what it
+    reads back and its path."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from cosock import CoSocket
+                s = CoSocket(); s.connect(("127.0.0.1", {port}))
+                s.sendall(b"big ring please"); print(s.recv(2), s.cosock_path, flush=True)
+                """
+            ),
+        ],
+        env={**os.environ, "COSOCK_RING_SIZE": str(128 << 20)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_a_thread_left_on_a_refused_channel_neither_resends_the_verdict_nor_eats_data(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -718,22 +739,7 @@ def test_a_thread_left_on_a_refused_channel_neither_resends_the_verdict_nor_eats
     monkeypatch.setattr(CoSocket, "_attach", recording_attach)
     srv = listener()
     port = srv.getsockname()[1]
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                from cosock import CoSocket
-                s = CoSocket(); s.connect(("127.0.0.1", {port}))
-                s.sendall(b"big ring please"); print(s.recv(2), s.cosock_path, flush=True)
-                """
-            ),
-        ],
-        env={**os.environ, "COSOCK_RING_SIZE": str(128 << 20)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _big_ring_client(port)
     try:
         conn, _ = srv.accept()
         conn.settimeout(10)
@@ -760,22 +766,7 @@ def test_oversized_ring_offer_is_refused_and_served_plainly():
     """A peer may not make the server map more than COSOCK_RING_MAX per direction."""
     srv = listener()
     port = srv.getsockname()[1]
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                from cosock import CoSocket
-                s = CoSocket(); s.connect(("127.0.0.1", {port}))
-                s.sendall(b"big ring please"); print(s.recv(2), s.cosock_path, flush=True)
-                """
-            ),
-        ],
-        env={**os.environ, "COSOCK_RING_SIZE": str(128 << 20)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _big_ring_client(port)
     conn, _ = srv.accept()
     conn.settimeout(10)
     assert recv_all(conn, 15) == b"big ring please"
