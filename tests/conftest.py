@@ -7,6 +7,7 @@ sessions at once never collide, and each is torn down even when its test fails.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -170,47 +171,40 @@ def _singleton_fds() -> list[int]:
     return []
 
 
-@pytest.fixture
-def leak_check() -> Iterator[None]:
-    """Fail the test if it leaves fds, memfds, memfd mappings, threads, child processes or
-    lab namespaces behind.  Request it before ``cosock_agent``/``lab`` (usefixtures order),
-    so their teardown runs before the check."""
+@contextlib.contextmanager
+def leaks_checked() -> Iterator[None]:
+    """Fail if the body leaves fds, memfds, memfd mappings, threads, child processes or lab
+    namespaces of this process behind, once they had ``settled_leaks``' bounded time to go.
+
+    The ``leak_check`` fixture wraps every test in it; a module-scoped fixture that owns a
+    resource across tests (set up before the first test's snapshot, torn down after the
+    last test's check) wraps its own life in it, so the check runs at its teardown."""
     import gc
 
-    from cosock._leaks import settled_leaks, snapshot
+    from cosock import _pool
+    from cosock._leaks import Snapshot, settled_leaks, snapshot
     from cosock.lab._model import NETNS_PREFIX
 
     ours = [f"{NETNS_PREFIX}t{_b36(os.getpid() % 1296):0>2}"]  # this process's labs only
 
-    from cosock import _pool
-
-    def take() -> object:
+    def take() -> Snapshot:
         _pool.reset()  # stocked, never-offered channels are the pool's, not leaks
         gc.collect()
         return snapshot(ours, _singleton_fds())
 
     before = take()
     yield
-    leaks = settled_leaks(before, take)  # type: ignore[arg-type]
+    leaks = settled_leaks(before, take)
     found = {kind: items for kind, items in leaks.items() if items}
     assert not found, f"leaked: {found}"
 
 
-#: Modules whose every test runs under ``leak_check`` (set up first, checked last).  Not
-#: yet the rest: under full-suite load some of their tests do not settle in time (forked
-#: children, bench worlds); an open item.
-_LEAK_CHECKED = (
-    "test_socket.py",
-    "test_switch.py",
-    "test_selectors.py",
-    "test_select_raw.py",
-    "test_lab_paths.py",
-    "test_pool.py",
-    "test_migrate_cosock.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in _LEAK_CHECKED and "leak_check" not in item.fixturenames:
-            item.fixturenames.insert(0, "leak_check")  # type: ignore[attr-defined]
+@pytest.fixture(autouse=True)
+def leak_check() -> Iterator[None]:
+    """Every test fails if it leaves fds, memfds, memfd mappings, threads, child processes or
+    lab namespaces behind (issue 6, item 4).  Autouse, so it is set up before, and checked
+    after, every function-scoped fixture (``cosock_agent``, ``lab``, ...): their teardown is
+    part of what is checked.  Module-scoped fixtures are set up before it and torn down
+    after it; they check themselves with :func:`leaks_checked`."""
+    with leaks_checked():
+        yield

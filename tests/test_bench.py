@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from conftest import leaks_checked
 from cosock.bench import _stats
 from cosock.bench._runner import (
     BenchError,
@@ -49,8 +50,9 @@ ALL = ("tcp", "uds", "cosock", "cosock-remote")
 
 @pytest.fixture(scope="module")
 def loopback() -> Iterator[tuple[World, Pairs]]:
-    """Worker pairs of every transport on loopback, with a private agent (no root)."""
-    with loopback_world() as world:
+    """Worker pairs of every transport on loopback, with a private agent (no root).  Owned
+    across the module's tests, so its own leak check runs when it is torn down."""
+    with leaks_checked(), loopback_world() as world:
         yield world, start_pairs(world, ALL)
 
 

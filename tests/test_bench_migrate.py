@@ -133,7 +133,11 @@ def _peer(tmp: Path, name: str, *args: str) -> JsonProc:
     return JsonProc(name, proc, log)
 
 
-def test_peers_count_both_directions_to_the_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stagger", [0.0, 0.5])
+def test_peers_count_both_directions_to_the_byte(tmp_path: Path, stagger: float) -> None:
+    """``stagger``: the second end is told to stop that long after the first one stopped
+    (what a loaded machine does to the driver's two writes): still no early EOF, as the
+    ends half-close only at ``finish``."""
     server = _peer(tmp_path, "server", "server", "0", "--seed", "1", "--peer-seed", "2")
     client = None
     try:
@@ -146,10 +150,15 @@ def test_peers_count_both_directions_to_the_byte(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert client.request({"op": "status"}, timeout=30)["received"] > 0
         halted = {}
-        for proc in (server, client):
-            proc.send({"op": "stop"})
-        for name, proc in (("server", server), ("client", client)):
-            halted[name] = proc.read(timeout=60)
+        if stagger:
+            halted["server"] = server.request({"op": "stop"}, timeout=60)
+            time.sleep(stagger)
+            halted["client"] = client.request({"op": "stop"}, timeout=60)
+        else:
+            for proc in (server, client):
+                proc.send({"op": "stop"})
+            for name, proc in (("server", server), ("client", client)):
+                halted[name] = proc.read(timeout=60)
         server.send({"op": "finish", "peer_sent": halted["client"]["sent"]})
         client.send({"op": "finish", "peer_sent": halted["server"]["sent"]})
         ends = {"server": server.read(timeout=60), "client": client.read(timeout=60)}

@@ -43,8 +43,17 @@ def test_status_lists_guests_connections_and_follows_a_migration(
         rows = _by_guest(lab, host).get(guest, [])
         return [r for r in rows if all(r[k] == v for k, v in want.items())]
 
-    (c_row,) = _until(lambda: listed("h1", "h1g1", path="shm"), "client on shm")
-    (s_row,) = _until(lambda: listed("h1", "h1g2", path="shm"), "server on shm")
+    def moved(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r[key] > 0]
+
+    # A process rewrites its census file at most once a second: a row may predate the
+    # bytes of the stream phase for that long, so wait for rows that have seen them.
+    (c_row,) = _until(
+        lambda: moved(listed("h1", "h1g1", path="shm"), "bytes_sent"), "client on shm, sent"
+    )
+    (s_row,) = _until(
+        lambda: moved(listed("h1", "h1g2", path="shm"), "bytes_received"), "server on shm, got"
+    )
     assert (c_row["local_addr"], c_row["peer_addr"], c_row["peer_port"]) == (c_addr, s_addr, 7400)
     assert (s_row["local_addr"], s_row["local_port"]) == (s_addr, 7400)
     assert s_row["peer_port"] == c_row["local_port"]

@@ -16,6 +16,7 @@ import pytest
 from cosock import CoSocket, _pool
 from cosock._ring import channel_size, map_channel_fd
 from cosock._socket import _source_cache
+from cosock.agent.client import AgentClient
 from sockutil import listener, settle
 
 CAP = 1 << 16
@@ -208,6 +209,12 @@ def test_two_hundred_connects_share_no_memfd_and_leak_nothing() -> None:
         one()  # starts the pool
         p = _pool.pool()
         _wait(lambda: p.ready() == p.target)
+        # The agent client's wake-up fd (an epoll, one per client) is made by the residency
+        # watch on its first round with a live connection: after the first connection or
+        # during the loop, as the scheduler has it.  Made now, it is part of the baseline.
+        client = AgentClient.current()
+        assert client is not None
+        client.wait_fileno()
         fds, maps = _open_fds(), len(_memfd_maps())
         for _ in range(200):
             one()

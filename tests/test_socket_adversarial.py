@@ -548,6 +548,7 @@ def test_dontwait_after_fallback_does_not_block():
             assert time.monotonic() - t0 < 1
         finally:
             timer.cancel()
+            timer.join(10)  # a thread of the test: gone before the leak check
     finally:
         for s in (plain, conn, srv):
             s.close()
@@ -1093,14 +1094,18 @@ def test_peer_killed_while_reader_blocked_in_waitall_returns_partial_then_eof():
     with child(code) as proc:
         conn, _ = srv.accept()
         conn.settimeout(20)
+        killer = threading.Timer(0.3, lambda: proc.send_signal(signal.SIGKILL))
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "sent"
-            threading.Timer(0.3, lambda: proc.send_signal(signal.SIGKILL)).start()
+            killer.start()
             t0 = time.monotonic()
             assert conn.recv(100, socket.MSG_WAITALL) == b"part"
             assert time.monotonic() - t0 < 10
             assert conn.recv(1) == b""
         finally:
+            killer.cancel()
+            if killer.is_alive():
+                killer.join(10)  # a thread of the test: gone before the leak check
             conn.close()
             srv.close()
 

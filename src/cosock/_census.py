@@ -220,6 +220,12 @@ def _write(directory: Path, doc: dict[str, Any]) -> Path | None:
     final = directory / f"{doc['pid']}.json"
     tmp = directory / f".{doc['pid']}.{os.urandom(4).hex()}.tmp"
     data = json.dumps(doc, separators=(",", ":")).encode()
+    if _written is not None and _written != final:
+        # The guest moved to another host's agent.  The old agent's file goes first: no
+        # reader may find this process listed by two agents at once (a scraper summing
+        # the hosts would count its connections twice); for a moment it is listed by none.
+        _unlink(_written)
+        _written = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -235,8 +241,6 @@ def _write(directory: Path, doc: dict[str, Any]) -> Path | None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         return None
-    if _written is not None and _written != final:
-        _unlink(_written)  # the guest moved to another host's agent
     _written = final
     return final
 

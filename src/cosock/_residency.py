@@ -99,13 +99,17 @@ def _agent() -> Any:
 
 
 def _run() -> None:
+    # No CoSocket is referenced from this frame while it sleeps: the helpers below take
+    # the live sockets from their weak registry and drop them when they return.  Held
+    # across the poll (or in a loop variable), an application's socket dropped without
+    # close() would never be freed: its fds, memfd and mapping would stay open for as long
+    # as the thread runs, and the thread would run for ever, watching it.
     seen: int | None = None
     checked = 0.0
     idle_since: float | None = None
     while True:
-        socks = _live()
         now = time.monotonic()
-        if not socks:
+        if not _live():
             # Nothing to watch: do not keep the agent connection busy; retire soon.
             idle_since = idle_since or now
             if now - idle_since >= _RETIRE_S and _retire():
@@ -118,34 +122,56 @@ def _run() -> None:
             wait_fd: int | None = agent.wait_fileno()
         except Exception:  # no agent now: connections carry on; try again later
             agent = wait_fd = None
-        busy = [s for s in socks if s._cosock_needs_service()]
+        watched, timeout_ms = _plan()
         poller = _kernel_poll()
         if wait_fd is not None:
             poller.register(wait_fd, select.POLLIN)
-        for sock in busy:
-            try:
-                poller.register(sock.fileno(), sock._cosock_service_events())
-            except (OSError, ValueError):
-                continue
-        # A switched connection may be upgraded (and a refused upgrade retried) soon.
-        framed = any(s.cosock_path == "tcp" for s in socks)
+        for fd, events in watched:
+            poller.register(fd, events)
         try:
-            poller.poll(_BUSY_MS if busy else _RECHECK_MS if framed else _IDLE_MS)
+            poller.poll(timeout_ms)
         except InterruptedError:
             pass
         if agent is not None:
+            seen, checked = _judge(agent, seen, checked)
+        _serve()
+
+
+def _plan() -> tuple[list[tuple[int, int]], int]:
+    """The fds (and events) of the connections that need service, and how long to sleep."""
+    socks = _live()
+    watched = []
+    for sock in socks:
+        if sock._cosock_needs_service():
             try:
-                agent.poll()
-                version = agent.version
-                now = time.monotonic()
-                # Also once a second: a connection that just finished an upgrade or a
-                # switch must be judged against the table it missed while busy.
-                if version != seen or now - checked >= _RECHECK_MS / 1000:
-                    seen, checked = version, now
-                    for sock in socks:
-                        sock._cosock_check_residency(agent)
-            except Exception:
-                log.debug("residency check failed", exc_info=True)
-        for sock in _live():
-            if sock._cosock_needs_service():
-                sock._cosock_service()
+                watched.append((sock.fileno(), sock._cosock_service_events()))
+            except (OSError, ValueError):
+                continue
+    # A switched connection may be upgraded (and a refused upgrade retried) soon.
+    framed = any(s.cosock_path == "tcp" for s in socks)
+    return watched, _BUSY_MS if watched else _RECHECK_MS if framed else _IDLE_MS
+
+
+def _judge(agent: Any, seen: int | None, checked: float) -> tuple[int | None, float]:
+    """Ask each connection whether its peer is still co-resident, when the agent's table
+    changed (or every _RECHECK_MS); returns the table version and time judged."""
+    try:
+        agent.poll()
+        version = agent.version
+        now = time.monotonic()
+        # Also once a second: a connection that just finished an upgrade or a
+        # switch must be judged against the table it missed while busy.
+        if version != seen or now - checked >= _RECHECK_MS / 1000:
+            seen, checked = version, now
+            for sock in _live():
+                sock._cosock_check_residency(agent)
+    except Exception:
+        log.debug("residency check failed", exc_info=True)
+    return seen, checked
+
+
+def _serve() -> None:
+    """Let the connections that are mid-switch or mid-upgrade move on."""
+    for sock in _live():
+        if sock._cosock_needs_service():
+            sock._cosock_service()

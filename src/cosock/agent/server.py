@@ -745,17 +745,30 @@ def ensure_agent(path: Path, host: str = "local", timeout: float = 5.0) -> bool:
         raise AgentUnavailable(f"cannot start an agent on {path}: {exc}") from exc
 
 
-def stop_agent(path: Path) -> None:
-    """Ask the agent answering at ``path`` for its pid and SIGTERM it (if any answers)."""
+def stop_agent(path: Path, timeout: float = 5.0) -> None:
+    """Ask the agent answering at ``path`` for its pid and SIGTERM it (if any answers).
+
+    An agent this process started (:func:`ensure_agent`) is also waited for and reaped,
+    SIGKILLed if it has not exited within ``timeout``: when this returns it is gone, and
+    no zombie of it is left behind (a private agent's caller owns its whole life).
+    """
     from .client import status
 
     try:
         pid = int(status(path).get("pid", 0))
     except Exception:
         return
-    if pid > 0:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    if pid <= 0:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    for proc in [p for p in _children if p.pid == pid]:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _children.remove(proc)
 
 
 @contextlib.contextmanager

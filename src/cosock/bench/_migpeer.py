@@ -11,8 +11,14 @@ switch is the time from the last chunk received on the old path to the first on 
 
 Like the bench's other worker it never imports cosock: it runs under ``cosock run``'s
 environment and asks the socket (``cosock_path``) which path it is on.  Commands on
-stdin, one JSON line out per line in: ``status``; ``stop`` (stop sending, half-close,
-answer the final count sent); ``finish`` with ``peer_sent`` (read to EOF, check, report).
+stdin, one JSON line out per line in: ``status``; ``stop`` (stop sending, answer the final
+count sent); ``finish`` with ``peer_sent`` (half-close, read to EOF, check, report).
+
+The half-close waits for ``finish``, which the driver sends once *both* ends answered
+``stop``: an EOF that arrives before this end was told to stop is then really early (the
+peer's sender died).  Half-closing at ``stop`` made that flag a race: the driver stops the
+ends one after the other, so the second one could read the first one's EOF before its
+own ``stop`` line, and a clean run reported an early EOF.
 """
 
 from __future__ import annotations
@@ -75,7 +81,6 @@ class Pump:
                 self.sock.sendall(seg)
                 self.sent += len(seg)
                 k += 1
-            self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._error("send", exc)
 
@@ -122,15 +127,21 @@ class Pump:
         }
 
     def halt(self, timeout: float) -> dict[str, Any]:
-        """Stop sending and half-close; the answer has the final count of bytes sent."""
+        """Stop sending; the answer has the final count of bytes sent."""
         self.stop.set()
         self._threads[0].join(timeout)
         return {"sent": self.sent, "hung": self._threads[0].is_alive()}
 
     def finish(self, peer_sent: int, timeout: float) -> dict[str, Any]:
-        """Read the peer's stream to its end and report; ``peer_sent`` (the peer's final
-        count) tells the checker how many bytes should have arrived."""
+        """Half-close, read the peer's stream to its end and report; ``peer_sent`` (the
+        peer's final count) tells the checker how many bytes should have arrived."""
         self.stop.set()
+        self._threads[0].join(timeout)
+        if not self._threads[0].is_alive():
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._error("send", exc)
         for t in self._threads:
             t.join(timeout)
         hung = any(t.is_alive() for t in self._threads)

@@ -47,7 +47,7 @@ def start(host: str, host_ns: str, sock: Path, log: Path) -> subprocess.Popen[by
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     argv = [sys.executable, "-m", "cosock.agent", "--socket", str(sock), "--host", host]
-    with _netns.open_netns(host_ns) as fd, open(log, "ab") as out:
+    with _netns.open_netns(host_ns) as fd, open(log, "ab") as out, _netns.forking():
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -58,7 +58,7 @@ def start(host: str, host_ns: str, sock: Path, log: Path) -> subprocess.Popen[by
             preexec_fn=_netns.setns_preexec(fd),
             start_new_session=True,
         )
-    _children[proc.pid] = proc
+        _children[proc.pid] = proc  # before a deferred Ctrl-C: ``down`` reaps it
     return proc
 
 

@@ -240,10 +240,22 @@ class Lab:
         env = self.env(g)
         env.update(kwargs.pop("env", None) or {})
         user_preexec: Callable[[], Any] | None = kwargs.pop("preexec_fn", None)
+        proc: subprocess.Popen[Any] | None = None
         with _netns.open_netns(g.netns) as fd:
-            return subprocess.Popen(
-                list(argv), env=env, preexec_fn=_netns.setns_preexec(fd, user_preexec), **kwargs
-            )
+            try:
+                with _netns.forking():
+                    proc = subprocess.Popen(
+                        list(argv),
+                        env=env,
+                        preexec_fn=_netns.setns_preexec(fd, user_preexec),
+                        **kwargs,
+                    )
+            except BaseException:
+                if proc is not None:  # a Ctrl-C during the fork: no orphan in the guest
+                    proc.kill()
+                    proc.wait()
+                raise
+        return proc
 
     def run(
         self,

@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,12 +54,41 @@ def libc() -> ctypes.CDLL:
 #### Namespaces
 
 
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """Around a fork of this process (pyroute2's namespace helpers, ``Popen`` with a
+    ``preexec_fn``): a Ctrl-C that arrives meanwhile is raised when the block ends.
+
+    Python runs ``os.register_at_fork`` hooks (logging's, for one) in the parent after each
+    such fork, and an exception raised inside one is printed as "Exception ignored" and
+    dropped. The KeyboardInterrupt of a SIGINT that lands there was lost: ``cosock demo``
+    built its lab and moved its gibibytes anyway, ``lab up`` finished. Here the handler
+    only notes the signal while the fork runs; the original handler runs right after, in
+    this frame, where the exception unwinds (and tears down) as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run (and can be replaced) in the main thread only
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
 def netns_path(ns: str) -> Path:
     return NETNS_DIR / ns
 
 
 def create_netns(ns: str) -> None:
-    netns.create(ns, libc=libc())
+    with forking():  # pyroute2 creates it in a forked child
+        netns.create(ns, libc=libc())
 
 
 def remove_netns(ns: str) -> None:
@@ -135,7 +165,8 @@ class Netlinks:
     def __call__(self, ns: str) -> Any:
         """The IPRoute inside ``ns`` (flags=0: never create the namespace)."""
         if ns not in self._socks:
-            self._socks[ns] = IPRoute(netns=ns, flags=0)
+            with forking():
+                self._socks[ns] = IPRoute(netns=ns, flags=0)
         return self._socks[ns]
 
     def close(self) -> None:
