@@ -365,12 +365,18 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _make_pool(path: Path, size_mb: int) -> None:
-    """A zeroed, root-only pool file of the exact size every VM's memory backend maps."""
+    """A zeroed, root-only pool file of the exact size every VM's memory backend maps, its
+    header formatted for channels of the default ring size (docs/vm-backend.md, section 2)."""
+    from ..._config import ring_size
+    from ..._ivshmem import Pool
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size_mb << 20)
     finally:
         os.close(fd)
+    with Pool(path) as pool:
+        pool.format(ring_size())
 
 
 def _spec(state: _state.State, g: dict[str, Any]) -> _vm.VmSpec:

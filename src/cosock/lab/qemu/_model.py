@@ -45,8 +45,9 @@ class GuestCommandError(VmError):
 MAX_VM_GUESTS = 4
 #: Guest RAM in MiB: the kernel, busybox and a Python over 9p fit well in this.
 GUEST_MEM_MB = 256
-#: Size of each host's ivshmem pool (the /dev/shm file every VM of that host maps).
-POOL_MB = 16
+#: Size of each host's ivshmem pool (the /dev/shm file every VM of that host maps): a power
+#: of two (a PCI BAR), 31 channels of 1 MiB rings.
+POOL_MB = 64
 #: TCP port of the guest's command server (``_guestd``), on the guest's lab address.
 GUESTD_PORT = 7070
 #: Boot budget for all guests of a lab: TCG takes ~10 s per guest to its command server on an
