@@ -25,7 +25,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("qemu-lab"), pytest.mark.t
 
 PY = sys.executable
 COSOCK = str(Path(sys.executable).with_name("cosock"))
-RING_PEER = str(Path(__file__).with_name("vm_ring_peer.py"))
 
 #: Find the ivshmem BAR in the guest and read or write its first bytes (stdlib only).
 IVSHMEM = """
@@ -173,26 +172,21 @@ def test_ivshmem_write_in_one_vm_is_read_in_the_other(vmlab: object) -> None:
 
 def test_rings_in_an_ivshmem_slot_carry_data_between_vms(vmlab: object) -> None:
     """The library inside each guest maps one slot of the pool through its own BAR2 and moves
-    bytes with the project's rings; TCP over virtio-net carries only the wake-ups."""
+    bytes with the project's rings (stream checked by sha256 in the guest; RR spinning); TCP
+    over virtio-net carries only the wake-ups. Same code as ``cosock lab bench``."""
     from cosock._ivshmem import Pool
-    from cosock.lab.qemu import QemuLab
+    from cosock.lab.qemu import QemuLab, _bench
 
     assert isinstance(vmlab, QemuLab)
-    a, b = vmlab.guest("h1g1"), vmlab.guest("h1g2")
     with Pool(vmlab.pool("h1")) as pool:  # the agent's part: hand out and format a slot
         layout = pool.layout()
         slot = layout.slot_count - 1
         pool.format_slot(layout, slot)
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    vmlab.spawn(a, [PY, RING_PEER, "reader", str(slot), "5002"], env=env, log="/tmp/reader.log")
-    size = 16 << 20
-    r = vmlab.run(
-        b, [PY, RING_PEER, "writer", str(slot), a.address, "5002", str(size)], env=env, timeout=300
-    )
-    assert r.returncode == 0, r.stderr.decode()
-    log = vmlab.run(a, ["cat", "/tmp/reader.log"], timeout=60).stdout.decode().split()
-    expected = hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
-    assert log[0] == "listening" and (int(log[1]), log[2]) == (size, expected), log
+        stream = _bench.one(vmlab, "ring", "stream", 16 << 20, 5002, "h1g1", "h1g2", slot)
+        assert stream["bytes"] == 16 << 20 and stream["mb_s"] > 0
+        pool.format_slot(layout, slot)
+        rr = _bench.one(vmlab, "ring", "rr", 200, 5003, "h1g1", "h1g2", slot)
+        assert rr["round_trips"] == 200 and 0 < rr["p50_us"] <= rr["p99_us"]
 
 
 def test_qmp_reports_running(vmlab: object) -> None:

@@ -332,6 +332,44 @@ def migrate_(
     migrate_guest(name, guest, to, delay_ms, as_json)
 
 
+@app.command("bench")
+def bench_(
+    name: NameOpt = DEFAULT_NAME,
+    stream_mib: Annotated[
+        int, typer.Option("--stream-mib", min=1, max=4096, help="MiB per stream run.")
+    ] = 64,
+    round_trips: Annotated[
+        int, typer.Option("--round-trips", min=10, max=1_000_000, help="64 B round trips.")
+    ] = 2000,
+    as_json: JsonOpt = False,
+) -> None:
+    """QEMU lab: TCP over virtio-net vs cosock's rings in ivshmem, between two VMs of a host."""
+    try:
+        from .qemu import QemuLab, _bench
+
+        lab = QemuLab.load(validate_name(name))
+        results = _bench.run(lab, stream_bytes=stream_mib << 20, round_trips=round_trips)
+    except _expected_errors() as err:
+        _fail(err)
+    if as_json:
+        _print_json(results)
+        return
+    table = Table(
+        title=f"lab {lab.name}: {results['between'][0]} <-> {results['between'][1]},"
+        f" accelerator {results['accel']} ({results['accel_reason']})"
+    )
+    for col in ("transport", "stream MB/s", "rr p50 µs", "rr p99 µs"):
+        table.add_column(col)
+    for kind, label in (("tcp", "tcp (virtio-net)"), ("ring", "cosock ring (ivshmem)")):
+        st, rr = results[f"{kind}_stream"], results[f"{kind}_rr"]
+        table.add_row(label, f"{st['mb_s']:.1f}", f"{rr['p50_us']:.0f}", f"{rr['p99_us']:.0f}")
+    Console().print(table)
+    typer.echo(
+        f"ring/tcp: stream x{results['stream_ratio']:.1f}, rr p50 x{results['rr_p50_ratio']:.1f}"
+        " (the seed's targets: 9x stream, 10x rr)"
+    )
+
+
 @app.command("down")
 def down_(name: NameOpt = DEFAULT_NAME) -> None:
     """Remove the lab: agents, processes in its guests, namespaces, state. Idempotent."""
