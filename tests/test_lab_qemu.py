@@ -10,6 +10,7 @@ fetched by the backend on first use and cached.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("qemu-lab"), pytest.mark.t
 
 PY = sys.executable
 COSOCK = str(Path(sys.executable).with_name("cosock"))
+SLOT_PEER = str(Path(__file__).with_name("vm_slot_peer.py"))
 
 #: Find the ivshmem BAR in the guest and read or write its first bytes (stdlib only).
 IVSHMEM = """
@@ -187,6 +189,32 @@ def test_rings_in_an_ivshmem_slot_carry_data_between_vms(vmlab: object) -> None:
         pool.format_slot(layout, slot)
         rr = _bench.one(vmlab, "ring", "rr", 200, 5003, "h1g1", "h1g2", slot)
         assert rr["round_trips"] == 200 and 0 < rr["p50_us"] <= rr["p99_us"]
+
+
+def test_a_slot_from_the_host_agent_carries_one_connection_between_vms(vmlab: object) -> None:
+    """Both guests reach their host agent's VM gateway on the bridge address with their fw_cfg
+    tokens; the client gets a slot for its connection, offers it in-band, the server claims it
+    (a claim for another 4-tuple is refused) and 4 MiB cross through the slot, checked."""
+    from cosock.lab.qemu import QemuLab
+
+    assert isinstance(vmlab, QemuLab)
+    a, b = vmlab.guest("h1g1"), vmlab.guest("h1g2")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    log = f"/tmp/slot-server-{time.time_ns()}.log"
+    vmlab.spawn(a, [PY, SLOT_PEER, "server", "5004"], env=env, log=log)
+    size = 4 << 20
+    r = vmlab.run(b, [PY, SLOT_PEER, "client", a.address, "5004", str(size)], env=env, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout.decode().splitlines()[-1])["guest"] == "h1g2"
+    deadline = time.monotonic() + 60
+    while True:
+        lines = vmlab.run(a, ["cat", log], timeout=60).stdout.decode().splitlines()
+        done = [json.loads(x) for x in lines if x.startswith("{") and '"bytes"' in x]
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    expected = hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
+    assert done and done[0] == {"bytes": size, "sha256": expected, "forged_claim": "refused"}
 
 
 def test_qmp_reports_running(vmlab: object) -> None:

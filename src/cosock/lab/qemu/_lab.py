@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..._vmagent import ENV_GATEWAY
+from ...agent._vmgate import PORT as GATEWAY_PORT
 from .. import _agents, _netns, _state
 from .._lab import down as lab_down
 from .._model import (
@@ -180,10 +183,46 @@ class QemuLab:
         with _state.global_lock():
             for h in state["hosts"]:
                 _netns.create_netns(h["netns"])
+        # Pools and tokens first: each agent's VM gateway opens its pool and guests file.
+        for h in state["hosts"]:
+            _make_pool(Path(h["pool"]), int(state["pool_mb"]))
+        scripts: dict[str, str] = {}
+        for g in state["guests"]:
+            token, agent_token = secrets.token_hex(16), secrets.token_hex(16)
+            _write_private(Path(g["token_file"]), token)
+            _write_private(Path(g["agent_token_file"]), agent_token)
+            host = next(h for h in state["hosts"] if h["name"] == g["host"])
+            scripts[g["name"]] = _script.render(
+                guest=g["name"],
+                address=g["addresses"][0],
+                prefixlen=PREFIXLEN,
+                python=sys.executable,
+                package_root=_package_root(),
+                token=token,
+                env={ENV_GATEWAY: f"{host['address']}:{GATEWAY_PORT}"},
+            )
+        for h in state["hosts"]:
+            vms = {
+                g["name"]: {
+                    "token": Path(g["agent_token_file"]).read_text(),
+                    "address": g["addresses"][0],
+                }
+                for g in state["guests"]
+                if g["host"] == h["name"]
+            }
+            _write_private(Path(h["vm_guests"]), json.dumps({"guests": vms}, indent=2))
         started = []
         for h in state["hosts"]:
             sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
-            proc = _agents.start(h["name"], h["netns"], sock, log)
+            gateway = [
+                "--vm-gateway",
+                f"{h['address']}:{GATEWAY_PORT}",
+                "--vm-pool",
+                h["pool"],
+                "--vm-guests",
+                h["vm_guests"],
+            ]
+            proc = _agents.start(h["name"], h["netns"], sock, log, extra=gateway)
             h["agent_pid"] = proc.pid
             started.append((h["name"], proc, sock, log))
         _state.write(name, state)
@@ -193,27 +232,11 @@ class QemuLab:
             for w in state["wires"]:
                 ns_a, ns_b = netns_name(name, w["a"]), netns_name(name, w["b"])
                 _netns.add_wire(nl, ns_a, w["a_ifname"], ns_b, w["b_ifname"], w["a_index"])
-            for h in state["hosts"]:
-                _make_pool(Path(h["pool"]), int(state["pool_mb"]))
             booting = []
             t0 = time.monotonic()
             for g in state["guests"]:
                 spec = _spec(state, g)
-                gdir = Path(g["dir"])
-                gdir.mkdir(parents=True, exist_ok=True)
-                token = secrets.token_hex(16)
-                _write_private(Path(g["token_file"]), token)
-                _write_private(
-                    spec.script,
-                    _script.render(
-                        guest=g["name"],
-                        address=g["addresses"][0],
-                        prefixlen=PREFIXLEN,
-                        python=sys.executable,
-                        package_root=_package_root(),
-                        token=token,
-                    ),
-                )
+                _write_private(spec.script, scripts[g["name"]])
                 log = Path(g["log"])
                 proc = _vm.start(spec, qemu, g["netns"], log)
                 g["pid"] = proc.pid
@@ -388,6 +411,7 @@ def _spec(state: _state.State, g: dict[str, Any]) -> _vm.VmSpec:
         kernel=Path(state["vmlinuz"]),
         initramfs=Path(state["initramfs"]),
         script=gdir / "run.sh",
+        agent_token=Path(g["agent_token_file"]),
         tap=g["tap"],
         mac=g["mac"],
         pool=Path(host["pool"]),
@@ -450,6 +474,7 @@ def _plan(
                 "agent_log": str(_state.agent_log_path(name, hname)),
                 "agent_pid": 0,
                 "pool": str(pool_path(name, hname)),
+                "vm_guests": str(_state.host_dir(name, hname) / "vm-guests.json"),
             }
         )
         for g in range(1, n_guests + 1):
@@ -469,6 +494,7 @@ def _plan(
                     "serial": str(gdir / "serial.log"),
                     "log": str(gdir / "qemu.log"),
                     "token_file": str(gdir / "token"),
+                    "agent_token_file": str(gdir / "agent-token"),
                     "pid": 0,
                 }
             )

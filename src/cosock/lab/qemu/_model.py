@@ -61,6 +61,8 @@ MARK_FAIL = "COSOCK-FAIL"
 HOSTROOT_TAG = "hostroot"
 #: fw_cfg item that carries the per-guest script (read by the initramfs's /init).
 FW_CFG_NAME = "opt/cosock/run"
+#: fw_cfg item with the guest's token for the host agent's VM gateway (see _vmagent.py).
+FW_CFG_TOKEN = "opt/cosock/token"
 SHM_DIR = Path("/dev/shm")
 
 

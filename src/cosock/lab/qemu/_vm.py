@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import _netns
 from ._model import (
     FW_CFG_NAME,
+    FW_CFG_TOKEN,
     GUEST_MEM_MB,
     HOSTROOT_TAG,
     MARK_FAIL,
@@ -40,6 +41,7 @@ class VmSpec:
     kernel: Path
     initramfs: Path
     script: Path
+    agent_token: Path
     tap: str
     mac: str
     pool: Path
@@ -80,6 +82,9 @@ class VmSpec:
             f"unix:{self.qmp},server=on,wait=off",
             "-fw_cfg",
             f"name={FW_CFG_NAME},file={self.script}",
+            # The guest's proof of identity towards its host agent (docs/vm-backend.md, 3).
+            "-fw_cfg",
+            f"name={FW_CFG_TOKEN},file={self.agent_token}",
             "-netdev",
             f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device",
