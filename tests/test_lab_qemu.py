@@ -60,7 +60,7 @@ c.close()
 CLIENT = """
 import socket, sys, time
 data = bytes(range(256)) * (int(sys.argv[2]) // 256)
-for _ in range(100):
+for _ in range(600):
     try:
         c = socket.create_connection((sys.argv[1], 5001), timeout=60)
         break
@@ -195,13 +195,14 @@ def test_a_slot_from_the_host_agent_carries_one_connection_between_vms(vmlab: ob
     """Both guests reach their host agent's VM gateway on the bridge address with their fw_cfg
     tokens; the client gets a slot for its connection, offers it in-band, the server claims it
     (a claim for another 4-tuple is refused) and 4 MiB cross through the slot, checked."""
-    from cosock.lab.qemu import QemuLab
+    from cosock.lab.qemu import QemuLab, _bench
 
     assert isinstance(vmlab, QemuLab)
     a, b = vmlab.guest("h1g1"), vmlab.guest("h1g2")
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     log = f"/tmp/slot-server-{time.time_ns()}.log"
     vmlab.spawn(a, [PY, SLOT_PEER, "server", "5004"], env=env, log=log)
+    _bench.server_output(vmlab, "h1g1", log, "listening", 120)
     size = 4 << 20
     r = vmlab.run(b, [PY, SLOT_PEER, "client", a.address, "5004", str(size)], env=env, timeout=300)
     assert r.returncode == 0, r.stderr.decode()
@@ -223,6 +224,27 @@ def test_qmp_reports_running(vmlab: object) -> None:
     assert isinstance(vmlab, QemuLab)
     for g in vmlab.guests:
         assert vmlab.qmp(g, "query-status")["status"] == "running"
+
+
+def test_z_a_dead_qemu_is_named_and_down_still_cleans(vmlab: object) -> None:
+    """Runs just before the teardown test: kill one guest's QEMU as a crash would."""
+    import signal
+
+    from cosock.lab.qemu import GuestCommandError, QemuLab, _qmp
+
+    assert isinstance(vmlab, QemuLab)
+    victim = vmlab.guest("h1g2")
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    from cosock.lab import _netns
+
+    while _netns.alive(victim.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(GuestCommandError, match=r"guest h1g2: its QEMU .* is not running"):
+        vmlab.run(victim, ["true"], timeout=30)
+    with pytest.raises(_qmp.QmpError, match="cannot connect"):
+        _qmp.command(victim.qmp, "query-status")
+    assert vmlab.run("h1g1", ["true"], timeout=60).returncode == 0  # the other one lives on
 
 
 def test_zz_down_removes_everything(vmlab: object) -> None:

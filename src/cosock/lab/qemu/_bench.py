@@ -36,7 +36,7 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def _server_output(lab: QemuLab, guest: str, log: str, want: str, timeout: float) -> dict[str, Any]:
+def server_output(lab: QemuLab, guest: str, log: str, want: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         text = lab.run(guest, ["cat", log], timeout=60).stdout.decode(errors="replace")
@@ -58,7 +58,7 @@ def one(
     if kind == "ring":
         argv += [str(slot), str(n)]
     lab.spawn(server, argv, env=env, log=log)
-    _server_output(lab, server, log, "listening", 120)
+    server_output(lab, server, log, "listening", 120)
     cargv = [
         sys.executable,
         PEER,
@@ -75,7 +75,7 @@ def one(
     if r.returncode != 0:
         raise VmError(f"bench {kind} {mode}: client failed: {r.stderr.decode()[-300:]}")
     result = _json_lines(r.stdout.decode())[-1]
-    served = _server_output(lab, server, log, "round_trips" if mode == "rr" else "bytes", 120)
+    served = server_output(lab, server, log, "round_trips" if mode == "rr" else "bytes", 120)
     if mode == "stream":
         expected = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
         if (served["bytes"], served["sha256"]) != (n, hashlib.sha256(expected).hexdigest()):

@@ -56,6 +56,7 @@ from ._model import (
     MAX_VM_GUESTS,
     POOL_MB,
     BootError,
+    GuestCommandError,
     VmError,
     guest_mac,
     pool_path,
@@ -290,6 +291,15 @@ class QemuLab:
     def _token(self, guest: VmGuest) -> str:
         return (_guest_dir(self.name, guest.name) / "token").read_text().strip()
 
+    def _require_running(self, guest: VmGuest) -> None:
+        """A clear error for a guest whose QEMU is gone, instead of a refused connection."""
+        if not _vm.is_qemu(guest.pid):
+            raise GuestCommandError(
+                f"guest {guest.name}: its QEMU (pid {guest.pid}) is not running;"
+                f" serial: {_vm.tail(guest.serial) or 'empty'};"
+                f" run `cosock lab down --name {self.name}`"
+            )
+
     #### Running things in guests
 
     def run(
@@ -306,6 +316,7 @@ class QemuLab:
         """Run ``argv`` inside the VM (as root, in the chrooted host root); output captured."""
         g = self.guest(guest)
         require_root("running a command in a lab VM")
+        self._require_running(g)
         result = _exec.run(
             g.netns_path,
             g.address,
@@ -330,6 +341,7 @@ class QemuLab:
     ) -> int:
         """Start ``argv`` in the background inside the VM; its pid there (output: ``log``)."""
         g = self.guest(guest)
+        self._require_running(g)
         result = _exec.run(
             g.netns_path, g.address, self._token(g), argv, env=env, detach=True, log=log
         )

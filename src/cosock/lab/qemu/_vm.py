@@ -122,7 +122,7 @@ def start(spec: VmSpec, qemu: str, netns: str, log: Path) -> subprocess.Popen[by
     return proc
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
@@ -168,7 +168,7 @@ def wait_booted(
             if proc.poll() is not None:
                 raise BootError(
                     f"guest {spec.name}: QEMU exited with status {proc.returncode} while booting"
-                    f" ({_tail(log) or _tail(spec.serial) or 'no output'})"
+                    f" ({tail(log) or tail(spec.serial) or 'no output'})"
                 )
         if pending and time.monotonic() > deadline:
             spec = pending[0][0]
@@ -176,7 +176,7 @@ def wait_booted(
             where = "its command server never came up" if init else "it never reached /init"
             raise BootError(
                 f"guest {spec.name} did not boot within the timeout: {where}"
-                f" (serial: {_tail(spec.serial) or 'empty'})"
+                f" (serial: {tail(spec.serial) or 'empty'})"
             )
         if pending:
             time.sleep(0.1)
