@@ -1,7 +1,8 @@
 """The lab's QEMU backend with real VMs: boot, addresses, virtio-net, ivshmem, exec, QMP, down.
 
-One lab (1 host, 2 VMs) is booted once for the module and shared; every test here is in one
-xdist group so ``pytest -n 2`` boots it once, not once per worker. Under TCG on 2 cores the boot
+One lab (host h1 with 2 VMs, host h2 without: a migration target) is booted once for the
+module and shared; every test here is in one xdist group so ``pytest -n 2`` boots it once, not
+once per worker. Under TCG on 2 cores the boot
 takes ~10-40 s; the whole module stays within a few minutes. Needs root and the packages
 qemu-system-x86, busybox-static, cpio and kmod (``.ci/run`` installs them); the guest kernel is
 fetched by the backend on first use and cached.
@@ -95,7 +96,7 @@ def vmlab() -> Iterator[object]:
 
     name = unique_lab_name()
     try:
-        lab = QemuLab.up(name, hosts=1, guests=2)
+        lab = QemuLab.up(name, hosts=1, guests=2, spare_hosts=1)  # h2: a migration target
     except BaseException:
         down(name)
         raise
@@ -224,6 +225,33 @@ def test_qmp_reports_running(vmlab: object) -> None:
     assert isinstance(vmlab, QemuLab)
     for g in vmlab.guests:
         assert vmlab.qmp(g, "query-status")["status"] == "running"
+
+
+def test_migration_that_fails_half_way_leaves_the_guest_where_it_was(vmlab: object) -> None:
+    """QEMU refuses to migrate a guest with the host root mounted over 9p (the lab's guests
+    all have it): the error names the step; the target QEMU started in h2 is stopped; the
+    guest runs on in h1 with its ivshmem pool plugged back (hot-unplugged for the migration)."""
+    from cosock.lab import MigrationError, _netns
+    from cosock.lab.qemu import QemuLab
+
+    assert isinstance(vmlab, QemuLab)
+    with pytest.raises(MigrationError, match="already runs on h1"):
+        vmlab.migrate("h1g2", "h1")
+    before = vmlab.guest("h1g2")
+    with pytest.raises(MigrationError, match=r"migration step 'migrate': .*VirtFS"):
+        vmlab.migrate("h1g2", "h2")
+    after = QemuLab.load(vmlab.name).guest("h1g2")
+    assert (after.host, after.pid) == ("h1", before.pid)
+    assert vmlab.qmp(after, "query-status")["status"] == "running"
+    h2 = next(h for h in vmlab.hosts() if h["name"] == "h2")
+    key = _netns.netns_key(h2["netns"])
+    assert key is not None
+    assert [p for p in _netns.pids_in({key}) if "qemu-system" in _netns.cmdline(p)] == []
+    word = f"back-{time.monotonic_ns()}"  # the pool is back and is h1's pool again
+    vmlab.run(after, [PY, "-c", IVSHMEM, "write", word], timeout=60, check=True)
+    with open(vmlab.pool("h1"), "rb") as pool:
+        pool.seek(4096)
+        assert pool.read(len(word)) == word.encode()
 
 
 def test_z_a_dead_qemu_is_named_and_down_still_cleans(vmlab: object) -> None:

@@ -150,6 +150,12 @@ def up(
         str | None,
         typer.Option("--boot-timeout", metavar="S", help="qemu: seconds for all guests to boot."),
     ] = None,
+    spare_hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--spare-hosts", metavar="K", help="qemu: K more hosts without VMs (migration targets)."
+        ),
+    ] = None,
 ) -> None:
     """Create hosts (namespace + bridge + agent) and guests: namespaces with eth0 on the bridge
     (--backend netns) or QEMU VMs with virtio-net on the bridge (--backend qemu)."""
@@ -169,6 +175,7 @@ def up(
                 guests=n_guests,
                 kernel_package=kernel_package,
                 boot_timeout=_seconds(boot_timeout) if boot_timeout else BOOT_TIMEOUT,
+                spare_hosts=_count(spare_hosts or "0", "spare hosts"),
             )
         else:
             lab = Lab.up(name, hosts=n_hosts, guests=n_guests)
@@ -282,7 +289,21 @@ def migrate_guest(name: str, guest: str, to: str, delay_ms: str | None, as_json:
     """What ``cosock lab migrate`` and ``cosock migrate`` do: one line (or JSON) or one error."""
     try:
         delay = _delay(delay_ms)
-        lab = Lab.load(validate_name(name))
+        any_lab = load_any(validate_name(name))
+        if not isinstance(any_lab, Lab):
+            if delay is not None:
+                raise InvalidLabSpec("--delay-ms is not supported for QEMU labs")
+            before = any_lab.guest(guest).host
+            figures = any_lab.migrate(guest, to)
+            if as_json:
+                _print_json({"lab": name, "guest": guest, "from": before, "to": to, **figures})
+            else:
+                typer.echo(
+                    f"guest {guest} live-migrated (QEMU) from {before} to {to}:"
+                    f" {figures['total_time_ms']} ms, downtime {figures['downtime_ms']} ms"
+                )
+            return
+        lab = any_lab
         before = lab.guest(guest).host
         start = time.monotonic()
         moved = lab.migrate(guest, to, delay_ms=delay)

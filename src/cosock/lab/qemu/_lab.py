@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import os
 import secrets
 import subprocess
@@ -144,9 +143,10 @@ class QemuLab:
         *,
         kernel_package: str | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
+        spare_hosts: int = 0,
     ) -> QemuLab:
-        """Build ``hosts`` hosts with ``guests`` VMs each; returns when every command server
-        answers.
+        """Build ``hosts`` hosts with ``guests`` VMs each, plus ``spare_hosts`` hosts without
+        VMs (migration targets that cost no boot); returns when every command server answers.
 
         Raises:
             InvalidLabSpec, NeedsRoot, LabExists: nothing started.
@@ -154,7 +154,9 @@ class QemuLab:
             BootError, GuestCommandError, AgentStartError: everything started is torn down.
         """
         validate_name(name)
-        validate_size(hosts, guests)
+        validate_size(hosts + spare_hosts, guests)
+        if spare_hosts < 0:
+            raise InvalidLabSpec(f"invalid number of spare hosts {spare_hosts}")
         if guests > MAX_VM_GUESTS:
             raise InvalidLabSpec(
                 f"invalid number of guests per host {guests}: a QEMU lab allows 1..{MAX_VM_GUESTS}"
@@ -170,7 +172,7 @@ class QemuLab:
             initramfs = _initramfs.build(kernel)
             qemu = _packages.qemu_binary()
             accel = _accel.choose(qemu, kernel.vmlinuz, initramfs)
-            state = _plan(name, hosts, guests, kernel, initramfs, accel)
+            state = _plan(name, hosts, guests, kernel, initramfs, accel, spare_hosts)
             return cls._build(state, qemu, boot_timeout)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -202,16 +204,9 @@ class QemuLab:
                 token=token,
                 env={ENV_GATEWAY: f"{host['address']}:{GATEWAY_PORT}"},
             )
-        for h in state["hosts"]:
-            vms = {
-                g["name"]: {
-                    "token": Path(g["agent_token_file"]).read_text(),
-                    "address": g["addresses"][0],
-                }
-                for g in state["guests"]
-                if g["host"] == h["name"]
-            }
-            _write_private(Path(h["vm_guests"]), json.dumps({"guests": vms}, indent=2))
+        from ._migrate import write_vm_guests
+
+        write_vm_guests(state)
         started = []
         for h in state["hosts"]:
             sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
@@ -347,6 +342,29 @@ class QemuLab:
         )
         return int(result.stdout)
 
+    #### Migration
+
+    def migrate(self, guest: str | VmGuest, to_host: str) -> dict[str, Any]:
+        """Real QEMU live migration of ``guest`` into a QEMU started in ``to_host``'s namespace
+        (see :mod:`._migrate`); returns QEMU's and our figures. The guest keeps its address,
+        processes and connections.
+
+        Raises:
+            UnknownGuest, UnknownHost, MigrationError: naming the step; the guest still runs
+            on its source host unless the switch-over itself happened.
+        """
+        from . import _migrate
+
+        name = guest.name if isinstance(guest, VmGuest) else guest
+        require_root("cosock lab migrate (qemu)")
+        with _state.lab_lock(self.name):
+            state = _state.read(self.name) or self._state
+            figures = _migrate.migrate(state, name, to_host, _packages.qemu_binary())
+            _state.write(self.name, state)
+            fresh = QemuLab(state)
+            self._state, self.guests = state, fresh.guests
+        return figures
+
     def qmp(self, guest: str | VmGuest, command: str, **args: Any) -> Any:
         """One QMP command to the guest's QEMU."""
         from . import _qmp
@@ -470,10 +488,11 @@ def _plan(
     kernel: _kernel.Kernel,
     initramfs: Path,
     accel: _accel.Accel,
+    spare_hosts: int = 0,
 ) -> _state.State:
     hosts: list[dict[str, Any]] = []
     guests: list[dict[str, Any]] = []
-    for h in range(1, n_hosts + 1):
+    for h in range(1, n_hosts + spare_hosts + 1):
         hname = host_name(h)
         hns = netns_name(name, hname)
         hosts.append(
@@ -489,7 +508,7 @@ def _plan(
                 "vm_guests": str(_state.host_dir(name, hname) / "vm-guests.json"),
             }
         )
-        for g in range(1, n_guests + 1):
+        for g in range(1, (n_guests if h <= n_hosts else 0) + 1):
             gname = guest_name(h, g)
             gdir = _guest_dir(name, gname)
             guests.append(

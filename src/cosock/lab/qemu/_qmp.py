@@ -50,7 +50,7 @@ def session(path: Path, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
         qmp.close()
 
 
-def command(path: Path, name: str, **args: Any) -> Any:
+def command(path: Path, name: str, /, **args: Any) -> Any:
     """Run one QMP command and return its ``return`` value.
 
     Raises:

@@ -28,6 +28,10 @@ from ._model import (
     BootError,
 )
 
+#: QOM ids of the ivshmem pool's memory backend and device (for QMP hot-(un)plug).
+POOL_OBJECT = "pool"
+POOL_DEVICE = "pool0"
+
 #: QEMU processes started by this process, so ``down`` can reap them (no zombies in tests).
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -44,7 +48,7 @@ class VmSpec:
     agent_token: Path
     tap: str
     mac: str
-    pool: Path
+    pool: Path | None  # None: no ivshmem device (a migration target; it is hot-plugged later)
     qmp: Path
     serial: Path
     mem_mb: int = GUEST_MEM_MB
@@ -91,26 +95,33 @@ class VmSpec:
             f"virtio-net-pci,netdev=n0,mac={self.mac}",
             "-virtfs",
             f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
-            "-object",
-            f"memory-backend-file,id=pool,share=on,mem-path={self.pool},size={self.pool_mb}M",
-            # master=on: this QEMU migrates the region's contents, which is what lets a guest
-            # with ivshmem migrate at all (peer mode blocks migration).
-            "-device",
-            "ivshmem-plain,memdev=pool,master=on",
         ]
+        if self.pool is not None:
+            argv += [
+                "-object",
+                f"memory-backend-file,id={POOL_OBJECT},share=on,mem-path={self.pool},"
+                f"size={self.pool_mb}M",
+                # master=on: this QEMU owns the region's migration state (peer mode blocks
+                # migration); the lab unplugs the device before migrating anyway.
+                "-device",
+                f"ivshmem-plain,id={POOL_DEVICE},memdev={POOL_OBJECT},master=on",
+            ]
         if incoming:
             argv += ["-incoming", incoming]
         return argv
 
 
-def start(spec: VmSpec, qemu: str, netns: str, log: Path) -> subprocess.Popen[bytes]:
-    """Start QEMU inside ``netns``; stdout/stderr to ``log``; no waiting."""
+def start(
+    spec: VmSpec, qemu: str, netns: str, log: Path, incoming: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start QEMU inside ``netns``; stdout/stderr to ``log``; no waiting. ``incoming``: a
+    migration target listening there (``unix:/path``)."""
     for stale in (spec.qmp, spec.serial):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     with _netns.open_netns(netns) as fd, open(log, "ab") as out:
         proc = subprocess.Popen(
-            spec.argv(qemu),
+            spec.argv(qemu, incoming),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
