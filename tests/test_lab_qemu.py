@@ -96,7 +96,8 @@ def vmlab() -> Iterator[object]:
 
     name = unique_lab_name()
     try:
-        lab = QemuLab.up(name, hosts=1, guests=2, spare_hosts=1)  # h2: a migration target
+        # h2: a migration target; root "image": migratable (QEMU refuses with a 9p root).
+        lab = QemuLab.up(name, hosts=1, guests=2, spare_hosts=1, root="image")
     except BaseException:
         down(name)
         raise
@@ -227,31 +228,81 @@ def test_qmp_reports_running(vmlab: object) -> None:
         assert vmlab.qmp(g, "query-status")["status"] == "running"
 
 
-def test_migration_that_fails_half_way_leaves_the_guest_where_it_was(vmlab: object) -> None:
-    """QEMU refuses to migrate a guest with the host root mounted over 9p (the lab's guests
-    all have it): the error names the step; the target QEMU started in h2 is stopped; the
-    guest runs on in h1 with its ivshmem pool plugged back (hot-unplugged for the migration)."""
+ECHO_CLIENT = """
+import json, socket, sys, time
+c = socket.create_connection((sys.argv[1], 5010), timeout=30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+ok, errors, gap, last = 0, [], 0.0, time.monotonic()
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    msg = f"{ok:08d}".encode()
+    try:
+        c.sendall(msg)
+        got = c.recv(8, socket.MSG_WAITALL)
+        if got != msg:
+            errors.append(repr(got))
+        ok += 1
+    except OSError as exc:
+        errors.append(str(exc))
+        break
+    now = time.monotonic()
+    gap, last = max(gap, now - last), now
+    time.sleep(0.05)
+print(json.dumps({"ok": ok, "errors": errors, "max_gap_ms": round(gap * 1000)}), flush=True)
+"""
+
+ECHO_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5010))
+s.listen()
+print('{"listening": 5010}', flush=True)
+c, _ = s.accept()
+while b := c.recv(4096):
+    c.sendall(b)
+"""
+
+
+def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
+    vmlab: object,
+) -> None:
+    """A real QEMU live migration of h1g2 to h2 while it talks TCP to h1g1 every 50 ms: the
+    connection and the process carry on, the guest is not rebooted, and its ivshmem BAR is now
+    h2's pool (hot-unplugged before, hot-plugged after)."""
     from cosock.lab import MigrationError, _netns
-    from cosock.lab.qemu import QemuLab
+    from cosock.lab.qemu import QemuLab, _bench
 
     assert isinstance(vmlab, QemuLab)
     with pytest.raises(MigrationError, match="already runs on h1"):
         vmlab.migrate("h1g2", "h1")
-    before = vmlab.guest("h1g2")
-    with pytest.raises(MigrationError, match=r"migration step 'migrate': .*VirtFS"):
-        vmlab.migrate("h1g2", "h2")
-    after = QemuLab.load(vmlab.name).guest("h1g2")
-    assert (after.host, after.pid) == ("h1", before.pid)
-    assert vmlab.qmp(after, "query-status")["status"] == "running"
-    h2 = next(h for h in vmlab.hosts() if h["name"] == "h2")
-    key = _netns.netns_key(h2["netns"])
-    assert key is not None
-    assert [p for p in _netns.pids_in({key}) if "qemu-system" in _netns.cmdline(p)] == []
-    word = f"back-{time.monotonic_ns()}"  # the pool is back and is h1's pool again
-    vmlab.run(after, [PY, "-c", IVSHMEM, "write", word], timeout=60, check=True)
-    with open(vmlab.pool("h1"), "rb") as pool:
+    a, b = vmlab.guest("h1g1"), vmlab.guest("h1g2")
+    uptime = float(vmlab.run(b, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0])
+    vmlab.spawn(a, [PY, "-c", ECHO_SERVER], log="/tmp/echo-server.log")
+    _bench.server_output(vmlab, "h1g1", "/tmp/echo-server.log", "listening", 120)
+    log = "/tmp/echo-client.log"
+    vmlab.spawn(b, [PY, "-c", ECHO_CLIENT, a.address, "20"], log=log)
+    time.sleep(5)
+    figures = vmlab.migrate("h1g2", "h2")
+    moved = vmlab.guest("h1g2")
+    assert moved.host == "h2" and moved.pid != b.pid and not _netns.alive(b.pid)
+    assert QemuLab.load(vmlab.name).guest("h1g2").host == "h2"  # recorded
+    assert figures["total_time_ms"] > 0 and figures["downtime_ms"] is not None
+    out = _bench.server_output(vmlab, "h1g2", log, "ok", 120)
+    assert out["errors"] == [] and out["ok"] > 50, out
+    assert float(vmlab.run(moved, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0]) > uptime
+    word = f"moved-{time.monotonic_ns()}"
+    deadline = time.monotonic() + 30
+    while True:  # the hot-plugged device appears once the guest has rescanned
+        r = vmlab.run(moved, [PY, "-c", IVSHMEM, "write", word], timeout=60)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.returncode == 0, r.stderr.decode()
+    with open(vmlab.pool("h2"), "rb") as pool:
         pool.seek(4096)
         assert pool.read(len(word)) == word.encode()
+    print(f"migration of h1g2 under {vmlab.accel}: {figures}, echo client {out}")
 
 
 def test_z_a_dead_qemu_is_named_and_down_still_cleans(vmlab: object) -> None:
@@ -350,3 +401,44 @@ def test_cli_rejects_an_unknown_backend() -> None:
     )
     assert r.returncode == 1
     assert b"invalid backend 'xen'" in r.stderr
+
+
+def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() -> None:
+    """The default guest root is the host's root over 9p (any host file is visible), which
+    QEMU refuses to migrate: the error names the step, the target QEMU started in h2 is
+    stopped, and the guest runs on in h1 with its ivshmem pool plugged back."""
+    reason = _why_skip()
+    if reason:
+        pytest.skip(reason)
+    from cosock.lab import MigrationError, _netns, down
+    from cosock.lab.qemu import QemuLab
+
+    name = unique_lab_name()
+    try:
+        lab = QemuLab.up(name, hosts=1, guests=1, spare_hosts=1)
+        r = lab.run("h1g1", ["cat", "/etc/os-release"], timeout=60, check=True)
+        assert r.stdout == Path("/etc/os-release").read_bytes()
+        before = lab.guest("h1g1")
+        with pytest.raises(MigrationError, match=r"migration step 'migrate': .*VirtFS"):
+            lab.migrate("h1g1", "h2")
+        after = QemuLab.load(name).guest("h1g1")
+        assert (after.host, after.pid) == ("h1", before.pid)
+        assert lab.qmp(after, "query-status")["status"] == "running"
+        h2 = next(h for h in lab.hosts() if h["name"] == "h2")
+        key = _netns.netns_key(h2["netns"])
+        assert key is not None
+        assert [p for p in _netns.pids_in({key}) if "qemu-system" in _netns.cmdline(p)] == []
+        word = f"back-{time.monotonic_ns()}"
+        deadline = time.monotonic() + 30
+        while True:
+            r = lab.run(after, [PY, "-c", IVSHMEM, "write", word], timeout=60)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.returncode == 0, r.stderr.decode()
+        with open(lab.pool("h1"), "rb") as pool:
+            pool.seek(4096)
+            assert pool.read(len(word)) == word.encode()
+    finally:
+        down(name)
+    _assert_nothing_left(name)

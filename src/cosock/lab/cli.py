@@ -150,6 +150,13 @@ def up(
         str | None,
         typer.Option("--boot-timeout", metavar="S", help="qemu: seconds for all guests to boot."),
     ] = None,
+    root: Annotated[
+        str,
+        typer.Option(
+            "--root",
+            help="qemu: 9p (the host's root, read-only) or image (ext4 image: migratable).",
+        ),
+    ] = "9p",
     spare_hosts: Annotated[
         str | None,
         typer.Option(
@@ -176,6 +183,7 @@ def up(
                 kernel_package=kernel_package,
                 boot_timeout=_seconds(boot_timeout) if boot_timeout else BOOT_TIMEOUT,
                 spare_hosts=_count(spare_hosts or "0", "spare hosts"),
+                root=root,
             )
         else:
             lab = Lab.up(name, hosts=n_hosts, guests=n_guests)

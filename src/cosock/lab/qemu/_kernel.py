@@ -39,6 +39,13 @@ MODULES: tuple[str, ...] = (
     "9pnet_virtio",
     "9p",
     "qemu_fw_cfg",
+    # The read-only ext4 root image of migratable guests (see _rootfs.py).
+    "virtio_blk",
+    "crc16",
+    "mbcache",
+    "jbd2",
+    "crc32c_generic",
+    "ext4",
 )
 _PKG_RE = re.compile(r"linux-image-[0-9][0-9A-Za-z.+~-]*-amd64")
 _APT_TIMEOUT = 300.0
@@ -130,8 +137,11 @@ def _cached(package: str) -> Kernel | None:
     folder = cache_dir() / package
     order = folder / "modules.order"
     vmlinuz = folder / "vmlinuz"
-    if not (order.is_file() and vmlinuz.is_file()):
+    wanted = folder / "modules.wanted"
+    if not (order.is_file() and vmlinuz.is_file() and wanted.is_file()):
         return None
+    if wanted.read_text().split() != list(MODULES):
+        return None  # cached by an older list of modules: fetch again
     mods = tuple(folder / "modules" / line for line in order.read_text().split() if line)
     if not all(m.is_file() for m in mods):
         return None
@@ -179,6 +189,7 @@ def fetch(package: str | None = None) -> Kernel:
                 order.append(ko.name)
             shutil.copy2(images[0], staged / "vmlinuz")
             (staged / "modules.order").write_text("\n".join(order) + "\n")
+            (staged / "modules.wanted").write_text("\n".join(MODULES) + "\n")
             final = root / name
             shutil.rmtree(final, ignore_errors=True)
             staged.rename(final)

@@ -144,9 +144,13 @@ class QemuLab:
         kernel_package: str | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
         spare_hosts: int = 0,
+        root: str = "9p",
     ) -> QemuLab:
         """Build ``hosts`` hosts with ``guests`` VMs each, plus ``spare_hosts`` hosts without
         VMs (migration targets that cost no boot); returns when every command server answers.
+        ``root``: "9p" (the host's root, read-only: any host file is visible; QEMU cannot
+        migrate such a guest) or "image" (a read-only ext4 image of the interpreter and this
+        repository: migratable; see :mod:`._rootfs`).
 
         Raises:
             InvalidLabSpec, NeedsRoot, LabExists: nothing started.
@@ -155,6 +159,8 @@ class QemuLab:
         """
         validate_name(name)
         validate_size(hosts + spare_hosts, guests)
+        if root not in ("9p", "image"):
+            raise InvalidLabSpec(f"invalid guest root {root!r}: use 9p or image")
         if spare_hosts < 0:
             raise InvalidLabSpec(f"invalid number of spare hosts {spare_hosts}")
         if guests > MAX_VM_GUESTS:
@@ -173,6 +179,10 @@ class QemuLab:
             qemu = _packages.qemu_binary()
             accel = _accel.choose(qemu, kernel.vmlinuz, initramfs)
             state = _plan(name, hosts, guests, kernel, initramfs, accel, spare_hosts)
+            if root == "image":
+                from . import _rootfs
+
+                state["root_image"] = str(_rootfs.build())
             return cls._build(state, qemu, boot_timeout)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -203,6 +213,7 @@ class QemuLab:
                 package_root=_package_root(),
                 token=token,
                 env={ENV_GATEWAY: f"{host['address']}:{GATEWAY_PORT}"},
+                root_image="root_image" in state,
             )
         from ._migrate import write_vm_guests
 
@@ -448,6 +459,7 @@ def _spec(state: _state.State, g: dict[str, Any]) -> _vm.VmSpec:
         qmp=Path(g["qmp"]),
         serial=Path(g["serial"]),
         pool_mb=int(state["pool_mb"]),
+        root_image=Path(state["root_image"]) if state.get("root_image") else None,
     )
 
 

@@ -27,6 +27,7 @@ def render(
     token: str,
     env: Mapping[str, str] | None = None,
     port: int = GUESTD_PORT,
+    root_image: bool = False,
 ) -> str:
     """The script for one guest; every value is shell-quoted.
 
@@ -36,6 +37,13 @@ def render(
     """
     q = shlex.quote
     guestd = str(Path(__file__).with_name("_guestd.py"))
+    if root_image:  # migratable: a read-only ext4 image on virtio-blk (see _rootfs.py)
+        mount_root = f'mount -t ext4 -o ro /dev/vda {ROOT} || fail "mounting the root image"'
+    else:
+        mount_root = (
+            "mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144"
+            f' {HOSTROOT_TAG} {ROOT} || fail "mounting the host root over 9p"'
+        )
     extra = " ".join(f"{q(k)}={q(v)}" for k, v in sorted((env or {}).items()))
     return f"""
 fail() {{ echo "{MARK_FAIL} $*"; poweroff -f; }}
@@ -43,8 +51,7 @@ ip link set lo up || fail "lo up"
 ip link set eth0 up || fail "eth0 up (no virtio-net NIC?)"
 ip addr add {q(address)}/{prefixlen} dev eth0 || fail "address {address}"
 mkdir -p {ROOT}
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 {HOSTROOT_TAG} {ROOT} \\
-  || fail "mounting the host root over 9p"
+{mount_root}
 mount -t proc proc {ROOT}/proc || fail "proc"
 mount -t sysfs sysfs {ROOT}/sys || fail "sysfs"
 mount -t devtmpfs devtmpfs {ROOT}/dev || fail "devtmpfs"

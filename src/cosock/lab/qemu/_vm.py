@@ -51,6 +51,7 @@ class VmSpec:
     pool: Path | None  # None: no ivshmem device (a migration target; it is hot-plugged later)
     qmp: Path
     serial: Path
+    root_image: Path | None = None  # None: the host root over 9p (not migratable)
     mem_mb: int = GUEST_MEM_MB
     pool_mb: int = POOL_MB
 
@@ -93,9 +94,20 @@ class VmSpec:
             f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device",
             f"virtio-net-pci,netdev=n0,mac={self.mac}",
-            "-virtfs",
-            f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         ]
+        if self.root_image is None:
+            argv += [
+                "-virtfs",
+                f"local,path=/,mount_tag={HOSTROOT_TAG},security_model=none,readonly=on,"
+                "multidevs=remap",
+            ]
+        else:
+            argv += [
+                "-drive",
+                f"file={self.root_image},if=none,id=root,format=raw,readonly=on",
+                "-device",
+                "virtio-blk-pci,drive=root",
+            ]
         if self.pool is not None:
             argv += [
                 "-object",
