@@ -82,7 +82,11 @@ def _print_lab(lab: Lab) -> None:
 
 def _print_vm_lab(lab: QemuLab) -> None:
     console = Console()
-    console.print(f"lab {lab.name}: QEMU guests, accelerator {lab.accel} ({lab.accel_reason})")
+    root = lab.to_json()["root"]
+    console.print(
+        f"lab {lab.name}: QEMU guests, accelerator {lab.accel} ({lab.accel_reason}),"
+        f" guest root {root}"
+    )
     hosts = Table(title=f"lab {lab.name}: hosts")
     for col in ("host", "netns", "agent pid", "ivshmem pool"):
         hosts.add_column(col)

@@ -391,6 +391,7 @@ class QemuLab:
             "accel": self.accel,
             "accel_reason": self.accel_reason,
             "kernel": self._state.get("kernel", ""),
+            "root": "image" if self._state.get("root_image") else "9p",
             "hosts": [
                 {
                     "name": h["name"],

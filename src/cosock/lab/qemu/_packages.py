@@ -13,6 +13,7 @@ REQUIRED: dict[str, str] = {
     "busybox-static": "/bin/busybox",
     "cpio": "cpio",
     "kmod": "modinfo",
+    "e2fsprogs": "mkfs.ext4",  # --root image (migratable guests)
 }
 #: Tools used to fetch the kernel: part of every Debian system, still checked.
 APT_TOOLS: dict[str, str] = {"apt": "apt-get", "dpkg": "dpkg-deb"}

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,13 +116,19 @@ def build() -> Path:
     files.append(Path("/usr/bin/env"))
     # Every symlink's target too (libfoo.so.6 -> libfoo.so.6.4.0, /lib64/ld-linux -> /lib/...).
     files = list(dict.fromkeys(p for f in files for p in _link_chain(f)))
-    root = cache_dir() / "rootfs"
+    # One folder per repository (worktrees differ), so pruning never touches another's image.
+    repo = hashlib.sha256(str(_package_tree()).encode()).hexdigest()[:12]
+    root = cache_dir() / "rootfs" / repo
     root.mkdir(parents=True, exist_ok=True)
     image = root / f"root-{_key(files)}.ext4"
     if image.is_file():
+        os.utime(image)  # in use: keep it out of the pruning below
         return image
     for old in root.glob("root-*.ext4"):
-        old.unlink()  # one image at a time: they are ~100 MB
+        # ~160 MB each, one per change of the code; an hour-old one serves no running lab
+        # that could still start a migration target from it.
+        if time.time() - old.stat().st_mtime > 3600:
+            old.unlink()
     with tempfile.TemporaryDirectory(prefix="rootfs-", dir=root) as tmp:
         stage = Path(tmp) / "stage"
         for sub in ("bin", "proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt"):
