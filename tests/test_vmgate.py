@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,24 @@ def test_a_vanished_client_frees_its_slots(gateway: tuple[tuple[str, int], Path]
                 break
             a.free_slot(*again)
         assert again[0] == first[0]
+
+
+def test_a_guest_that_leaves_the_host_loses_its_slots(
+    gateway: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    """The lab rewrites the guests file when a VM migrates away: its grants are released."""
+    addr, _ = gateway
+    guests = tmp_path / "vm-guests.json"
+    with VmAgent(addr, token="tok-a") as a:
+        slot, gen = a.alloc_slot((A, 1, B, 2))
+        data = json.loads(guests.read_text())
+        del data["guests"]["h1g2"]
+        guests.write_text(json.dumps(data))
+        os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
+        with pytest.raises(SlotRefused, match="not a VM of this host"):
+            a.alloc_slot((A, 3, B, 4))
+        with pytest.raises(SlotRefused, match="no such grant"):
+            a.free_slot(slot, gen)  # released when h1g2 left
 
 
 def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

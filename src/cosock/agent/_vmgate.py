@@ -45,6 +45,13 @@ class _Guests:
         self.path = path
         self._mtime = -1.0
         self._by_token: dict[str, tuple[str, str]] = {}
+        #: Guests that left the file since the last :meth:`take_gone` (migrated, stopped).
+        self._gone: set[str] = set()
+
+    def take_gone(self) -> set[str]:
+        self._reload()
+        gone, self._gone = self._gone, set()
+        return gone
 
     def lookup(self, token: str) -> tuple[str, str] | None:
         """(guest, address) for a token, compared in constant time."""
@@ -70,11 +77,13 @@ class _Guests:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
+        before = {g for g, _ in self._by_token.values()}
         self._by_token = {
             str(rec["token"]): (str(name), str(rec["address"]))
             for name, rec in data.get("guests", {}).items()
             if isinstance(rec, dict) and rec.get("token")
         }
+        self._gone |= before - {g for g, _ in self._by_token.values()}
         self._mtime = mtime
 
 
@@ -103,6 +112,14 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.pool.close()
 
     #### Operations (called with the guest's identity established)
+
+    def forget_gone(self) -> None:
+        """Release every slot of a guest that left this host (its grants die with it)."""
+        for guest in self.guests.take_gone():
+            with self.lock:
+                dropped = self.table.drop_guest(guest)
+            if dropped:
+                log.info("guest %s left: slots %s released", guest, dropped)
 
     def alloc(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         key = _key(req)
@@ -152,6 +169,7 @@ class _Handler(socketserver.StreamRequestHandler):
         held: set[tuple[int, int]] = set()
         try:
             while line := self.rfile.readline(MAX_LINE):
+                self.server.forget_gone()
                 try:
                     req = json.loads(line)
                     if not isinstance(req, dict):
