@@ -387,20 +387,7 @@ def bench_(
     if as_json:
         _print_json(results)
         return
-    table = Table(
-        title=f"lab {lab.name}: {results['between'][0]} <-> {results['between'][1]},"
-        f" accelerator {results['accel']} ({results['accel_reason']})"
-    )
-    for col in ("transport", "stream MB/s", "rr p50 µs", "rr p99 µs"):
-        table.add_column(col)
-    for kind, label in (("tcp", "tcp (virtio-net)"), ("ring", "cosock ring (ivshmem)")):
-        st, rr = results[f"{kind}_stream"], results[f"{kind}_rr"]
-        table.add_row(label, f"{st['mb_s']:.1f}", f"{rr['p50_us']:.0f}", f"{rr['p99_us']:.0f}")
-    Console().print(table)
-    typer.echo(
-        f"ring/tcp: stream x{results['stream_ratio']:.1f}, rr p50 x{results['rr_p50_ratio']:.1f}"
-        " (the seed's targets: 9x stream, 10x rr)"
-    )
+    _bench.show(results, Console(), lab.name)
 
 
 @app.command("down")
