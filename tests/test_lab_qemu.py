@@ -401,6 +401,10 @@ def test_cli_rejects_an_unknown_backend() -> None:
     )
     assert r.returncode == 1
     assert b"invalid backend 'xen'" in r.stderr
+    r = subprocess.run([COSOCK, "demo", "--backend", "xen"], capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"--backend must be netns or qemu" in r.stderr
+    r = subprocess.run([COSOCK, "bench", "--backend", "xen"], capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"--backend must be netns or qemu" in r.stderr
 
 
 def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() -> None:
