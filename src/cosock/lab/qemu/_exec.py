@@ -9,6 +9,7 @@ stays in the namespace it was made in, and no other thread of ours ever moves.
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import os
 import socket
@@ -37,7 +38,7 @@ def socket_in(netns_path: Path) -> socket.socket:
             fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 if lib.setns(fd, CLONE_NEWNET) != 0:
-                    err = __import__("ctypes").get_errno()
+                    err = ctypes.get_errno()
                     raise OSError(err, f"setns into {netns_path}: {os.strerror(err)}")
             finally:
                 os.close(fd)
