@@ -91,6 +91,33 @@ def new_channel(capacity: int) -> tuple[int, mmap.mmap]:
     return fd, mm
 
 
+def format_channel(mm: mmap.mmap, capacity: int) -> None:
+    """Zero both rings' headers in ``mm`` and write magic and capacity: a channel in memory
+    that did not come from :func:`new_channel` (a slot of an ivshmem pool)."""
+    check_capacity(capacity)
+    if len(mm) < channel_size(capacity):
+        raise ValueError(f"mapping of {len(mm)} bytes cannot hold a channel of {capacity}")
+    for base in (0, HEADER_SIZE + capacity):
+        mm[base : base + HEADER_SIZE] = bytes(HEADER_SIZE)
+        hdr = memoryview(mm)[base : base + HEADER_SIZE].cast("Q")
+        hdr[_MAGIC] = MAGIC | (VERSION << 32)
+        hdr[_CAPACITY] = capacity
+        hdr.release()
+
+
+def channel_headers_ok(mm: mmap.mmap, capacity: int) -> bool:
+    """Both ring headers carry our magic and ``capacity`` (counters are checked on use)."""
+    if len(mm) < channel_size(capacity):
+        return False
+    for base in (0, HEADER_SIZE + capacity):
+        hdr = memoryview(mm)[base : base + HEADER_SIZE].cast("Q")
+        ok = hdr[_MAGIC] == MAGIC | (VERSION << 32) and hdr[_CAPACITY] == capacity
+        hdr.release()
+        if not ok:
+            return False
+    return True
+
+
 def create_channel_fd(capacity: int) -> int:
     """A fresh sealed memfd sized for two rings; headers initialised (no mapping kept)."""
     fd, mm = new_channel(capacity)

@@ -144,12 +144,26 @@ def demo(
     size: Annotated[int, typer.Option("--bytes", help="payload each way", min=1)] = 256 << 20,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     lab_name: Annotated[str, typer.Option("--lab-name", help="lab to build (root)")] = "demo",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="netns: namespace guests; qemu: QEMU VMs, ivshmem vs virtio-net and a live"
+            " migration (root)"
+        ),
+    ] = "netns",
 ) -> None:
     """Real guests, real traffic: shows the path each connection took and the speed-up."""
     from .demo import run_demo
 
+    if backend not in ("netns", "qemu"):
+        _fail(f"--backend must be netns or qemu, not {backend!r}", 1)
     try:
-        result = run_demo(size, quiet=as_json, lab_name=lab_name)
+        if backend == "qemu":
+            from .lab.qemu import _demo
+
+            result = _demo.run(lab_name="demovm" if lab_name == "demo" else lab_name, quiet=as_json)
+        else:
+            result = run_demo(size, quiet=as_json, lab_name=lab_name)
     except KeyboardInterrupt:
         _fail("interrupted (cleaned up)", 130)
         return

@@ -44,16 +44,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PORT",
         help="also serve GET /metrics (Prometheus text) on 127.0.0.1:PORT (0: any free port)",
     )
+    parser.add_argument(
+        "--vm-gateway",
+        metavar="ADDR:PORT",
+        default=None,
+        help="also serve QEMU guests over TCP here (needs --vm-pool and --vm-guests)",
+    )
+    parser.add_argument("--vm-pool", type=Path, default=None, help="the host's ivshmem pool")
+    parser.add_argument(
+        "--vm-guests", type=Path, default=None, help="JSON file of the VMs' tokens and addresses"
+    )
     args = parser.parse_args(argv)
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error(f"--metrics-port must be 0..65535, not {args.metrics_port}")
     if not args.host or not args.host.isprintable():
         parser.error("--host must be a non-empty printable name")
+    if args.vm_gateway and not (args.vm_pool and args.vm_guests):
+        parser.error("--vm-gateway needs --vm-pool and --vm-guests")
     path: Path = args.socket if args.socket is not None else _config.agent_path()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
     )
     try:
+        if args.vm_gateway:
+            from . import _vmgate
+
+            _vmgate.start(_vmgate.parse_bind(args.vm_gateway), args.vm_pool, args.vm_guests)
         serve(
             path,
             args.host,

@@ -82,6 +82,13 @@ def bench(
         float | None,
         typer.Option(help="--migrate: seconds of streaming between migrations [3; quick: 2]"),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="netns: namespace guests; qemu: two QEMU VMs, tcp over virtio-net vs cosock's"
+            " rings in ivshmem (root; see docs/vm-backend.md)",
+        ),
+    ] = "netns",
 ) -> None:
     """Every transport side by side in one run: tcp, uds, cosock, cosock-remote.
 
@@ -90,6 +97,18 @@ def bench(
     """
     from rich.console import Console
 
+    if backend not in ("netns", "qemu"):
+        raise typer.BadParameter(f"--backend must be netns or qemu, not {backend!r}")
+    if backend == "qemu":
+        from ..lab import LabError
+        from ..lab.qemu import _bench as vm_bench
+
+        try:
+            vm_bench.command(quick, json_path, lab_name)
+        except (LabError, OSError) as exc:
+            Console(stderr=True).print(f"[bold red]cosock bench FAILED:[/] {exc}")
+            raise typer.Exit(1) from None
+        return
     if migrate:
         _bench_migrate(quick, json_path, plot_path, migrations, seconds, lab_name)
         return

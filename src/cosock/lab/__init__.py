@@ -6,7 +6,7 @@ a port of its host's bridge. See ``_lab.py`` for the layout and DESIGN.md ("lab"
 
 from __future__ import annotations
 
-from ._lab import ENV_GUEST, ENV_LAB, Lab, down
+from ._lab import ENV_GUEST, ENV_LAB, Lab, down, load_any
 from ._model import (
     DEFAULT_NAME,
     MAX_GUESTS,
@@ -45,4 +45,5 @@ __all__ = [
     "UnknownGuest",
     "UnknownHost",
     "down",
+    "load_any",
 ]

@@ -41,12 +41,16 @@ def agent_env() -> dict[str, str]:
     return env
 
 
-def start(host: str, host_ns: str, sock: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m cosock.agent`` inside ``host_ns``, output to ``log``; no waiting."""
+def start(
+    host: str, host_ns: str, sock: Path, log: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m cosock.agent`` inside ``host_ns``, output to ``log``; no waiting.
+    ``extra``: more agent options (the QEMU lab's VM gateway)."""
     sock.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     argv = [sys.executable, "-m", "cosock.agent", "--socket", str(sock), "--host", host]
+    argv += list(extra)
     with _netns.open_netns(host_ns) as fd, open(log, "ab") as out, _netns.forking():
         proc = subprocess.Popen(
             argv,

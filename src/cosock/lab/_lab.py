@@ -20,7 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._config import ENV_AGENT
 from . import _agents, _migrate, _netns, _state
@@ -32,6 +32,7 @@ from ._model import (
     SUBNET_PREFIX,
     Guest,
     Host,
+    LabError,
     LabExists,
     LabNotFound,
     UnknownGuest,
@@ -48,6 +49,9 @@ from ._model import (
     validate_size,
     wire_ifname,
 )
+
+if TYPE_CHECKING:
+    from .qemu import QemuLab
 
 ENV_GUEST = "COSOCK_GUEST"
 ENV_LAB = "COSOCK_LAB"
@@ -170,6 +174,10 @@ class Lab:
         if state is None:
             raise LabNotFound(f"no lab named {name!r} (no state in {_state.LABS_DIR})")
         state.setdefault("name", name)
+        if state.get("backend", "netns") != "netns":
+            raise LabError(
+                f"lab {name!r} is a {state['backend']} lab; use cosock.lab.load_any({name!r})"
+            )
         return cls(state)
 
     @staticmethod
@@ -464,6 +472,18 @@ def _wait_links(nl: _netns.Netlinks, state: _state.State, timeout: float = LINK_
         _netns.wait_operational(nl, ns, ifnames, deadline)
 
 
+def load_any(name: str = DEFAULT_NAME) -> Lab | QemuLab:
+    """The lab ``name`` whatever its backend: a :class:`Lab` (namespaces) or a
+    :class:`cosock.lab.qemu.QemuLab` (virtual machines), as its state file says."""
+    validate_name(name)
+    state = _state.read(name)
+    if state is not None and state.get("backend") == "qemu":
+        from .qemu import QemuLab
+
+        return QemuLab.load(name)
+    return Lab.load(name)
+
+
 def down(name: str = DEFAULT_NAME) -> None:
     """Remove every trace of lab ``name``; idempotent, and works without (or with a stale)
     state file, e.g. after a crash.
@@ -475,6 +495,9 @@ def down(name: str = DEFAULT_NAME) -> None:
     validate_name(name)
     require_root("cosock lab down")
     state = _state.read(name) or {}
+    from .qemu import _teardown  # QEMU guests first: SIGTERM lets each remove its tap
+
+    _teardown.stop_vms(state)
     pids = [int(h.get("agent_pid") or 0) for h in state.get("hosts", []) if isinstance(h, dict)]
     _agents.stop(pids)
     _netns.close_lab_netlinks(name)
@@ -487,4 +510,5 @@ def down(name: str = DEFAULT_NAME) -> None:
         for ns in namespaces:
             _netns.remove_netns(ns)
     shutil.rmtree(_state.lab_dir(name), ignore_errors=True)
+    _teardown.remove_pools(name)
     _state.remove(name)

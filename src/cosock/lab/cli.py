@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import _netns
-from ._lab import Lab, down
+from ._lab import Lab, down, load_any
 from ._model import (
     DEFAULT_NAME,
     MAX_GUESTS,
@@ -28,9 +29,12 @@ from ._model import (
     validate_name,
 )
 
+if TYPE_CHECKING:
+    from .qemu import QemuLab
+
 app = typer.Typer(
     name="lab",
-    help="Hosts and guests made of network namespaces on this machine.",
+    help="Hosts and guests (network namespaces or QEMU VMs) on this machine.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -76,6 +80,40 @@ def _print_lab(lab: Lab) -> None:
     console.print(guests)
 
 
+def _print_vm_lab(lab: QemuLab) -> None:
+    console = Console()
+    root = lab.to_json()["root"]
+    console.print(
+        f"lab {lab.name}: QEMU guests, accelerator {lab.accel} ({lab.accel_reason}),"
+        f" guest root {root}"
+    )
+    hosts = Table(title=f"lab {lab.name}: hosts")
+    for col in ("host", "netns", "agent pid", "ivshmem pool"):
+        hosts.add_column(col)
+    for h in lab.hosts():
+        pid = int(h.get("agent_pid") or 0)
+        hosts.add_row(h["name"], h["netns"], str(pid) if _netns.alive(pid) else "-", h["pool"])
+    guests = Table(title=f"lab {lab.name}: guests (VMs)")
+    for col in ("guest", "host", "address", "qemu pid", "boot s"):
+        guests.add_column(col)
+    boot = lab.boot_seconds
+    for g in lab.guests:
+        qemu_pid = str(g.pid) if _netns.alive(g.pid) else "- (dead)"
+        secs = boot.get(g.name)
+        guests.add_row(g.name, g.host, g.address, qemu_pid, f"{secs:.1f}" if secs else "-")
+    console.print(hosts)
+    console.print(guests)
+
+
+def _print_any(lab: Lab | QemuLab) -> None:
+    from .qemu import QemuLab
+
+    if isinstance(lab, QemuLab):
+        _print_vm_lab(lab)
+    else:
+        _print_lab(lab)
+
+
 def _count(raw: str, what: str) -> int:
     """Parse a count ourselves: a typer ``int`` would answer "abc" with a multi-line panel."""
     try:
@@ -87,24 +125,88 @@ def _count(raw: str, what: str) -> int:
 @app.command()
 def up(
     hosts: Annotated[
-        str, typer.Option("--hosts", metavar="N", help=f"Number of hosts (1..{MAX_HOSTS}).")
-    ] = "2",
+        str | None,
+        typer.Option(
+            "--hosts", metavar="N", help=f"Number of hosts (1..{MAX_HOSTS}; default 2, qemu: 1)."
+        ),
+    ] = None,
     guests: Annotated[
-        str, typer.Option("--guests", metavar="M", help=f"Guests per host (1..{MAX_GUESTS}).")
-    ] = "2",
+        str | None,
+        typer.Option(
+            "--guests", metavar="M", help=f"Guests per host (1..{MAX_GUESTS}; qemu: 1..4)."
+        ),
+    ] = None,
     name: NameOpt = DEFAULT_NAME,
     as_json: JsonOpt = False,
+    backend: Annotated[
+        str,
+        typer.Option("--backend", help="netns: guests are namespaces; qemu: guests are QEMU VMs."),
+    ] = "netns",
+    kernel_package: Annotated[
+        str | None,
+        typer.Option(
+            "--kernel-package",
+            metavar="PKG",
+            help="qemu: exact guest kernel package (default: what linux-image-amd64 names).",
+        ),
+    ] = None,
+    boot_timeout: Annotated[
+        str | None,
+        typer.Option("--boot-timeout", metavar="S", help="qemu: seconds for all guests to boot."),
+    ] = None,
+    root: Annotated[
+        str,
+        typer.Option(
+            "--root",
+            help="qemu: 9p (the host's root, read-only) or image (ext4 image: migratable).",
+        ),
+    ] = "9p",
+    spare_hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--spare-hosts", metavar="K", help="qemu: K more hosts without VMs (migration targets)."
+        ),
+    ] = None,
 ) -> None:
-    """Create hosts (namespace + bridge + agent) and guests (namespace + eth0 on the bridge)."""
+    """Create hosts (namespace + bridge + agent) and guests: namespaces with eth0 on the bridge
+    (--backend netns) or QEMU VMs with virtio-net on the bridge (--backend qemu)."""
     try:
-        n_hosts, n_guests = _count(hosts, "hosts"), _count(guests, "guests per host")
-        lab = Lab.up(name, hosts=n_hosts, guests=n_guests)
+        if backend not in ("netns", "qemu"):
+            raise InvalidLabSpec(f"invalid backend {backend!r}: use netns or qemu")
+        default_hosts = "1" if backend == "qemu" else "2"
+        n_hosts = _count(hosts or default_hosts, "hosts")
+        n_guests = _count(guests or "2", "guests per host")
+        lab: Lab | QemuLab
+        if backend == "qemu":
+            from .qemu import BOOT_TIMEOUT, QemuLab
+
+            lab = QemuLab.up(
+                name,
+                hosts=n_hosts,
+                guests=n_guests,
+                kernel_package=kernel_package,
+                boot_timeout=_seconds(boot_timeout) if boot_timeout else BOOT_TIMEOUT,
+                spare_hosts=_count(spare_hosts or "0", "spare hosts"),
+                root=root,
+            )
+        else:
+            lab = Lab.up(name, hosts=n_hosts, guests=n_guests)
     except _expected_errors() as err:
         _fail(err)
     if as_json:
         _print_json(lab.to_json())
     else:
-        _print_lab(lab)
+        _print_any(lab)
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidLabSpec(f"invalid timeout {raw!r}: not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise InvalidLabSpec(f"invalid timeout {raw!r}: must be a positive number of seconds")
+    return value
 
 
 @app.command("ls")
@@ -112,16 +214,16 @@ def ls(name: Annotated[str | None, NameOpt] = None, as_json: JsonOpt = False) ->
     """List labs, or show one lab's hosts and guests with --name."""
     try:
         if name is not None:
-            lab = Lab.load(validate_name(name))
+            lab = load_any(validate_name(name))
             if as_json:
                 _print_json(lab.to_json())
             else:
-                _print_lab(lab)
+                _print_any(lab)
             return
         rows: list[dict[str, Any]] = []
         for lab_name in Lab.list():
             try:
-                loaded = Lab.load(lab_name)
+                loaded = load_any(lab_name)
                 rows.append({**loaded.to_json(), "status": loaded.status})
             except LabNotFound:
                 rows.append({"name": lab_name, "hosts": [], "guests": [], "status": "stale"})
@@ -163,9 +265,16 @@ def exec_(
     try:
         if not argv:
             raise LabError("no command given: cosock lab exec GUEST -- CMD [ARGS...]")
-        lab = Lab.load(name)
+        lab = load_any(name)
         lab.guest(guest)
-        result = lab.run(guest, argv)
+        if isinstance(lab, Lab):
+            result = lab.run(guest, argv)
+        else:  # a VM: output comes back whole, then is written out
+            result = lab.run(guest, argv)
+            sys.stdout.buffer.write(result.stdout or b"")
+            sys.stdout.buffer.flush()
+            sys.stderr.buffer.write(result.stderr or b"")
+            sys.stderr.buffer.flush()
     except FileNotFoundError as err:
         _fail(err, code=127)
     except _expected_errors() as err:
@@ -192,7 +301,21 @@ def migrate_guest(name: str, guest: str, to: str, delay_ms: str | None, as_json:
     """What ``cosock lab migrate`` and ``cosock migrate`` do: one line (or JSON) or one error."""
     try:
         delay = _delay(delay_ms)
-        lab = Lab.load(validate_name(name))
+        any_lab = load_any(validate_name(name))
+        if not isinstance(any_lab, Lab):
+            if delay is not None:
+                raise InvalidLabSpec("--delay-ms is not supported for QEMU labs")
+            before = any_lab.guest(guest).host
+            figures = any_lab.migrate(guest, to)
+            if as_json:
+                _print_json({"lab": name, "guest": guest, "from": before, "to": to, **figures})
+            else:
+                typer.echo(
+                    f"guest {guest} live-migrated (QEMU) from {before} to {to}:"
+                    f" {figures['total_time_ms']} ms, downtime {figures['downtime_ms']} ms"
+                )
+            return
+        lab = any_lab
         before = lab.guest(guest).host
         start = time.monotonic()
         moved = lab.migrate(guest, to, delay_ms=delay)
@@ -240,6 +363,31 @@ def migrate_(
 ) -> None:
     """Live-migrate GUEST to another host: processes keep running, the link moves."""
     migrate_guest(name, guest, to, delay_ms, as_json)
+
+
+@app.command("bench")
+def bench_(
+    name: NameOpt = DEFAULT_NAME,
+    stream_mib: Annotated[
+        int, typer.Option("--stream-mib", min=1, max=4096, help="MiB per stream run.")
+    ] = 64,
+    round_trips: Annotated[
+        int, typer.Option("--round-trips", min=10, max=1_000_000, help="64 B round trips.")
+    ] = 2000,
+    as_json: JsonOpt = False,
+) -> None:
+    """QEMU lab: TCP over virtio-net vs cosock's rings in ivshmem, between two VMs of a host."""
+    try:
+        from .qemu import QemuLab, _bench
+
+        lab = QemuLab.load(validate_name(name))
+        results = _bench.run(lab, stream_bytes=stream_mib << 20, round_trips=round_trips)
+    except _expected_errors() as err:
+        _fail(err)
+    if as_json:
+        _print_json(results)
+        return
+    _bench.show(results, Console(), lab.name)
 
 
 @app.command("down")

@@ -1,0 +1,260 @@
+"""Channels in an ivshmem pool: the shared-memory provider for QEMU guests.
+
+Inside a VM, QEMU's ``ivshmem-plain`` device (PCI 1af4:1110) exposes a host file as BAR2; the
+guest maps ``/sys/bus/pci/devices/<bdf>/resource2`` (root, no driver). On the host the same
+memory is the pool file in /dev/shm. The pool is cut into page-aligned slots, each exactly one
+channel (``_ring`` layout), so a slot mapped with ``mmap(offset=...)`` is an ordinary channel
+mapping and ``RingWriter``/``RingReader`` use it unchanged. See docs/vm-backend.md.
+
+Layout: a 4 KiB pool header (written only by the host agent, validated by guests) then
+``slot_count`` slots of ``slot_size`` bytes from ``data_offset``. :class:`SlotTable` is the
+agent's bookkeeping of who may use which slot (pure data, no IO).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._errors import CosockError
+from ._ring import channel_headers_ok, channel_size, check_capacity, format_channel
+
+POOL_MAGIC = 0x504B5343  # b"CSKP" little-endian
+POOL_VERSION = 1
+POOL_HEADER_SIZE = 4096
+#: magic, version, capacity, slot_size, slot_count, data_offset (all u64, little-endian).
+_HEADER = struct.Struct("<6Q")
+IVSHMEM_VENDOR = "0x1af4"
+IVSHMEM_DEVICE = "0x1110"
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+ENV_IVSHMEM = "COSOCK_IVSHMEM"
+
+
+class PoolError(CosockError):
+    """No ivshmem device, or a pool whose header is missing or out of bounds."""
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    capacity: int  # bytes per ring (per direction)
+    slot_size: int
+    slot_count: int
+    data_offset: int
+
+    def offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slot_count:
+            raise PoolError(f"slot {slot} outside the pool (0..{self.slot_count - 1})")
+        return self.data_offset + slot * self.slot_size
+
+
+def plan(pool_size: int, capacity: int) -> PoolLayout:
+    """As many channels of ``capacity`` as fit after the header."""
+    check_capacity(capacity)
+    slot = channel_size(capacity)
+    count = (pool_size - POOL_HEADER_SIZE) // slot
+    if count < 1:
+        raise PoolError(f"a pool of {pool_size} bytes holds no channel of {capacity}")
+    return PoolLayout(capacity, slot, count, POOL_HEADER_SIZE)
+
+
+def find_device(root: Path = PCI_DEVICES) -> Path:
+    """The guest's pool: ``$COSOCK_IVSHMEM`` (a file, or a PCI address under ``root``) or the
+    ``resource2`` of the first ivshmem device.
+
+    Raises:
+        PoolError: no such device (not a QEMU guest with ivshmem, or sysfs not mounted).
+    """
+    chosen = os.environ.get(ENV_IVSHMEM, "")
+    if chosen:
+        path = Path(chosen)
+        return path if path.is_file() else root / chosen / "resource2"
+    try:
+        devices = sorted(root.iterdir())
+    except OSError:
+        devices = []
+    for dev in devices:
+        try:
+            vendor = (dev / "vendor").read_text().strip()
+            device = (dev / "device").read_text().strip()
+        except OSError:
+            continue
+        if (vendor, device) == (IVSHMEM_VENDOR, IVSHMEM_DEVICE):
+            return dev / "resource2"
+    raise PoolError(f"no ivshmem device (PCI {IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) under {root}")
+
+
+class Pool:
+    """An open pool: a BAR2 resource file in a guest, or the pool file on the host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            # sysfs resource files report their size in st_size as well.
+            self.size = os.fstat(self._fd).st_size
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    #### Header: written by the host agent, validated by guests
+
+    def format(self, capacity: int) -> PoolLayout:
+        """Write the pool header for slots of ``capacity`` (host agent only; zeroes nothing
+        else: each slot is formatted when it is handed out)."""
+        layout = plan(self.size, capacity)
+        with mmap.mmap(self._fd, POOL_HEADER_SIZE) as mm:
+            mm[: _HEADER.size] = _HEADER.pack(
+                POOL_MAGIC,
+                POOL_VERSION,
+                layout.capacity,
+                layout.slot_size,
+                layout.slot_count,
+                layout.data_offset,
+            )
+        return layout
+
+    def layout(self) -> PoolLayout:
+        """The pool header, checked: ours, and every slot inside the pool.
+
+        Raises:
+            PoolError: no or foreign header, or values that would reach outside the pool.
+        """
+        with mmap.mmap(self._fd, POOL_HEADER_SIZE) as mm:
+            magic, version, capacity, slot_size, count, offset = _HEADER.unpack(mm[: _HEADER.size])
+        if (magic, version) != (POOL_MAGIC, POOL_VERSION):
+            raise PoolError(f"{self.path}: not a formatted cosock pool")
+        try:
+            check_capacity(capacity)
+        except ValueError as exc:
+            raise PoolError(f"{self.path}: {exc}") from None
+        if (
+            slot_size != channel_size(capacity)
+            or offset < POOL_HEADER_SIZE
+            or offset % mmap.ALLOCATIONGRANULARITY
+            or count < 1
+            or offset + count * slot_size > self.size
+        ):
+            raise PoolError(f"{self.path}: pool header out of bounds")
+        return PoolLayout(capacity, slot_size, count, offset)
+
+    #### Slots
+
+    def map_slot(self, layout: PoolLayout, slot: int) -> mmap.mmap:
+        """A mapping of exactly one slot: a channel for ``RingWriter``/``RingReader``."""
+        return mmap.mmap(self._fd, layout.slot_size, offset=layout.offset(slot))
+
+    def format_slot(self, layout: PoolLayout, slot: int) -> None:
+        """Zero a slot's ring headers (done by whoever hands the slot out: the agent)."""
+        with self.map_slot(layout, slot) as mm:
+            format_channel(mm, layout.capacity)
+
+    def slot_ok(self, layout: PoolLayout, slot: int) -> bool:
+        with self.map_slot(layout, slot) as mm:
+            return channel_headers_ok(mm, layout.capacity)
+
+
+#### The agent's bookkeeping
+
+
+@dataclass
+class _Grant:
+    owner: str  # guest that asked for the slot (the client)
+    peer: str  # guest allowed to claim it (the server)
+    key: tuple[str, int, str, int]  # the connection's 4-tuple
+    generation: int
+    claimed: bool = False
+    freed_by: set[str] = field(default_factory=set)
+
+
+class SlotTable:
+    """Which slot belongs to which connection, as the host agent hands them out.
+
+    Cooperative, not enforcement: on a shared pool any guest can map every slot (see
+    docs/vm-backend.md, section 4). What it does guarantee is that an honest server only maps
+    a slot the agent granted for exactly its connection, and that a freed slot's number is
+    refused afterwards (the generation changes).
+    """
+
+    def __init__(self, slot_count: int) -> None:
+        self._free = list(range(slot_count - 1, -1, -1))
+        self._grants: dict[int, _Grant] = {}
+        self._generation = 0
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def alloc(self, owner: str, peer: str, key: tuple[str, int, str, int]) -> tuple[int, int]:
+        """A free slot for ``owner``'s connection ``key`` to ``peer``; (slot, generation).
+
+        Raises:
+            PoolError: no free slot (the connection stays on TCP).
+        """
+        if not self._free:
+            raise PoolError("no free slot in the pool")
+        slot = self._free.pop()
+        self._generation += 1
+        self._grants[slot] = _Grant(owner, peer, key, self._generation)
+        return slot, self._generation
+
+    def claim(
+        self, slot: int, generation: int, claimer: str, key: tuple[str, int, str, int]
+    ) -> bool:
+        """True once, for the granted peer, the same 4-tuple and the current generation."""
+        grant = self._grants.get(slot)
+        if grant is None or grant.claimed:
+            return False
+        if (grant.generation, grant.peer, grant.key) != (generation, claimer, key):
+            return False
+        grant.claimed = True
+        return True
+
+    def free(self, slot: int, generation: int, guest: str) -> bool:
+        """A party is done with the slot; the slot is free again when both are (or when the
+        owner frees an unclaimed one). False for a stale or foreign request."""
+        grant = self._grants.get(slot)
+        if (
+            grant is None
+            or grant.generation != generation
+            or guest not in (grant.owner, grant.peer)
+        ):
+            return False
+        grant.freed_by.add(guest)
+        if grant.freed_by >= {grant.owner, grant.peer} or not grant.claimed:
+            self._release(slot)
+        return True
+
+    def drop_guest(self, guest: str) -> list[int]:
+        """A guest left (stopped, migrated away): every slot it was party to is released."""
+        gone = [s for s, g in self._grants.items() if guest in (g.owner, g.peer)]
+        for slot in gone:
+            self._release(slot)
+        return gone
+
+    def _release(self, slot: int) -> None:
+        del self._grants[slot]
+        self._free.append(slot)
+
+
+__all__ = [
+    "Pool",
+    "PoolError",
+    "PoolLayout",
+    "SlotTable",
+    "find_device",
+    "plan",
+]

@@ -1,0 +1,227 @@
+"""The host agent's door for QEMU guests: JSON lines over TCP on the host's bridge address.
+
+A VM cannot reach the agent's Unix socket (another kernel), and its source address proves
+nothing (root in a VM can claim any IP on the bridge). So a VM speaks to this gateway on the
+lab's own L2 segment (no route out of the lab) and proves who it is with the per-guest token the
+host handed it through fw_cfg. The gateway hands out slots of the host's ivshmem pool for
+connections between its VMs (``cosock._ivshmem.SlotTable``). See docs/vm-backend.md, 2-4.
+
+Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address"}}}``,
+re-read when it changes. Requests: ``hello {token}`` first, then ``guests``,
+``alloc_slot {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot,
+generation}``; ``key`` is the connection's 4-tuple ``[client ip, port, server ip, port]``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any
+
+from .._errors import CosockError
+from .._ivshmem import Pool, PoolError, SlotTable
+
+log = logging.getLogger("cosock.agent.vm")
+
+PORT = 7071
+MAX_LINE = 1 << 16
+
+Key = tuple[str, int, str, int]
+
+
+class GatewayError(CosockError):
+    """A request the gateway refuses (reason in the message, sent back to the guest)."""
+
+
+class _Guests:
+    """The guests file, re-read when its mtime changes (a migration rewrites it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime = -1.0
+        self._by_token: dict[str, tuple[str, str]] = {}
+        #: Guests that left the file since the last :meth:`take_gone` (migrated, stopped).
+        self._gone: set[str] = set()
+
+    def take_gone(self) -> set[str]:
+        self._reload()
+        gone, self._gone = self._gone, set()
+        return gone
+
+    def lookup(self, token: str) -> tuple[str, str] | None:
+        """(guest, address) for a token, compared in constant time."""
+        self._reload()
+        for known, who in self._by_token.items():
+            if hmac.compare_digest(known, token):
+                return who
+        return None
+
+    def owner_of(self, address: str) -> str | None:
+        self._reload()
+        return next((g for g, a in self._by_token.values() if a == address), None)
+
+    def addresses(self) -> dict[str, str]:
+        self._reload()
+        return {g: a for g, a in self._by_token.values()}
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        before = {g for g, _ in self._by_token.values()}
+        self._by_token = {
+            str(rec["token"]): (str(name), str(rec["address"]))
+            for name, rec in data.get("guests", {}).items()
+            if isinstance(rec, dict) and rec.get("token")
+        }
+        self._gone |= before - {g for g, _ in self._by_token.values()}
+        self._mtime = mtime
+
+
+class VmGateway(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, bind: tuple[str, int], pool_path: Path, guests_path: Path) -> None:
+        self.guests = _Guests(guests_path)
+        self.pool = Pool(pool_path)
+        self.layout = self.pool.layout()
+        self.table = SlotTable(self.layout.slot_count)
+        self.lock = threading.Lock()
+        super().__init__(bind, _Handler, bind_and_activate=False)
+        # FREEBIND: the agent may start before the lab gives the bridge its address.
+        self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.close()
+
+    #### Operations (called with the guest's identity established)
+
+    def forget_gone(self) -> None:
+        """Release every slot of a guest that left this host (its grants die with it)."""
+        for guest in self.guests.take_gone():
+            with self.lock:
+                dropped = self.table.drop_guest(guest)
+            if dropped:
+                log.info("guest %s left: slots %s released", guest, dropped)
+
+    def alloc(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        key = _key(req)
+        if key[0] != address:
+            raise GatewayError(f"client address {key[0]} is not {guest}'s")
+        peer = self.guests.owner_of(str(req.get("peer", key[2])))
+        if peer is None or key[2] != self.guests.addresses().get(peer):
+            raise GatewayError(f"{key[2]} is not a VM of this host")
+        with self.lock:
+            try:
+                slot, generation = self.table.alloc(guest, peer, key)
+            except PoolError as exc:
+                raise GatewayError(str(exc)) from None
+        self.pool.format_slot(self.layout, slot)
+        return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
+
+    def claim(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        key = _key(req)
+        if key[2] != address:
+            raise GatewayError(f"server address {key[2]} is not {guest}'s")
+        with self.lock:
+            ok = self.table.claim(int(req["slot"]), int(req["generation"]), guest, key)
+        if not ok:
+            raise GatewayError("no such grant for this connection")
+        return {"slot": int(req["slot"]), "capacity": self.layout.capacity}
+
+    def free(self, guest: str, req: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            ok = self.table.free(int(req["slot"]), int(req["generation"]), guest)
+        if not ok:
+            raise GatewayError("no such grant")
+        return {}
+
+
+def _key(req: dict[str, Any]) -> Key:
+    raw = req.get("key")
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise GatewayError("key must be [client ip, port, server ip, port]")
+    return (str(raw[0]), int(raw[1]), str(raw[2]), int(raw[3]))
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: VmGateway
+
+    def handle(self) -> None:
+        who: tuple[str, str] | None = None
+        held: set[tuple[int, int]] = set()
+        try:
+            while line := self.rfile.readline(MAX_LINE):
+                self.server.forget_gone()
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise GatewayError("request is not an object")
+                    op = req.get("op")
+                    if op == "hello":
+                        who = self.server.guests.lookup(str(req.get("token", "")))
+                        if who is None:
+                            raise GatewayError("bad token")
+                        reply: dict[str, Any] = {"guest": who[0], "address": who[1]}
+                    elif who is None:
+                        raise GatewayError("say hello with your token first")
+                    elif op == "guests":
+                        reply = {"guests": self.server.guests.addresses()}
+                    elif op == "alloc_slot":
+                        reply = self.server.alloc(who[0], who[1], req)
+                        held.add((reply["slot"], reply["generation"]))
+                    elif op == "claim_slot":
+                        reply = self.server.claim(who[0], who[1], req)
+                        held.add((int(req["slot"]), int(req["generation"])))
+                    elif op == "free_slot":
+                        reply = self.server.free(who[0], req)
+                        held.discard((int(req["slot"]), int(req["generation"])))
+                    else:
+                        raise GatewayError(f"unknown op {op!r}")
+                    self._send({"ok": True, **reply})
+                except (GatewayError, ValueError, KeyError, TypeError) as exc:
+                    self._send({"ok": False, "error": str(exc) or type(exc).__name__})
+        except OSError:
+            pass
+        finally:
+            # A process that vanished frees what it held (as a closed channel would).
+            if who is not None:
+                for slot, generation in held:
+                    with self.server.lock:
+                        self.server.table.free(slot, generation, who[0])
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        self.wfile.write(json.dumps(msg).encode() + b"\n")
+
+
+def start(bind: tuple[str, int], pool_path: Path, guests_path: Path) -> VmGateway:
+    """Serve in a daemon thread; returns the server (``shutdown()`` + ``server_close()``)."""
+    gate = VmGateway(bind, pool_path, guests_path)
+    threading.Thread(target=gate.serve_forever, name="cosock-vm-gateway", daemon=True).start()
+    log.info("VM gateway on %s:%d, pool %s", *bind, pool_path)
+    return gate
+
+
+def parse_bind(raw: str) -> tuple[str, int]:
+    host, _, port = raw.rpartition(":")
+    return host or "0.0.0.0", int(port or PORT)
+
+
+__all__ = ["PORT", "GatewayError", "VmGateway", "parse_bind", "start"]

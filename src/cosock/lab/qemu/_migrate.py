@@ -1,0 +1,216 @@
+"""Real QEMU live migration of a lab VM to another host of the lab.
+
+Steps (each failure names its step; the guest keeps running on its source if anything before
+the switch-over fails):
+
+1. unplug the ivshmem pool from the running guest (QMP ``device_del`` → ACPI eject, which the
+   guest acks at once since no driver holds the device; then ``object-del``). Why: with the
+   pool attached, QEMU would migrate the *source* pool's contents into the destination host's
+   pool file, overwriting the channels of every VM there (docs/vm-backend.md, section 5);
+2. start the target QEMU in the destination host's namespace with the same devices (no pool)
+   and ``-incoming unix:...``, and plug its tap into that host's bridge;
+3. ``migrate`` over QMP and poll ``query-migrate`` until ``completed`` (or fail);
+4. stop the source QEMU, hot-plug the destination host's pool (``object-add`` +
+   ``device_add``), and rewrite the state and both hosts' VM-gateway files.
+
+The guest's address, MAC, processes and TCP connections carry on; QEMU announces the guest's
+MAC after the switch, so the bridges relearn where it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _netns, _state
+from .._model import BRIDGE, MigrationError, UnknownGuest, UnknownHost
+from . import _qmp, _vm
+from ._model import BootError
+
+UNPLUG_TIMEOUT = 30.0
+MIGRATE_TIMEOUT = 180.0
+IVSHMEM_DEVICE_ID = 0x1110
+
+
+def _pool_present(qmp: Path) -> bool:
+    for bus in _qmp.command(qmp, "query-pci"):
+        for dev in bus.get("devices", []):
+            if dev.get("id", {}).get("device") == IVSHMEM_DEVICE_ID:
+                return True
+    return False
+
+
+def unplug_pool(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
+    """Hot-unplug the ivshmem device and drop its memory backend (each a no-op if absent)."""
+    if _pool_present(qmp):
+        _qmp.command(qmp, "device_del", id=_vm.POOL_DEVICE)
+    deadline = time.monotonic() + timeout
+    while _pool_present(qmp):
+        if time.monotonic() > deadline:
+            raise MigrationError(
+                "migration step 'unplug the ivshmem pool': the guest did not release the"
+                f" device within {timeout:g} s"
+            )
+        time.sleep(0.1)
+    objects = {o.get("name") for o in _qmp.command(qmp, "qom-list", path="/objects")}
+    if _vm.POOL_OBJECT in objects:
+        _qmp.command(qmp, "object-del", id=_vm.POOL_OBJECT)
+
+
+def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
+    """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
+    _qmp.command(
+        qmp,
+        "object-add",
+        **{
+            "qom-type": "memory-backend-file",
+            "id": _vm.POOL_OBJECT,
+            "mem-path": str(pool),
+            "size": size_mb << 20,
+            "share": True,
+        },
+    )
+    _qmp.command(
+        qmp,
+        "device_add",
+        driver="ivshmem-plain",
+        id=_vm.POOL_DEVICE,
+        memdev=_vm.POOL_OBJECT,
+        master="on",
+    )
+
+
+def _plug_tap(netns: str, tap: str, proc: Any, log: Path, deadline: float) -> None:
+    with _netns.Netlinks() as nl:
+        ipr = nl(netns)
+        while not ipr.link_lookup(ifname=tap):
+            if proc.poll() is not None:
+                raise MigrationError(
+                    f"migration step 'start the target QEMU': it exited with status"
+                    f" {proc.returncode} ({_vm.tail(log) or 'no output'})"
+                )
+            if time.monotonic() > deadline:
+                raise MigrationError(f"migration step 'start the target QEMU': no tap {tap}")
+            time.sleep(0.02)
+        index = ipr.link_lookup(ifname=tap)[0]
+        ipr.link("set", index=index, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
+def _wait_migrated(src_qmp: Path, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _qmp.command(src_qmp, "query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return dict(info)
+        if status in ("failed", "cancelled"):
+            raise MigrationError(
+                f"migration step 'migrate': QEMU says {status}: {info.get('error-desc', '')}"
+            )
+        if time.monotonic() > deadline:
+            _qmp.command(src_qmp, "migrate_cancel")
+            raise MigrationError(f"migration step 'migrate': not done within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def write_vm_guests(state: _state.State) -> None:
+    """Each host's VM-gateway file lists the VMs that run on it now (0600)."""
+    from ._lab import _write_private
+
+    for h in state["hosts"]:
+        vms = {
+            g["name"]: {
+                "token": Path(g["agent_token_file"]).read_text(),
+                "address": g["addresses"][0],
+            }
+            for g in state["guests"]
+            if g["host"] == h["name"]
+        }
+        _write_private(Path(h["vm_guests"]), json.dumps({"guests": vms}, indent=2))
+
+
+def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[str, Any]:
+    """Live-migrate ``guest`` to ``to_host``, updating ``state`` in place; returns figures
+    (QEMU's ``total-time`` and ``downtime`` in ms, and the wall time of every step).
+
+    Raises:
+        UnknownGuest, UnknownHost, MigrationError (same host; or a step failed: named).
+    """
+    from ._lab import _spec
+
+    g = next((r for r in state["guests"] if r["name"] == guest), None)
+    if g is None:
+        raise UnknownGuest(f"lab {state['name']!r} has no guest {guest!r}")
+    dest = next((h for h in state["hosts"] if h["name"] == to_host), None)
+    if dest is None:
+        raise UnknownHost(f"lab {state['name']!r} has no host {to_host!r}")
+    if g["host"] == to_host:
+        raise MigrationError(f"guest {guest} already runs on {to_host}")
+    src_qmp = Path(g["qmp"])
+    if not _vm.is_qemu(int(g.get("pid") or 0)):
+        raise MigrationError(f"guest {guest}: its QEMU is not running")
+    steps: dict[str, float] = {}
+    t = time.monotonic()
+    unplug_pool(src_qmp)
+    steps["unplug_s"] = time.monotonic() - t
+
+    n = int(g.get("migrations", 0)) + 1
+    gdir = Path(g["dir"])
+    target = dataclasses.replace(
+        _spec(state, g),
+        pool=None,
+        qmp=gdir / f"qmp-{n}.sock",
+        serial=gdir / f"serial-{n}.log",
+    )
+    log = gdir / f"qemu-{n}.log"
+    uri = f"unix:{gdir / f'migrate-{n}.sock'}"
+    t = time.monotonic()
+    proc = _vm.start(target, qemu, dest["netns"], log, incoming=uri)
+    try:
+        _plug_tap(dest["netns"], target.tap, proc, log, time.monotonic() + 30)
+        if _qmp.status(target.qmp) != "inmigrate":
+            raise MigrationError("migration step 'start the target QEMU': not waiting for us")
+        steps["target_s"] = time.monotonic() - t
+        t = time.monotonic()
+        try:
+            _qmp.command(src_qmp, "migrate", uri=uri)
+        except _qmp.QmpError as exc:
+            raise MigrationError(f"migration step 'migrate': {exc}") from None
+        info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
+        steps["migrate_s"] = time.monotonic() - t
+    except BaseException:
+        _vm.stop([proc.pid])
+        # Give the source its pool back: it still runs where it was.
+        try:
+            if _qmp.status(src_qmp) != "running":
+                _qmp.command(src_qmp, "cont")
+            host = next(h for h in state["hosts"] if h["name"] == g["host"])
+            plug_pool(src_qmp, Path(host["pool"]), int(state["pool_mb"]))
+        except (MigrationError, BootError, _qmp.QmpError):
+            pass
+        raise
+    t = time.monotonic()
+    old_pid = int(g["pid"])
+    _qmp.quit_(src_qmp)
+    _vm.stop([old_pid])
+    plug_pool(target.qmp, Path(dest["pool"]), int(state["pool_mb"]))
+    steps["replug_s"] = time.monotonic() - t
+    g.update(
+        host=to_host,
+        netns=dest["netns"],
+        pid=proc.pid,
+        qmp=str(target.qmp),
+        serial=str(target.serial),
+        log=str(log),
+        migrations=n,
+    )
+    write_vm_guests(state)
+    return {
+        "total_time_ms": info.get("total-time"),
+        "downtime_ms": info.get("downtime"),
+        "ram_transferred": info.get("ram", {}).get("transferred"),
+        **{k: round(v, 3) for k, v in steps.items()},
+    }

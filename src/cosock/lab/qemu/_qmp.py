@@ -1,0 +1,81 @@
+"""QMP, QEMU's control protocol, through the ``qemu.qmp`` library (as QEMU's own
+``python/qemu/machine`` does).
+
+Each guest's QEMU listens on its own Unix socket (``-qmp unix:...,server=on,wait=off``) rather
+than on a socketpair kept by the process that started it: ``cosock lab`` is a CLI, and whichever
+process runs ``down`` or ``migrate`` later must be able to reach every guest. QMP accepts one
+client at a time, so each call opens, negotiates, talks and closes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ._model import VmError
+
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 30.0
+
+
+class QmpError(VmError):
+    """QEMU's monitor was unreachable or refused a command."""
+
+
+@contextmanager
+def session(path: Path, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
+    """A negotiated ``QEMUMonitorProtocol`` on ``path`` (retried until ``timeout``: the
+    socket appears a moment after QEMU starts)."""
+    from qemu.qmp import QMPError
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + timeout
+    while True:
+        qmp = QEMUMonitorProtocol(str(path))
+        try:
+            qmp.connect(negotiate=True)
+            break
+        except (OSError, QMPError) as exc:
+            qmp.close()
+            if time.monotonic() > deadline:
+                raise QmpError(f"QMP socket {path}: cannot connect ({exc})") from None
+            time.sleep(0.05)
+    qmp.settimeout(COMMAND_TIMEOUT)
+    try:
+        yield qmp
+    finally:
+        qmp.close()
+
+
+def command(path: Path, name: str, /, **args: Any) -> Any:
+    """Run one QMP command and return its ``return`` value.
+
+    Raises:
+        QmpError: unreachable monitor, or QEMU's error ``desc`` for a refused command.
+    """
+    from qemu.qmp import QMPError
+
+    with session(path) as qmp:
+        try:
+            return qmp.cmd(name, **args)
+        except QMPError as exc:
+            raise QmpError(f"QMP {name} on {path.name}: {exc}") from None
+
+
+def status(path: Path) -> str:
+    """The VM's run state (``running``, ``paused``, ``inmigrate``, ...)."""
+    return str(command(path, "query-status").get("status", "unknown"))
+
+
+def quit_(path: Path) -> None:
+    """Ask QEMU to exit; a monitor that is already gone is fine."""
+    from qemu.qmp import QMPError
+
+    try:
+        with session(path, timeout=1.0) as qmp:
+            qmp.cmd("quit")
+    except (QmpError, QMPError, OSError, EOFError):
+        pass

@@ -1,0 +1,123 @@
+"""The agent's VM gateway on loopback with a real pool file: tokens, slot grants, refusals.
+
+The VM side of the same protocol runs in real guests in test_lab_qemu.py; here the identities
+are tokens in a guests file, which is all the gateway ever sees of a VM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cosock._errors import AgentUnavailable
+from cosock._ivshmem import Pool
+from cosock._vmagent import SlotRefused, VmAgent
+from cosock.agent import _vmgate
+
+A, B, C = "10.77.1.11", "10.77.1.12", "10.77.1.13"
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[tuple[str, int], Path]]:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    pool = base / f"cosock-gw-test-{os.getpid()}-{id(tmp_path)}.ivshmem"
+    with open(pool, "wb") as f:
+        f.truncate(1 << 20)
+    with Pool(pool) as p:
+        p.format(64 << 10)
+    guests = tmp_path / "vm-guests.json"
+    guests.write_text(
+        json.dumps(
+            {
+                "guests": {
+                    "h1g1": {"token": "tok-a", "address": A},
+                    "h1g2": {"token": "tok-b", "address": B},
+                    "h1g3": {"token": "tok-c", "address": C},
+                }
+            }
+        )
+    )
+    gate = _vmgate.start(("127.0.0.1", 0), pool, guests)
+    try:
+        yield gate.server_address[:2], pool
+    finally:
+        gate.shutdown()
+        gate.server_close()
+        pool.unlink()
+
+
+def test_a_bad_token_is_refused(gateway: tuple[tuple[str, int], Path]) -> None:
+    addr, _ = gateway
+    with pytest.raises(SlotRefused, match="bad token"):
+        VmAgent(addr, token="tok-x")
+    with VmAgent(addr, token="tok-a") as a:
+        assert (a.guest, a.address) == ("h1g1", A)
+        assert a.guests() == {"h1g1": A, "h1g2": B, "h1g3": C}
+
+
+def test_a_slot_goes_to_exactly_the_connection_it_was_granted_for(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, pool = gateway
+    key = (A, 40000, B, 8000)
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        with VmAgent(addr, token="tok-c") as c:
+            with pytest.raises(SlotRefused, match="not h1g1's"):
+                a.alloc_slot((C, 40000, B, 8000))  # a client address that is not A's
+            slot, gen = a.alloc_slot(key)
+            with pytest.raises(SlotRefused, match="not h1g3's"):
+                c.claim_slot(slot, gen, key)  # a third VM cannot claim it
+            with pytest.raises(SlotRefused, match="no such grant"):
+                b.claim_slot(slot, gen, (A, 40001, B, 8000))  # another connection
+            b.claim_slot(slot, gen, key)
+            with pytest.raises(SlotRefused):
+                b.claim_slot(slot, gen, key)  # once only
+        with Pool(pool) as p:
+            assert p.slot_ok(p.layout(), slot)  # formatted by the gateway
+        a.free_slot(slot, gen)
+        b.free_slot(slot, gen)
+        with pytest.raises(SlotRefused):
+            a.free_slot(slot, gen)
+
+
+def test_a_vanished_client_frees_its_slots(gateway: tuple[tuple[str, int], Path]) -> None:
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a:
+        first = a.alloc_slot((A, 1, B, 2))
+    with VmAgent(addr, token="tok-a") as a:
+        for _ in range(50):  # the handler thread frees on disconnect; it may lag a moment
+            again = a.alloc_slot((A, 3, B, 4))
+            if again[0] == first[0]:
+                break
+            a.free_slot(*again)
+        assert again[0] == first[0]
+
+
+def test_a_guest_that_leaves_the_host_loses_its_slots(
+    gateway: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    """The lab rewrites the guests file when a VM migrates away: its grants are released."""
+    addr, _ = gateway
+    guests = tmp_path / "vm-guests.json"
+    with VmAgent(addr, token="tok-a") as a:
+        slot, gen = a.alloc_slot((A, 1, B, 2))
+        data = json.loads(guests.read_text())
+        del data["guests"]["h1g2"]
+        guests.write_text(json.dumps(data))
+        os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
+        with pytest.raises(SlotRefused, match="not a VM of this host"):
+            a.alloc_slot((A, 3, B, 4))
+        with pytest.raises(SlotRefused, match="no such grant"):
+            a.free_slot(slot, gen)  # released when h1g2 left
+
+
+def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COSOCK_VM_GATEWAY", raising=False)
+    with pytest.raises(AgentUnavailable, match="COSOCK_VM_GATEWAY"):
+        VmAgent()
