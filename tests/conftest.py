@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings
+
+# Timings are not what the properties check: on a loaded 2-core CI machine one example
+# can take 300 ms where it takes 2 ms alone (FlakyFailure "Unreliable test timings").
+settings.register_profile("cosock", deadline=None)
+settings.load_profile("cosock")
 
 if TYPE_CHECKING:
     from cosock.lab import Lab
@@ -162,13 +168,22 @@ def peers() -> Iterator[Callable[..., Any]]:
 
 
 def _singleton_fds() -> list[int]:
-    """Process-lifetime fds that are not leaks: the offer sender socket (one per process)."""
+    """Process-lifetime fds that are not leaks: the offer sender socket (one per process)
+    and the shared agent client's wake-up epoll."""
     from cosock import _rendezvous
+    from cosock.agent.client import AgentClient
 
+    fds = []
     sender = _rendezvous._sender  # per process (a forked child makes its own)
     if sender is not None and sender.fileno() >= 0:
-        return [sender.fileno()]
-    return []
+        fds.append(sender.fileno())
+    # The shared agent client's wake-up epoll, made lazily by the residency watch's first
+    # round (before or during a test, as scheduling has it); it lives as long as the client.
+    client = AgentClient._shared
+    epoll = None if client is None else client._epoll
+    if epoll is not None and not epoll.closed:
+        fds.append(epoll.fileno())
+    return fds
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from __future__ import annotations
 import _socket
 import errno
 import functools
+import io
 import ipaddress
 import logging
 import os
@@ -183,6 +184,7 @@ class _Channel:
         "error",
         "fin",
         "fin_pending",
+        "forked",
         "kick",
         "mm",
         "nodelay",
@@ -194,6 +196,7 @@ class _Channel:
         "rd_shut",
         "refs",
         "reject",
+        "released",
         "retained",
         "retained_base",
         "role",
@@ -261,7 +264,11 @@ class _Channel:
         self.tx_busy = False
         #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
         self.sleepers = 0
-        self.kick: int | None = None  # eventfd: a sibling thread took our wake-up (_sleep)
+        # eventfd (in a FileIO, so a channel lost without release() still closes it on
+        # collection): a sibling thread took our wake-up (_sleep)
+        self.kick: io.FileIO | None = None
+        self.released = False
+        self.forked = False  # shared with another process by fork: the watch keeps off
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
@@ -279,9 +286,11 @@ class _Channel:
         }
 
     def release(self) -> None:
-        if self.kick is not None:
-            os.close(self.kick)
-            self.kick = None
+        with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
+            self.released = True
+            if self.kick is not None:
+                self.kick.close()
+                self.kick = None
         for end in (self.tx, self.rx):
             if end is not None:
                 end.release()
@@ -433,7 +442,7 @@ class CoSocket(socket.socket):
         Undecided (nothing happens) while the agent is unreachable or does not know us.
         """
         ch = self._co
-        if ch is None or ch.phase not in (_SHM, _FRAMED) or ch.tcp_eof or ch.error:
+        if ch is None or ch.phase not in (_SHM, _FRAMED) or ch.tcp_eof or ch.error or ch.forked:
             return
         if ch.peer_ip is None:
             try:
@@ -458,8 +467,8 @@ class CoSocket(socket.socket):
         """Residency watch: is a switch unfinished (the peer's SWITCH not read yet, or
         resend bytes not handed to the kernel)?"""
         ch = self._co
-        if ch is None or ch.tcp_eof or ch.error is not None:
-            return False
+        if ch is None or ch.tcp_eof or ch.error is not None or ch.forked:
+            return False  # a forked twin's process may be reading the same TCP stream
         return (
             ch.phase is _SWITCHING
             or ch.phase is _HANDSHAKE  # the verdict, for an application that does not read
@@ -1275,14 +1284,15 @@ class CoSocket(socket.socket):
         ch.phase = _BROKEN
 
     @staticmethod
-    def _make_kick(ch: _Channel) -> int | None:
+    def _make_kick(ch: _Channel) -> io.FileIO | None:
         """The channel's eventfd for waking sibling sleepers, made at its first sleep (most
         channels never sleep); None if no descriptor is left (wake-ups then rely on the
         safety timeout, as before)."""
         with ch.ctl_lock:
-            if ch.kick is None:
+            if ch.kick is None and not ch.released:
                 try:
-                    ch.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    ch.kick = io.FileIO(fd, "r", closefd=True)
                 except OSError:
                     return None
             return ch.kick
@@ -1293,11 +1303,12 @@ class CoSocket(socket.socket):
         try:
             self._handle_events(ch)
         finally:
-            if ch.sleepers and ch.kick is not None:
+            kick = ch.kick
+            if ch.sleepers and kick is not None:
                 try:
-                    os.eventfd_write(ch.kick, 1)
-                except OSError:
-                    pass
+                    os.eventfd_write(kick.fileno(), 1)
+                except (OSError, ValueError):
+                    pass  # released meanwhile
 
     def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
@@ -1449,7 +1460,8 @@ class CoSocket(socket.socket):
                     # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
                     # would hold it until the next tick (4 ms at HZ=250).
                     os.sched_yield()
-        kick = ch.kick if ch.kick is not None else self._make_kick(ch)
+        kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
+        kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
         # Counted before arm(): from here on, another thread of ours that takes our
         # doorbell off the shared TCP stream (full duplex) kicks us (_events).
@@ -2193,9 +2205,24 @@ def _channels_after_fork_in_child() -> None:
             ch.ctl_lock = threading.Lock()
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
+            ch.forked = True
 
 
-os.register_at_fork(after_in_child=_channels_after_fork_in_child)
+def _channels_after_fork_in_parent() -> None:
+    """Parent and child now share each channel's TCP stream: the residency watches of two
+    processes must not both read it (a ForkingMixIn parent's watch took the HELLO its child
+    was waiting for).  The applications' own calls still drive these connections."""
+    for ref in list(_tracked.values()):
+        sock = ref()
+        ch = None if sock is None else sock._co
+        if ch is not None:
+            ch.forked = True
+
+
+os.register_at_fork(
+    after_in_child=_channels_after_fork_in_child,
+    after_in_parent=_channels_after_fork_in_parent,
+)
 
 
 def path_of(sock: socket.socket) -> str:
