@@ -23,7 +23,12 @@ import pytest
 
 from conftest import IS_ROOT, unique_lab_name
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("qemu-lab"), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.timeout(600),
+    pytest.mark.leaks_checked_by_module,  # vmlab checks itself, migrations included
+]
 
 PY = sys.executable
 COSOCK = str(Path(sys.executable).with_name("cosock"))
@@ -91,18 +96,22 @@ def vmlab() -> Iterator[object]:
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
+    from conftest import leaks_checked
     from cosock.lab import down
     from cosock.lab.qemu import QemuLab
 
     name = unique_lab_name()
-    try:
-        # h2: a migration target; root "image": migratable (QEMU refuses with a 9p root).
-        lab = QemuLab.up(name, hosts=1, guests=2, spare_hosts=1, root="image")
-    except BaseException:
-        down(name)
-        raise
-    yield lab
-    down(name)
+    with leaks_checked():
+        try:
+            # h2: a migration target; root "image": migratable (QEMU refuses with a 9p root).
+            lab = QemuLab.up(name, hosts=1, guests=2, spare_hosts=1, root="image")
+        except BaseException:
+            down(name)
+            raise
+        try:
+            yield lab
+        finally:
+            down(name)
 
 
 def test_guests_boot_with_their_addresses(vmlab: object) -> None:

@@ -9,6 +9,7 @@ client at a time, so each call opens, negotiates, talks and closes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,22 +33,37 @@ def session(path: Path, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
     from qemu.qmp import QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    deadline = time.monotonic() + timeout
-    while True:
-        qmp = QEMUMonitorProtocol(str(path))
-        try:
-            qmp.connect(negotiate=True)
-            break
-        except (OSError, QMPError) as exc:
-            qmp.close()
-            if time.monotonic() > deadline:
-                raise QmpError(f"QMP socket {path}: cannot connect ({exc})") from None
-            time.sleep(0.05)
-    qmp.settimeout(COMMAND_TIMEOUT)
+    owned = not _loop_is_set()  # the sync shim sets a loop of its own when none is
     try:
-        yield qmp
+        deadline = time.monotonic() + timeout
+        while True:
+            qmp = QEMUMonitorProtocol(str(path))
+            try:
+                qmp.connect(negotiate=True)
+                break
+            except (OSError, QMPError) as exc:
+                qmp.close()
+                if time.monotonic() > deadline:
+                    raise QmpError(f"QMP socket {path}: cannot connect ({exc})") from None
+                time.sleep(0.05)
+        qmp.settimeout(COMMAND_TIMEOUT)
+        try:
+            yield qmp
+        finally:
+            qmp.close()
     finally:
-        qmp.close()
+        if owned:  # its epoll and self-pipe would outlive us (one set per thread)
+            loop = getattr(asyncio.get_event_loop_policy(), "_local", None)
+            loop = getattr(loop, "_loop", None)
+            asyncio.set_event_loop(None)
+            if loop is not None:
+                loop.close()
+
+
+def _loop_is_set() -> bool:
+    """Has this thread an event loop set (one that is not ours to close)?"""
+    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    return local is None or getattr(local, "_loop", None) is not None
 
 
 def command(path: Path, name: str, /, **args: Any) -> Any:
