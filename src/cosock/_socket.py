@@ -2193,6 +2193,20 @@ class CoSocket(socket.socket):
         return sock
 
 
+_fork_held: list[_Channel] = []
+
+
+def _channels_before_fork() -> None:
+    """Hold every channel's pump lock across the fork: a residency watch half way through
+    a peek-then-take (the HELLO, say) finishes first, so parent and child never both act
+    on one frame of their shared TCP stream."""
+    for ref in list(_tracked.values()):
+        sock = ref()
+        ch = None if sock is None else sock._co
+        if ch is not None and ch.rx_lock.acquire(timeout=1.0):
+            _fork_held.append(ch)
+
+
 def _channels_after_fork_in_child() -> None:
     """Only the forking thread lives on in a child: a lock another thread held at the fork
     (the residency watch pumping, say) would stay held for ever, a busy flag or sleeper
@@ -2206,6 +2220,7 @@ def _channels_after_fork_in_child() -> None:
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
             ch.forked = True
+    _fork_held.clear()
 
 
 def _channels_after_fork_in_parent() -> None:
@@ -2217,9 +2232,13 @@ def _channels_after_fork_in_parent() -> None:
         ch = None if sock is None else sock._co
         if ch is not None:
             ch.forked = True
+    for ch in _fork_held:
+        ch.rx_lock.release()
+    _fork_held.clear()
 
 
 os.register_at_fork(
+    before=_channels_before_fork,
     after_in_child=_channels_after_fork_in_child,
     after_in_parent=_channels_after_fork_in_parent,
 )
