@@ -403,6 +403,22 @@ class Lab:
         }
 
 
+def plan_wires(hosts: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The inter-host wires of a lab (any backend): h1 to every other host."""
+    first = host_name(1)
+    return [
+        {
+            "a": first,
+            "a_ifname": wire_ifname(h["name"]),
+            "b": h["name"],
+            "b_ifname": wire_ifname(first),
+            # Far above the few links a host has, so the two ends never share an ifindex.
+            "a_index": WIRE_IFINDEX_BASE + n,
+        }
+        for n, h in enumerate(hosts[1:], start=2)
+    ]
+
+
 def _plan(name: str, n_hosts: int, n_guests: int) -> _state.State:
     """The full state record of a lab before anything exists: names, addresses, links."""
     hosts: list[dict[str, Any]] = []
@@ -435,18 +451,7 @@ def _plan(name: str, n_hosts: int, n_guests: int) -> _state.State:
                     "link": {"netns": hns, "ifname": port_ifname(gname)},
                 }
             )
-    first = host_name(1)
-    wires = [
-        {
-            "a": first,
-            "a_ifname": wire_ifname(h["name"]),
-            "b": h["name"],
-            "b_ifname": wire_ifname(first),
-            # Far above the few links a host has, so the two ends never share an ifindex.
-            "a_index": WIRE_IFINDEX_BASE + n,
-        }
-        for n, h in enumerate(hosts[1:], start=2)
-    ]
+    wires = plan_wires(hosts)
     return {
         "version": _state.STATE_VERSION,
         "name": name,

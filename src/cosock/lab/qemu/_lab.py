@@ -30,6 +30,7 @@ from ..._vmagent import ENV_GATEWAY
 from ...agent._vmgate import PORT as GATEWAY_PORT
 from .. import _agents, _netns, _state
 from .._lab import down as lab_down
+from .._lab import plan_wires
 from .._model import (
     BRIDGE,
     DEFAULT_NAME,
@@ -47,7 +48,6 @@ from .._model import (
     require_root,
     validate_name,
     validate_size,
-    wire_ifname,
 )
 from . import _accel, _exec, _initramfs, _kernel, _packages, _script, _vm
 from ._model import (
@@ -64,7 +64,6 @@ from ._model import (
 
 BACKEND = "qemu"
 TAP_TIMEOUT = 15.0
-WIRE_IFINDEX_BASE = 1000
 
 
 @dataclass(frozen=True)
@@ -542,17 +541,7 @@ def _plan(
                     "pid": 0,
                 }
             )
-    first = host_name(1)
-    wires = [
-        {
-            "a": first,
-            "a_ifname": wire_ifname(h["name"]),
-            "b": h["name"],
-            "b_ifname": wire_ifname(first),
-            "a_index": WIRE_IFINDEX_BASE + n,
-        }
-        for n, h in enumerate(hosts[1:], start=2)
-    ]
+    wires = plan_wires(hosts)
     return {
         "version": _state.STATE_VERSION,
         "name": name,
