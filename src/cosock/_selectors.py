@@ -11,20 +11,35 @@ CoSockets on the TCP path) pass straight through to the wrapped kernel selector.
 
 asyncio's selector loop and ``socketserver`` create ``selectors.DefaultSelector()`` at
 run time, so ``cosock.enable()`` replacing the module attributes reaches them.
+
+Before sleeping in the kernel, a selector spins on the rings of its readable channels
+(flagging them ``spinning``, so the peer's writes ring no doorbell) for an adaptive
+budget, as a blocking ``recv`` does: an event loop in a request/response exchange then
+takes the peer's answer without a doorbell send, a wake-up and a doorbell read.  The
+budget grows while answers come soon after the spin gave up and shrinks while the loop
+idles, so an idle loop spins only ``COSOCK_SPIN_US`` per call.
 """
 
 from __future__ import annotations
 
+import os
 import selectors
+import time
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _config
+from ._errors import RingCorrupted
 
 if TYPE_CHECKING:
+    from ._ring import RingReader
     from ._socket import CoSocket
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+#: Spin iterations between two looks at the kernel (and a sched_yield): a power of 2 - 1.
+_YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 
 #: fd -> CoSocket with an attached channel.  asyncio registers bare fds, so the selector
 #: must find the socket object from the number.
@@ -90,6 +105,9 @@ class CoSelector(selectors.BaseSelector):
         self._keys: dict[int, selectors.SelectorKey] = {}
         self._kernel: dict[int, int] = {}  # fd -> events registered with the kernel
         self._map = _Map(self._keys)
+        self._spin_min = _config.spin_ns()
+        self._spin_max = _config.spin_max_ns()
+        self._spin_ns = self._spin_min
 
     def _kernel_events(self, fd: int, events: int) -> int:
         sock = channel_socket(fd)
@@ -142,15 +160,16 @@ class CoSelector(selectors.BaseSelector):
             self._kernel[fd] = kernel
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready: dict[int, int] = {}
-        for fd, key in list(self._keys.items()):
-            self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
-            sock = channel_socket(fd)
-            if sock is not None:
-                events = sock._cosock_events(key.events)
-                if events:
-                    ready[fd] = events
-        for kkey, kevents in self._inner.select(0 if ready else timeout):
+        ready = self._ring_ready()
+        spun = False
+        if not ready and (timeout is None or timeout > 0) and self._spin_ns:
+            spun = True
+            if self._spin(timeout):
+                ready = self._ring_ready()
+        t0 = time.perf_counter_ns()
+        kernel = self._inner.select(0 if ready else timeout)
+        channel_woke = False
+        for kkey, kevents in kernel:
             fd = kkey.fd
             mine = self._keys.get(fd)
             if mine is None:
@@ -162,11 +181,76 @@ class CoSelector(selectors.BaseSelector):
                 if sock._co is None:  # fell back while pumping: the kernel is right again
                     self._sync(fd, mine.events)
                     events = mine.events & (EVENT_READ | EVENT_WRITE)
+                channel_woke = channel_woke or bool(events)
             else:
                 events = kevents & mine.events
             if events:
                 ready[fd] = ready.get(fd, 0) | events
+        if spun and (channel_woke or not ready):
+            self._adapt(time.perf_counter_ns() - t0, channel_woke)
         return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
+
+    def _ring_ready(self) -> dict[int, int]:
+        ready: dict[int, int] = {}
+        for fd, key in list(self._keys.items()):
+            self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
+            sock = channel_socket(fd)
+            if sock is not None:
+                events = sock._cosock_events(key.events)
+                if events:
+                    ready[fd] = events
+        return ready
+
+    def _spin(self, timeout: float | None) -> bool:
+        """Poll the rings of channels we wait to read, flagged ``spinning`` meanwhile, for
+        up to the spin budget (never past ``timeout``).  True: a ring has bytes, or the
+        kernel has an event for another file; look again."""
+        readers: list[RingReader] = []
+        for fd, key in self._keys.items():
+            if key.events & EVENT_READ:
+                sock = channel_socket(fd)
+                rx = None if sock is None else sock._cosock_spin_reader()
+                if rx is not None:
+                    readers.append(rx)
+        if not readers:
+            return False
+        budget = self._spin_ns
+        if timeout is not None:
+            budget = min(budget, int(timeout * 1e9))
+        clock = time.perf_counter_ns
+        end = clock() + budget
+        spins = 0
+        try:
+            for rx in readers:
+                rx.set_spinning(True)
+            while clock() < end:
+                for rx in readers:
+                    if rx.available():
+                        return True
+                spins += 1
+                if spins & _YIELD_MASK == 0:
+                    if self._inner.select(0):
+                        return True  # a plain fd, a timer, the loop's self-pipe
+                    # On time-shared vCPUs the peer may wait for *our* CPU.
+                    os.sched_yield()
+            # A write published after our last look saw the flag and rang no doorbell:
+            # look once more after clearing it (the clear is fenced; see RingReader.arm).
+            for rx in readers:
+                rx.set_spinning(False)
+            return any(rx.available() for rx in readers)
+        except RingCorrupted:
+            return True  # the readiness pass reports it on the socket
+        finally:
+            for rx in readers:
+                rx.set_spinning(False)
+
+    def _adapt(self, slept_ns: int, channel_woke: bool) -> None:
+        """Like an adaptive mutex: a channel that answered soon after we gave up spinning
+        would have been caught by a longer spin; a long or idle sleep shrinks it back."""
+        if channel_woke and slept_ns < self._spin_max:
+            self._spin_ns = min(self._spin_ns * 2, self._spin_max)
+        elif not channel_woke or slept_ns > 2 * self._spin_max:
+            self._spin_ns = max(self._spin_ns // 2, self._spin_min)
 
     def close(self) -> None:
         self._keys.clear()
