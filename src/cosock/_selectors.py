@@ -13,11 +13,11 @@ asyncio's selector loop and ``socketserver`` create ``selectors.DefaultSelector(
 run time, so ``cosock.enable()`` replacing the module attributes reaches them.
 
 Before sleeping in the kernel, a selector spins on the rings of its readable channels
-(flagging them ``spinning``, so the peer's writes ring no doorbell) for an adaptive
-budget, as a blocking ``recv`` does: an event loop in a request/response exchange then
-takes the peer's answer without a doorbell send, a wake-up and a doorbell read.  The
-budget grows while answers come soon after the spin gave up and shrinks while the loop
-idles, so an idle loop spins only ``COSOCK_SPIN_US`` per call.
+(flagging them ``spinning``, so the peer's writes ring no doorbell) for about twice the
+time its channels usually take to answer: an event loop in a request/response exchange
+then takes the peer's answer without a doorbell send, a wake-up and a doorbell read.
+When answers take longer than ``COSOCK_SPIN_MAX_US`` (an idle loop, a slow peer, a
+loaded machine) it does not spin at all.
 """
 
 from __future__ import annotations
@@ -78,6 +78,14 @@ def _fd_of(fileobj: Any) -> int:
     return fd
 
 
+def _disarm(rx: RingReader) -> None:
+    """Let the peer ring again for a ring we no longer watch (if it is still mapped)."""
+    try:
+        rx.set_spinning(False)
+    except ValueError:
+        pass  # the channel was released: nobody waits on it
+
+
 class _Map(Mapping[Any, selectors.SelectorKey]):
     def __init__(self, keys: dict[int, selectors.SelectorKey]) -> None:
         self._keys = keys
@@ -107,7 +115,10 @@ class CoSelector(selectors.BaseSelector):
         self._map = _Map(self._keys)
         self._spin_min = _config.spin_ns()
         self._spin_max = _config.spin_max_ns()
-        self._spin_ns = self._spin_min
+        #: Moving average of the time our channels take to answer (see ``_learn``).
+        self._wait_ns = self._spin_min
+        #: Rings flagged ``spinning`` while the loop runs between select() calls.
+        self._awake: dict[int, RingReader] = {}
 
     def _kernel_events(self, fd: int, events: int) -> int:
         sock = channel_socket(fd)
@@ -136,6 +147,7 @@ class CoSelector(selectors.BaseSelector):
         except KeyError:
             raise KeyError(f"{fileobj!r} is not registered") from None
         del self._kernel[fd]
+        self._release(fd)
         try:
             self._inner.unregister(fd)
         except (KeyError, OSError, ValueError):
@@ -150,6 +162,8 @@ class CoSelector(selectors.BaseSelector):
             raise ValueError(f"Invalid events: {events!r}")
         key = self._keys[fd]._replace(events=events, data=data)
         self._keys[fd] = key
+        if not events & EVENT_READ:
+            self._release(fd)
         self._sync(fd, events)
         return key
 
@@ -160,15 +174,14 @@ class CoSelector(selectors.BaseSelector):
             self._kernel[fd] = kernel
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._ring_ready()
-        spun = False
-        if not ready and (timeout is None or timeout > 0) and self._spin_ns:
-            spun = True
-            if self._spin(timeout):
-                ready = self._ring_ready()
+        ready, watched = self._ring_ready()
+        readers = [] if ready or (timeout is not None and timeout <= 0) else list(watched.values())
         t0 = time.perf_counter_ns()
+        answered = False  # a ring we wait on became readable during this call
+        if readers and self._spin_ok() and self._spin(readers, timeout):
+            ready, watched = self._ring_ready()
+            answered = bool(ready)
         kernel = self._inner.select(0 if ready else timeout)
-        channel_woke = False
         for kkey, kevents in kernel:
             fd = kkey.fd
             mine = self._keys.get(fd)
@@ -181,17 +194,21 @@ class CoSelector(selectors.BaseSelector):
                 if sock._co is None:  # fell back while pumping: the kernel is right again
                     self._sync(fd, mine.events)
                     events = mine.events & (EVENT_READ | EVENT_WRITE)
-                channel_woke = channel_woke or bool(events)
+                answered = answered or bool(events & EVENT_READ)
             else:
                 events = kevents & mine.events
             if events:
                 ready[fd] = ready.get(fd, 0) | events
-        if spun and (channel_woke or not ready):
-            self._adapt(time.perf_counter_ns() - t0, channel_woke)
+        if readers and (answered or not kernel):  # an answer, or nothing at all: learn
+            self._learn(time.perf_counter_ns() - t0)
+        self._stay_awake(watched)
         return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
 
-    def _ring_ready(self) -> dict[int, int]:
+    def _ring_ready(self) -> tuple[dict[int, int], dict[int, RingReader]]:
+        """Readiness of every channel from its rings (arming the peer's doorbell where
+        there is nothing to read), and the rings of channels we watch for reading."""
         ready: dict[int, int] = {}
+        watched: dict[int, RingReader] = {}
         for fd, key in list(self._keys.items()):
             self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
             sock = channel_socket(fd)
@@ -199,22 +216,45 @@ class CoSelector(selectors.BaseSelector):
                 events = sock._cosock_events(key.events)
                 if events:
                     ready[fd] = events
-        return ready
+                if key.events & EVENT_READ:
+                    rx = sock._cosock_spin_reader()
+                    if rx is not None:
+                        watched[fd] = rx
+        return ready, watched
 
-    def _spin(self, timeout: float | None) -> bool:
-        """Poll the rings of channels we wait to read, flagged ``spinning`` meanwhile, for
-        up to the spin budget (never past ``timeout``).  True: a ring has bytes, or the
-        kernel has an event for another file; look again."""
-        readers: list[RingReader] = []
-        for fd, key in self._keys.items():
-            if key.events & EVENT_READ:
-                sock = channel_socket(fd)
-                rx = None if sock is None else sock._cosock_spin_reader()
-                if rx is not None:
-                    readers.append(rx)
-        if not readers:
-            return False
-        budget = self._spin_ns
+    def _stay_awake(self, watched: dict[int, RingReader]) -> None:
+        """Flag the watched rings ``spinning`` until our next select() looks at them.
+
+        Between two select() calls the event loop is running, not asleep, and every
+        select() looks at the rings (and arms the doorbells, fenced) before it sleeps: so
+        the peer need not ring for what it writes meanwhile.  That saves a doorbell's
+        send, the wake-up and its read whenever bytes arrive while the loop is busy
+        (pipelined and streaming traffic).  Rings we stop watching are armed again.
+        """
+        for fd, rx in self._awake.items():
+            if fd not in watched:
+                _disarm(rx)
+        for fd, rx in watched.items():
+            rx.set_spinning(True)
+            sock = channel_socket(fd)
+            if sock is None or sock._cosock_spin_reader() is not rx:
+                rx.set_spinning(False)  # a thread of ours went to sleep on it meanwhile
+        self._awake = watched
+
+    def _release(self, fd: int) -> None:
+        rx = self._awake.pop(fd, None)
+        if rx is not None:
+            _disarm(rx)
+
+    def _spin_ok(self) -> bool:
+        """COSOCK_SPIN_US=0 turns spinning off; else spin while answers come quickly."""
+        return self._spin_min > 0 and self._wait_ns <= self._spin_max
+
+    def _spin(self, readers: list[RingReader], timeout: float | None) -> bool:
+        """Poll ``readers``, flagged ``spinning`` meanwhile, for about twice the usual wait
+        (never past ``timeout``).  True: a ring has bytes, or the kernel has an event for
+        another file; look again."""
+        budget = min(self._spin_max, max(self._spin_min, 2 * self._wait_ns))
         if timeout is not None:
             budget = min(budget, int(timeout * 1e9))
         clock = time.perf_counter_ns
@@ -244,15 +284,17 @@ class CoSelector(selectors.BaseSelector):
             for rx in readers:
                 rx.set_spinning(False)
 
-    def _adapt(self, slept_ns: int, channel_woke: bool) -> None:
-        """Like an adaptive mutex: a channel that answered soon after we gave up spinning
-        would have been caught by a longer spin; a long or idle sleep shrinks it back."""
-        if channel_woke and slept_ns < self._spin_max:
-            self._spin_ns = min(self._spin_ns * 2, self._spin_max)
-        elif not channel_woke or slept_ns > 2 * self._spin_max:
-            self._spin_ns = max(self._spin_ns // 2, self._spin_min)
+    def _learn(self, waited_ns: int) -> None:
+        """Moving average of how long our channels take to answer (capped, so a long idle
+        spell is forgotten after a few quick answers).  Spinning pays only while that is
+        short: on a loaded machine answers come late and the CPU is better left to the
+        peer that has to produce them."""
+        waited_ns = min(waited_ns, 4 * self._spin_max)
+        self._wait_ns += (waited_ns - self._wait_ns) // 4
 
     def close(self) -> None:
+        for fd in list(self._awake):
+            self._release(fd)
         self._keys.clear()
         self._kernel.clear()
         self._inner.close()
