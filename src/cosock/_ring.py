@@ -22,6 +22,7 @@ import fcntl
 import mmap
 import os
 import threading
+import time
 from typing import Final
 
 from ._errors import RingCorrupted
@@ -56,6 +57,23 @@ def fence() -> None:
     """
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+#: A sched_yield() that takes this long ran another task: the CPU is oversubscribed.
+CONTENDED_NS: Final = 50_000
+
+
+def yield_contended() -> bool:
+    """Yield the CPU from a spin; True if another task ran meanwhile (stop spinning).
+
+    An uncontended sched_yield() returns in about a microsecond.  When CPUs are
+    oversubscribed (other processes, a VM's vCPU threads), spinning loses twice: the
+    scheduler ranks a spinner below the tasks that sleep, and the peer that has to produce
+    our bytes waits for a CPU.  Sleeping in the kernel then answers sooner.
+    """
+    t0 = time.perf_counter_ns()
+    os.sched_yield()
+    return time.perf_counter_ns() - t0 > CONTENDED_NS
 
 
 def channel_size(capacity: int) -> int:

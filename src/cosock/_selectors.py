@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _config
 from ._errors import RingCorrupted
+from ._ring import yield_contended
 
 if TYPE_CHECKING:
     from ._ring import RingReader
@@ -301,8 +302,11 @@ class CoSelector(selectors.BaseSelector):
                 if spins & _YIELD_MASK == 0:
                     if self._inner.select(0):
                         return True  # a plain fd, a timer, the loop's self-pipe
-                    # On time-shared vCPUs the peer may wait for *our* CPU.
-                    os.sched_yield()
+                    # On time-shared vCPUs the peer may wait for *our* CPU; if another
+                    # task ran, the CPUs are oversubscribed: sleep, and spin less.
+                    if yield_contended():
+                        self._learn(4 * self._spin_max)
+                        break
             # A write published after our last look saw the flag and rang no doorbell:
             # look once more after clearing it (the clear is fenced; see RingReader.arm).
             for rx in readers:

@@ -75,6 +75,7 @@ from ._protocol import (
 )
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
 from ._ring import RingReader, RingWriter, map_channel_fd
+from ._ring import yield_contended as contended
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
@@ -1468,10 +1469,13 @@ class CoSocket(socket.socket):
                 if ready():
                     return
                 spins += 1
-                if spins & _YIELD_MASK == 0:
-                    # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
-                    # would hold it until the next tick (4 ms at HZ=250).
-                    os.sched_yield()
+                # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin would
+                # hold it until the next tick (4 ms at HZ=250).  If another task ran while
+                # we yielded, the CPUs are oversubscribed and a spinner only delays the
+                # peer that has to produce our bytes: sleep, and spin less.
+                if spins & _YIELD_MASK == 0 and contended():
+                    ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
+                    break
         kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
         kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
