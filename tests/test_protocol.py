@@ -629,6 +629,11 @@ EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
     **{(SERVER, State.RING_AWAIT, kind): State.RING_AWAIT for kind in (Bell, Space, Fin)},
     **{(role, state, Plain): State.PLAIN_SENT for role in Role for state in (SHM, State.FRAMED)},
     **{(role, State.PLAIN_RECEIVED, Plain): State.TCP for role in Role},
+    **{
+        (role, State.PLAIN_RECEIVED, kind): State.PLAIN_RECEIVED
+        for role in Role
+        for kind in (Data, Fin)
+    },
 }
 
 #: What each wire input (named by what it encodes) must produce, per (role, state):
@@ -1348,9 +1353,14 @@ def test_downgrade_from_framed_never_resends_what_data_frames_carried() -> None:
     pair.server.receive_data(to_server)
     assert drain(pair.server) == [Plain(0)]
     assert pair.server.resend_from == 2  # past its DATA frames, not the client's 0
+    # A writer thread frames more before the server answers: the resend moves past it.
+    framed = pair.server.send(Data(b"z"))
+    assert pair.server.resend_from == 3
+    pair.client.receive_data(framed + pair.server.send(Fin(3)))
+    assert drain(pair.client) == [Data(b"z"), Fin(3)]
     pair.client.receive_data(pair.server.send(Plain(3)))
     assert drain(pair.client) == [Plain(3)]
-    assert pair.client.resend_from == 3
+    assert pair.client.resend_from == 3 and pair.server.resend_from == 3
     assert pair.client.state is pair.server.state is State.TCP
 
 

@@ -244,7 +244,13 @@ _PLAIN_SENT_RECEIVE: Final[dict[type[Event], State]] = {
     Switch: State.TCP,
     Eof: State.CLOSED,
 }
-_PLAIN_RECEIVED_SEND: Final[dict[type[Event], State]] = {Plain: State.TCP}
+_PLAIN_RECEIVED_SEND: Final[dict[type[Event], State]] = {
+    Plain: State.TCP,
+    # A writer thread's frames (after a switch) or FIN, made before we answer: the peer
+    # parses them before our marker, so our resend starts after them.
+    Data: State.PLAIN_RECEIVED,
+    Fin: State.PLAIN_RECEIVED,
+}
 
 SEND_TRANSITIONS: Final[_Table] = {
     Role.CLIENT: {
@@ -559,6 +565,8 @@ class Connection:
                 data = bytes([T_DATA]) + len(payload).to_bytes(4, "little") + payload
                 self._tcp_next = end
                 self._sent = max(self._sent, end)
+                if self._state is State.PLAIN_RECEIVED:
+                    self._resend_from = end  # the peer reads this frame before our Plain
             case Upgrade(nonce=nonce):
                 data = bytes([T_UPGRADE]) + nonce
                 self._nonce = nonce

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _linger, _residency
+from . import _census, _config, _downgrade, _linger, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -50,6 +50,7 @@ from ._events import (
     Eof,
     Fin,
     Hello,
+    Plain,
     PlainData,
     Reject,
     RingMark,
@@ -67,6 +68,7 @@ from ._protocol import (
     T_BELL,
     T_DATA,
     T_FIN,
+    T_PLAIN,
     T_SPACE,
     T_SWITCH,
     Connection,
@@ -91,6 +93,8 @@ _TAKE, _LAST, _STOP = 0, 1, 2
 _ACCEPT: Final = b"\x02"  # the ACCEPT frame
 #: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
+#: The peer's path markers: what follows them may be DATA frames or plain bytes.
+_MARKERS: Final = frozenset({T_SWITCH, T_PLAIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
 #: A doorbell within this time of blocking means the peer is busy with us: spin longer.
@@ -181,6 +185,7 @@ class _Channel:
         "counters",
         "ctl_lock",
         "ctl_out",
+        "downgrade",
         "error",
         "fin",
         "fin_pending",
@@ -269,6 +274,8 @@ class _Channel:
         self.kick: io.FileIO | None = None
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
+        #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
+        self.downgrade: str | None = None
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
@@ -475,6 +482,15 @@ class CoSocket(socket.socket):
             or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
         )
 
+    def _cosock_pokeable(self) -> bool:
+        """Residency watch: may the peer ask this connection to downgrade (watch POLLPRI)?"""
+        ch = self._co
+        return ch is not None and not ch.forked and not ch.tcp_eof and ch.error is None
+
+    def _cosock_poked(self) -> None:
+        """Residency watch: the peer's urgent byte arrived (see ``_downgrade.poked``)."""
+        _downgrade.poked(self)
+
     def _cosock_service_events(self) -> int:
         ch = self._co
         if ch is None:
@@ -557,7 +573,7 @@ class CoSocket(socket.socket):
             if not peeked:
                 self._pump_locked(ch)  # EOF: the ordinary path handles a peer that left
                 return
-            self._take_frames(ch, peeked, lambda kind: _LAST if kind == T_SWITCH else _TAKE)
+            self._take_frames(ch, peeked, lambda kind: _LAST if kind in _MARKERS else _TAKE)
 
     def _take_frames(self, ch: _Channel, peeked: bytes, admit: Callable[[int], int]) -> None:
         """Consume the whole control frames at the front of the stream that ``admit`` lets
@@ -1001,6 +1017,8 @@ class CoSocket(socket.socket):
             except ProtocolError:
                 if isinstance(event, Bell | Space):
                     return  # another thread switched paths meanwhile: nothing to wake
+                if isinstance(event, Fin | Upgrade) and _downgrade.leaving(ch):
+                    return  # a downgrade began: TCP's own FIN after the resend; no upgrade
                 raise
         self._flush_ctl(ch)
 
@@ -1027,6 +1045,14 @@ class CoSocket(socket.socket):
         From here on neither ring is read again -- after a migration the memory may be a
         stale copy, or garbage -- so everything unconsumed travels again, framed, on TCP.
         """
+        self._leave_rings(ch)
+        ch.counters["switches"] += 1
+        self._control(ch, Switch(ch.proto.received_offset))
+        _trace("switch-sent", ch)
+
+    def _leave_rings(self, ch: _Channel) -> None:
+        """Stop using both rings for good (a switch or a downgrade): freeze them and keep a
+        private copy of our bytes the peer has not consumed."""
         ch.phase = _SWITCHING  # fast paths stop here; a thread inside a copy finishes
         _trace("freeze", ch)
         self._quiesce(ch)
@@ -1040,11 +1066,8 @@ class CoSocket(socket.socket):
         for end in (tx, ch.rx):
             if end is not None:
                 end.freeze()
-        ch.counters["switches"] += 1
         if ch.fin is not None and ch.rx is not None and ch.rx_base + ch.rx.tail > ch.fin:
             raise RingCorrupted("peer wrote past its own FIN")
-        self._control(ch, Switch(ch.proto.received_offset))
-        _trace("switch-sent", ch)
 
     @staticmethod
     def _quiesce(ch: _Channel) -> None:
@@ -1199,12 +1222,12 @@ class CoSocket(socket.socket):
                 ch.tx_out.clear()
                 return True
             with ch.ctl_lock:
-                if not ch.tx_out:
-                    break
+                if not ch.tx_out or ch.phase is not _FRAMED:
+                    break  # (a downgrade began: its marker is the last frame we send)
                 chunk = bytes(ch.tx_out[:_DATA_CHUNK])
                 del ch.tx_out[: len(chunk)]
                 ch.ctl_out += proto.send(Data(chunk))
-        if ch.fin_pending and proto.tcp_next == proto.sent_offset:
+        if ch.fin_pending and proto.tcp_next == proto.sent_offset and ch.phase is _FRAMED:
             self._send_fin(ch)
         return True
 
@@ -1255,6 +1278,12 @@ class CoSocket(socket.socket):
     def _peer_gone_while_switching(ch: _Channel) -> None:
         """The peer closed before answering our SWITCH: it can resend nothing, so what it
         left in the ring is all there is.  Read it as before (and send nothing more)."""
+        if ch.downgrade == "framed":  # the rings were left long ago: never read them
+            ch.phase = _FRAMED
+            ch.retained = None
+            with ch.ctl_lock:
+                ch.tx_out.clear()
+            return
         for end in (ch.tx, ch.rx):
             if end is not None:
                 end.thaw()
@@ -1319,7 +1348,11 @@ class CoSocket(socket.socket):
                 return
             if event is NEED_DATA:
                 return
-            if isinstance(event, Hello):
+            if isinstance(event, Plain) or (
+                isinstance(event, Switch | Upgrade) and _downgrade.leaving(ch)
+            ):
+                _downgrade.on_event(self, ch, event)  # the downgrade: plain TCP from here
+            elif isinstance(event, Hello):
                 self._verdict(ch)
             elif isinstance(event, Accept) and ch.phase is _FRAMED:
                 self._upgrade_accepted(ch)
@@ -2173,11 +2206,36 @@ class CoSocket(socket.socket):
         return len(ch.tx_out) + len(ch.retained or b"") + len(ch.pre_out)
 
     def detach(self) -> int:
-        """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
-        so detaching one hands over a raw control stream; detach before use, or not at all."""
-        if self._co is not None:
-            self._detach_channel()
+        """Return the TCP fd, carrying exactly the application's stream.
+
+        An accelerated connection is downgraded first (with the peer: both continue on
+        plain TCP at exact offsets), so the fd is an honest TCP stream.
+
+        Raises:
+            OSError: the downgrade failed (see ``cosock_downgrade``); nothing is detached.
+        """
+        if self._co is not None or self._rxb is not None or self._txb is not None:
+            self.cosock_downgrade()
         return super().detach()
+
+    def cosock_downgrade(self, timeout: float | None = None) -> None:
+        """Leave cosock for good: continue this connection as plain TCP, byte-exact both
+        ways (the peer, a CoSocket, follows; its application notices nothing).
+
+        What ``detach()`` and handing the socket to code that drives the fd itself
+        (uvloop, another process) need. Blocks until the peer answered and every byte owed
+        to it is in the kernel, at most ``timeout`` seconds (default: the socket's timeout,
+        else 30 s). Nothing to do on a plain connection.
+
+        Raises:
+            TimeoutError: the peer did not answer in time (the downgrade may still finish
+                when it does; the socket stays usable).
+            ConnectionResetError: the peer closed while received bytes were still only in
+                shared memory, or the channel is broken.
+            OSError(EBUSY): received bytes were already taken off the TCP stream and are
+                not read yet (after a fallback or a switch); read them first.
+        """
+        _downgrade.downgrade(self, timeout=timeout)
 
     def dup(self) -> CoSocket:
         sock = super().dup()
