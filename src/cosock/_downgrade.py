@@ -69,14 +69,14 @@ def downgrade(
 
     Raises:
         TimeoutError: the peer did not answer within ``timeout`` (default: the socket's
-            timeout, else ``DEFAULT_TIMEOUT``).
+            timeout, else -- blocking or non-blocking -- ``DEFAULT_TIMEOUT``).
         ConnectionResetError: the peer is gone while received bytes are only in shared
             memory, or the channel is broken.
         OSError(EBUSY): received bytes are held in user space, unread (a plain fd cannot
             give them back to the application).
     """
     if timeout is None:
-        timeout = sock.gettimeout()
+        timeout = sock.gettimeout() or None  # a non-blocking socket still waits for the peer
     deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout)
     poked = False
     while (ch := sock._co) is not None:

@@ -2225,7 +2225,7 @@ class CoSocket(socket.socket):
         What ``detach()`` and handing the socket to code that drives the fd itself
         (uvloop, another process) need. Blocks until the peer answered and every byte owed
         to it is in the kernel, at most ``timeout`` seconds (default: the socket's timeout,
-        else 30 s). Nothing to do on a plain connection.
+        else 30 s, also when non-blocking). Nothing to do on a plain connection.
 
         Raises:
             TimeoutError: the peer did not answer in time (the downgrade may still finish
