@@ -72,8 +72,6 @@ def downgrade(
             timeout, else -- blocking or non-blocking -- ``DEFAULT_TIMEOUT``).
         ConnectionResetError: the peer is gone while received bytes are only in shared
             memory, or the channel is broken.
-        OSError(EBUSY): received bytes are held in user space, unread (a plain fd cannot
-            give them back to the application).
     """
     if timeout is None:
         timeout = sock.gettimeout() or None  # a non-blocking socket still waits for the peer
@@ -284,14 +282,16 @@ def _finish(sock: CoSocket, ch: _Channel) -> None:
         ch.ctl_out.clear()
         ch.tx_out.clear()
         ch.retained = None
+        ch.downgrade = "done"  # writer threads queue nothing more here (_send_framed)
     while (leftover := proto.next_event()) is not NEED_DATA:
         if isinstance(leftover, PlainData):
             sock._owe_app(leftover.data)
     reason = proto.fallback or FallbackReason.HANDED_OVER
-    shut_wr, shut_rd = ch.wr_shut, ch.rd_shut
-    _detach_all(sock, ch, reason)
+    shut_rd = ch.rd_shut
+    # Owed bytes first, then plain: a thread that finds the socket plain sends them first.
+    sock._shut_after_flush = ch.wr_shut
     sock._txb = owed
-    sock._shut_after_flush = shut_wr
+    _detach_all(sock, ch, reason)
     if shut_rd:
         try:
             _socket.socket.shutdown(sock, socket.SHUT_RD)
@@ -324,9 +324,13 @@ def _detach_all(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:
 #### After: what a plain fd cannot carry
 
 
-def _settle(sock: CoSocket, deadline: float) -> None:
-    """The connection is plain: hand what we owe the peer to the kernel; refuse if the
-    application has bytes only we hold (they would vanish with the fd)."""
+def check_handed_over(sock: CoSocket) -> None:
+    """Before the fd leaves us: refuse if the application has received bytes that only
+    this object holds (taken off the kernel's queue, not read yet: they would vanish).
+
+    Raises:
+        OSError(EBUSY): so; read them first.
+    """
     if sock._rxb:
         raise OSError(
             errno.EBUSY,
@@ -334,6 +338,10 @@ def _settle(sock: CoSocket, deadline: float) -> None:
             "and are not read yet; read them before handing the socket over",
         )
     sock._rxb = None
+
+
+def _settle(sock: CoSocket, deadline: float) -> None:
+    """The connection is plain: hand what we owe the peer to the kernel."""
     fd = sock.fileno()
     while not sock._flush_plain(block=False):
         left = deadline - time.monotonic()

@@ -81,6 +81,10 @@ from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
 _BaseSocket = socket.socket
+#: The kernel's send, whatever the Python-level timeout (see ``_flush_plain``).
+_kernel_send = _socket.socket.send
+#: Serialises sending owed bytes (``CoSocket._flush_plain``).
+_owed_lock = threading.Lock()
 #: The kernel's poll, bound now: enable() makes ``select.poll`` ring-aware for applications.
 _kernel_poll = select.poll
 # Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
@@ -1671,6 +1675,8 @@ class CoSocket(socket.socket):
                     return got
             ch = self._co
             if ch is None:
+                if self._rxb:
+                    continue  # a fallback or downgrade in another thread left us bytes
                 if self._rxb is not None and not self._rxb:
                     self._rxb = None
                 if got and not waitall:
@@ -2010,6 +2016,8 @@ class CoSocket(socket.socket):
                 with ch.ctl_lock:
                     if ch.phase is not _SWITCHING and ch.phase is not _FRAMED:
                         return 0  # upgraded meanwhile: the caller goes the ring's way
+                    if ch.downgrade == "done":
+                        return 0  # downgraded meanwhile: the caller goes the plain way
                     ch.tx_out += view[:n]
                 if ch.phase is _FRAMED:
                     self._flush_framed(ch)
@@ -2044,30 +2052,54 @@ class CoSocket(socket.socket):
             raise BrokenPipeError(errno.EPIPE, "Broken pipe: cosock peer closed")
 
     def _flush_plain(self, block: bool) -> bool:
-        """Send bytes owed after a fallback; True once none remain."""
-        while self._txb:
-            try:
-                if block:
-                    super().sendall(self._txb)
-                    self._txb.clear()
+        """Send bytes owed after a fallback or a downgrade; True once none remain.
+
+        Serialised (one lock for all sockets, never held while waiting): two threads
+        sending the same owed bytes would double them, and an application thread that
+        sends new bytes first must find the owed ones gone (it calls this first).
+        """
+        while True:
+            with _owed_lock:
+                owed = self._txb
+                if not owed:
+                    break
+                try:
+                    n = self._send_now(owed)
+                except (BlockingIOError, InterruptedError):
+                    n = -1
                 else:
-                    # With a timeout set, CPython waits for writability even under
-                    # MSG_DONTWAIT: make the kernel call truly non-blocking.
-                    timeout = super().gettimeout()
-                    super().settimeout(0.0)
-                    try:
-                        n = super().send(self._txb)
-                    finally:
-                        super().settimeout(timeout)
-                    del self._txb[:n]
-            except (BlockingIOError, InterruptedError):
-                return False
-        if self._txb is not None:
+                    del owed[:n]
+            if n < 0:
+                if not block:
+                    return False
+                self._wait_owed_writable()
+        with _owed_lock:
+            if self._txb is None:
+                return True
             self._txb = None
-            if self._shut_after_flush:  # a shutdown(SHUT_WR) made before the fallback
-                self._shut_after_flush = False
-                super().shutdown(socket.SHUT_WR)
+            shut, self._shut_after_flush = self._shut_after_flush, False
+        if shut:  # a shutdown(SHUT_WR) made before the fallback
+            super().shutdown(socket.SHUT_WR)
         return True
+
+    def _send_now(self, data: bytearray) -> int:
+        """One kernel send that never waits.  With a timeout set, CPython polls for
+        writability first even under MSG_DONTWAIT (and changing the timeout would race
+        other threads' calls): so poll here first, without waiting."""
+        if super().gettimeout():
+            poller = _kernel_poll()
+            poller.register(self.fileno(), select.POLLOUT)
+            if not poller.poll(0):
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return _kernel_send(self, data, _MSG_DONTWAIT)
+
+    def _wait_owed_writable(self) -> None:
+        """Block as the kernel's own send would (the socket's timeout): until writable."""
+        timeout = super().gettimeout()
+        poller = _kernel_poll()
+        poller.register(self.fileno(), select.POLLOUT)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            raise TimeoutError("timed out")
 
     def _flush_while_receiving(self, deadline: float | None) -> None:
         """Before a blocking plain recv, push owed bytes out as the peer makes room, until
@@ -2212,10 +2244,13 @@ class CoSocket(socket.socket):
         plain TCP at exact offsets), so the fd is an honest TCP stream.
 
         Raises:
-            OSError: the downgrade failed (see ``cosock_downgrade``); nothing is detached.
+            OSError: the downgrade failed (see ``cosock_downgrade``), or received bytes
+                were already taken off the TCP stream and are not read yet (EBUSY: read
+                them first); nothing is detached.
         """
         if self._co is not None or self._rxb is not None or self._txb is not None:
             self.cosock_downgrade()
+            _downgrade.check_handed_over(self)
         return super().detach()
 
     def cosock_downgrade(self, timeout: float | None = None) -> None:
@@ -2232,8 +2267,6 @@ class CoSocket(socket.socket):
                 when it does; the socket stays usable).
             ConnectionResetError: the peer closed while received bytes were still only in
                 shared memory, or the channel is broken.
-            OSError(EBUSY): received bytes were already taken off the TCP stream and are
-                not read yet (after a fallback or a switch); read them first.
         """
         _downgrade.downgrade(self, timeout=timeout)
 

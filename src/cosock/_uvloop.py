@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from ._downgrade import check_handed_over
 from ._socket import CoSocket
 
 _PlainSocket: type[socket.socket] = CoSocket.__mro__[1]  # socket.socket before any patching
@@ -71,6 +72,7 @@ async def _hand_over(loop: Any, sock: CoSocket) -> None:
     """Make ``sock`` plain TCP before libuv takes its fd (see ``cosock._downgrade``)."""
     if sock._co is not None or sock._rxb is not None or sock._txb is not None:
         await loop.run_in_executor(None, sock.cosock_downgrade)
+        check_handed_over(sock)
 
 
 def _wrappers(base: Any) -> dict[str, Any]:
