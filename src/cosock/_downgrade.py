@@ -46,6 +46,8 @@ _PASSING: Final = frozenset({T_BELL, T_SPACE, T_FIN, T_DATA})
 #: Enough to peek at a whole DATA frame.
 _PEEK: Final = MAX_DATA_FRAME + 64
 _REJECT_SIZE: Final = FRAME_SIZES[T_REJECT]
+#: The urgent byte of ``_poke``: a BELL frame.
+_URGENT: Final = bytes([T_BELL])
 
 
 def leaving(ch: _Channel) -> bool:
@@ -111,9 +113,13 @@ def _poke(sock: CoSocket) -> bool:
     """Wake the peer's residency watch: one urgent (out-of-band) byte makes its fd report
     POLLPRI, which the watch polls for on every accelerated connection, so an application
     that is not reading still answers.  Sent once our marker is wholly in the kernel (the
-    urgent byte is not part of the stream: ordinary reads skip it)."""
+    urgent byte is not part of the stream: ordinary reads skip it).
+
+    One per connection and direction (a connection downgrades once): Linux pulls an unread
+    urgent byte into the stream when the next urgent byte arrives.  Should that ever
+    happen, it is a BELL, which every state that parses frames takes as a wake-up."""
     try:
-        _socket.socket.send(sock, b"!", socket.MSG_OOB)
+        _socket.socket.send(sock, _URGENT, socket.MSG_OOB)
     except OSError:
         pass  # the application's own reads still answer
     return True
