@@ -31,6 +31,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Final
 
+from . import _forkshare
 from . import _socket as _s  # (a cycle: _socket imports us; names are looked up at call time)
 from ._errors import FallbackReason, ProtocolError, RingCorrupted
 from ._events import MAX_DATA_FRAME, NEED_DATA, Plain, PlainData, Switch, Upgrade
@@ -135,8 +136,10 @@ def poked(sock: CoSocket) -> None:
     except OSError:
         pass
     ch = sock._co
-    if ch is None or ch.sleepers or ch.forked:
+    if ch is None or ch.sleepers:
         return
+    if ch.forked and not _forkshare.try_claim(sock, ch):
+        return  # another process owns it: its watch answers
     try:
         try:
             sock._pump_control_only(ch)
@@ -297,6 +300,7 @@ def _finish(sock: CoSocket, ch: _Channel) -> None:
     # Owed bytes first, then plain: a thread that finds the socket plain sends them first.
     sock._shut_after_flush = ch.wr_shut
     sock._txb = owed
+    _forkshare.downgraded(ch)  # a process sharing it by fork() goes plain too
     _detach_all(sock, ch, reason)
     if shut_rd:
         try:

@@ -140,6 +140,7 @@ def _run() -> None:
             seen, checked = _judge(agent, seen, checked)
         _serve()
         _answer_pokes([fd for fd, events in ready if events & _POKED])
+        _hand_over_forked({fd for fd, events in ready if events & select.POLLIN})
 
 
 def _plan() -> tuple[list[tuple[int, int]], int]:
@@ -156,11 +157,22 @@ def _plan() -> tuple[list[tuple[int, int]], int]:
                 busy = True
             if sock._cosock_pokeable():
                 watched[fd] = watched.get(fd, 0) | select.POLLPRI
+            want = sock._cosock_fork_requests()
+            if want is not None:
+                watched[want] = select.POLLIN
         except (OSError, ValueError):
             continue
     # A switched connection may be upgraded (and a refused upgrade retried) soon.
     framed = any(s.cosock_path == "tcp" for s in socks)
     return list(watched.items()), _BUSY_MS if busy else _RECHECK_MS if framed else _IDLE_MS
+
+
+def _hand_over_forked(ready: set[int]) -> None:
+    """Another process that shares a channel with us by fork() wants to use it."""
+    if ready:
+        for sock in _live():
+            if sock._cosock_fork_requests() in ready:
+                sock._cosock_fork_serve()
 
 
 def _answer_pokes(fds: list[int]) -> None:

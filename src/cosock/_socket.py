@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _downgrade, _linger, _residency
+from . import _census, _config, _downgrade, _forkshare, _linger, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -112,6 +112,9 @@ _SWITCHING, _FRAMED = "switching", "tcp"
 #: Server, upgrade accepted: our data goes into the new ring, the client's still comes in
 #: DATA frames until its RINGMARK.
 _UPGRADING = "upgrading"
+#: On the rings, shared with another process by fork(): claimed before the next use
+#: (``_forkshare``); shown as "shm".
+_FORKED = "forked"
 #: Payload of one DATA frame we send (the protocol accepts up to MAX_DATA_FRAME).
 _DATA_CHUNK: Final = 256 * 1024
 #: How long close() may wait to hand over bytes written before the verdict.
@@ -193,6 +196,7 @@ class _Channel:
         "error",
         "fin",
         "fin_pending",
+        "fork_cell",
         "forked",
         "kick",
         "mm",
@@ -280,6 +284,8 @@ class _Channel:
         self.forked = False  # shared with another process by fork: the watch keeps off
         #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
         self.downgrade: str | None = None
+        #: Shared by fork(): who may use the channel now (``_forkshare``).
+        self.fork_cell: _forkshare.Cell | None = None
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
@@ -315,6 +321,9 @@ class _Channel:
         if self.rv is not None:
             self.rv.release()
             self.rv = None
+        if self.fork_cell is not None:
+            self.fork_cell.close()
+            self.fork_cell = None
 
 
 class CoSocket(socket.socket):
@@ -368,7 +377,7 @@ class CoSocket(socket.socket):
     def cosock_path(self) -> str:
         """``"shm"`` once the channel is accepted, ``"handshake"`` before, else ``"tcp"``."""
         ch = self._co
-        return "tcp" if ch is None else ch.phase
+        return "tcp" if ch is None else "shm" if ch.phase is _FORKED else ch.phase
 
     @property
     def cosock_fallback_reason(self) -> FallbackReason | None:
@@ -437,6 +446,12 @@ class CoSocket(socket.socket):
     def _cosock_pump(self) -> None:
         """Consume queued control frames (the selector saw the TCP fd readable)."""
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            try:
+                _forkshare.claim(self, ch)
+            except OSError:
+                return  # the application's next call raises it
+            ch = self._co
         if ch is not None:
             try:
                 if ch.rx is not None:
@@ -489,11 +504,22 @@ class CoSocket(socket.socket):
     def _cosock_pokeable(self) -> bool:
         """Residency watch: may the peer ask this connection to downgrade (watch POLLPRI)?"""
         ch = self._co
-        return ch is not None and not ch.forked and not ch.tcp_eof and ch.error is None
+        if ch is None or ch.tcp_eof or ch.error is not None:
+            return False
+        return not ch.forked or _forkshare.may_serve(ch)
 
     def _cosock_poked(self) -> None:
         """Residency watch: the peer's urgent byte arrived (see ``_downgrade.poked``)."""
         _downgrade.poked(self)
+
+    def _cosock_fork_requests(self) -> int | None:
+        """Residency watch: the fd on which processes sharing our channel by fork() ask
+        us (its owner) to hand it over; None if none."""
+        ch = self._co
+        return None if ch is None else _forkshare.owned_efd(ch)
+
+    def _cosock_fork_serve(self) -> None:
+        _forkshare.serve(self)
 
     def _cosock_service_events(self) -> int:
         ch = self._co
@@ -632,8 +658,14 @@ class CoSocket(socket.socket):
         one bad connection never breaks the selector loop that serves the others.
         """
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            try:
+                _forkshare.claim(self, ch)
+            except OSError:
+                return wanted  # the next call raises it
+            ch = self._co
         if ch is None:
-            return 0
+            return 0  # plain now: the kernel answers
         try:
             if ch.ctl_out:
                 self._flush_ctl(ch)  # a completed non-blocking connect's HELLO
@@ -1050,6 +1082,7 @@ class CoSocket(socket.socket):
         stale copy, or garbage -- so everything unconsumed travels again, framed, on TCP.
         """
         self._leave_rings(ch)
+        _forkshare.left(ch)
         ch.counters["switches"] += 1
         self._control(ch, Switch(ch.proto.received_offset))
         _trace("switch-sent", ch)
@@ -1392,6 +1425,7 @@ class CoSocket(socket.socket):
                     self._peer_gone_while_switching(ch)
             elif isinstance(event, Fin):
                 ch.fin = event.offset
+                _forkshare.noted_fin(ch)
             # Bell, Space, Fin: state lives in the protocol and the rings; callers re-check.
 
     def _verdict(self, ch: _Channel) -> None:
@@ -1638,6 +1672,9 @@ class CoSocket(socket.socket):
         if nbytes == 0:
             return 0
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         rx = None if ch is None or ch.phase is not _SHM else ch.rx
         if rx is None or self._deadline(flags) == 0.0:
             # A non-blocking caller returns to its event loop, which waits on the fd:
@@ -1910,6 +1947,9 @@ class CoSocket(socket.socket):
 
     def _send(self, view: memoryview, flags: int, all_: bool, deadline: float | None = None) -> int:
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         try:
             return self._send_loop(view, flags, all_, deadline)
         except ValueError:
@@ -2121,6 +2161,9 @@ class CoSocket(socket.socket):
 
     def shutdown(self, how: int) -> None:
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         if ch is None:
             if self._txb and how in (socket.SHUT_WR, socket.SHUT_RDWR):
                 self._flush_plain(block=True)
@@ -2131,6 +2174,7 @@ class CoSocket(socket.socket):
             ch.rd_shut = True
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not ch.wr_shut:
             ch.wr_shut = True
+            _forkshare.noted_shutdown(ch)
             if ch.phase is _SHM:
                 self._send_fin(ch)
             else:
@@ -2155,6 +2199,7 @@ class CoSocket(socket.socket):
             untrack(self, self.fileno())
             ch.refs -= 1
             if ch.refs == 0:
+                _forkshare.closing(ch)
                 ch.release()
         if self._rv is not None:
             rv, addr, port = self._rv
@@ -2296,6 +2341,7 @@ def _channels_before_fork() -> None:
         ch = None if sock is None else sock._co
         if ch is not None and ch.rx_lock.acquire(timeout=1.0):
             _fork_held.append(ch)
+            _forkshare.prepare(ch)
 
 
 def _channels_after_fork_in_child() -> None:
@@ -2311,6 +2357,7 @@ def _channels_after_fork_in_child() -> None:
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
             ch.forked = True
+            _forkshare.after_fork(ch)
     _fork_held.clear()
 
 
@@ -2323,6 +2370,7 @@ def _channels_after_fork_in_parent() -> None:
         ch = None if sock is None else sock._co
         if ch is not None:
             ch.forked = True
+            _forkshare.after_fork(ch)
     for ch in _fork_held:
         ch.rx_lock.release()
     _fork_held.clear()
