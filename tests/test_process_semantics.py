@@ -197,6 +197,66 @@ def test_forked_child_closing_at_exit_does_not_end_the_parents_stream() -> None:
     assert result == {"n": 100000, "eof": True, "path": "shm"}
 
 
+_RECEIVER = """
+import socket, sys, multiprocessing.connection, multiprocessing.reduction
+unix = int(sys.argv[2])
+if sys.argv[1] == "send_fds":
+    _, fds, _, _ = socket.recv_fds(socket.socket(fileno=unix), 10, 1)
+    fd = fds[0]
+else:
+    fd = multiprocessing.reduction.recv_handle(multiprocessing.connection.Connection(unix))
+t = socket.socket(fileno=fd)
+t.settimeout(10)
+got = b""
+while len(got) < 22:
+    got += t.recv(22 - len(got))
+t.sendall(got.upper())
+print(got.decode(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["send_fds", "multiprocessing.reduction"])
+def test_accelerated_fd_passed_to_another_process(how: str) -> None:
+    """An accelerated connection's fd sent with SCM_RIGHTS to a process that has no channel
+    for it: sending it downgrades the connection first, so that process reads and writes
+    an honest TCP stream (bytes unread at that moment included), and the sender keeps a
+    working plain socket on the same connection.  Found: the receiver used to read the
+    control stream (frames), and the ring's bytes were lost to it."""
+    result = _run(
+        f"""
+        import subprocess, multiprocessing.connection, multiprocessing.reduction
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"unread before the pass")
+        here, there = socket.socketpair()
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", {_RECEIVER!r}, {how!r}, str(there.fileno())],
+            pass_fds=[there.fileno()], stdout=subprocess.PIPE)
+        there.close()
+        if {how!r} == "send_fds":
+            socket.send_fds(here, [b"x"], [cli.fileno()])
+        else:
+            multiprocessing.reduction.send_handle(
+                multiprocessing.connection.Connection(here.detach()), cli.fileno(), receiver.pid)
+        out, _ = receiver.communicate(timeout=30)
+        upper = recv_all(conn, 22).decode()
+        cli.sendall(b"sender still here")
+        print(json.dumps({{
+            "receiver_got": out.decode().strip(),
+            "peer_got": upper + recv_all(conn, 17).decode(),
+            "paths": [cli.cosock_path, conn.cosock_path],
+            "reason": conn.cosock_info()["fallback_reason"], "rc": receiver.returncode,
+        }}))
+        """
+    )
+    assert result == {
+        "receiver_got": "unread before the pass",
+        "peer_got": "UNREAD BEFORE THE PASSsender still here",
+        "paths": ["tcp", "tcp"],
+        "reason": "handed-over",
+        "rc": 0,
+    }
+
+
 def test_fromfd_of_a_plain_connection_works() -> None:
     """A connection that is plain TCP (peer not a cosock listener): ``fromfd`` gives a
     working socket on the same connection."""

@@ -24,12 +24,14 @@ called from ``CoSocket._handle_events``), ``leaving()``.
 from __future__ import annotations
 
 import _socket
+import array
 import errno
 import os
 import select
 import socket
+import stat
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _forkshare
 from . import _socket as _s  # (a cycle: _socket imports us; names are looked up at call time)
@@ -329,6 +331,49 @@ def _detach_all(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:
     sock._reason = reason
     if sock._co is ch:
         sock._detach_channel()
+
+
+#### Descriptors passed to another process
+
+
+def before_passing(ancdata: list[Any]) -> None:
+    """``sendmsg`` is about to pass fds (``SCM_RIGHTS``): an accelerated connection among
+    them is downgraded first, so the receiving process gets an honest TCP stream (it has
+    no channel) and we keep one too (both share the kernel's queue, as with TCP).
+
+    Raises:
+        OSError: a downgrade failed (see ``downgrade``); nothing is sent.
+    """
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            raw = bytes(data)
+            fds += array.array("i", raw[: len(raw) - len(raw) % 4])
+    for fd in fds:
+        for sock in _accelerated_on(fd):
+            sock.cosock_downgrade()
+            check_handed_over(sock)
+
+
+def _accelerated_on(fd: int) -> list[CoSocket]:
+    """This process's accelerated CoSockets on the socket ``fd`` refers to (same inode)."""
+    from . import _residency
+
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return []
+    if not stat.S_ISSOCK(st.st_mode):
+        return []
+    found = []
+    for sock in _residency._live():
+        try:
+            other = os.fstat(sock.fileno())
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            found.append(sock)
+    return found
 
 
 #### After: what a plain fd cannot carry

@@ -1932,6 +1932,8 @@ class CoSocket(socket.socket):
         address: Any = None,
     ) -> int:
         anc = list(ancdata)
+        if anc:
+            _downgrade.before_passing(anc)  # an accelerated fd must leave as plain TCP
         if self._co is None and self._txb is None:
             return super().sendmsg(buffers, anc, flags, address)
         if anc:
