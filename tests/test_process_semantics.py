@@ -175,6 +175,37 @@ def test_both_processes_alive_take_turns_on_plain_tcp() -> None:
     }
 
 
+def test_detach_in_one_process_while_the_forked_child_owns_the_connection() -> None:
+    """The child uses the connection (and owns it), the parent detaches its copy: the
+    child's watch downgrades it on request, so the parent's fd is an honest TCP stream
+    that the child keeps sharing."""
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            cli.sendall(b"child ")
+            os.write(done_w, b"x")
+            os.read(go_r, 1)
+            cli.sendall(b"again")
+            os._exit(0)
+        os.read(done_r, 1)
+        raw = socket.socket.__mro__[1](fileno=cli.detach())
+        raw.sendall(b"raw ")
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        got = recv_all(conn, 15).decode()
+        conn.sendall(b"back")
+        raw.settimeout(10)
+        print(json.dumps({"got": got, "back": recv_all(raw, 4).decode(),
+                          "path": conn.cosock_path}))
+        """
+    )
+    assert result == {"got": "child raw again", "back": "back", "path": "tcp"}
+
+
 def test_forked_child_closing_at_exit_does_not_end_the_parents_stream() -> None:
     result = _run(
         """

@@ -83,6 +83,9 @@ def downgrade(
     deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout)
     poked = False
     while (ch := sock._co) is not None:
+        if ch.phase is _s._FORKED:
+            _forkshare.claim(sock, ch)  # shared by fork(): ours to downgrade, or plain already
+            continue
         if ch.phase is _s._BROKEN:
             raise ch.error or ConnectionResetError(errno.ECONNRESET, "cosock: channel broken")
         if ch.tcp_eof:
@@ -118,9 +121,9 @@ def _poke(sock: CoSocket) -> bool:
     that is not reading still answers.  Sent once our marker is wholly in the kernel (the
     urgent byte is not part of the stream: ordinary reads skip it).
 
-    One per connection and direction (a connection downgrades once): Linux pulls an unread
-    urgent byte into the stream when the next urgent byte arrives.  Should that ever
-    happen, it is a BELL, which every state that parses frames takes as a wake-up."""
+    One per connection and direction (a connection downgrades once), because Linux pulls an
+    unread urgent byte into the stream when the next urgent byte arrives; and a BELL, a
+    harmless frame on the shared-memory path, should anything else ever do that."""
     try:
         _socket.socket.send(sock, _URGENT, socket.MSG_OOB)
     except OSError:
