@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 
 #: How long a second process waits for the owner to hand the connection over.
 WANT_TIMEOUT: Final = 30.0
-# Cell slots (u64): owner pid (0: nobody since the fork), state, the peer's FIN + 1, ours.
-_OWNER, _STATE, _PEER_FIN, _WR_SHUT = 0, 1, 2, 3
+# Cell slots (u64): owner pid (0: nobody now), state, the peer's FIN + 1, our FIN sent,
+# and the last owner (0: nobody since the fork, when every process's positions are true).
+_OWNER, _STATE, _PEER_FIN, _WR_SHUT, _LAST = 0, 1, 2, 3, 4
 #: Cell states: on the rings; another process wants it; downgraded; left the rings.
 _SHM, _WANTED, _PLAIN, _LEFT = 0, 1, 2, 3
 
@@ -127,9 +128,7 @@ def claim(sock: CoSocket, ch: _Channel) -> None:
                     f"{owner}; it cannot continue here",
                 )
             if owner == me or owner == 0 or not _alive(owner):
-                if owner != me:
-                    _resync(ch, w)
-                w[_OWNER] = me
+                _take(ch, w, me)
                 w[_STATE] = _SHM
                 ch.phase = _s._SHM
                 return
@@ -162,9 +161,7 @@ def try_claim(sock: CoSocket, ch: _Channel) -> bool:
         owner, state = int(w[_OWNER]), int(w[_STATE])
         if state != _SHM or not (owner == me or owner == 0 or not _alive(owner)):
             return False
-        if owner != me:
-            _resync(ch, w)
-        w[_OWNER] = me
+        _take(ch, w, me)
     if ch.phase is _s._FORKED:
         ch.phase = _s._SHM
     return True
@@ -191,6 +188,14 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie uses nothing
     except OSError:
         return False
+
+
+def _take(ch: _Channel, w: memoryview, me: int) -> None:
+    """Own the channel; after another process used it, start from what it published."""
+    last = int(w[_LAST])
+    if last not in (0, me):
+        _resync(ch, w)
+    w[_OWNER] = w[_LAST] = me
 
 
 def _resync(ch: _Channel, w: memoryview) -> None:
