@@ -288,6 +288,84 @@ def test_accelerated_fd_passed_to_another_process(how: str) -> None:
     }
 
 
+def test_accelerated_socket_pickled_for_a_spawned_pool_worker() -> None:
+    """multiprocessing pickles a socket with a duplicate of its fd.  Found: a CoSocket
+    could not be pickled at all ("cannot pickle 'CoSocket' object") when
+    ``multiprocessing.reduction`` was imported before ``enable()``, and when imported
+    after, an accelerated one went without its channel (the worker read control frames).
+    Now an accelerated one is downgraded first, so the worker reads the bytes that were
+    unread at that moment and talks on plain TCP.  ``disable()`` restores the reducer
+    registry exactly."""
+    result = _run(
+        """
+        import multiprocessing as mp, _socket
+        from multiprocessing.reduction import ForkingPickler
+        from cosock import CoSocket
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"hello")
+        with mp.get_context("spawn").Pool(1) as pool:
+            got = pool.apply(_socket.socket.recv, (cli, 5))
+            pool.apply(_socket.socket.sendall, (cli, b"from the pool"))
+        back = recv_all(conn, 13)
+        ours = ForkingPickler._extra_reducers[CoSocket].__module__
+        cosock.disable()
+        after = ForkingPickler._extra_reducers.get(CoSocket)
+        print(json.dumps({"got": got.decode(), "back": back.decode(),
+                          "paths": [cli.cosock_path, conn.cosock_path],
+                          "reason": conn.cosock_info()["fallback_reason"],
+                          "registered": ours, "after": getattr(after, "__name__", None)}))
+        """
+    )
+    assert result == {
+        "got": "hello",
+        "back": "from the pool",
+        "paths": ["tcp", "tcp"],
+        "reason": "handed-over",
+        "registered": "cosock._mpreduce",
+        # multiprocessing.reduction was imported after enable(): it had registered its
+        # own reducer for socket.socket, i.e. CoSocket, and gets it back.
+        "after": "_reduce_socket",
+    }
+
+
+def test_socket_pickled_when_multiprocessing_was_imported_before_enable(tmp_path: Path) -> None:
+    """The case that failed outright: ``multiprocessing`` imported first (its reducer
+    registered for the stdlib class only), then ``enable()``."""
+    script = tmp_path / "prog.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, multiprocessing as mp, _socket, socket
+            import cosock
+
+            if __name__ == "__main__":
+                cosock.enable()
+                srv = socket.create_server(("127.0.0.1", 0))
+                cli = socket.create_connection(srv.getsockname(), timeout=10)
+                conn, _ = srv.accept()
+                conn.settimeout(10)
+                cli.sendall(b"?"); assert conn.recv(1) == b"?"
+                conn.sendall(b"!"); assert cli.recv(1) == b"!"
+                conn.sendall(b"hello")
+                with mp.get_context("spawn").Pool(1) as pool:
+                    got = pool.apply(_socket.socket.recv, (cli, 5))
+                cosock.disable()
+                from multiprocessing.reduction import ForkingPickler
+                from cosock import CoSocket
+                print(json.dumps({"got": got.decode(), "path": conn.cosock_path,
+                                  "left": CoSocket in ForkingPickler._extra_reducers}))
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "got": "hello",
+        "path": "tcp",
+        "left": False,
+    }
+
+
 def test_fromfd_of_a_plain_connection_works() -> None:
     """A connection that is plain TCP (peer not a cosock listener): ``fromfd`` gives a
     working socket on the same connection."""
