@@ -13,6 +13,7 @@ or killed mid-downgrade (clear error, nothing hung).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -359,5 +360,29 @@ def test_sha_of_a_large_transfer_across_a_detach() -> None:
             digest.update(recv_all(raw, len(data) - 3_000_000))
             sender.join(30)
             assert digest.digest() == hashlib.sha256(data).digest()
+        finally:
+            raw.close()
+
+
+def test_detach_refuses_bytes_only_this_object_holds_then_hands_over_once_read() -> None:
+    """After a path switch a selector's pump parses the peer's DATA frames into the
+    socket (they are off the kernel's queue): detach() cannot hand those over, so it says
+    so and detaches nothing; once the application has read them, it hands over."""
+    with pair() as (cli, conn):
+        cli.cosock_switch()
+        _wait_path(cli, conn)
+        conn.sendall(b"x" * 100)
+        _wait_until(lambda: (cli._cosock_pump(), cli._rxb)[1] is not None)
+        with pytest.raises(OSError, match="read them before handing the socket over") as exc:
+            cli.detach()
+        assert exc.value.errno == errno.EBUSY
+        assert cli.fileno() != -1
+        assert recv_all(cli, 100) == b"x" * 100
+        raw = socket_from(cli.detach())
+        try:
+            conn.sendall(b"after")
+            assert recv_all(raw, 5) == b"after"
+            raw.sendall(b"back")
+            assert recv_all(conn, 4) == b"back"
         finally:
             raw.close()
