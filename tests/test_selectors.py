@@ -116,6 +116,68 @@ def test_modify_unregister_and_map():
         s.close()
 
 
+def _ping_pong(cli: CoSocket, conn: CoSocket, rounds: int) -> int:
+    """``rounds`` 64-byte exchanges: ``conn`` echoes in a thread with blocking calls, the
+    client waits for each answer in a selector.  Returns the doorbells ``conn`` rang."""
+
+    def echo() -> None:
+        for _ in range(rounds):
+            data = b""
+            while len(data) < 64:
+                chunk = conn.recv(64 - len(data))
+                if not chunk:
+                    return  # the client gave up (failed): end, do not hang the test
+                data += chunk
+            conn.sendall(data)
+
+    server = threading.Thread(target=echo)
+    server.start()
+    sel = REPLACEMENTS["DefaultSelector"]()
+    cli.setblocking(False)
+    sel.register(cli, selectors.EVENT_READ)
+    bells = conn.cosock_info()["bells_sent"]
+    try:
+        for i in range(rounds):
+            msg = i.to_bytes(4, "big") * 16
+            assert cli.send(msg) == 64
+            got = b""
+            while len(got) < 64:
+                assert sel.select(5), f"round {i}: no readiness within 5 s (lost wake-up)"
+                got += cli.recv(64 - len(got))
+            assert got == msg
+    except BaseException:
+        cli.close()  # the echo thread reads EOF and ends
+        raise
+    finally:
+        server.join(10)
+        sel.close()
+    assert not server.is_alive()
+    return int(conn.cosock_info()["bells_sent"] - bells)
+
+
+def test_a_selector_waiting_for_an_answer_spins_and_takes_it_without_a_doorbell(monkeypatch):
+    # A budget far above the echo's turnaround: every answer lands while the client spins.
+    monkeypatch.setenv("COSOCK_SPIN_US", "200000")
+    monkeypatch.setenv("COSOCK_SPIN_MAX_US", "200000")
+    srv, cli, conn = make_pair()
+    bells = _ping_pong(cli, conn, 300)
+    assert bells < 30, f"the echo rang {bells} doorbells for 300 answers"
+    assert cli.cosock_info()["safety_timeouts"] == 0
+    for s in (cli, conn, srv):
+        s.close()
+
+
+def test_a_selector_spin_that_ends_as_the_answer_lands_loses_no_wake_up(monkeypatch):
+    # A budget about as long as the echo's turnaround: many spins give up just as the
+    # answer is published with the spinning flag still seen set (no doorbell rung).
+    monkeypatch.setenv("COSOCK_SPIN_US", "15")
+    monkeypatch.setenv("COSOCK_SPIN_MAX_US", "15")
+    srv, cli, conn = make_pair()
+    _ping_pong(cli, conn, 3000)
+    for s in (cli, conn, srv):
+        s.close()
+
+
 async def _echo_hash(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     size = int.from_bytes(await reader.readexactly(8), "big")
     digest = hashlib.sha256()

@@ -11,20 +11,35 @@ CoSockets on the TCP path) pass straight through to the wrapped kernel selector.
 
 asyncio's selector loop and ``socketserver`` create ``selectors.DefaultSelector()`` at
 run time, so ``cosock.enable()`` replacing the module attributes reaches them.
+
+Before sleeping in the kernel, a selector spins on the rings of its readable channels
+(flagging them ``spinning``, so the peer's writes ring no doorbell) for about twice the
+time its channels usually take to answer: an event loop in a request/response exchange
+then takes the peer's answer without a doorbell send, a wake-up and a doorbell read.
+When answers take longer than ``COSOCK_SPIN_MAX_US`` (an idle loop, a slow peer, a
+loaded machine) it does not spin at all.
 """
 
 from __future__ import annotations
 
+import os
 import selectors
+import time
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _config
+from ._errors import RingCorrupted
 
 if TYPE_CHECKING:
+    from ._ring import RingReader
     from ._socket import CoSocket
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+#: Spin iterations between two looks at the kernel (and a sched_yield): a power of 2 - 1.
+_YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 
 #: fd -> CoSocket with an attached channel.  asyncio registers bare fds, so the selector
 #: must find the socket object from the number.
@@ -63,6 +78,14 @@ def _fd_of(fileobj: Any) -> int:
     return fd
 
 
+def _disarm(rx: RingReader) -> None:
+    """Let the peer ring again for a ring we no longer watch (if it is still mapped)."""
+    try:
+        rx.set_spinning(False)
+    except ValueError:
+        pass  # the channel was released: nobody waits on it
+
+
 class _Map(Mapping[Any, selectors.SelectorKey]):
     def __init__(self, keys: dict[int, selectors.SelectorKey]) -> None:
         self._keys = keys
@@ -90,6 +113,12 @@ class CoSelector(selectors.BaseSelector):
         self._keys: dict[int, selectors.SelectorKey] = {}
         self._kernel: dict[int, int] = {}  # fd -> events registered with the kernel
         self._map = _Map(self._keys)
+        self._spin_min = _config.spin_ns()
+        self._spin_max = _config.spin_max_ns()
+        #: Moving average of the time our channels take to answer (see ``_learn``).
+        self._wait_ns = self._spin_min
+        #: Rings flagged ``spinning`` while the loop runs between select() calls.
+        self._awake: dict[int, RingReader] = {}
 
     def _kernel_events(self, fd: int, events: int) -> int:
         sock = channel_socket(fd)
@@ -118,6 +147,7 @@ class CoSelector(selectors.BaseSelector):
         except KeyError:
             raise KeyError(f"{fileobj!r} is not registered") from None
         del self._kernel[fd]
+        self._release(fd)
         try:
             self._inner.unregister(fd)
         except (KeyError, OSError, ValueError):
@@ -132,6 +162,8 @@ class CoSelector(selectors.BaseSelector):
             raise ValueError(f"Invalid events: {events!r}")
         key = self._keys[fd]._replace(events=events, data=data)
         self._keys[fd] = key
+        if not events & EVENT_READ:
+            self._release(fd)
         self._sync(fd, events)
         return key
 
@@ -142,15 +174,15 @@ class CoSelector(selectors.BaseSelector):
             self._kernel[fd] = kernel
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready: dict[int, int] = {}
-        for fd, key in list(self._keys.items()):
-            self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
-            sock = channel_socket(fd)
-            if sock is not None:
-                events = sock._cosock_events(key.events)
-                if events:
-                    ready[fd] = events
-        for kkey, kevents in self._inner.select(0 if ready else timeout):
+        ready, watched = self._ring_ready()
+        readers = [] if ready or (timeout is not None and timeout <= 0) else list(watched.values())
+        t0 = time.perf_counter_ns()
+        answered = False  # a ring we wait on became readable during this call
+        if readers and self._spin_ok() and self._spin(readers, timeout):
+            ready, watched = self._ring_ready()
+            answered = bool(ready)
+        kernel = self._inner.select(0 if ready else timeout)
+        for kkey, kevents in kernel:
             fd = kkey.fd
             mine = self._keys.get(fd)
             if mine is None:
@@ -162,13 +194,107 @@ class CoSelector(selectors.BaseSelector):
                 if sock._co is None:  # fell back while pumping: the kernel is right again
                     self._sync(fd, mine.events)
                     events = mine.events & (EVENT_READ | EVENT_WRITE)
+                answered = answered or bool(events & EVENT_READ)
             else:
                 events = kevents & mine.events
             if events:
                 ready[fd] = ready.get(fd, 0) | events
+        if readers and (answered or not kernel):  # an answer, or nothing at all: learn
+            self._learn(time.perf_counter_ns() - t0)
+        self._stay_awake(watched)
         return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
 
+    def _ring_ready(self) -> tuple[dict[int, int], dict[int, RingReader]]:
+        """Readiness of every channel from its rings (arming the peer's doorbell where
+        there is nothing to read), and the rings of channels we watch for reading."""
+        ready: dict[int, int] = {}
+        watched: dict[int, RingReader] = {}
+        for fd, key in list(self._keys.items()):
+            self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
+            sock = channel_socket(fd)
+            if sock is not None:
+                events = sock._cosock_events(key.events)
+                if events:
+                    ready[fd] = events
+                if key.events & EVENT_READ:
+                    rx = sock._cosock_spin_reader()
+                    if rx is not None:
+                        watched[fd] = rx
+        return ready, watched
+
+    def _stay_awake(self, watched: dict[int, RingReader]) -> None:
+        """Flag the watched rings ``spinning`` until our next select() looks at them.
+
+        Between two select() calls the event loop is running, not asleep, and every
+        select() looks at the rings (and arms the doorbells, fenced) before it sleeps: so
+        the peer need not ring for what it writes meanwhile.  That saves a doorbell's
+        send, the wake-up and its read whenever bytes arrive while the loop is busy
+        (pipelined and streaming traffic).  Rings we stop watching are armed again.
+        """
+        for fd, rx in self._awake.items():
+            if fd not in watched:
+                _disarm(rx)
+        for fd, rx in watched.items():
+            rx.set_spinning(True)
+            sock = channel_socket(fd)
+            if sock is None or sock._cosock_spin_reader() is not rx:
+                rx.set_spinning(False)  # a thread of ours went to sleep on it meanwhile
+        self._awake = watched
+
+    def _release(self, fd: int) -> None:
+        rx = self._awake.pop(fd, None)
+        if rx is not None:
+            _disarm(rx)
+
+    def _spin_ok(self) -> bool:
+        """COSOCK_SPIN_US=0 turns spinning off; else spin while answers come quickly."""
+        return self._spin_min > 0 and self._wait_ns <= self._spin_max
+
+    def _spin(self, readers: list[RingReader], timeout: float | None) -> bool:
+        """Poll ``readers``, flagged ``spinning`` meanwhile, for about twice the usual wait
+        (never past ``timeout``).  True: a ring has bytes, or the kernel has an event for
+        another file; look again."""
+        budget = min(self._spin_max, max(self._spin_min, 2 * self._wait_ns))
+        if timeout is not None:
+            budget = min(budget, int(timeout * 1e9))
+        clock = time.perf_counter_ns
+        end = clock() + budget
+        spins = 0
+        try:
+            for rx in readers:
+                rx.set_spinning(True)
+            while clock() < end:
+                for rx in readers:
+                    if rx.available():
+                        return True
+                spins += 1
+                if spins & _YIELD_MASK == 0:
+                    if self._inner.select(0):
+                        return True  # a plain fd, a timer, the loop's self-pipe
+                    # On time-shared vCPUs the peer may wait for *our* CPU.
+                    os.sched_yield()
+            # A write published after our last look saw the flag and rang no doorbell:
+            # look once more after clearing it (the clear is fenced; see RingReader.arm).
+            for rx in readers:
+                rx.set_spinning(False)
+            return any(rx.available() for rx in readers)
+        except RingCorrupted:
+            return True  # the readiness pass reports it on the socket
+        finally:
+            for rx in readers:
+                rx.set_spinning(False)
+
+    def _learn(self, waited_ns: int) -> None:
+        """Moving average of how long our channels take to answer (capped, so a long idle
+        spell is forgotten after a few quick answers).  Spinning pays only while that is
+        short: on a loaded machine answers come late and the CPU is better left to the
+        peer that has to produce them."""
+        waited_ns = min(waited_ns, 4 * self._spin_max)
+        self._wait_ns += (waited_ns - self._wait_ns) // 4
+
     def close(self) -> None:
+        for fd in list(self._awake):
+            self._release(fd)
         self._keys.clear()
         self._kernel.clear()
         self._inner.close()

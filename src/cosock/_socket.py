@@ -674,6 +674,14 @@ class CoSocket(socket.socket):
             self._poison(ch, exc)
             return wanted
 
+    def _cosock_spin_reader(self) -> RingReader | None:
+        """Selectors: the ring to poll before sleeping, if the channel is on it now and no
+        thread of ours sleeps on it (a spinning flag would keep its doorbells away)."""
+        ch = self._co
+        if ch is None or ch.phase is not _SHM or ch.sleepers or self._rxb:
+            return None
+        return ch.rx
+
     def _ring_events(self, ch: _Channel, wanted: int) -> int:
         events = 0
         if wanted & EVENT_READ:
