@@ -36,6 +36,10 @@ class AgentUnavailable(CosockError, ConnectionError):
 class FallbackReason(enum.Enum):
     """Why a connection uses plain TCP instead of shared memory (like SMC's reason codes)."""
 
+    # Members are singletons: identity hashing in C.  Enum.__hash__ is Python code, and
+    # the transition tables hash states on every frame sent or parsed.
+    __hash__ = object.__hash__
+
     #: Destination is not a cosock listener on a co-resident guest.
     NOT_CORESIDENT = "not-coresident"
     #: No agent socket, or the agent refused or dropped us.

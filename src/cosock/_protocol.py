@@ -119,12 +119,20 @@ _COMPACT_AT: Final = 1 << 16
 class Role(enum.Enum):
     """Which end of the TCP connection: the connect()ing client or the accept()ing server."""
 
+    # Members are singletons: identity hashing in C.  Enum.__hash__ is Python code, and
+    # the transition tables hash states on every frame sent or parsed.
+    __hash__ = object.__hash__
+
     CLIENT = "client"
     SERVER = "server"
 
 
 class State(enum.Enum):
     """Overall state of a connection (both directions together)."""
+
+    # Members are singletons: identity hashing in C.  Enum.__hash__ is Python code, and
+    # the transition tables hash states on every frame sent or parsed.
+    __hash__ = object.__hash__
 
     #: Client, before sending HELLO. Nothing received is parsed yet (our turn to speak).
     IDLE = "IDLE"
@@ -512,6 +520,10 @@ class Connection:
             )
         # Guards first, side effects after: a refused event must change nothing.
         match event:
+            case Bell():  # the frame sent most: matched first
+                data = _BELL_FRAME
+            case Space():
+                data = _SPACE_FRAME
             case Hello(nonce=nonce):
                 if not compare_digest(nonce, self._nonce):
                     raise LocalProtocolError("Hello must carry this connection's nonce")
@@ -591,10 +603,6 @@ class Connection:
                     )
                 data = bytes([T_FIN]) + offset.to_bytes(8, "little")
                 self._fin_sent = True
-            case Bell():
-                data = _BELL_FRAME
-            case Space():
-                data = _SPACE_FRAME
             case _:  # pragma: no cover - the table admits no other type
                 raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
         self._state = new_state

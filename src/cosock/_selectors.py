@@ -44,10 +44,15 @@ _YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 #: fd -> CoSocket with an attached channel.  asyncio registers bare fds, so the selector
 #: must find the socket object from the number.
 _channels: dict[int, weakref.ref[CoSocket]] = {}
+#: Bumped whenever a socket gets a channel: a selector then looks for it among its fds
+#: (so that on every select() it visits only its channel fds, not every fd).
+_generation = 0
 
 
 def track(sock: CoSocket) -> None:
+    global _generation
     _channels[sock.fileno()] = weakref.ref(sock)
+    _generation += 1
 
 
 def untrack(sock: CoSocket, fd: int) -> None:
@@ -119,6 +124,9 @@ class CoSelector(selectors.BaseSelector):
         self._wait_ns = self._spin_min
         #: Rings flagged ``spinning`` while the loop runs between select() calls.
         self._awake: dict[int, RingReader] = {}
+        #: Our fds that had a channel when last looked (see ``_channel_fds``).
+        self._co_fds: set[int] = set()
+        self._generation = -1
 
     def _kernel_events(self, fd: int, events: int) -> int:
         sock = channel_socket(fd)
@@ -138,6 +146,8 @@ class CoSelector(selectors.BaseSelector):
         self._inner.register(fd, kernel)
         self._keys[fd] = key
         self._kernel[fd] = kernel
+        if fd in _channels:
+            self._co_fds.add(fd)
         return key
 
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
@@ -147,6 +157,7 @@ class CoSelector(selectors.BaseSelector):
         except KeyError:
             raise KeyError(f"{fileobj!r} is not registered") from None
         del self._kernel[fd]
+        self._co_fds.discard(fd)
         self._release(fd)
         try:
             self._inner.unregister(fd)
@@ -174,12 +185,13 @@ class CoSelector(selectors.BaseSelector):
             self._kernel[fd] = kernel
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready, watched = self._ring_ready()
-        readers = [] if ready or (timeout is not None and timeout <= 0) else list(watched.values())
+        sleepy = timeout is None or timeout > 0  # may sleep: arm the peers' wake-ups
+        ready, watched = self._ring_ready(sleepy)
+        readers = [] if ready or not sleepy else list(watched.values())
         t0 = time.perf_counter_ns()
         answered = False  # a ring we wait on became readable during this call
         if readers and self._spin_ok() and self._spin(readers, timeout):
-            ready, watched = self._ring_ready()
+            ready, watched = self._ring_ready(True)
             answered = bool(ready)
         kernel = self._inner.select(0 if ready else timeout)
         for kkey, kevents in kernel:
@@ -187,10 +199,11 @@ class CoSelector(selectors.BaseSelector):
             mine = self._keys.get(fd)
             if mine is None:
                 continue
-            sock = channel_socket(fd)
+            sock = channel_socket(fd) if fd in self._co_fds else None
             if sock is not None:
                 sock._cosock_pump()
-                events = sock._cosock_events(mine.events) if sock._co is not None else 0
+                # Not armed: we return now, and the next select() arms before it sleeps.
+                events = sock._cosock_events(mine.events, False) if sock._co is not None else 0
                 if sock._co is None:  # fell back while pumping: the kernel is right again
                     self._sync(fd, mine.events)
                     events = mine.events & (EVENT_READ | EVENT_WRITE)
@@ -201,25 +214,42 @@ class CoSelector(selectors.BaseSelector):
                 ready[fd] = ready.get(fd, 0) | events
         if readers and (answered or not kernel):  # an answer, or nothing at all: learn
             self._learn(time.perf_counter_ns() - t0)
-        self._stay_awake(watched)
+        if sleepy:
+            self._stay_awake(watched)  # (without sleeping, the flags were left as they were)
         return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
 
-    def _ring_ready(self) -> tuple[dict[int, int], dict[int, RingReader]]:
-        """Readiness of every channel from its rings (arming the peer's doorbell where
-        there is nothing to read), and the rings of channels we watch for reading."""
+    def _channel_fds(self) -> set[int]:
+        if self._generation != _generation:  # a socket got a channel: is it one of ours?
+            self._generation = _generation
+            self._co_fds.update(fd for fd in self._keys if fd in _channels)
+        return self._co_fds
+
+    def _ring_ready(self, arm: bool) -> tuple[dict[int, int], dict[int, RingReader]]:
+        """Readiness of every channel from its rings (with ``arm``, arming the peer's
+        wake-ups where there is nothing to read or no room), and the rings of channels we
+        watch for reading."""
         ready: dict[int, int] = {}
         watched: dict[int, RingReader] = {}
-        for fd, key in list(self._keys.items()):
-            self._sync(fd, key.events)  # a channel may have fallen back to plain TCP
+        keys, kernel = self._keys, self._kernel
+        for fd in list(self._channel_fds()):
+            key = keys[fd]
             sock = channel_socket(fd)
-            if sock is not None:
-                events = sock._cosock_events(key.events)
-                if events:
-                    ready[fd] = events
-                if key.events & EVENT_READ:
-                    rx = sock._cosock_spin_reader()
-                    if rx is not None:
-                        watched[fd] = rx
+            if sock is None:  # fell back to plain TCP (or closed): the kernel is right
+                self._sync(fd, key.events)
+                self._co_fds.discard(fd)
+                continue
+            # Frames queued for TCP (after a path switch) need the kernel's writability.
+            want = EVENT_READ | (EVENT_WRITE if sock._cosock_kernel_write() else 0)
+            if want != kernel[fd]:
+                self._inner.modify(fd, want)
+                kernel[fd] = want
+            events = sock._cosock_events(key.events, arm)
+            if events:
+                ready[fd] = events
+            if key.events & EVENT_READ:
+                rx = sock._cosock_spin_reader()
+                if rx is not None:
+                    watched[fd] = rx
         return ready, watched
 
     def _stay_awake(self, watched: dict[int, RingReader]) -> None:

@@ -651,11 +651,13 @@ class CoSocket(socket.socket):
             self._flush_ctl(ch)
         return super().getsockopt(*args)
 
-    def _cosock_events(self, wanted: int) -> int:
+    def _cosock_events(self, wanted: int, arm: bool = True) -> int:
         """Selector readiness from the rings; arms the peer's wake-ups when not ready.
 
         A hostile peer's ring makes its socket ready (the next call raises the error), so
         one bad connection never breaks the selector loop that serves the others.
+        ``arm=False``: the caller will not sleep on the answer, so the peer's wake-ups
+        (doorbell, SPACE) need not be armed (no fence, the spinning flag is left alone).
         """
         ch = self._co
         if ch is not None and ch.phase is _FORKED:
@@ -669,7 +671,7 @@ class CoSocket(socket.socket):
         try:
             if ch.ctl_out:
                 self._flush_ctl(ch)  # a completed non-blocking connect's HELLO
-            return self._ring_events(ch, wanted)
+            return self._ring_events(ch, wanted, arm)
         except (RingCorrupted, ProtocolError, ValueError) as exc:
             self._poison(ch, exc)
             return wanted
@@ -682,7 +684,7 @@ class CoSocket(socket.socket):
             return None
         return ch.rx
 
-    def _ring_events(self, ch: _Channel, wanted: int) -> int:
+    def _ring_events(self, ch: _Channel, wanted: int, arm: bool = True) -> int:
         events = 0
         if wanted & EVENT_READ:
             if self._rxb or ch.tcp_eof or ch.rd_shut or ch.error is not None:
@@ -692,7 +694,7 @@ class CoSocket(socket.socket):
             elif ch.phase is _SHM and ch.rx is not None:
                 rx = ch.rx
                 eof = ch.fin is not None and ch.rx_base + rx.tail >= ch.fin
-                if rx.available() or eof or rx.arm():
+                if rx.available() or eof or (arm and rx.arm()):
                     events |= EVENT_READ
         if wanted & EVENT_WRITE:
             tx = ch.tx
@@ -703,7 +705,7 @@ class CoSocket(socket.socket):
                     events |= EVENT_WRITE
             else:
                 room = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
-                if room > 0 or (ch.phase is _SHM and tx.request_space() > 0):
+                if room > 0 or (arm and ch.phase is _SHM and tx.request_space() > 0):
                     events |= EVENT_WRITE
         return events
 
@@ -1393,6 +1395,8 @@ class CoSocket(socket.socket):
                 return
             if event is NEED_DATA:
                 return
+            if type(event) is Bell:
+                continue  # the common frame: callers re-check their rings
             if isinstance(event, Plain) or (
                 isinstance(event, Switch | Upgrade) and _downgrade.leaving(ch)
             ):
