@@ -347,6 +347,66 @@ def server_uvloop_sock(host: str, port: int) -> None:
     uvloop.run(main())
 
 
+def server_uvloop_accepted(host: str, port: int) -> None:
+    """Accept one connection in Python, talk on it (on a co-resident pair: through the
+    rings), then hand it to uvloop's ``connect_accepted_socket`` to upper-case the rest."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data.upper())
+
+    srv = socket.create_server((host, port), family=_family(host))
+    _ready(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    line = b""
+    while not line.endswith(b"\n"):  # exactly the first line: the rest stays unread
+        line += conn.recv(1)
+    conn.sendall(f"{getattr(conn, 'cosock_path', 'plain')}\n".encode())
+
+    async def main() -> None:
+        conn.setblocking(False)
+        await asyncio.get_running_loop().connect_accepted_socket(Upper, conn)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def client_upper_many(host: str, port: int) -> None:
+    """Lines to the uvloop-accepted server, some sent before it hands the connection over
+    (unread in its ring then), the rest after; every byte must come back upper-cased."""
+    import socket
+
+    blob = b"".join(b"line %05d %s\n" % (i, b"x" * 1000) for i in range(300))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"first\n")
+        sock.sendall(blob[:100_000])
+        first = b""
+        while not first.endswith(b"\n"):
+            first += sock.recv(1)
+        sock.sendall(blob[100_000:])
+        got = bytearray()
+        while len(got) < len(blob):
+            chunk = sock.recv(len(blob) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        _hold_then_exit(
+            {
+                "ok": got == blob.upper(),
+                "server_path_before": first.decode().strip(),
+                "path": getattr(sock, "cosock_path", "plain"),
+            }
+        )
+
+
 def client_upper(host: str, port: int) -> None:
     import socket
 
@@ -689,6 +749,7 @@ _SERVERS = {
     "ftp-server": server_ftp,
     "smtp-server": server_smtp,
     "uvloop-sock-server": server_uvloop_sock,
+    "uvloop-accepted": server_uvloop_accepted,
 }
 _HTTP_CLIENTS = {
     "httpx": client_httpx,
@@ -705,6 +766,7 @@ _CLIENTS = {
     "ftp": client_ftp,
     "smtp": client_smtp,
     "upper": client_upper,
+    "upper-many": client_upper_many,
     "hold-get": client_hold_get,
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import os
 import socket
 import threading
 import time
@@ -219,6 +220,122 @@ def test_sendfile(make_pair: Pair, tmp_path: Any) -> None:
     reader.join(20)
     assert got == [blob[1000:]]
     still_shm(cli, conn)
+
+
+# ---------------------------------------------------------------------- detach
+#
+# ``detach()`` hands the fd to code that drives it itself.  An accelerated connection is
+# downgraded first (both ends continue on plain TCP, byte-exact), so what the fd shows is
+# what a plain socket's would; the peer's application notices nothing.
+
+
+def _raw(fd: int) -> socket.socket:
+    """What a program does with a detached fd: a socket of the stdlib's own class."""
+    raw = get_original(socket, "socket")(fileno=fd)
+    raw.settimeout(10)
+    return raw
+
+
+def _handed_over(mode: str, *socks: socket.socket) -> None:
+    """In the cosock run the peer continues on plain TCP and says why."""
+    if mode == "cosock":
+        for s in socks:
+            assert isinstance(s, CoSocket)
+            assert s.cosock_path == "tcp"
+            assert s.cosock_fallback_reason is cosock.FallbackReason.HANDED_OVER
+
+
+def test_detach_hands_over_an_honest_stream(make_pair: Pair, mode: str) -> None:
+    """Unread bytes both ways at the moment of detach() are delivered exactly once, and the
+    connection goes on both ways; EOF and half-close travel as on TCP."""
+    cli, conn = make_pair()
+    conn.sendall(b"unread by the client")
+    cli.sendall(b"unread by the server")
+    fd = cli.detach()
+    assert cli.fileno() == -1 and fd >= 0
+    raw = _raw(fd)
+    try:
+        assert raw.getpeername() == conn.getsockname()
+        assert recv_all(raw, 20) == b"unread by the client"
+        assert recv_all(conn, 20) == b"unread by the server"
+        raw.sendall(b"after")
+        assert recv_all(conn, 5) == b"after"
+        conn.sendall(b"reply")
+        assert recv_all(raw, 5) == b"reply"
+        _handed_over(mode, conn)
+        raw.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+        conn.sendall(b"half")
+        conn.shutdown(socket.SHUT_WR)
+        assert recv_all(raw, 10) == b"half"
+    finally:
+        raw.close()
+
+
+def test_detach_while_the_peer_streams(make_pair: Pair, mode: str) -> None:
+    """The peer is blocked in sendall (more than a ring's worth) when we detach: the fd
+    delivers its whole stream in order, no byte lost or doubled."""
+    cli, conn = make_pair()
+    blob = os.urandom(3 << 20)
+    sender = threading.Thread(target=conn.sendall, args=(blob,))
+    sender.start()
+    head = recv_all(cli, 100_000)
+    raw = _raw(cli.detach())
+    try:
+        rest = recv_all(raw, len(blob) - len(head))
+        sender.join(20)
+        assert not sender.is_alive()
+        assert head + rest == blob
+        raw.sendall(b"done")
+        assert recv_all(conn, 4) == b"done"
+        _handed_over(mode, conn)
+    finally:
+        raw.close()
+
+
+def test_detach_after_half_closes(make_pair: Pair, mode: str) -> None:
+    cli, conn = make_pair()
+    cli.sendall(b"last words")
+    cli.shutdown(socket.SHUT_WR)
+    conn.sendall(b"still talking")
+    raw = _raw(cli.detach())
+    try:
+        assert recv_all(conn, 100) == b"last words"  # and EOF
+        assert recv_all(raw, 13) == b"still talking"
+        conn.close()
+        assert raw.recv(1) == b""
+    finally:
+        raw.close()
+
+
+def test_detach_leaves_dups_working(make_pair: Pair, mode: str) -> None:
+    cli, conn = make_pair()
+    twin = cli.dup()
+    conn.sendall(b"x")
+    raw = _raw(cli.detach())
+    try:
+        assert recv_all(twin, 1) == b"x"
+        twin.sendall(b"from twin")
+        raw.sendall(b" and raw")
+        assert recv_all(conn, 17) == b"from twin and raw"
+        conn.sendall(b"both")
+        assert recv_all(raw, 4) == b"both"
+        _handed_over(mode, conn, twin)
+    finally:
+        raw.close()
+        twin.close()
+
+
+def test_detach_of_a_plain_and_a_closed_socket(mode: str) -> None:
+    """Nothing to downgrade: a listener, an unconnected socket, and a closed one."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    fresh = socket.socket()
+    fresh.close()
+    for s in (srv, socket.socket()):
+        fd = s.detach()
+        assert fd >= 0 and s.fileno() == -1
+        os.close(fd)
+    assert fresh.detach() == -1
 
 
 # ---------------------------------------------------------------------- flags

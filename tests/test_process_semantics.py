@@ -4,10 +4,10 @@ fresh interpreter: ``os.fork`` with a live accelerated connection, ``socket.from
 
 Found here (see docs/transparency.md, "Process semantics"): a forked child that takes over a
 connection keeps working on the shared-memory path, and a child's close or exit does not end
-the parent's stream; but a connection used by both processes after a fork goes wrong (each
-keeps its own ring counters: xfails below); ``fromfd`` of an accelerated connection's fd
-used to yield a plain-TCP CoSocket on the control stream that broke the connection (fixed:
-``enable()`` wraps ``fromfd``).
+the parent's stream; a connection used by both processes after a fork continues correctly
+(one owner at a time, a takeover from an exited one, else a downgrade to plain TCP);
+``fromfd`` of an accelerated connection's fd used to yield a plain-TCP CoSocket on the
+control stream that broke the connection (fixed: ``enable()`` wraps ``fromfd``).
 """
 
 from __future__ import annotations
@@ -85,19 +85,16 @@ def test_forked_child_serves_the_inherited_connection_alone() -> None:
     assert result == {"child": 0, "exact": True, "paths": ["shm", "shm"]}
 
 
-_BOTH_USE = (
-    "BUG (for programs that use one connection from both sides of a fork): a ring's "
-    "producer and consumer counters live in each process's CoSocket, not only in shared "
-    "memory, so after a fork the process that did not move them still has the old ones: "
-)
+# Both processes using one connection after a fork (``cosock._forkshare``).  Found here:
+# each process kept its own ring positions, so bytes the child received were received again
+# by the parent (duplicated), and a send after the other process's sends overwrote its
+# unread bytes (lost).  Now the first user after the fork owns the channel; one that has
+# exited or closed its copy is taken over from the positions in shared memory; one that is
+# alive is asked to downgrade it, and both continue on plain TCP, as TCP would behave.
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=_BOTH_USE + "bytes the child received are received again by the parent "
-    "(duplicated silently; TCP would give the parent only the bytes after them)",
-)
 def test_parent_reads_after_the_forked_child_read() -> None:
+    """The child read part and exited: the parent takes over where it stopped."""
     result = _run(
         """
         srv, cli, conn = shm_pair()
@@ -112,14 +109,8 @@ def test_parent_reads_after_the_forked_child_read() -> None:
     assert result == {"parent": "abcde"}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=_BOTH_USE + "the parent's next send writes at its stale head, over the child's "
-    "unread bytes, and publishes the same head: the peer receives 'parent' and never "
-    "'child ' (lost silently; when the child's bytes were already read the parent's send "
-    "fails instead with ConnectionResetError 'channel corrupted')",
-)
 def test_parent_sends_after_the_forked_child_sent() -> None:
+    """The child sent and exited: the parent's bytes follow the child's, none lost."""
     result = _run(
         """
         srv, cli, conn = shm_pair()
@@ -138,6 +129,81 @@ def test_parent_sends_after_the_forked_child_sent() -> None:
         """
     )
     assert result == {"got": "child parent"}
+
+
+def test_both_processes_alive_take_turns_on_plain_tcp() -> None:
+    """Parent and child both alive, both reading and sending: the second to use the
+    connection asks the owner (its residency watch, while its application waits on a
+    pipe) to downgrade it; then the kernel's queue is shared, as with plain TCP."""
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"12345abcde")
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            got = recv_all(cli, 5)
+            cli.sendall(b"child ")
+            os.write(done_w, got)
+            os.read(go_r, 1)  # alive, not calling into the socket, while the parent works
+            cli.sendall(b"again")
+            os._exit(0)
+        first = os.read(done_r, 5)
+        rest = cli.recv(100)  # the child owns the channel: it hands it over
+        cli.sendall(b"parent ")
+        os.write(go_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        got = recv_all(conn, 18).decode()
+        conn.sendall(b"to whoever reads")
+        print(json.dumps({
+            "child_read": first.decode(), "parent_read": rest.decode(), "peer_got": got,
+            "status": status, "paths": [cli.cosock_path, conn.cosock_path],
+            "reason": conn.cosock_info()["fallback_reason"],
+            "tail": recv_all(cli, 16).decode(),
+        }))
+        """
+    )
+    assert result == {
+        "child_read": "12345",
+        "parent_read": "abcde",
+        "peer_got": "child parent again",
+        "status": 0,
+        "paths": ["tcp", "tcp"],
+        "reason": "handed-over",
+        "tail": "to whoever reads",
+    }
+
+
+def test_detach_in_one_process_while_the_forked_child_owns_the_connection() -> None:
+    """The child uses the connection (and owns it), the parent detaches its copy: the
+    child's watch downgrades it on request, so the parent's fd is an honest TCP stream
+    that the child keeps sharing."""
+    result = _run(
+        """
+        srv, cli, conn = shm_pair()
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            cli.sendall(b"child ")
+            os.write(done_w, b"x")
+            os.read(go_r, 1)
+            cli.sendall(b"again")
+            os._exit(0)
+        os.read(done_r, 1)
+        raw = socket.socket.__mro__[1](fileno=cli.detach())
+        raw.sendall(b"raw ")
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        got = recv_all(conn, 15).decode()
+        conn.sendall(b"back")
+        raw.settimeout(10)
+        print(json.dumps({"got": got, "back": recv_all(raw, 4).decode(),
+                          "path": conn.cosock_path}))
+        """
+    )
+    assert result == {"got": "child raw again", "back": "back", "path": "tcp"}
 
 
 def test_forked_child_closing_at_exit_does_not_end_the_parents_stream() -> None:
@@ -160,6 +226,144 @@ def test_forked_child_closing_at_exit_does_not_end_the_parents_stream() -> None:
         """
     )
     assert result == {"n": 100000, "eof": True, "path": "shm"}
+
+
+_RECEIVER = """
+import socket, sys, multiprocessing.connection, multiprocessing.reduction
+unix = int(sys.argv[2])
+if sys.argv[1] == "send_fds":
+    _, fds, _, _ = socket.recv_fds(socket.socket(fileno=unix), 10, 1)
+    fd = fds[0]
+else:
+    fd = multiprocessing.reduction.recv_handle(multiprocessing.connection.Connection(unix))
+t = socket.socket(fileno=fd)
+t.settimeout(10)
+got = b""
+while len(got) < 22:
+    got += t.recv(22 - len(got))
+t.sendall(got.upper())
+print(got.decode(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["send_fds", "multiprocessing.reduction"])
+def test_accelerated_fd_passed_to_another_process(how: str) -> None:
+    """An accelerated connection's fd sent with SCM_RIGHTS to a process that has no channel
+    for it: sending it downgrades the connection first, so that process reads and writes
+    an honest TCP stream (bytes unread at that moment included), and the sender keeps a
+    working plain socket on the same connection.  Found: the receiver used to read the
+    control stream (frames), and the ring's bytes were lost to it."""
+    result = _run(
+        f"""
+        import subprocess, multiprocessing.connection, multiprocessing.reduction
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"unread before the pass")
+        here, there = socket.socketpair()
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", {_RECEIVER!r}, {how!r}, str(there.fileno())],
+            pass_fds=[there.fileno()], stdout=subprocess.PIPE)
+        there.close()
+        if {how!r} == "send_fds":
+            socket.send_fds(here, [b"x"], [cli.fileno()])
+        else:
+            multiprocessing.reduction.send_handle(
+                multiprocessing.connection.Connection(here.detach()), cli.fileno(), receiver.pid)
+        out, _ = receiver.communicate(timeout=30)
+        upper = recv_all(conn, 22).decode()
+        cli.sendall(b"sender still here")
+        print(json.dumps({{
+            "receiver_got": out.decode().strip(),
+            "peer_got": upper + recv_all(conn, 17).decode(),
+            "paths": [cli.cosock_path, conn.cosock_path],
+            "reason": conn.cosock_info()["fallback_reason"], "rc": receiver.returncode,
+        }}))
+        """
+    )
+    assert result == {
+        "receiver_got": "unread before the pass",
+        "peer_got": "UNREAD BEFORE THE PASSsender still here",
+        "paths": ["tcp", "tcp"],
+        "reason": "handed-over",
+        "rc": 0,
+    }
+
+
+def test_accelerated_socket_pickled_for_a_spawned_pool_worker() -> None:
+    """multiprocessing pickles a socket with a duplicate of its fd.  Found: a CoSocket
+    could not be pickled at all ("cannot pickle 'CoSocket' object") when
+    ``multiprocessing.reduction`` was imported before ``enable()``, and when imported
+    after, an accelerated one went without its channel (the worker read control frames).
+    Now an accelerated one is downgraded first, so the worker reads the bytes that were
+    unread at that moment and talks on plain TCP.  ``disable()`` restores the reducer
+    registry exactly."""
+    result = _run(
+        """
+        import multiprocessing as mp, _socket
+        from multiprocessing.reduction import ForkingPickler
+        from cosock import CoSocket
+        srv, cli, conn = shm_pair()
+        conn.sendall(b"hello")
+        with mp.get_context("spawn").Pool(1) as pool:
+            got = pool.apply(_socket.socket.recv, (cli, 5))
+            pool.apply(_socket.socket.sendall, (cli, b"from the pool"))
+        back = recv_all(conn, 13)
+        ours = ForkingPickler._extra_reducers[CoSocket].__module__
+        cosock.disable()
+        after = ForkingPickler._extra_reducers.get(CoSocket)
+        print(json.dumps({"got": got.decode(), "back": back.decode(),
+                          "paths": [cli.cosock_path, conn.cosock_path],
+                          "reason": conn.cosock_info()["fallback_reason"],
+                          "registered": ours, "after": getattr(after, "__name__", None)}))
+        """
+    )
+    assert result == {
+        "got": "hello",
+        "back": "from the pool",
+        "paths": ["tcp", "tcp"],
+        "reason": "handed-over",
+        "registered": "cosock._mpreduce",
+        # multiprocessing.reduction was imported after enable(): it had registered its
+        # own reducer for socket.socket, i.e. CoSocket, and gets it back.
+        "after": "_reduce_socket",
+    }
+
+
+def test_socket_pickled_when_multiprocessing_was_imported_before_enable(tmp_path: Path) -> None:
+    """The case that failed outright: ``multiprocessing`` imported first (its reducer
+    registered for the stdlib class only), then ``enable()``."""
+    script = tmp_path / "prog.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, multiprocessing as mp, _socket, socket
+            import cosock
+
+            if __name__ == "__main__":
+                cosock.enable()
+                srv = socket.create_server(("127.0.0.1", 0))
+                cli = socket.create_connection(srv.getsockname(), timeout=10)
+                conn, _ = srv.accept()
+                conn.settimeout(10)
+                cli.sendall(b"?"); assert conn.recv(1) == b"?"
+                conn.sendall(b"!"); assert cli.recv(1) == b"!"
+                conn.sendall(b"hello")
+                with mp.get_context("spawn").Pool(1) as pool:
+                    got = pool.apply(_socket.socket.recv, (cli, 5))
+                cosock.disable()
+                from multiprocessing.reduction import ForkingPickler
+                from cosock import CoSocket
+                print(json.dumps({"got": got.decode(), "path": conn.cosock_path,
+                                  "left": CoSocket in ForkingPickler._extra_reducers}))
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "got": "hello",
+        "path": "tcp",
+        "left": False,
+    }
 
 
 def test_fromfd_of_a_plain_connection_works() -> None:

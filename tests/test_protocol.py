@@ -32,6 +32,7 @@ from cosock._events import (
     Event,
     Fin,
     Hello,
+    Plain,
     PlainData,
     Reject,
     RingMark,
@@ -173,6 +174,7 @@ def test_golden_bytes() -> None:
         0x07: 5,
         0x08: 17,
         0x09: 1,
+        0x0A: 10,
     }
     switched = ConnectionPair().accept()
     assert switched.client.send(Switch(0)) == bytes.fromhex("060000000000000000")
@@ -183,6 +185,11 @@ def test_golden_bytes() -> None:
     switched.client.receive_data(b"\x06" + bytes(8))
     assert drain(switched.client) == [Switch(0)]
     assert switched.client.send(Upgrade(OTHER_NONCE)) == b"\x08" + OTHER_NONCE
+    downgraded = ConnectionPair().accept()
+    downgraded.server.data_received(0)
+    assert downgraded.server.send(Plain(0)) == bytes.fromhex("0a00000000000000000b")
+    downgraded.client.receive_data(bytes.fromhex("0a00000000000000000b"))
+    assert drain(downgraded.client) == [Plain(0, FallbackReason.HANDED_OVER)]
 
 
 def test_reason_codes_are_stable_and_complete() -> None:
@@ -198,6 +205,7 @@ def test_reason_codes_are_stable_and_complete() -> None:
         FallbackReason.PEER_REJECTED: 8,
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
+        FallbackReason.HANDED_OVER: 11,
     }
     assert set(REASON_CODES) == set(FallbackReason)
     for reason, code in REASON_CODES.items():
@@ -213,7 +221,7 @@ def test_every_reason_travels(reason: FallbackReason) -> None:
     assert pair.client.state is pair.server.state is State.TCP
 
 
-@pytest.mark.parametrize("code", [0, 11, 0x7F, 0xFF])
+@pytest.mark.parametrize("code", [0, 12, 0x7F, 0xFF])
 def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
     client = Connection(CLIENT, NONCE)
     client.send(Hello(NONCE))
@@ -237,6 +245,9 @@ def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
         lambda: Fin(True),
         lambda: Fin(1.0),  # type: ignore[arg-type]
         lambda: PlainData("text"),  # type: ignore[arg-type]
+        lambda: Plain(-1),
+        lambda: Plain(MAX_OFFSET),
+        lambda: Plain(0, "handed-over"),  # type: ignore[arg-type]
         lambda: Connection(CLIENT, b"short"),
         lambda: Connection("client", NONCE),  # type: ignore[arg-type]
     ],
@@ -500,8 +511,10 @@ def test_data_written_ahead_during_handshake_is_counted() -> None:
         (0, b"\x03\x01", "Reject"),
         (0, HELLO, "0x43"),
         (0, b"\x00", "0x00"),
-        (0, b"\x0a", "0x0a"),
+        (0, b"\x0b", "0x0b"),
         (0, b"\xff", "0xff"),
+        (0, b"\x0a" + (1).to_bytes(8, "little") + b"\x0b", "only 0 bytes"),
+        (0, b"\x0a" + MAX_OFFSET.to_bytes(8, "little") + b"\x0b", "2\\*\\*63"),
         (0, b"\x06" + (1).to_bytes(8, "little"), "only 0 bytes"),
         (0, b"\x06" + MAX_OFFSET.to_bytes(8, "little"), "2\\*\\*63"),
         (0, b"\x07\x01\x00\x00\x00x", "Data"),
@@ -614,6 +627,13 @@ EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
     (SERVER, State.UPGRADE_RECEIVED, Data): State.UPGRADE_RECEIVED,
     (SERVER, State.UPGRADE_RECEIVED, Fin): State.UPGRADE_RECEIVED,
     **{(SERVER, State.RING_AWAIT, kind): State.RING_AWAIT for kind in (Bell, Space, Fin)},
+    **{(role, state, Plain): State.PLAIN_SENT for role in Role for state in (SHM, State.FRAMED)},
+    **{(role, State.PLAIN_RECEIVED, Plain): State.TCP for role in Role},
+    **{
+        (role, State.PLAIN_RECEIVED, kind): State.PLAIN_RECEIVED
+        for role in Role
+        for kind in (Data, Fin)
+    },
 }
 
 #: What each wire input (named by what it encodes) must produce, per (role, state):
@@ -629,6 +649,7 @@ WIRE: dict[str, bytes] = {
     "DATA": b"\x07\x01\x00\x00\x00x",
     "UPGRADE": b"\x08" + OTHER_NONCE,
     "RINGMARK": b"\x09",
+    "PLAIN": b"\x0a" + bytes(8) + b"\x0b",
     "GARBAGE": b"\xfe",
     "EOF": b"",
 }
@@ -643,6 +664,7 @@ WIRE_EVENT: dict[str, Event] = {
     "DATA": Data(b"x"),
     "UPGRADE": Upgrade(OTHER_NONCE),
     "RINGMARK": RingMark(),
+    "PLAIN": Plain(0),
     "EOF": Eof(),
 }
 EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
@@ -675,6 +697,19 @@ EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
     (SERVER, State.RING_AWAIT, "FIN"): State.RING_AWAIT,
     (SERVER, State.RING_AWAIT, "RINGMARK"): SHM,
     (SERVER, State.RING_AWAIT, "EOF"): State.CLOSED,
+    # The downgrade (Rule 9).
+    **{(role, SHM, "PLAIN"): State.PLAIN_RECEIVED for role in Role},
+    **{(role, State.FRAMED, "PLAIN"): State.PLAIN_RECEIVED for role in Role},
+    (CLIENT, State.UPGRADE_SENT, "PLAIN"): State.PLAIN_RECEIVED,
+    **{(role, State.SWITCH_SENT, "PLAIN"): State.TCP for role in Role},
+    **{
+        (role, State.PLAIN_SENT, wire): State.PLAIN_SENT
+        for role in Role
+        for wire in ("BELL", "SPACE", "FIN", "DATA")
+    },
+    **{(role, State.PLAIN_SENT, wire): State.TCP for role in Role for wire in ("PLAIN", "SWITCH")},
+    **{(role, State.PLAIN_SENT, "EOF"): State.CLOSED for role in Role},
+    (SERVER, State.PLAIN_SENT, "UPGRADE"): State.PLAIN_SENT,
 }
 #: States where nothing is parsed: the input waits (NEED_DATA), the state stays.
 PAUSED = {
@@ -686,6 +721,8 @@ PAUSED = {
     (SERVER, State.UPGRADE_RECEIVED),
     (CLIENT, State.CLOSED),
     (SERVER, State.CLOSED),
+    (CLIENT, State.PLAIN_RECEIVED),
+    (SERVER, State.PLAIN_RECEIVED),
 }
 
 
@@ -716,6 +753,12 @@ def _bring(role: Role, state: State) -> Connection:
     elif state is State.SWITCH_RECEIVED:
         pair.accept()
         pair.send(pair.peer(conn), Switch(0))
+    elif state is State.PLAIN_SENT:
+        pair.accept()
+        conn.send(Plain(0))
+    elif state is State.PLAIN_RECEIVED:
+        pair.accept()
+        pair.send(pair.peer(conn), Plain(0))
     elif state not in (State.IDLE, State.AWAIT_HELLO):
         pair.switch()
         if state is not State.FRAMED:
@@ -728,7 +771,13 @@ def _bring(role: Role, state: State) -> Connection:
     return conn
 
 
-_SWITCHED = [State.SWITCH_SENT, State.SWITCH_RECEIVED, State.FRAMED]
+_SWITCHED = [
+    State.SWITCH_SENT,
+    State.SWITCH_RECEIVED,
+    State.FRAMED,
+    State.PLAIN_SENT,
+    State.PLAIN_RECEIVED,
+]
 STATES = {
     CLIENT: [
         State.IDLE,
@@ -766,6 +815,7 @@ SAMPLE_EVENTS: list[Event] = [
     Data(b"x"),
     Upgrade(OTHER_NONCE),
     RingMark(),
+    Plain(0),
 ]
 
 
@@ -1257,6 +1307,126 @@ def test_verify_upgrade_without_an_upgrade_is_a_local_error() -> None:
         pair.server.verify_upgrade(NONCE)
 
 
+#### Downgrade (shm or framed TCP -> plain, unframed TCP for good)
+
+
+def test_downgrade_from_shm_resends_unframed_from_the_peers_consumed_offset() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(100)  # in the ring; the server took 60 of it
+    pair.server.data_received(60)
+    pair.server.data_sent(7)
+    pair.client.data_received(7)
+    assert pair.send(pair.client, Plain(7)) == [Plain(7)]
+    assert pair.client.state is State.PLAIN_SENT and pair.server.state is State.PLAIN_RECEIVED
+    assert pair.client.fallback is FallbackReason.HANDED_OVER and pair.server.fallback is None
+    with pytest.raises(LocalProtocolError, match="after the fallback"):
+        pair.client.data_sent(1)  # our ring is left for good
+    with pytest.raises(LocalProtocolError, match="downgrade"):
+        pair.client.data_received(0)
+    for event in (Bell(), Fin(100), Data(b"x"), Switch(7)):
+        with pytest.raises(LocalProtocolError):
+            pair.client.send(event)  # nothing but the peer's marker until TCP
+    pair.server.data_received(10)  # the server may still read before it answers
+    with pytest.raises(LocalProtocolError, match="must carry the 70"):
+        pair.server.send(Plain(60))
+    wire = pair.server.send(Plain(70))
+    assert pair.server.state is State.TCP and pair.server.resend_from == 7
+    # The server's resend (nothing: the client read all 7), then new bytes, unframed;
+    # frame-like bytes are data now.
+    pair.client.receive_data(wire + b"\x01\x06new")
+    assert normalise(drain(pair.client)) == [Plain(70), PlainData(b"\x01\x06new")]
+    assert pair.client.state is State.TCP and pair.client.resend_from == 70
+    pair.server.receive_data(b"r" * 30)
+    assert drain(pair.server) == [PlainData(b"r" * 30)]
+    assert pair.client.fallback is pair.server.fallback is FallbackReason.HANDED_OVER
+    assert pair.close(pair.client) == [Eof()]
+
+
+def test_downgrade_from_framed_never_resends_what_data_frames_carried() -> None:
+    pair = ConnectionPair().switch()
+    assert pair.send(pair.client, Data(b"abc")) == [Data(b"abc")]
+    in_flight = pair.server.send(Data(b"xy"))  # crosses the client's Plain
+    to_server = pair.client.send(Plain(0))
+    pair.client.receive_data(in_flight)
+    assert drain(pair.client) == [Data(b"xy")]
+    assert pair.client.state is State.PLAIN_SENT
+    pair.server.receive_data(to_server)
+    assert drain(pair.server) == [Plain(0)]
+    assert pair.server.resend_from == 2  # past its DATA frames, not the client's 0
+    # A writer thread frames more before the server answers: the resend moves past it.
+    framed = pair.server.send(Data(b"z"))
+    assert pair.server.resend_from == 3
+    pair.client.receive_data(framed + pair.server.send(Fin(3)))
+    assert drain(pair.client) == [Data(b"z"), Fin(3)]
+    pair.client.receive_data(pair.server.send(Plain(3)))
+    assert drain(pair.client) == [Plain(3)]
+    assert pair.client.resend_from == 3 and pair.server.resend_from == 3
+    assert pair.client.state is pair.server.state is State.TCP
+
+
+def test_downgrades_crossing_each_other() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(10)
+    pair.server.data_received(4)
+    to_server, to_client = pair.client.send(Plain(0)), pair.server.send(Plain(4))
+    pair.server.receive_data(to_server)
+    pair.client.receive_data(to_client)
+    assert drain(pair.server) == [Plain(0)] and drain(pair.client) == [Plain(4)]
+    assert pair.client.state is pair.server.state is State.TCP
+    assert pair.client.resend_from == 4 and pair.server.resend_from == 0
+
+
+def test_a_switch_crossing_a_downgrade_counts_as_its_answer() -> None:
+    pair = ConnectionPair().accept()
+    pair.server.data_sent(20)
+    pair.client.data_received(5)
+    to_server, to_client = pair.client.send(Plain(5)), pair.server.send(Switch(0))
+    pair.server.receive_data(to_server)
+    pair.client.receive_data(to_client)
+    assert drain(pair.server) == [Plain(5)] and drain(pair.client) == [Switch(0)]
+    assert pair.client.state is pair.server.state is State.TCP
+    assert pair.server.resend_from == 5 and pair.client.resend_from == 0
+    assert pair.client.fallback is pair.server.fallback is FallbackReason.HANDED_OVER
+
+
+def test_an_upgrade_crossing_a_downgrade_is_dropped() -> None:
+    pair = ConnectionPair().switch()
+    to_server, to_client = pair.client.send(Upgrade(OTHER_NONCE)), pair.server.send(Plain(0))
+    pair.server.receive_data(to_server)
+    assert drain(pair.server) == [Upgrade(OTHER_NONCE)]
+    assert pair.server.state is State.PLAIN_SENT
+    with pytest.raises(LocalProtocolError):
+        pair.server.verify_upgrade(OTHER_NONCE)  # nothing to answer: we are leaving
+    pair.client.receive_data(to_client)
+    assert drain(pair.client) == [Plain(0)]
+    assert pair.client.state is State.PLAIN_RECEIVED
+    assert pair.send(pair.client, Plain(0)) == [Plain(0)]
+    assert pair.client.state is pair.server.state is State.TCP
+
+
+def test_downgrade_after_fin_resends_up_to_the_fin() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.data_sent(50)
+    assert pair.send(pair.client, Fin(50)) == [Fin(50)]
+    pair.server.data_received(20)
+    pair.send(pair.server, Plain(20))
+    assert pair.send(pair.client, Plain(0)) == [Plain(0)]
+    assert pair.client.resend_from == 20 and pair.server.fin_received_offset == 50
+    assert pair.close(pair.client) == [Eof()]
+
+
+def test_peer_closing_mid_downgrade_and_lying_offsets() -> None:
+    pair = ConnectionPair().accept()
+    pair.client.send(Plain(0))
+    assert pair.close(pair.server) == [Eof()]  # the socket layer reports the peer gone
+    assert pair.client.state is State.CLOSED
+    lying = ConnectionPair().accept()
+    lying.client.send(Plain(0))
+    lying.client.receive_data(b"\x0a" + (5).to_bytes(8, "little") + b"\x0b")
+    with pytest.raises(RemoteProtocolError, match="only 0 bytes"):
+        lying.client.next_event()
+
+
 #### Property: any interleaving of data, SWITCH and upgrade keeps both streams exact
 
 NONCE2 = bytes(range(200, 216))
@@ -1275,13 +1445,18 @@ class _Side:
         self.wire = bytearray()  # sent, not yet delivered to the peer
         self.ring_start = self.ring_head = 0  # our current ring, in our stream's offsets
         self.got = bytearray()  # what the application read
+        self.plain_next: int | None = None  # after a downgrade: our next unframed byte
 
     def send(self, event: Event) -> None:
         self.wire += self.conn.send(event)
 
     def write(self, n: int) -> None:
         c = self.conn
-        if c.state in RING_STATES and not c.tx_framed and not c.fin_sent:
+        if self.plain_next is not None:
+            chunk = self.stream[self.plain_next : self.plain_next + n]
+            self.wire += chunk
+            self.plain_next += len(chunk)
+        elif c.state in RING_STATES and not c.tx_framed and not c.fin_sent:
             n = min(n, len(self.stream) - c.sent_offset)
             c.data_sent(n)
             self.ring_head = c.sent_offset
@@ -1292,7 +1467,11 @@ class _Side:
 
     def read(self, peer: _Side, n: int) -> None:
         c = self.conn
-        if c.rx_framed or c.state not in (*RING_STATES, State.SWITCH_RECEIVED):
+        if c.rx_framed or c.state not in (
+            *RING_STATES,
+            State.SWITCH_RECEIVED,
+            State.PLAIN_RECEIVED,
+        ):
             return
         start = c.received_offset
         assert start >= peer.ring_start
@@ -1309,10 +1488,14 @@ class _Side:
 
     def react(self, peer: _Side) -> None:
         for event in drain(self.conn):
-            if isinstance(event, Data):
+            if isinstance(event, Data | PlainData):
                 self.got += event.data
             elif isinstance(event, Switch) and self.conn.state is State.SWITCH_RECEIVED:
                 self.send(Switch(self.conn.received_offset))
+            elif isinstance(event, Plain) and self.conn.state is State.PLAIN_RECEIVED:
+                self.send(Plain(self.conn.received_offset, event.reason))
+            elif isinstance(event, Upgrade) and self.conn.state is State.PLAIN_SENT:
+                pass  # crossed our downgrade: the client drops it
             elif isinstance(event, Upgrade):
                 assert self.conn.verify_upgrade(NONCE2)
                 self._resend_owed()
@@ -1322,11 +1505,20 @@ class _Side:
                 self._resend_owed()
                 self.send(RingMark())
                 self.ring_start = self.ring_head = self.conn.sent_offset
+            if self.conn.state is State.TCP and self.plain_next is None:
+                resend = self.conn.resend_from
+                assert resend is not None
+                self.plain_next = resend  # both markers are out: unframed from here
+        if self.conn.state is State.TCP and self.plain_next is None:
+            # (our answer was the last event's reaction, or the state moved on a marker)
+            resend = self.conn.resend_from
+            assert resend is not None
+            self.plain_next = resend
 
 
 STEPS = st.lists(
     st.tuples(
-        st.sampled_from(["write", "read", "deliver", "switch", "upgrade"]),
+        st.sampled_from(["write", "read", "deliver", "switch", "upgrade", "downgrade"]),
         st.sampled_from([CLIENT, SERVER]),
         st.integers(1, 300),
     ),
@@ -1373,6 +1565,8 @@ def _play(steps: Sequence[tuple[str, Role, int]]) -> ConnectionPair:
             me.send(Switch(me.conn.received_offset))
         elif op == "upgrade" and role is CLIENT and me.conn.state is State.FRAMED:
             me.send(Upgrade(NONCE2))
+        elif op == "downgrade" and me.conn.state in (State.SHM, State.FRAMED):
+            me.send(Plain(me.conn.received_offset))
     # Let everything settle: deliver, read and write until nothing moves.
     for _ in range(200):
         for role in Role:
@@ -1407,3 +1601,45 @@ def test_the_interleaving_property_reaches_every_path() -> None:
     # Switched, then upgraded back (the last switch came while the upgrade was pending).
     assert pair.client.state is pair.server.state is SHM
     assert pair.client.sent_offset == pair.server.received_offset == 5000
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # From shm, with unread ring bytes both ways.
+        [
+            ("write", CLIENT, 300),
+            ("write", SERVER, 200),
+            ("read", SERVER, 100),
+            ("downgrade", SERVER, 0),
+        ],
+        # From framed TCP, with DATA frames in flight both ways.
+        [
+            ("write", CLIENT, 300),
+            ("switch", CLIENT, 0),
+            ("deliver", CLIENT, 100),
+            ("deliver", SERVER, 100),
+            ("write", CLIENT, 50),
+            ("write", SERVER, 70),
+            ("downgrade", CLIENT, 0),
+            ("deliver", CLIENT, 100),
+        ],
+        # Crossing a switch, and crossing a pending upgrade.
+        [("write", SERVER, 100), ("switch", SERVER, 0), ("downgrade", CLIENT, 0)],
+        [
+            ("switch", CLIENT, 0),
+            ("deliver", CLIENT, 50),
+            ("deliver", SERVER, 50),
+            ("upgrade", CLIENT, 0),
+            ("downgrade", SERVER, 0),
+            ("write", CLIENT, 40),
+        ],
+    ],
+    ids=["from-shm", "from-framed", "crossing-switch", "crossing-upgrade"],
+)
+def test_the_interleaving_property_reaches_every_downgrade(
+    script: list[tuple[str, Role, int]],
+) -> None:
+    pair = _play(script)
+    assert pair.client.state is pair.server.state is State.TCP
+    assert pair.client.fallback is pair.server.fallback is FallbackReason.HANDED_OVER

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app_programs import expected
-from apprun import PROGS, PY, Client, World, loopback_world, rows_where, stopping
+from apprun import PROGS, PY, Client, World, both_ends, loopback_world, rows_where, stopping
 from test_apps import uvicorn_server
 
 pytest.importorskip("uvloop")
@@ -98,21 +98,42 @@ def test_python_listener_handed_to_uvloop_serves_cosock_clients(world: World) ->
     client.finish()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (not covered by the uvloop guard): a connection made and accelerated in "
-    "Python (socket.create_connection to a co-resident cosock server), then handed to "
-    "uvloop (open_connection(sock=...), create_connection(sock=...), "
-    "connect_accepted_socket): its bytes are in the rings, but libuv reads and writes the "
-    "TCP fd, which carries only control frames",
-)
 def test_accelerated_socket_handed_to_uvloop(world: World) -> None:
+    """A connection made (and accelerated) in Python, then given to uvloop
+    (``open_connection(sock=...)``): its bytes used to be in the rings, which libuv cannot
+    read (the client read one doorbell byte, then nothing).  The guard downgrades it first:
+    exact bodies on plain TCP, and both ends are listed on tcp, ``handed-over``."""
     _srv, port = uvicorn_server(world, loop="asyncio")
     argv = [PY, PROGS, "uvloop-streams-sock", world.server_host, str(port)]
     client = Client(world, world.near, argv)
     report = client.read(timeout=30)
-    client.finish()
     assert report["bodies"] == {k: v for k, v in expected().items() if k in report["bodies"]}
+    assert len(report["bodies"]) == 4
+    (p,) = (int(x) for x in report["ports"])
+    both_ends(
+        world, p, "tcp", lambda c, s: c["fallback_reason"] == s["fallback_reason"] == "handed-over"
+    )
+    client.finish()
+    assert "Traceback" not in client.log.read_text()
+
+
+def test_accepted_socket_handed_to_uvloop(world: World) -> None:
+    """The server side: a connection accepted in Python on a co-resident pair, then given
+    to uvloop's ``connect_accepted_socket``; a cosock client (CoSocket, blocking) talks to
+    it across the hand-over and sees one exact byte stream."""
+    port = world.port()
+    world.serve([PY, PROGS, "uvloop-accepted", world.server_host, str(port)])
+    client = Client(world, world.near, [PY, PROGS, "upper-many", world.server_host, str(port)])
+    report = client.read(timeout=30)
+    assert report == {"ok": True, "server_path_before": "shm", "path": "tcp"}, report
+    (c,) = rows_where(world, lambda r: r["peer_port"] == port)
+    both_ends(
+        world,
+        c["local_port"],
+        "tcp",
+        lambda c, s: c["fallback_reason"] == s["fallback_reason"] == "handed-over",
+    )
+    client.finish()
 
 
 def test_guard_is_installed_on_import_and_removed_exactly() -> None:
@@ -121,14 +142,15 @@ def test_guard_is_installed_on_import_and_removed_exactly() -> None:
         import cosock
         cosock.enable()
         import uvloop  # imported after enable(): patched on import
-        assert "sock_connect" in uvloop.Loop.__dict__ and "create_server" in uvloop.Loop.__dict__
+        names = ("sock_connect", "create_server", "create_connection",
+                 "connect_accepted_socket")
+        assert all(k in uvloop.Loop.__dict__ for k in names)
         cosock.disable()
-        assert "sock_connect" not in uvloop.Loop.__dict__
-        assert "create_server" not in uvloop.Loop.__dict__
+        assert not [k for k in names if k in uvloop.Loop.__dict__]
         cosock.enable()  # imported before enable(): patched at once
-        assert "sock_connect" in uvloop.Loop.__dict__
+        assert all(k in uvloop.Loop.__dict__ for k in names)
         cosock.disable()
-        assert not [k for k in ("sock_connect", "create_server") if k in uvloop.Loop.__dict__]
+        assert not [k for k in names if k in uvloop.Loop.__dict__]
         print("ok")
         """
     )

@@ -313,6 +313,9 @@ def _after_fork_in_child() -> None:
     # list the connections the child serves.  (The child has no agent client until it
     # connects again, so residency news from the agent reaches it only then.)
     _residency._after_fork_in_child()
+    agent_client = sys.modules.get("cosock.agent.client")
+    if agent_client is not None:
+        agent_client._after_fork_in_child()  # before a thread can take the parent's lock
     if _residency._live():
         _residency.ensure_watching()  # starts this module's thread too
 

@@ -60,3 +60,6 @@ class FallbackReason(enum.Enum):
     RESOURCE = "resource"
     #: The in-band handshake did not complete (timeout, EOF, garbage).
     HANDSHAKE_FAILED = "handshake-failed"
+    #: An accelerated connection was downgraded to plain TCP because its fd left cosock's
+    #: control (``detach()``, handed to uvloop, passed to another process); either end.
+    HANDED_OVER = "handed-over"

@@ -15,6 +15,8 @@ Contents:
 * ``Switch``, ``Data`` — the path switch shm → TCP at an exact offset, and the framed
   data that follows it on TCP (framed, so that a later ``Upgrade`` can be found in-band).
 * ``Upgrade``, ``RingMark`` — the way back TCP → shm with a fresh, verified channel.
+* ``Plain`` — the downgrade: leave cosock for good, both directions continue as plain,
+  unframed TCP at exact offsets (the fd is about to leave our control).
 * ``NEED_DATA`` — not an event: ``next_event()`` needs more bytes first.
 * ``REASON_CODES`` / ``reason_from_code`` — the stable ``FallbackReason`` ↔ u8 map.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "Fin",
     "Hello",
     "NeedData",
+    "Plain",
     "PlainData",
     "Reject",
     "RingMark",
@@ -207,9 +210,34 @@ class RingMark:
     """Client → server after an upgrade's Accept: "my data continues in the ring from here"."""
 
 
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """ "I leave cosock": a downgrade to plain, unframed TCP, for good (either side, on the
+    shared-memory path or after a switch).
+
+    Like ``Switch``, ``consumed`` is how much of the *peer's* stream the sender took, and
+    each side sends one (a side that receives one first answers with its own; a ``Switch``
+    crossing it counts as the answer).  After the second marker every byte on TCP is
+    application data: each side resends its stream, unframed, from where the peer stopped
+    (its ``consumed``, or past what already went out in DATA frames), then carries on.
+    ``reason`` says why (``cosock status`` shows it at both ends).
+    """
+
+    consumed: int
+    reason: FallbackReason = FallbackReason.HANDED_OVER
+
+    def __post_init__(self) -> None:
+        if type(self.consumed) is not int or not 0 <= self.consumed < MAX_OFFSET:
+            raise LocalProtocolError(
+                f"Plain offset must be an int in [0, 2**63), not {self.consumed!r}"
+            )
+        if not isinstance(self.reason, FallbackReason):
+            raise LocalProtocolError(f"Plain reason must be a FallbackReason, not {self.reason!r}")
+
+
 #: Everything ``Connection.send()`` takes and ``Connection.next_event()`` returns.
 Event: TypeAlias = (Hello | Accept | Reject | Bell | Space | Fin | PlainData | Eof) | (
-    Switch | Data | Upgrade | RingMark
+    Switch | Data | Upgrade | RingMark | Plain
 )
 
 
@@ -245,6 +273,7 @@ REASON_CODES: Final[Mapping[FallbackReason, int]] = MappingProxyType(
         FallbackReason.PEER_REJECTED: 8,
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
+        FallbackReason.HANDED_OVER: 11,
     }
 )
 _REASONS_BY_CODE: Final[Mapping[int, FallbackReason]] = MappingProxyType(

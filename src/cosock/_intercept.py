@@ -10,7 +10,8 @@ socket import socket`` before :func:`enable` keeps the original class (see
 ``ssl.SSLContext.sslsocket_class`` (TLS over the CoSocket data path, ``_ssl``) and
 ``select.select``/``poll``/``epoll`` (ring-aware readiness, ``_select``) are replaced too,
 and ``uvloop.Loop`` gets a guard that keeps CoSockets handed to libuv on plain TCP
-(``_uvloop``; installed on uvloop's import if it comes later).
+(``_uvloop``; installed on uvloop's import if it comes later); ``multiprocessing`` gets a
+reducer for CoSockets (``_mpreduce``, likewise).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import stat
 import threading
 from typing import Any
 
-from . import _residency, _uvloop
+from . import _mpreduce, _residency, _uvloop
 from ._select import CoEpoll, co_poll, co_select
 from ._selectors import REPLACEMENTS
 from ._socket import CoSocket
@@ -100,6 +101,8 @@ def enable() -> None:
         patch_item(module, name, value)
     # uvloop drives fds in C: CoSockets handed to it must stay plain (see _uvloop).
     _uvloop.install()
+    # multiprocessing pickles sockets for other processes: CoSockets too (see _mpreduce).
+    _mpreduce.install()
 
 
 def disable() -> None:
@@ -108,6 +111,7 @@ def disable() -> None:
         for module, name in list(_saved):
             remove_item(module, name)
         _uvloop.uninstall()
+        _mpreduce.uninstall()
 
 
 def enabled() -> bool:

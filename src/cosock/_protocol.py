@@ -2,7 +2,9 @@
 
 Every cosock connection is a real TCP connection first. On it the client sends HELLO,
 the server answers ACCEPT (data then flows through shared-memory rings and TCP carries
-only small control frames) or REJECT (both sides speak plain TCP from then on). This
+only small control frames) or REJECT (both sides speak plain TCP from then on). Later a
+path switch (SWITCH) moves data into DATA frames on TCP and an upgrade moves it back; a
+downgrade (PLAIN) leaves cosock for good, both directions continuing as plain TCP. This
 module turns bytes into events and events into bytes, and checks the per-direction byte
 offsets the socket layer reports. It does no IO, keeps no clocks and starts no threads:
 the caller does the reading, writing, waiting and timing (like h11).
@@ -47,6 +49,7 @@ from ._events import (
     Fin,
     Hello,
     NeedData,
+    Plain,
     PlainData,
     Reject,
     RingMark,
@@ -85,6 +88,7 @@ T_SWITCH: Final = 0x06  #: 9 bytes (+ consumed u64): I left the rings; resend fr
 T_DATA: Final = 0x07  #: 5 bytes (+ length u32) + payload: application bytes on TCP.
 T_UPGRADE: Final = 0x08  #: 17 bytes (+ nonce): client → server: a fresh channel is offered.
 T_RINGMARK: Final = 0x09  #: 1 byte: client → server: my data continues in the ring.
+T_PLAIN: Final = 0x0A  #: 10 bytes (+ consumed u64 + reason u8): downgrade to plain TCP.
 
 #: Frame length by type byte, type byte included (for DATA: its header; the payload
 #: follows). Any other type byte is a protocol error.
@@ -98,6 +102,7 @@ FRAME_SIZES: Final = {
     T_DATA: 5,
     T_UPGRADE: 1 + NONCE_SIZE,
     T_RINGMARK: 1,
+    T_PLAIN: 10,
 }
 
 _BELL_FRAME: Final = bytes([T_BELL])
@@ -159,7 +164,14 @@ class State(enum.Enum):
     #: Server, Accept sent (our data goes into the ring): the client's data still comes in
     #: DATA frames until its RingMark.
     RING_AWAIT = "RING_AWAIT"
-    #: Fallback: plain TCP both ways; received bytes come out as PlainData, nothing is sent.
+    #: We sent Plain (downgrade: leave cosock for good) and wait for the peer's Plain or
+    #: Switch, which says where our unframed resend starts. We send nothing meanwhile; the
+    #: peer's frames up to its marker are still parsed.
+    PLAIN_SENT = "PLAIN_SENT"
+    #: The peer sent Plain first: our turn to answer with ours (nothing more is parsed).
+    PLAIN_RECEIVED = "PLAIN_RECEIVED"
+    #: Fallback (after Reject) or downgrade (after both Plain markers): plain TCP both
+    #: ways; received bytes come out as PlainData, nothing is sent.
     TCP = "TCP"
     #: TCP EOF received and reported (one Eof event). Nothing more arrives (next_event()
     #: returns NEED_DATA) and nothing is sent; if the channel was accepted, data_received()
@@ -192,6 +204,10 @@ class State(enum.Enum):
 #         (a writer may fill the ring ahead of the verdict, and must resend those bytes
 #         on TCP if the connection is rejected); data_received() only once the channel
 #         was accepted (nobody reads a ring that may yet be rejected).
+# Rule 9: a downgrade (Plain) is for good: it is sent only from SHM or FRAMED (a side
+#         in the middle of a handshake, switch or upgrade finishes that first), answered
+#         with a Plain (or crossed by a Switch, which then counts as the answer), and
+#         ends in TCP; after the two markers no frame is sent or parsed again (Rule 5).
 
 _Table: TypeAlias = dict[Role, dict[State, dict[type[Event], State]]]
 
@@ -200,12 +216,14 @@ _SHM_SEND: Final[dict[type[Event], State]] = {
     Space: State.SHM,
     Fin: State.SHM,
     Switch: State.SWITCH_SENT,
+    Plain: State.PLAIN_SENT,
 }
 _SHM_RECEIVE: Final[dict[type[Event], State]] = {
     Bell: State.SHM,
     Space: State.SHM,
     Fin: State.SHM,
     Switch: State.SWITCH_RECEIVED,
+    Plain: State.PLAIN_RECEIVED,
     Eof: State.CLOSED,
 }
 _TCP_RECEIVE: Final[dict[type[Event], State]] = {PlainData: State.TCP, Eof: State.CLOSED}
@@ -214,28 +232,53 @@ _SWITCH_SENT_RECEIVE: Final[dict[type[Event], State]] = {
     Space: State.SWITCH_SENT,
     Fin: State.SWITCH_SENT,
     Switch: State.FRAMED,
+    Plain: State.TCP,  # the peer downgrades: our Switch counts as our answer
     Eof: State.CLOSED,
 }
 _FRAMED: Final[dict[type[Event], State]] = {Data: State.FRAMED, Fin: State.FRAMED}
+_FRAMED_SEND: Final[dict[type[Event], State]] = {**_FRAMED, Plain: State.PLAIN_SENT}
+_FRAMED_RECEIVE: Final[dict[type[Event], State]] = {
+    **_FRAMED,
+    Plain: State.PLAIN_RECEIVED,
+    Eof: State.CLOSED,
+}
+#: Plain sent: the peer's frames until its marker (DATA: what it framed before it).
+_PLAIN_SENT_RECEIVE: Final[dict[type[Event], State]] = {
+    Bell: State.PLAIN_SENT,
+    Space: State.PLAIN_SENT,
+    Fin: State.PLAIN_SENT,
+    Data: State.PLAIN_SENT,
+    Plain: State.TCP,
+    Switch: State.TCP,
+    Eof: State.CLOSED,
+}
+_PLAIN_RECEIVED_SEND: Final[dict[type[Event], State]] = {
+    Plain: State.TCP,
+    # A writer thread's frames (after a switch) or FIN, made before we answer: the peer
+    # parses them before our marker, so our resend starts after them.
+    Data: State.PLAIN_RECEIVED,
+    Fin: State.PLAIN_RECEIVED,
+}
 
 SEND_TRANSITIONS: Final[_Table] = {
     Role.CLIENT: {
         State.IDLE: {Hello: State.HELLO_SENT},
         State.SHM: _SHM_SEND,
         State.SWITCH_RECEIVED: {Switch: State.FRAMED},
-        State.FRAMED: {**_FRAMED, Upgrade: State.UPGRADE_SENT},
+        State.FRAMED: {**_FRAMED_SEND, Upgrade: State.UPGRADE_SENT},
         State.UPGRADE_SENT: {Data: State.UPGRADE_SENT, Fin: State.UPGRADE_SENT},
         State.UPGRADE_ACCEPTED: {
             RingMark: State.SHM,
             Data: State.UPGRADE_ACCEPTED,  # what was queued goes out before the mark
             Fin: State.UPGRADE_ACCEPTED,
         },
+        State.PLAIN_RECEIVED: _PLAIN_RECEIVED_SEND,
     },
     Role.SERVER: {
         State.HELLO_RECEIVED: {Accept: State.SHM, Reject: State.TCP},
         State.SHM: _SHM_SEND,
         State.SWITCH_RECEIVED: {Switch: State.FRAMED},
-        State.FRAMED: _FRAMED,
+        State.FRAMED: _FRAMED_SEND,
         State.UPGRADE_RECEIVED: {
             Accept: State.RING_AWAIT,
             Reject: State.FRAMED,
@@ -243,6 +286,7 @@ SEND_TRANSITIONS: Final[_Table] = {
             Fin: State.UPGRADE_RECEIVED,
         },
         State.RING_AWAIT: {Bell: State.RING_AWAIT, Space: State.RING_AWAIT, Fin: State.RING_AWAIT},
+        State.PLAIN_RECEIVED: _PLAIN_RECEIVED_SEND,
     },
 }
 
@@ -252,27 +296,31 @@ RECEIVE_TRANSITIONS: Final[_Table] = {
         State.SHM: _SHM_RECEIVE,
         State.TCP: _TCP_RECEIVE,
         State.SWITCH_SENT: _SWITCH_SENT_RECEIVE,
-        State.FRAMED: {**_FRAMED, Eof: State.CLOSED},
+        State.FRAMED: _FRAMED_RECEIVE,
         State.UPGRADE_SENT: {
             Data: State.UPGRADE_SENT,
             Fin: State.UPGRADE_SENT,
             Accept: State.UPGRADE_ACCEPTED,
             Reject: State.FRAMED,
+            Plain: State.PLAIN_RECEIVED,  # the server downgrades instead of answering
             Eof: State.CLOSED,
         },
+        State.PLAIN_SENT: _PLAIN_SENT_RECEIVE,
     },
     Role.SERVER: {
         State.AWAIT_HELLO: {Hello: State.HELLO_RECEIVED, Eof: State.CLOSED},
         State.SHM: _SHM_RECEIVE,
         State.TCP: _TCP_RECEIVE,
         State.SWITCH_SENT: _SWITCH_SENT_RECEIVE,
-        State.FRAMED: {**_FRAMED, Upgrade: State.UPGRADE_RECEIVED, Eof: State.CLOSED},
+        State.FRAMED: {**_FRAMED_RECEIVE, Upgrade: State.UPGRADE_RECEIVED},
         State.RING_AWAIT: {
             Data: State.RING_AWAIT,
             Fin: State.RING_AWAIT,
             RingMark: State.SHM,
             Eof: State.CLOSED,
         },
+        # An Upgrade that crossed our Plain: the client drops it when our Plain arrives.
+        State.PLAIN_SENT: {**_PLAIN_SENT_RECEIVE, Upgrade: State.PLAIN_SENT},
     },
 }
 
@@ -285,6 +333,7 @@ _PAUSED: Final = frozenset(
         State.SWITCH_RECEIVED,
         State.UPGRADE_ACCEPTED,
         State.UPGRADE_RECEIVED,
+        State.PLAIN_RECEIVED,
     }
 )
 #: States in which TCP EOF means the handshake never completed.
@@ -408,8 +457,9 @@ class Connection:
 
     @property
     def fallback(self) -> FallbackReason | None:
-        """Why the connection uses plain TCP (Reject sent or received, or EOF during the
-        handshake); None while the handshake runs, on the shared-memory path, and in ERROR.
+        """Why the connection uses plain TCP (Reject sent or received, EOF during the
+        handshake, or a downgrade: set once our Plain is out, or the peer's crossed our
+        Switch); None while the handshake runs, on the shared-memory path, and in ERROR.
         """
         return self._fallback
 
@@ -500,6 +550,17 @@ class Connection:
             case Reject(reason=reason):
                 data = bytes([T_REJECT, REASON_CODES[reason]])
                 self._fallback = reason
+            case Plain(consumed=consumed, reason=reason):
+                if consumed != self._received:
+                    raise LocalProtocolError(
+                        f"Plain({consumed}) must carry the {self._received} bytes read"
+                    )
+                data = (
+                    bytes([T_PLAIN])
+                    + consumed.to_bytes(8, "little")
+                    + bytes([REASON_CODES[reason]])
+                )
+                self._fallback = reason
             case Switch(consumed=consumed):
                 if consumed != self._received:
                     raise LocalProtocolError(
@@ -516,6 +577,8 @@ class Connection:
                 data = bytes([T_DATA]) + len(payload).to_bytes(4, "little") + payload
                 self._tcp_next = end
                 self._sent = max(self._sent, end)
+                if self._state is State.PLAIN_RECEIVED:
+                    self._resend_from = end  # the peer reads this frame before our Plain
             case Upgrade(nonce=nonce):
                 data = bytes([T_UPGRADE]) + nonce
                 self._nonce = nonce
@@ -636,6 +699,8 @@ class Connection:
             raise LocalProtocolError(
                 f"data_received() without an accepted channel ({self._state.value})"
             )
+        if self._fallback is not None:
+            raise LocalProtocolError(f"data_received({n}) after the downgrade to plain TCP")
         self._count_received(n)
 
     def _count_received(self, n: int) -> None:
@@ -694,12 +759,20 @@ class Connection:
                 pass  # stay framed
             case Reject(reason=reason):
                 self._fallback = reason
+            case Switch(consumed=consumed) if state is State.PLAIN_SENT:
+                self._downgrade_resend(consumed, "Switch")
             case Switch(consumed=consumed):
                 if consumed > self._sent:
                     raise RemoteProtocolError(
                         f"Switch({consumed}): only {self._sent} bytes were ever sent"
                     )
                 self._resend_from = self._tcp_next = consumed
+            case Plain(consumed=consumed, reason=reason):
+                self._downgrade_resend(consumed, "Plain")
+                if self._fallback is None and new_state is State.TCP:
+                    self._fallback = reason  # we crossed it with a Switch
+            case Upgrade() if state is State.PLAIN_SENT:
+                pass  # crossed our Plain: the client drops its offer when it reads ours
             case Data(data=payload):
                 self._count_received(len(payload))
             case Upgrade(nonce=nonce):
@@ -720,6 +793,14 @@ class Connection:
         self._consume(size)
         self._state = new_state
         return event
+
+    def _downgrade_resend(self, consumed: int, name: str) -> None:
+        """Where our unframed resend starts after the peer's downgrade marker: its
+        ``consumed`` for bytes that went into its ring; bytes already sent in DATA frames
+        before our marker reach it anyway (it parses them first), so never before those."""
+        if consumed > self._sent:
+            raise RemoteProtocolError(f"{name}({consumed}): only {self._sent} bytes were ever sent")
+        self._resend_from = self._tcp_next = max(consumed, self._tcp_next)
 
     def _parse(self, state: State) -> tuple[Event, int] | None:
         """The next event in the buffer and its size in bytes, or None if incomplete."""
@@ -754,6 +835,11 @@ class Connection:
             return RingMark(), size
         if kind == T_UPGRADE:
             return Upgrade(bytes(buffer[pos + 1 : pos + size])), size
+        if kind == T_PLAIN:
+            consumed = int.from_bytes(buffer[pos + 1 : pos + 9], "little")
+            if consumed >= MAX_OFFSET:
+                raise RemoteProtocolError(f"PLAIN offset {consumed} is not below 2**63")
+            return Plain(consumed, reason_from_code(buffer[pos + 9])), size
         if kind == T_DATA:
             length = int.from_bytes(buffer[pos + 1 : pos + size], "little")
             if not 0 < length <= MAX_DATA_FRAME:

@@ -41,6 +41,10 @@ _RECHECK_MS = 200
 #: With no accelerated connection left for this long, the thread ends (restarted on demand).
 _RETIRE_S = 2.0
 
+#: What the watch answers on an fd it polls for the peer's downgrade request: the urgent
+#: byte, and what ``poll`` reports whatever was asked (so that it is acted on, not spun on).
+_POKED = select.POLLPRI | select.POLLERR | select.POLLHUP
+
 _lock = threading.Lock()
 _started_pid: int | None = None
 
@@ -129,27 +133,55 @@ def _run() -> None:
         for fd, events in watched:
             poller.register(fd, events)
         try:
-            poller.poll(timeout_ms)
+            ready = poller.poll(timeout_ms)
         except InterruptedError:
-            pass
+            ready = []
         if agent is not None:
             seen, checked = _judge(agent, seen, checked)
         _serve()
+        _answer_pokes([fd for fd, events in ready if events & _POKED])
+        _hand_over_forked({fd for fd, events in ready if events & select.POLLIN})
 
 
 def _plan() -> tuple[list[tuple[int, int]], int]:
-    """The fds (and events) of the connections that need service, and how long to sleep."""
+    """The fds (and events) of the connections that need service, or may be asked to
+    downgrade (POLLPRI: the peer's urgent byte, ``_downgrade``), and how long to sleep."""
     socks = _live()
-    watched = []
+    watched: dict[int, int] = {}
+    busy = False
     for sock in socks:
-        if sock._cosock_needs_service():
-            try:
-                watched.append((sock.fileno(), sock._cosock_service_events()))
-            except (OSError, ValueError):
-                continue
+        try:
+            fd = sock.fileno()
+            if sock._cosock_needs_service():
+                watched[fd] = watched.get(fd, 0) | sock._cosock_service_events()
+                busy = True
+            if sock._cosock_pokeable():
+                watched[fd] = watched.get(fd, 0) | select.POLLPRI
+            want = sock._cosock_fork_requests()
+            if want is not None:
+                watched[want] = select.POLLIN
+        except (OSError, ValueError):
+            continue
     # A switched connection may be upgraded (and a refused upgrade retried) soon.
     framed = any(s.cosock_path == "tcp" for s in socks)
-    return watched, _BUSY_MS if watched else _RECHECK_MS if framed else _IDLE_MS
+    return list(watched.items()), _BUSY_MS if busy else _RECHECK_MS if framed else _IDLE_MS
+
+
+def _hand_over_forked(ready: set[int]) -> None:
+    """Another process that shares a channel with us by fork() wants to use it."""
+    if ready:
+        for sock in _live():
+            if sock._cosock_fork_requests() in ready:
+                sock._cosock_fork_serve()
+
+
+def _answer_pokes(fds: list[int]) -> None:
+    """A peer asks to downgrade a connection whose application may not be reading."""
+    for fd in fds:
+        ref = _selectors._channels.get(fd)
+        sock = None if ref is None else ref()
+        if sock is not None:
+            sock._cosock_poked()
 
 
 def _judge(agent: Any, seen: int | None, checked: float) -> tuple[int | None, float]:

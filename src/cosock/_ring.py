@@ -223,6 +223,12 @@ class RingWriter(_RingEnd):
     def head(self) -> int:
         return self._head
 
+    def resync(self) -> None:
+        """Take over from another process that shared this end (after a fork): the
+        positions it published are the truth."""
+        self._head = int(self._hdr[_HEAD])
+        self._tail = int(self._hdr[_TAIL])
+
     def consumed(self) -> int:
         """The consumer's ``tail``, validated: monotonic and never past what we wrote."""
         tail = self._hdr[_TAIL]
@@ -317,6 +323,11 @@ class RingReader(_RingEnd):
     @property
     def tail(self) -> int:
         return self._tail
+
+    def resync(self) -> None:
+        """Take over from another process that shared this end (after a fork)."""
+        self._tail = int(self._hdr[_TAIL])
+        self._head = int(self._hdr[_HEAD])
 
     def available(self) -> int:
         """Readable bytes, after validating the producer's ``head``."""

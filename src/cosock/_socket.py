@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _linger, _residency
+from . import _census, _config, _downgrade, _forkshare, _linger, _residency
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -50,6 +50,7 @@ from ._events import (
     Eof,
     Fin,
     Hello,
+    Plain,
     PlainData,
     Reject,
     RingMark,
@@ -67,6 +68,7 @@ from ._protocol import (
     T_BELL,
     T_DATA,
     T_FIN,
+    T_PLAIN,
     T_SPACE,
     T_SWITCH,
     Connection,
@@ -80,6 +82,10 @@ from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
 _BaseSocket = socket.socket
+#: The kernel's send, whatever the Python-level timeout (see ``_flush_plain``).
+_kernel_send = _socket.socket.send
+#: Serialises sending owed bytes (``CoSocket._flush_plain``).
+_owed_lock = threading.Lock()
 #: The kernel's poll, bound now: enable() makes ``select.poll`` ring-aware for applications.
 _kernel_poll = select.poll
 # Plain ints: socket.MSG_* are IntFlag members, whose ``&`` costs microseconds in Python.
@@ -92,6 +98,8 @@ _TAKE, _LAST, _STOP = 0, 1, 2
 _ACCEPT: Final = b"\x02"  # the ACCEPT frame
 #: Frames a doorbell drain may walk over (a SWITCH or DATA frame ends the walk).
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
+#: The peer's path markers: what follows them may be DATA frames or plain bytes.
+_MARKERS: Final = frozenset({T_SWITCH, T_PLAIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
 #: A doorbell within this time of blocking means the peer is busy with us: spin longer.
@@ -105,6 +113,9 @@ _SWITCHING, _FRAMED = "switching", "tcp"
 #: Server, upgrade accepted: our data goes into the new ring, the client's still comes in
 #: DATA frames until its RINGMARK.
 _UPGRADING = "upgrading"
+#: On the rings, shared with another process by fork(): claimed before the next use
+#: (``_forkshare``); shown as "shm".
+_FORKED = "forked"
 #: Payload of one DATA frame we send (the protocol accepts up to MAX_DATA_FRAME).
 _DATA_CHUNK: Final = 256 * 1024
 #: How long close() may wait to hand over bytes written before the verdict.
@@ -182,9 +193,11 @@ class _Channel:
         "counters",
         "ctl_lock",
         "ctl_out",
+        "downgrade",
         "error",
         "fin",
         "fin_pending",
+        "fork_cell",
         "forked",
         "kick",
         "mm",
@@ -270,6 +283,10 @@ class _Channel:
         self.kick: io.FileIO | None = None
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
+        #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
+        self.downgrade: str | None = None
+        #: Shared by fork(): who may use the channel now (``_forkshare``).
+        self.fork_cell: _forkshare.Cell | None = None
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
@@ -305,6 +322,9 @@ class _Channel:
         if self.rv is not None:
             self.rv.release()
             self.rv = None
+        if self.fork_cell is not None:
+            self.fork_cell.close()
+            self.fork_cell = None
 
 
 class CoSocket(socket.socket):
@@ -358,7 +378,7 @@ class CoSocket(socket.socket):
     def cosock_path(self) -> str:
         """``"shm"`` once the channel is accepted, ``"handshake"`` before, else ``"tcp"``."""
         ch = self._co
-        return "tcp" if ch is None else ch.phase
+        return "tcp" if ch is None else "shm" if ch.phase is _FORKED else ch.phase
 
     @property
     def cosock_fallback_reason(self) -> FallbackReason | None:
@@ -427,6 +447,12 @@ class CoSocket(socket.socket):
     def _cosock_pump(self) -> None:
         """Consume queued control frames (the selector saw the TCP fd readable)."""
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            try:
+                _forkshare.claim(self, ch)
+            except OSError:
+                return  # the application's next call raises it
+            ch = self._co
         if ch is not None:
             try:
                 if ch.rx is not None:
@@ -475,6 +501,26 @@ class CoSocket(socket.socket):
             or ch.phase is _HANDSHAKE  # the verdict, for an application that does not read
             or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
         )
+
+    def _cosock_pokeable(self) -> bool:
+        """Residency watch: may the peer ask this connection to downgrade (watch POLLPRI)?"""
+        ch = self._co
+        if ch is None or ch.tcp_eof or ch.error is not None:
+            return False
+        return not ch.forked or _forkshare.may_serve(ch)
+
+    def _cosock_poked(self) -> None:
+        """Residency watch: the peer's urgent byte arrived (see ``_downgrade.poked``)."""
+        _downgrade.poked(self)
+
+    def _cosock_fork_requests(self) -> int | None:
+        """Residency watch: the fd on which processes sharing our channel by fork() ask
+        us (its owner) to hand it over; None if none."""
+        ch = self._co
+        return None if ch is None else _forkshare.owned_efd(ch)
+
+    def _cosock_fork_serve(self) -> None:
+        _forkshare.serve(self)
 
     def _cosock_service_events(self) -> int:
         ch = self._co
@@ -558,7 +604,7 @@ class CoSocket(socket.socket):
             if not peeked:
                 self._pump_locked(ch)  # EOF: the ordinary path handles a peer that left
                 return
-            self._take_frames(ch, peeked, lambda kind: _LAST if kind == T_SWITCH else _TAKE)
+            self._take_frames(ch, peeked, lambda kind: _LAST if kind in _MARKERS else _TAKE)
 
     def _take_frames(self, ch: _Channel, peeked: bytes, admit: Callable[[int], int]) -> None:
         """Consume the whole control frames at the front of the stream that ``admit`` lets
@@ -615,8 +661,14 @@ class CoSocket(socket.socket):
         (doorbell, SPACE) need not be armed (no fence, the spinning flag is left alone).
         """
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            try:
+                _forkshare.claim(self, ch)
+            except OSError:
+                return wanted  # the next call raises it
+            ch = self._co
         if ch is None:
-            return 0
+            return 0  # plain now: the kernel answers
         try:
             if ch.ctl_out:
                 self._flush_ctl(ch)  # a completed non-blocking connect's HELLO
@@ -1012,6 +1064,8 @@ class CoSocket(socket.socket):
             except ProtocolError:
                 if isinstance(event, Bell | Space):
                     return  # another thread switched paths meanwhile: nothing to wake
+                if isinstance(event, Fin | Upgrade) and _downgrade.leaving(ch):
+                    return  # a downgrade began: TCP's own FIN after the resend; no upgrade
                 raise
         self._flush_ctl(ch)
 
@@ -1038,6 +1092,15 @@ class CoSocket(socket.socket):
         From here on neither ring is read again -- after a migration the memory may be a
         stale copy, or garbage -- so everything unconsumed travels again, framed, on TCP.
         """
+        self._leave_rings(ch)
+        _forkshare.left(ch)
+        ch.counters["switches"] += 1
+        self._control(ch, Switch(ch.proto.received_offset))
+        _trace("switch-sent", ch)
+
+    def _leave_rings(self, ch: _Channel) -> None:
+        """Stop using both rings for good (a switch or a downgrade): freeze them and keep a
+        private copy of our bytes the peer has not consumed."""
         ch.phase = _SWITCHING  # fast paths stop here; a thread inside a copy finishes
         _trace("freeze", ch)
         self._quiesce(ch)
@@ -1051,11 +1114,8 @@ class CoSocket(socket.socket):
         for end in (tx, ch.rx):
             if end is not None:
                 end.freeze()
-        ch.counters["switches"] += 1
         if ch.fin is not None and ch.rx is not None and ch.rx_base + ch.rx.tail > ch.fin:
             raise RingCorrupted("peer wrote past its own FIN")
-        self._control(ch, Switch(ch.proto.received_offset))
-        _trace("switch-sent", ch)
 
     @staticmethod
     def _quiesce(ch: _Channel) -> None:
@@ -1210,12 +1270,12 @@ class CoSocket(socket.socket):
                 ch.tx_out.clear()
                 return True
             with ch.ctl_lock:
-                if not ch.tx_out:
-                    break
+                if not ch.tx_out or ch.phase is not _FRAMED:
+                    break  # (a downgrade began: its marker is the last frame we send)
                 chunk = bytes(ch.tx_out[:_DATA_CHUNK])
                 del ch.tx_out[: len(chunk)]
                 ch.ctl_out += proto.send(Data(chunk))
-        if ch.fin_pending and proto.tcp_next == proto.sent_offset:
+        if ch.fin_pending and proto.tcp_next == proto.sent_offset and ch.phase is _FRAMED:
             self._send_fin(ch)
         return True
 
@@ -1266,6 +1326,12 @@ class CoSocket(socket.socket):
     def _peer_gone_while_switching(ch: _Channel) -> None:
         """The peer closed before answering our SWITCH: it can resend nothing, so what it
         left in the ring is all there is.  Read it as before (and send nothing more)."""
+        if ch.downgrade == "framed":  # the rings were left long ago: never read them
+            ch.phase = _FRAMED
+            ch.retained = None
+            with ch.ctl_lock:
+                ch.tx_out.clear()
+            return
         for end in (ch.tx, ch.rx):
             if end is not None:
                 end.thaw()
@@ -1332,7 +1398,11 @@ class CoSocket(socket.socket):
                 return
             if type(event) is Bell:
                 continue  # the common frame: callers re-check their rings
-            if isinstance(event, Hello):
+            if isinstance(event, Plain) or (
+                isinstance(event, Switch | Upgrade) and _downgrade.leaving(ch)
+            ):
+                _downgrade.on_event(self, ch, event)  # the downgrade: plain TCP from here
+            elif isinstance(event, Hello):
                 self._verdict(ch)
             elif isinstance(event, Accept) and ch.phase is _FRAMED:
                 self._upgrade_accepted(ch)
@@ -1368,6 +1438,7 @@ class CoSocket(socket.socket):
                     self._peer_gone_while_switching(ch)
             elif isinstance(event, Fin):
                 ch.fin = event.offset
+                _forkshare.noted_fin(ch)
             # Bell, Space, Fin: state lives in the protocol and the rings; callers re-check.
 
     def _verdict(self, ch: _Channel) -> None:
@@ -1617,6 +1688,9 @@ class CoSocket(socket.socket):
         if nbytes == 0:
             return 0
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         rx = None if ch is None or ch.phase is not _SHM else ch.rx
         if rx is None or self._deadline(flags) == 0.0:
             # A non-blocking caller returns to its event loop, which waits on the fd:
@@ -1654,6 +1728,8 @@ class CoSocket(socket.socket):
                     return got
             ch = self._co
             if ch is None:
+                if self._rxb:
+                    continue  # a fallback or downgrade in another thread left us bytes
                 if self._rxb is not None and not self._rxb:
                     self._rxb = None
                 if got and not waitall:
@@ -1872,6 +1948,8 @@ class CoSocket(socket.socket):
         address: Any = None,
     ) -> int:
         anc = list(ancdata)
+        if anc:
+            _downgrade.before_passing(anc)  # an accelerated fd must leave as plain TCP
         if self._co is None and self._txb is None:
             return super().sendmsg(buffers, anc, flags, address)
         if anc:
@@ -1887,6 +1965,9 @@ class CoSocket(socket.socket):
 
     def _send(self, view: memoryview, flags: int, all_: bool, deadline: float | None = None) -> int:
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         try:
             return self._send_loop(view, flags, all_, deadline)
         except ValueError:
@@ -1993,6 +2074,8 @@ class CoSocket(socket.socket):
                 with ch.ctl_lock:
                     if ch.phase is not _SWITCHING and ch.phase is not _FRAMED:
                         return 0  # upgraded meanwhile: the caller goes the ring's way
+                    if ch.downgrade == "done":
+                        return 0  # downgraded meanwhile: the caller goes the plain way
                     ch.tx_out += view[:n]
                 if ch.phase is _FRAMED:
                     self._flush_framed(ch)
@@ -2027,30 +2110,54 @@ class CoSocket(socket.socket):
             raise BrokenPipeError(errno.EPIPE, "Broken pipe: cosock peer closed")
 
     def _flush_plain(self, block: bool) -> bool:
-        """Send bytes owed after a fallback; True once none remain."""
-        while self._txb:
-            try:
-                if block:
-                    super().sendall(self._txb)
-                    self._txb.clear()
+        """Send bytes owed after a fallback or a downgrade; True once none remain.
+
+        Serialised (one lock for all sockets, never held while waiting): two threads
+        sending the same owed bytes would double them, and an application thread that
+        sends new bytes first must find the owed ones gone (it calls this first).
+        """
+        while True:
+            with _owed_lock:
+                owed = self._txb
+                if not owed:
+                    break
+                try:
+                    n = self._send_now(owed)
+                except (BlockingIOError, InterruptedError):
+                    n = -1
                 else:
-                    # With a timeout set, CPython waits for writability even under
-                    # MSG_DONTWAIT: make the kernel call truly non-blocking.
-                    timeout = super().gettimeout()
-                    super().settimeout(0.0)
-                    try:
-                        n = super().send(self._txb)
-                    finally:
-                        super().settimeout(timeout)
-                    del self._txb[:n]
-            except (BlockingIOError, InterruptedError):
-                return False
-        if self._txb is not None:
+                    del owed[:n]
+            if n < 0:
+                if not block:
+                    return False
+                self._wait_owed_writable()
+        with _owed_lock:
+            if self._txb is None:
+                return True
             self._txb = None
-            if self._shut_after_flush:  # a shutdown(SHUT_WR) made before the fallback
-                self._shut_after_flush = False
-                super().shutdown(socket.SHUT_WR)
+            shut, self._shut_after_flush = self._shut_after_flush, False
+        if shut:  # a shutdown(SHUT_WR) made before the fallback
+            super().shutdown(socket.SHUT_WR)
         return True
+
+    def _send_now(self, data: bytearray) -> int:
+        """One kernel send that never waits.  With a timeout set, CPython polls for
+        writability first even under MSG_DONTWAIT (and changing the timeout would race
+        other threads' calls): so poll here first, without waiting."""
+        if super().gettimeout():
+            poller = _kernel_poll()
+            poller.register(self.fileno(), select.POLLOUT)
+            if not poller.poll(0):
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return _kernel_send(self, data, _MSG_DONTWAIT)
+
+    def _wait_owed_writable(self) -> None:
+        """Block as the kernel's own send would (the socket's timeout): until writable."""
+        timeout = super().gettimeout()
+        poller = _kernel_poll()
+        poller.register(self.fileno(), select.POLLOUT)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            raise TimeoutError("timed out")
 
     def _flush_while_receiving(self, deadline: float | None) -> None:
         """Before a blocking plain recv, push owed bytes out as the peer makes room, until
@@ -2072,6 +2179,9 @@ class CoSocket(socket.socket):
 
     def shutdown(self, how: int) -> None:
         ch = self._co
+        if ch is not None and ch.phase is _FORKED:
+            _forkshare.claim(self, ch)
+            ch = self._co
         if ch is None:
             if self._txb and how in (socket.SHUT_WR, socket.SHUT_RDWR):
                 self._flush_plain(block=True)
@@ -2082,6 +2192,7 @@ class CoSocket(socket.socket):
             ch.rd_shut = True
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not ch.wr_shut:
             ch.wr_shut = True
+            _forkshare.noted_shutdown(ch)
             if ch.phase is _SHM:
                 self._send_fin(ch)
             else:
@@ -2106,6 +2217,7 @@ class CoSocket(socket.socket):
             untrack(self, self.fileno())
             ch.refs -= 1
             if ch.refs == 0:
+                _forkshare.closing(ch)
                 ch.release()
         if self._rv is not None:
             rv, addr, port = self._rv
@@ -2189,11 +2301,37 @@ class CoSocket(socket.socket):
         return len(ch.tx_out) + len(ch.retained or b"") + len(ch.pre_out)
 
     def detach(self) -> int:
-        """Return the TCP fd.  An accelerated connection's fd carries cosock control frames,
-        so detaching one hands over a raw control stream; detach before use, or not at all."""
-        if self._co is not None:
-            self._detach_channel()
+        """Return the TCP fd, carrying exactly the application's stream.
+
+        An accelerated connection is downgraded first (with the peer: both continue on
+        plain TCP at exact offsets), so the fd is an honest TCP stream.
+
+        Raises:
+            OSError: the downgrade failed (see ``cosock_downgrade``), or received bytes
+                were already taken off the TCP stream and are not read yet (EBUSY: read
+                them first); nothing is detached.
+        """
+        if self._co is not None or self._rxb is not None or self._txb is not None:
+            self.cosock_downgrade()
+            _downgrade.check_handed_over(self)
         return super().detach()
+
+    def cosock_downgrade(self, timeout: float | None = None) -> None:
+        """Leave cosock for good: continue this connection as plain TCP, byte-exact both
+        ways (the peer, a CoSocket, follows; its application notices nothing).
+
+        What ``detach()`` and handing the socket to code that drives the fd itself
+        (uvloop, another process) need. Blocks until the peer answered and every byte owed
+        to it is in the kernel, at most ``timeout`` seconds (default: the socket's timeout,
+        else 30 s, also when non-blocking). Nothing to do on a plain connection.
+
+        Raises:
+            TimeoutError: the peer did not answer in time (the downgrade may still finish
+                when it does; the socket stays usable).
+            ConnectionResetError: the peer closed while received bytes were still only in
+                shared memory, or the channel is broken.
+        """
+        _downgrade.downgrade(self, timeout=timeout)
 
     def dup(self) -> CoSocket:
         sock = super().dup()
@@ -2221,6 +2359,7 @@ def _channels_before_fork() -> None:
         ch = None if sock is None else sock._co
         if ch is not None and ch.rx_lock.acquire(timeout=1.0):
             _fork_held.append(ch)
+            _forkshare.prepare(ch)
 
 
 def _channels_after_fork_in_child() -> None:
@@ -2236,6 +2375,7 @@ def _channels_after_fork_in_child() -> None:
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
             ch.forked = True
+            _forkshare.after_fork(ch)
     _fork_held.clear()
 
 
@@ -2248,6 +2388,7 @@ def _channels_after_fork_in_parent() -> None:
         ch = None if sock is None else sock._co
         if ch is not None:
             ch.forked = True
+            _forkshare.after_fork(ch)
     for ch in _fork_held:
         ch.rx_lock.release()
     _fork_held.clear()

@@ -14,9 +14,12 @@ CoSockets:
   unanswered and their HELLO would reach the application.  The guard withdraws the listener
   from the agent first: clients then choose TCP (``not-coresident``).
 
-Not covered: a CoSocket that already has a channel, given to ``create_connection(sock=)``
-or ``connect_accepted_socket`` (connected or accepted in Python, then handed over): its
-bytes are in the rings, which uvloop cannot read (docs/transparency.md).
+- ``loop.create_connection(sock=)`` (``asyncio.open_connection(sock=)``) and
+  ``loop.connect_accepted_socket(factory, sock)`` with a CoSocket connected or accepted in
+  Python: on a co-resident pair its bytes are in the rings, which libuv cannot read.  The
+  guard downgrades it first (``CoSocket.cosock_downgrade``: both ends continue on plain
+  TCP at exact offsets, the reason ``handed-over``), in an executor thread so that the
+  loop keeps running while the peer answers.
 
 :func:`install` patches ``uvloop.Loop`` (a Python subclass of the Cython loop, so the
 methods can be set on it) now if uvloop is imported, else right after its import;
@@ -35,6 +38,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from ._downgrade import check_handed_over
 from ._socket import CoSocket
 
 _PlainSocket: type[socket.socket] = CoSocket.__mro__[1]  # socket.socket before any patching
@@ -64,9 +68,18 @@ def _withdraw(sock: CoSocket) -> None:
     rv.release()
 
 
+async def _hand_over(loop: Any, sock: CoSocket) -> None:
+    """Make ``sock`` plain TCP before libuv takes its fd (see ``cosock._downgrade``)."""
+    if sock._co is not None or sock._rxb is not None or sock._txb is not None:
+        await loop.run_in_executor(None, sock.cosock_downgrade)
+        check_handed_over(sock)
+
+
 def _wrappers(base: Any) -> dict[str, Any]:
     orig_connect = base.sock_connect
     orig_server = base.create_server
+    orig_create_connection = base.create_connection
+    orig_accepted = base.connect_accepted_socket
 
     async def sock_connect(self: Any, sock: Any, address: Any) -> Any:
         if not isinstance(sock, CoSocket) or sock._co is not None:
@@ -84,9 +97,29 @@ def _wrappers(base: Any) -> dict[str, Any]:
             _withdraw(sock)
         return await orig_server(self, *args, **kwargs)
 
+    async def create_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sock = kwargs.get("sock")
+        if isinstance(sock, CoSocket):
+            await _hand_over(self, sock)
+        return await orig_create_connection(self, *args, **kwargs)
+
+    async def connect_accepted_socket(
+        self: Any, protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        if isinstance(sock, CoSocket):
+            await _hand_over(self, sock)
+        return await orig_accepted(self, protocol_factory, sock, *args, **kwargs)
+
     sock_connect.__doc__ = orig_connect.__doc__
     create_server.__doc__ = orig_server.__doc__
-    return {"sock_connect": sock_connect, "create_server": create_server}
+    create_connection.__doc__ = orig_create_connection.__doc__
+    connect_accepted_socket.__doc__ = orig_accepted.__doc__
+    return {
+        "sock_connect": sock_connect,
+        "create_server": create_server,
+        "create_connection": create_connection,
+        "connect_accepted_socket": connect_accepted_socket,
+    }
 
 
 def _patch(module: ModuleType) -> None:

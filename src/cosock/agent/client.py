@@ -641,7 +641,18 @@ class AgentClient:
 _instances: weakref.WeakSet[AgentClient] = weakref.WeakSet()
 
 
+_reset_in: int | None = None  # the pid whose clients were reset after its fork
+
+
 def _after_fork_in_child() -> None:
+    """Forget the parent's clients.  Idempotent: ``_census``'s fork hook calls it before it
+    restarts the background threads (they use the client at once), whichever hook runs
+    first -- a thread that took the parent's lock, held by a thread lost in the fork,
+    would wait for ever."""
+    global _reset_in
+    if _reset_in == os.getpid():
+        return
+    _reset_in = os.getpid()
     AgentClient._shared = None
     AgentClient._shared_lock = threading.Lock()
     for client in list(_instances):
