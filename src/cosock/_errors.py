@@ -56,3 +56,5 @@ class FallbackReason(enum.Enum):
     RESOURCE = "resource"
     #: The in-band handshake did not complete (timeout, EOF, garbage).
     HANDSHAKE_FAILED = "handshake-failed"
+    #: In a VM: no shared-memory device to carve a channel from (no ivshmem pool).
+    NO_SHM_DEVICE = "no-shm-device"

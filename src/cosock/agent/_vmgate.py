@@ -10,6 +10,13 @@ Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token",
 re-read when it changes. Requests: ``hello {token}`` first, then ``guests``,
 ``alloc_slot {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot,
 generation}``; ``key`` is the connection's 4-tuple ``[client ip, port, server ip, port]``.
+
+A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
+``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
+connection that registered it), ``offer {key, nonce}`` (the client: a slot for its connection
+to a registered listener of a VM of this host, the nonce kept with the grant) and ``claim_offer
+{key}`` (the server, on accept: the grant for exactly that connection, with its nonce, which the
+client's in-band HELLO must repeat).
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.layout = self.pool.layout()
         self.table = SlotTable(self.layout.slot_count)
         self.lock = threading.Lock()
+        #: (guest, addr, port) -> how many gateway connections registered that listener.
+        self.listeners: dict[tuple[str, str, int], int] = {}
         super().__init__(bind, _Handler, bind_and_activate=False)
         # FREEBIND: the agent may start before the lab gives the bridge its address.
         self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -136,6 +145,65 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.pool.format_slot(self.layout, slot)
         return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
 
+    def listen(self, guest: str, address: str, req: dict[str, Any]) -> tuple[str, str, int]:
+        addr, port = str(req.get("addr")), int(req["port"])
+        if addr not in (address, *_WILDCARDS):
+            raise GatewayError(f"{addr} is not {guest}'s address")
+        if not 0 < port < 65536:
+            raise GatewayError(f"port {port} outside 1..65535")
+        entry = (guest, addr, port)
+        with self.lock:
+            self.listeners[entry] = self.listeners.get(entry, 0) + 1
+        return entry
+
+    def unlisten(self, entry: tuple[str, str, int]) -> None:
+        with self.lock:
+            left = self.listeners.get(entry, 0) - 1
+            if left > 0:
+                self.listeners[entry] = left
+            else:
+                self.listeners.pop(entry, None)
+
+    def offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        """A slot for the client's connection ``key`` to a cosock listener on another VM of
+        this host, with the client's nonce (checked against the in-band HELLO)."""
+        key = _key(req)
+        nonce = str(req.get("nonce", ""))
+        if len(nonce) != 32 or not all(c in "0123456789abcdef" for c in nonce):
+            raise GatewayError("nonce must be 32 hex digits")
+        if key[0] != address:
+            raise GatewayError(f"client address {key[0]} is not {guest}'s")
+        peer = self.guests.owner_of(key[2])
+        if peer is None:
+            raise GatewayError(f"not-coresident: {key[2]} is not a VM of this host")
+        if peer == guest:
+            raise GatewayError("not-coresident: a connection inside one VM has no slot")
+        with self.lock:
+            if not any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)):
+                raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
+            try:
+                slot, generation = self.table.alloc(guest, peer, key, nonce)
+            except PoolError as exc:
+                raise GatewayError(f"resource: {exc}") from None
+        self.pool.format_slot(self.layout, slot)
+        return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
+
+    def claim_offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        key = _key(req)
+        if key[2] != address:
+            raise GatewayError(f"server address {key[2]} is not {guest}'s")
+        with self.lock:
+            found = self.table.claim_key(guest, key)
+        if found is None:
+            raise GatewayError("no-offer: no grant for this connection")
+        slot, generation, nonce = found
+        return {
+            "slot": slot,
+            "generation": generation,
+            "nonce": nonce,
+            "capacity": self.layout.capacity,
+        }
+
     def claim(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         key = _key(req)
         if key[2] != address:
@@ -154,6 +222,9 @@ class VmGateway(socketserver.ThreadingTCPServer):
         return {}
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
 def _key(req: dict[str, Any]) -> Key:
     raw = req.get("key")
     if not isinstance(raw, list) or len(raw) != 4:
@@ -167,6 +238,7 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         who: tuple[str, str] | None = None
         held: set[tuple[int, int]] = set()
+        listening: list[tuple[str, str, int]] = []
         try:
             while line := self.rfile.readline(MAX_LINE):
                 self.server.forget_gone()
@@ -190,6 +262,21 @@ class _Handler(socketserver.StreamRequestHandler):
                     elif op == "claim_slot":
                         reply = self.server.claim(who[0], who[1], req)
                         held.add((int(req["slot"]), int(req["generation"])))
+                    elif op == "offer":
+                        reply = self.server.offer(who[0], who[1], req)
+                        held.add((reply["slot"], reply["generation"]))
+                    elif op == "claim_offer":
+                        reply = self.server.claim_offer(who[0], who[1], req)
+                        held.add((reply["slot"], reply["generation"]))
+                    elif op == "listen":
+                        listening.append(self.server.listen(who[0], who[1], req))
+                        reply = {}
+                    elif op == "unlisten":
+                        entry = (who[0], str(req.get("addr")), int(req["port"]))
+                        if entry in listening:
+                            listening.remove(entry)
+                            self.server.unlisten(entry)
+                        reply = {}
                     elif op == "free_slot":
                         reply = self.server.free(who[0], req)
                         held.discard((int(req["slot"]), int(req["generation"])))
@@ -202,6 +289,8 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
         finally:
             # A process that vanished frees what it held (as a closed channel would).
+            for entry in listening:
+                self.server.unlisten(entry)
             if who is not None:
                 for slot, generation in held:
                     with self.server.lock:
