@@ -208,8 +208,17 @@ class VmDirectory:
         return self._guests
 
     def listen(self, addr: str, port: int, rendezvous: str = "") -> None:
+        """Publish a listener to the gateway.
+
+        Raises:
+            AgentUnavailable: no gateway, or it refused (e.g. a loopback address: only
+                another VM can be offered a slot, and it cannot reach our loopback).
+        """
         norm = addr if addr in ("0.0.0.0", "::") else normalise_host(addr)
-        self._call("listen", norm, port)
+        try:
+            self._call("listen", norm, port)
+        except SlotRefused as exc:
+            raise AgentUnavailable(f"VM gateway refused the listener: {exc}") from None
         self._listeners.add((norm, port))
 
     def unlisten(self, addr: str, port: int) -> None:
