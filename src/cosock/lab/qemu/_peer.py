@@ -73,7 +73,7 @@ def _path(conn: socket.socket) -> dict[str, Any]:
     """Which path the connection took (``tcp`` for a plain socket) and why not shm."""
     why = getattr(conn, "cosock_fallback_reason", None)
     out = {"path": getattr(conn, "cosock_path", "tcp"), "reason": why and why.value}
-    counters = getattr(conn, "cosock_info", dict)()
+    counters: dict[str, Any] = getattr(conn, "cosock_info", dict)()
     for name in ("bells_sent", "spaces_sent", "sleeps", "sleep_ns", "safety_timeouts"):
         if name in counters:
             out[name] = counters[name]
