@@ -121,3 +121,76 @@ def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("COSOCK_VM_GATEWAY", raising=False)
     with pytest.raises(AgentUnavailable, match="COSOCK_VM_GATEWAY"):
         VmAgent()
+
+
+#### CoSocket offers (cosock._vmchannel): listener directory, offer with nonce, claim by key
+
+NONCE = b"\x01" * 16
+
+
+def test_listeners_only_on_the_guests_own_address_and_only_while_connected(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        with pytest.raises(SlotRefused, match="not h1g2's address"):
+            b.listen(A, 8000)  # another VM's address
+        b.listen(B, 8000)
+        b.listen("0.0.0.0", 8001)
+        slot, gen, _cap = a.offer((A, 40000, B, 8000), NONCE)
+        a.free_slot(slot, gen)
+        a.offer((A, 40001, B, 8001), NONCE)  # the wildcard listener
+        b.unlisten(B, 8000)
+        with pytest.raises(SlotRefused, match="no-listener"):
+            a.offer((A, 40002, B, 8000), NONCE)
+    with VmAgent(addr, token="tok-a") as a:
+        for _ in range(50):  # the handler thread drops b's listeners on disconnect
+            try:
+                a.offer((A, 40003, B, 8001), NONCE)
+            except SlotRefused as exc:
+                assert "no-listener" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("a listener outlived its gateway connection")
+
+
+def test_an_offer_is_for_the_clients_own_connection_to_another_vm(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        b.listen(B, 8000)
+        a.listen(A, 8000)
+        with pytest.raises(SlotRefused, match="not h1g1's"):
+            a.offer((C, 40000, B, 8000), NONCE)  # a client address that is not A's
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer((A, 40000, "10.77.2.11", 8000), NONCE)  # not a VM of this host
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer((A, 40000, A, 8000), NONCE)  # inside one VM: no slot
+        with pytest.raises(SlotRefused, match="nonce"):
+            a._call({"op": "offer", "key": [A, 40000, B, 8000], "nonce": "zz"})
+
+
+def test_only_the_server_vm_claims_an_offer_for_exactly_its_connection_once(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, pool = gateway
+    key = (A, 40000, B, 8000)
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        with VmAgent(addr, token="tok-c") as c:
+            b.listen(B, 8000)
+            slot, gen, cap = a.offer(key, NONCE)
+            with pytest.raises(SlotRefused, match="not h1g3's"):
+                c.claim_offer(key)  # a third VM
+            with pytest.raises(SlotRefused, match="no-offer"):
+                b.claim_offer((A, 40001, B, 8000))  # another connection
+            assert b.claim_offer(key) == (slot, gen, NONCE, cap)
+            with pytest.raises(SlotRefused, match="no-offer"):
+                b.claim_offer(key)  # once
+        with Pool(pool) as p:
+            assert p.slot_ok(p.layout(), slot) and cap == p.layout().capacity
+        a.free_slot(slot, gen)
+        b.free_slot(slot, gen)
+        with pytest.raises(SlotRefused, match="no such grant"):
+            b.free_slot(slot, gen)
