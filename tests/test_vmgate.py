@@ -195,3 +195,26 @@ def test_only_the_server_vm_claims_an_offer_for_exactly_its_connection_once(
         b.free_slot(slot, gen)
         with pytest.raises(SlotRefused, match="no such grant"):
             b.free_slot(slot, gen)
+
+
+def test_a_leaving_vm_has_no_neighbours_and_nobody_sees_it(
+    gateway: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    """What the lab writes before it live-migrates a VM: the residency watches of both sides
+    then judge their connections not co-resident (and switch them to TCP)."""
+    addr, _ = gateway
+    guests = tmp_path / "vm-guests.json"
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        b.listen(B, 8000)
+        slot, gen, _ = a.offer((A, 40000, B, 8000), NONCE)
+        assert a._call({"op": "grants"})["grants"] == 1
+        data = json.loads(guests.read_text())
+        data["guests"]["h1g1"]["leaving"] = True
+        guests.write_text(json.dumps(data))
+        os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        assert a.guests() == {}
+        assert b.guests() == {"h1g2": B, "h1g3": C}
+        with pytest.raises(SlotRefused, match="leaving"):
+            a.offer((A, 40001, B, 8000), NONCE)
+        a.free_slot(slot, gen)  # a leaving VM still gives its slots back
+        assert a._call({"op": "grants"})["grants"] == 0

@@ -9,6 +9,10 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
     aserver HOST PORT            asyncio echo server (one connection)
     aclient HOST PORT            asyncio echo client; one JSON line
     urlget URL                   urllib GET; sha256 of the body and the path; one JSON line
+    echo-server HOST PORT        echo one connection to EOF; one JSON line
+    soak-client HOST PORT SECS   echo round trips of 1 B..64 KiB, each checked, for SECS
+                                 seconds; prints {"started"} after the first, then a report
+                                 with every path the connection took, in order
 
 Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
 length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
@@ -203,6 +207,52 @@ def urlget(url: str) -> None:
     print(json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "len": len(body), **path}))
 
 
+def echo_server(host: str, port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen()
+    print(json.dumps({"listening": port}), flush=True)
+    conn, _ = srv.accept()
+    total = 0
+    with conn:
+        while got := conn.recv(1 << 16):
+            conn.sendall(got)
+            total += len(got)
+        print(json.dumps({"echoed": total, **info(conn)}), flush=True)
+    srv.close()
+
+
+def soak_client(host: str, port: int, seconds: float) -> None:
+    paths: list[str] = []
+    errors: list[str] = []
+    total = rounds = 0
+    with connect(host, port) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            size = 1 + (rounds * 7919) % 65536
+            msg = pattern(size, rounds)
+            try:
+                c.sendall(msg)
+                if recv_exact(c, size) != msg:
+                    errors.append(f"round {rounds}: echo differs")
+                    break
+            except (OSError, EOFError) as exc:
+                errors.append(f"round {rounds}: {exc!r}")
+                break
+            total += size
+            rounds += 1
+            path = info(c)["path"]
+            if not paths or paths[-1] != path:
+                paths.append(path)
+            if rounds == 1:
+                print(json.dumps({"started": path}), flush=True)
+        c.shutdown(socket.SHUT_WR)
+        tail = c.recv(1)
+    report = {"ok": not errors and tail == b"", "bytes": total, "rounds": rounds}
+    print(json.dumps({**report, "paths": paths, "errors": errors}), flush=True)
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "server":
@@ -217,6 +267,10 @@ def main() -> None:
         asyncio.run(_aclient(args[0], int(args[1])))
     elif mode == "urlget":
         urlget(args[0])
+    elif mode == "echo-server":
+        echo_server(args[0], int(args[1]))
+    elif mode == "soak-client":
+        soak_client(args[0], int(args[1]), float(args[2]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -252,6 +252,14 @@ class SlotTable:
             self._release(slot)
         return True
 
+    def count_of(self, guest: str) -> int:
+        """Grants with ``guest`` as a party that ``guest`` has not freed yet."""
+        return sum(
+            1
+            for g in self._grants.values()
+            if guest in (g.owner, g.peer) and guest not in g.freed_by
+        )
+
     def drop_guest(self, guest: str) -> list[int]:
         """A guest left (stopped, migrated away): every slot it was party to is released."""
         gone = [s for s, g in self._grants.items() if guest in (g.owner, g.peer)]

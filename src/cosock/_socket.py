@@ -1084,6 +1084,7 @@ class CoSocket(socket.socket):
             ch.tx_out[0:0] = retained[start - base :]
         ch.retained = None
         ch.phase = _FRAMED
+        _vmchannel.switched(ch.mm)  # an ivshmem slot goes back now: its rings are frozen
         self._flush_framed(ch)
 
     # ------------------------------------------------------------------ upgrade

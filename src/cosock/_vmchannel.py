@@ -18,9 +18,10 @@ when the process's gateway connection drops. A mapping shared by ``fork`` is not
 by either process (one of them may still use it); it goes back when they exit.
 
 The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (the same
-attribute names), so ``_socket.py`` needs only a few branches. Residency pushes (the
-migration watch) are not provided to VMs yet: :attr:`VmDirectory.available` is False, so
-the watch leaves VM connections alone.
+attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
+gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
+then lists no neighbours to it and omits it from the others' lists, and the watches on both
+sides switch their connections to TCP at the exact offset and give their slots back.
 """
 
 from __future__ import annotations
@@ -70,13 +71,26 @@ class VmListenerInfo:
 
 
 class SlotMapping(mmap.mmap):
-    """A slot's mapping that gives the slot back to the gateway when it is closed."""
+    """A slot's mapping that gives the slot back to the gateway when it is closed, or as soon
+    as the connection left its rings for good (:meth:`give_back` after a path switch: the
+    rings are frozen and never read again, so the slot may serve another connection)."""
+
+    def give_back(self) -> None:
+        owner = self.__dict__.pop("_give_back", None)
+        if owner is not None and owner[0] == os.getpid() and not owner[4]:
+            owner[1].free(owner[2], owner[3])
 
     def close(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         super().close()
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
             owner[1].free(owner[2], owner[3])
+
+
+def switched(mm: object) -> None:
+    """A connection finished its switch to TCP: give its slot back (see SlotMapping)."""
+    if isinstance(mm, SlotMapping):
+        mm.give_back()
 
 
 _mappings: weakref.WeakSet[SlotMapping] = weakref.WeakSet()
@@ -153,8 +167,9 @@ class VmDirectory:
 
     @property
     def available(self) -> bool:
-        """No residency pushes for VMs (yet): the residency watch stays undecided."""
-        return False
+        """Connected to the gateway: the residency watch may judge (it polls ``guests``,
+        cached for a second, instead of receiving pushes)."""
+        return self.self_guest is not None
 
     def poll(self) -> None:
         pass
@@ -181,8 +196,22 @@ class VmDirectory:
         """Not a directory: a listener here has no rendezvous socket (see :meth:`listener`)."""
         return Path("/") if self.self_guest is not None else None
 
-    def guest_owning(self, ip: str) -> None:
-        return None  # only the memfd path checks senders' namespaces
+    def guest_owning(self, ip: str) -> _Guest | None:
+        """The other VM of this host that owns ``ip``, per the gateway now; None when ``ip``
+        is no VM here, or when we are leaving (the gateway lists no neighbours to a VM about
+        to migrate): the residency watch then switches our connections to TCP.
+
+        Raises:
+            AgentUnavailable: no gateway (the watch stays undecided).
+        """
+        try:
+            norm = normalise_host(ip)
+        except ValueError:
+            return None
+        owner = next((g for g, a in self._coresident().items() if a == norm), None)
+        if owner is None or self.me is None or owner == self.me.name:
+            return None
+        return _Guest(owner)
 
     def lookup(self, ip: str, port: int) -> tuple[VmListenerInfo | None, str]:
         """A listener is presumed when ``ip`` belongs to another VM of this host; the offer

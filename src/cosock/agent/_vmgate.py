@@ -6,10 +6,13 @@ lab's own L2 segment (no route out of the lab) and proves who it is with the per
 host handed it through fw_cfg. The gateway hands out slots of the host's ivshmem pool for
 connections between its VMs (``cosock._ivshmem.SlotTable``). See docs/vm-backend.md, 2-4.
 
-Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address"}}}``,
-re-read when it changes. Requests: ``hello {token}`` first, then ``guests``,
-``alloc_slot {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot,
-generation}``; ``key`` is the connection's 4-tuple ``[client ip, port, server ip, port]``.
+Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address",
+"leaving"?}}}``, re-read when it changes; a guest marked ``leaving`` (about to migrate) is
+listed to nobody and sees no neighbours, so the residency watches switch its connections to
+TCP. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot {peer, key}``,
+``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``, ``grants`` (how many
+slots the caller's connections hold); ``key`` is the connection's 4-tuple ``[client ip, port,
+server ip, port]``.
 
 A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
 ``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
@@ -52,6 +55,8 @@ class _Guests:
         self.path = path
         self._mtime = -1.0
         self._by_token: dict[str, tuple[str, str]] = {}
+        #: Guests about to migrate away: no neighbours for them, no new slots with them.
+        self.leaving: set[str] = set()
         #: Guests that left the file since the last :meth:`take_gone` (migrated, stopped).
         self._gone: set[str] = set()
 
@@ -69,12 +74,20 @@ class _Guests:
         return None
 
     def owner_of(self, address: str) -> str | None:
+        """The VM of this host with ``address``, unless it is leaving."""
         self._reload()
-        return next((g for g, a in self._by_token.values() if a == address), None)
+        return next(
+            (g for g, a in self._by_token.values() if a == address and g not in self.leaving),
+            None,
+        )
 
-    def addresses(self) -> dict[str, str]:
+    def addresses(self, viewer: str | None = None) -> dict[str, str]:
+        """The VMs of this host and their addresses, as ``viewer`` may see them: a leaving
+        VM has no neighbours, and nobody sees a leaving VM."""
         self._reload()
-        return {g: a for g, a in self._by_token.values()}
+        if viewer is not None and viewer in self.leaving:
+            return {}
+        return {g: a for g, a in self._by_token.values() if g not in self.leaving}
 
     def _reload(self) -> None:
         try:
@@ -89,6 +102,11 @@ class _Guests:
             str(rec["token"]): (str(name), str(rec["address"]))
             for name, rec in data.get("guests", {}).items()
             if isinstance(rec, dict) and rec.get("token")
+        }
+        self.leaving = {
+            str(name)
+            for name, rec in data.get("guests", {}).items()
+            if isinstance(rec, dict) and rec.get("leaving")
         }
         self._gone |= before - {g for g, _ in self._by_token.values()}
         self._mtime = mtime
@@ -145,6 +163,12 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.pool.format_slot(self.layout, slot)
         return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
 
+    def grants_of(self, guest: str) -> int:
+        """Slots granted to connections of ``guest`` not given back yet (the lab waits for
+        none before it unplugs a migrating VM's pool)."""
+        with self.lock:
+            return self.table.count_of(guest)
+
     def listen(self, guest: str, address: str, req: dict[str, Any]) -> tuple[str, str, int]:
         addr, port = str(req.get("addr")), int(req["port"])
         if addr not in (address, *_WILDCARDS):
@@ -178,6 +202,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
             raise GatewayError(f"not-coresident: {key[2]} is not a VM of this host")
         if peer == guest:
             raise GatewayError("not-coresident: a connection inside one VM has no slot")
+        if guest in self.guests.leaving:
+            raise GatewayError("not-coresident: this VM is leaving the host")
         with self.lock:
             if not any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)):
                 raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
@@ -255,7 +281,9 @@ class _Handler(socketserver.StreamRequestHandler):
                     elif who is None:
                         raise GatewayError("say hello with your token first")
                     elif op == "guests":
-                        reply = {"guests": self.server.guests.addresses()}
+                        reply = {"guests": self.server.guests.addresses(who[0])}
+                    elif op == "grants":
+                        reply = {"grants": self.server.grants_of(who[0])}
                     elif op == "alloc_slot":
                         reply = self.server.alloc(who[0], who[1], req)
                         held.add((reply["slot"], reply["generation"]))
