@@ -153,3 +153,38 @@ def test_stdlib_http_server_and_urllib_take_the_ivshmem_slot(vmlab: Any) -> None
     _serve(vmlab, argv, 6005, want="Serving HTTP")
     report = _client(vmlab, "urlget", f"http://{server}:6005/blob")
     assert report == {"sha256": digest, "len": 3000017, "path": "shm", "reason": None}
+
+
+def test_a_vm_marked_leaving_switches_to_tcp_under_load_and_back_when_it_stays(
+    vmlab: Any,
+) -> None:
+    """Step 0 of a migration without the migration: the lab marks the client's VM leaving;
+    the residency watches switch the live connection (echoes of 1 B..64 KiB, each checked) to
+    TCP at its exact offset and give the slot back (the lab waits for that); then the mark is
+    undone (as when a migration fails) and the client re-upgrades to a fresh slot."""
+    from cosock.lab.qemu import _migrate
+
+    server = vmlab.guest(SERVER_VM).address
+    log = _serve(vmlab, [*RUN, PEER, "echo-server", "0.0.0.0", "6007"], 6007)
+    soak = f"/tmp/vm-cosock-soak-{time.time_ns()}.log"
+    vmlab.spawn(CLIENT_VM, [*RUN, PEER, "soak-client", server, "6007", "40"], log=soak)
+    deadline = time.monotonic() + 180
+    while not (started := [x for x in _lines(vmlab, CLIENT_VM, soak) if "started" in x]):
+        assert time.monotonic() < deadline, "the soak client did not start"
+        time.sleep(0.5)
+    assert started == [{"started": "shm"}]
+    state = vmlab._state
+    record = next(g for g in state["guests"] if g["name"] == CLIENT_VM)
+    try:
+        _migrate.switch_to_tcp(state, record, 60)  # returns once no slot is held
+    finally:
+        _migrate.write_vm_guests(state)  # it stays
+    deadline = time.monotonic() + 240
+    while not (done := [x for x in _lines(vmlab, CLIENT_VM, soak) if "paths" in x]):
+        assert time.monotonic() < deadline, "the soak client did not finish"
+        time.sleep(1)
+    report = done[0]
+    assert report["ok"] and report["errors"] == [], report
+    assert report["paths"] == ["shm", "tcp", "shm"], report
+    echoed = [x for x in _lines(vmlab, SERVER_VM, log) if "echoed" in x]
+    assert echoed == [{"echoed": report["bytes"], "path": "shm", "reason": None}]
