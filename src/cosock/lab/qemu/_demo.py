@@ -49,6 +49,8 @@ while time.monotonic() < end:
     now = time.monotonic()
     gap, last = max(gap, now - last), now
     path = getattr(c, "cosock_path", "tcp")
+    if not paths:
+        print(json.dumps({"started": path}), flush=True)
     if not paths or path != paths[-1]:
         paths.append(path)
     time.sleep(0.05)
@@ -83,7 +85,8 @@ def run(lab_name: str = "demovm", quiet: bool = False) -> dict[str, Any]:
         _bench.server_output(lab, a.name, "/tmp/demo-echo-server.log", "listening", 120)
         log = "/tmp/demo-echo-client.log"
         lab.spawn(b, [*run, "-c", ECHO_CLIENT, a.address, "12"], log=log)
-        time.sleep(4)
+        _bench.server_output(lab, b.name, log, "started", 120)  # Python starts slowly in TCG
+        time.sleep(2)
         out.print(
             f"live-migrating {b.name} from h1 to h2 while it echoes with {a.name} through"
             " cosock (CoSocket over an ivshmem slot) ..."
