@@ -198,6 +198,7 @@ def test_reason_codes_are_stable_and_complete() -> None:
         FallbackReason.PEER_REJECTED: 8,
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
+        FallbackReason.NO_SHM_DEVICE: 11,
     }
     assert set(REASON_CODES) == set(FallbackReason)
     for reason, code in REASON_CODES.items():
@@ -213,7 +214,7 @@ def test_every_reason_travels(reason: FallbackReason) -> None:
     assert pair.client.state is pair.server.state is State.TCP
 
 
-@pytest.mark.parametrize("code", [0, 11, 0x7F, 0xFF])
+@pytest.mark.parametrize("code", [0, 12, 0x7F, 0xFF])
 def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
     client = Connection(CLIENT, NONCE)
     client.send(Hello(NONCE))

@@ -245,6 +245,7 @@ REASON_CODES: Final[Mapping[FallbackReason, int]] = MappingProxyType(
         FallbackReason.PEER_REJECTED: 8,
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
+        FallbackReason.NO_SHM_DEVICE: 11,
     }
 )
 _REASONS_BY_CODE: Final[Mapping[int, FallbackReason]] = MappingProxyType(
