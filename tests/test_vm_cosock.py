@@ -173,6 +173,18 @@ def test_a_vm_marked_leaving_switches_to_tcp_under_load_and_back_when_it_stays(
         assert time.monotonic() < deadline, "the soak client did not start"
         time.sleep(0.5)
     assert started == [{"started": "shm"}]
+    # `cosock status` inside the VM lists it (from the census files: no agent runs in a VM).
+    deadline = time.monotonic() + 30
+    while True:
+        r = vmlab.run(CLIENT_VM, [COSOCK, "status", "--json"], timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        doc = json.loads(r.stdout)
+        conns = [c for p in doc["processes"] for c in p["connections"] if c["peer_port"] == 6007]
+        if conns or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert [c["path"] for c in conns] == ["shm"], doc
+    assert {g["name"] for g in doc["guests"]} == {SERVER_VM, CLIENT_VM}
     state = vmlab._state
     record = next(g for g in state["guests"] if g["name"] == CLIENT_VM)
     try:

@@ -408,6 +408,47 @@ class VmPending:
             return None, FallbackReason.RESOURCE
 
 
+#### Observability: census files and `cosock status` inside a VM
+
+#: Where the processes of a VM publish their census (``cosock._census``): no agent runs in a
+#: VM, so ``cosock status`` there reads the files itself (:func:`status`).
+ENV_CENSUS = "COSOCK_VM_CENSUS"
+
+
+def census_dir() -> Path | None:
+    """This VM's census directory, made if missing; None if it cannot be."""
+    path = Path(os.environ.get(ENV_CENSUS) or "/run/cosock/conn")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if path.is_dir() else None
+
+
+def status() -> dict[str, Any]:
+    """What ``cosock status`` shows inside a VM: this VM's processes and their connections
+    (their census files), and the VMs of this host as the gateway lists them.
+
+    Raises:
+        AgentUnavailable: the gateway cannot be reached.
+    """
+    from .agent._connections import collect
+
+    d = directory()
+    if d is None:
+        raise AgentUnavailable(f"{ENV_GATEWAY} is not set: not a lab VM")
+    guests = d._call("guests")
+    me = d.me.name if d.me is not None else None
+    where = census_dir()
+    return {
+        "host": f"VM gateway {os.environ.get(ENV_GATEWAY)}",
+        "pid": None,
+        "guests": [{"name": g, "netns": "vm", "addresses": [a]} for g, a in guests.items()],
+        "listeners": [],
+        "processes": [] if where is None else collect(where, guest_of=lambda _pid: me),
+    }
+
+
 #### The process's directory
 
 _directory: VmDirectory | None = None
@@ -460,6 +501,8 @@ __all__ = [
     "VmListener",
     "VmPending",
     "active",
+    "census_dir",
     "directory",
     "reset",
+    "status",
 ]
