@@ -33,6 +33,7 @@ pytestmark = [
 PY = sys.executable
 COSOCK = str(Path(sys.executable).with_name("cosock"))
 SLOT_PEER = str(Path(__file__).with_name("vm_slot_peer.py"))
+COSOCK_PEER = str(Path(__file__).with_name("vm_cosock_peer.py"))
 
 #: Find the ivshmem BAR in the guest and read or write its first bytes (stdlib only).
 IVSHMEM = """
@@ -276,9 +277,12 @@ while b := c.recv(4096):
 def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     vmlab: object,
 ) -> None:
-    """A real QEMU live migration of h1g2 to h2 while it talks TCP to h1g1 every 50 ms: the
-    connection and the process carry on, the guest is not rebooted, and its ivshmem BAR is now
-    h2's pool (hot-unplugged before, hot-plugged after)."""
+    """A real QEMU live migration of h1g2 to h2 while it talks TCP to h1g1 every 50 ms, and
+    while an unmodified program under ``cosock run`` streams echoes (1 B..64 KiB, each checked)
+    to a ``cosock run`` echo server in h1g1 through an ivshmem slot: both connections and the
+    processes carry on, the cosock one switched to TCP at its exact offset before the pool was
+    unplugged (shm -> TCP to the old neighbour), the guest is not rebooted, and its ivshmem
+    BAR is now h2's pool (hot-unplugged before, hot-plugged after)."""
     from cosock.lab import MigrationError, _netns
     from cosock.lab.qemu import QemuLab, _bench
 
@@ -289,6 +293,12 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     uptime = float(vmlab.run(b, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0])
     vmlab.spawn(a, [PY, "-c", ECHO_SERVER], log="/tmp/echo-server.log")
     _bench.server_output(vmlab, "h1g1", "/tmp/echo-server.log", "listening", 120)
+    run = [PY, "-m", "cosock", "run", "--", PY, COSOCK_PEER]
+    vmlab.spawn(a, [*run, "echo-server", "0.0.0.0", "6010"], log="/tmp/co-echo.log")
+    _bench.server_output(vmlab, "h1g1", "/tmp/co-echo.log", "listening", 120)
+    soak = "/tmp/co-soak.log"
+    vmlab.spawn(b, [*run, "soak-client", a.address, "6010", "30"], log=soak)
+    assert _bench.server_output(vmlab, "h1g2", soak, "started", 120) == {"started": "shm"}
     log = "/tmp/echo-client.log"
     vmlab.spawn(b, [PY, "-c", ECHO_CLIENT, a.address, "20"], log=log)
     time.sleep(5)
@@ -299,6 +309,11 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     assert figures["total_time_ms"] > 0 and figures["downtime_ms"] is not None
     out = _bench.server_output(vmlab, "h1g2", log, "ok", 120)
     assert out["errors"] == [] and out["ok"] > 50, out
+    co = _bench.server_output(vmlab, "h1g2", soak, "paths", 180)
+    assert co["ok"] and co["errors"] == [] and co["paths"] == ["shm", "tcp"], co
+    echoed = _bench.server_output(vmlab, "h1g1", "/tmp/co-echo.log", "echoed", 60)
+    assert echoed == {"echoed": co["bytes"], "path": "tcp", "reason": None}
+    assert figures["switch_s"] >= 0
     assert float(vmlab.run(moved, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0]) > uptime
     word = f"moved-{time.monotonic_ns()}"
     deadline = time.monotonic() + 30
@@ -311,7 +326,7 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     with open(vmlab.pool("h2"), "rb") as pool:
         pool.seek(4096)
         assert pool.read(len(word)) == word.encode()
-    print(f"migration of h1g2 under {vmlab.accel}: {figures}, echo client {out}")
+    print(f"migration of h1g2 under {vmlab.accel}: {figures}, echo client {out}, cosock {co}")
 
 
 def test_z_a_dead_qemu_is_named_and_down_still_cleans(vmlab: object) -> None:

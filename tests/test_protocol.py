@@ -206,6 +206,7 @@ def test_reason_codes_are_stable_and_complete() -> None:
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
         FallbackReason.HANDED_OVER: 11,
+        FallbackReason.NO_SHM_DEVICE: 12,
     }
     assert set(REASON_CODES) == set(FallbackReason)
     for reason, code in REASON_CODES.items():

@@ -96,6 +96,7 @@ def test_a_vanished_client_frees_its_slots(gateway: tuple[tuple[str, int], Path]
             if again[0] == first[0]:
                 break
             a.free_slot(*again)
+            time.sleep(0.05)  # bounded: 2.5 s for a loaded machine's handler thread
         assert again[0] == first[0]
 
 
@@ -121,3 +122,99 @@ def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("COSOCK_VM_GATEWAY", raising=False)
     with pytest.raises(AgentUnavailable, match="COSOCK_VM_GATEWAY"):
         VmAgent()
+
+
+#### CoSocket offers (cosock._vmchannel): listener directory, offer with nonce, claim by key
+
+NONCE = b"\x01" * 16
+
+
+def test_listeners_only_on_the_guests_own_address_and_only_while_connected(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        with pytest.raises(SlotRefused, match="not h1g2's address"):
+            b.listen(A, 8000)  # another VM's address
+        b.listen(B, 8000)
+        b.listen("0.0.0.0", 8001)
+        slot, gen, _cap = a.offer((A, 40000, B, 8000), NONCE)
+        a.free_slot(slot, gen)
+        a.offer((A, 40001, B, 8001), NONCE)  # the wildcard listener
+        b.unlisten(B, 8000)
+        with pytest.raises(SlotRefused, match="no-listener"):
+            a.offer((A, 40002, B, 8000), NONCE)
+    with VmAgent(addr, token="tok-a") as a:
+        for _ in range(50):  # the handler thread drops b's listeners on disconnect
+            try:
+                a.offer((A, 40003, B, 8001), NONCE)
+            except SlotRefused as exc:
+                assert "no-listener" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("a listener outlived its gateway connection")
+
+
+def test_an_offer_is_for_the_clients_own_connection_to_another_vm(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        b.listen(B, 8000)
+        a.listen(A, 8000)
+        with pytest.raises(SlotRefused, match="not h1g1's"):
+            a.offer((C, 40000, B, 8000), NONCE)  # a client address that is not A's
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer((A, 40000, "10.77.2.11", 8000), NONCE)  # not a VM of this host
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer((A, 40000, A, 8000), NONCE)  # inside one VM: no slot
+        with pytest.raises(SlotRefused, match="nonce"):
+            a._call({"op": "offer", "key": [A, 40000, B, 8000], "nonce": "zz"})
+
+
+def test_only_the_server_vm_claims_an_offer_for_exactly_its_connection_once(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    addr, pool = gateway
+    key = (A, 40000, B, 8000)
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        with VmAgent(addr, token="tok-c") as c:
+            b.listen(B, 8000)
+            slot, gen, cap = a.offer(key, NONCE)
+            with pytest.raises(SlotRefused, match="not h1g3's"):
+                c.claim_offer(key)  # a third VM
+            with pytest.raises(SlotRefused, match="no-offer"):
+                b.claim_offer((A, 40001, B, 8000))  # another connection
+            assert b.claim_offer(key) == (slot, gen, NONCE, cap)
+            with pytest.raises(SlotRefused, match="no-offer"):
+                b.claim_offer(key)  # once
+        with Pool(pool) as p:
+            assert p.slot_ok(p.layout(), slot) and cap == p.layout().capacity
+        a.free_slot(slot, gen)
+        b.free_slot(slot, gen)
+        with pytest.raises(SlotRefused, match="no such grant"):
+            b.free_slot(slot, gen)
+
+
+def test_a_leaving_vm_has_no_neighbours_and_nobody_sees_it(
+    gateway: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    """What the lab writes before it live-migrates a VM: the residency watches of both sides
+    then judge their connections not co-resident (and switch them to TCP)."""
+    addr, _ = gateway
+    guests = tmp_path / "vm-guests.json"
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        b.listen(B, 8000)
+        slot, gen, _ = a.offer((A, 40000, B, 8000), NONCE)
+        assert a._call({"op": "grants"})["grants"] == 1
+        data = json.loads(guests.read_text())
+        data["guests"]["h1g1"]["leaving"] = True
+        guests.write_text(json.dumps(data))
+        os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        assert a.guests() == {}
+        assert b.guests() == {"h1g2": B, "h1g3": C}
+        with pytest.raises(SlotRefused, match="leaving"):
+            a.offer((A, 40001, B, 8000), NONCE)
+        a.free_slot(slot, gen)  # a leaving VM still gives its slots back
+        assert a._call({"op": "grants"})["grants"] == 0

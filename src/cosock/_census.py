@@ -204,6 +204,10 @@ def _directory() -> Path | None:
     from .agent.client import AgentClient
 
     global _last_directory
+    from . import _vmchannel
+
+    if _vmchannel.active():  # a QEMU guest: no agent here, `cosock status` reads the files
+        return _vmchannel.census_dir()
     client = AgentClient.current()  # made by the connections we list
     rv = None if client is None else client.last_rendezvous_dir
     if rv is not None:

@@ -63,3 +63,5 @@ class FallbackReason(enum.Enum):
     #: An accelerated connection was downgraded to plain TCP because its fd left cosock's
     #: control (``detach()``, handed to uvloop, passed to another process); either end.
     HANDED_OVER = "handed-over"
+    #: In a VM: no shared-memory device to carve a channel from (no ivshmem pool).
+    NO_SHM_DEVICE = "no-shm-device"

@@ -274,6 +274,7 @@ REASON_CODES: Final[Mapping[FallbackReason, int]] = MappingProxyType(
         FallbackReason.RESOURCE: 9,
         FallbackReason.HANDSHAKE_FAILED: 10,
         FallbackReason.HANDED_OVER: 11,
+        FallbackReason.NO_SHM_DEVICE: 12,
     }
 )
 _REASONS_BY_CODE: Final[Mapping[int, FallbackReason]] = MappingProxyType(

@@ -176,6 +176,7 @@ class _Grant:
     peer: str  # guest allowed to claim it (the server)
     key: tuple[str, int, str, int]  # the connection's 4-tuple
     generation: int
+    nonce: str = ""  # hex; the in-band HELLO must carry it (a CoSocket offer)
     claimed: bool = False
     freed_by: set[str] = field(default_factory=set)
 
@@ -198,7 +199,9 @@ class SlotTable:
     def free_count(self) -> int:
         return len(self._free)
 
-    def alloc(self, owner: str, peer: str, key: tuple[str, int, str, int]) -> tuple[int, int]:
+    def alloc(
+        self, owner: str, peer: str, key: tuple[str, int, str, int], nonce: str = ""
+    ) -> tuple[int, int]:
         """A free slot for ``owner``'s connection ``key`` to ``peer``; (slot, generation).
 
         Raises:
@@ -208,8 +211,19 @@ class SlotTable:
             raise PoolError("no free slot in the pool")
         slot = self._free.pop()
         self._generation += 1
-        self._grants[slot] = _Grant(owner, peer, key, self._generation)
+        self._grants[slot] = _Grant(owner, peer, key, self._generation, nonce)
         return slot, self._generation
+
+    def claim_key(
+        self, claimer: str, key: tuple[str, int, str, int]
+    ) -> tuple[int, int, str] | None:
+        """The server's side of a CoSocket offer: the unclaimed grant for exactly this
+        connection to ``claimer``, now claimed; ``(slot, generation, nonce)`` or None."""
+        for slot, grant in self._grants.items():
+            if not grant.claimed and grant.nonce and (grant.peer, grant.key) == (claimer, key):
+                grant.claimed = True
+                return slot, grant.generation, grant.nonce
+        return None
 
     def claim(
         self, slot: int, generation: int, claimer: str, key: tuple[str, int, str, int]
@@ -237,6 +251,14 @@ class SlotTable:
         if grant.freed_by >= {grant.owner, grant.peer} or not grant.claimed:
             self._release(slot)
         return True
+
+    def count_of(self, guest: str) -> int:
+        """Grants with ``guest`` as a party that ``guest`` has not freed yet."""
+        return sum(
+            1
+            for g in self._grants.values()
+            if guest in (g.owner, g.peer) and guest not in g.freed_by
+        )
 
     def drop_guest(self, guest: str) -> list[int]:
         """A guest left (stopped, migrated away): every slot it was party to is released."""

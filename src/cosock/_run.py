@@ -18,12 +18,14 @@ def run_env(base: dict[str, str] | None = None, start_agent: bool = True) -> dic
 
     Finds the agent through ``COSOCK_AGENT``; without it, uses the per-user default path
     and starts a per-user agent there on demand (like ssh-agent), so two programs started
-    with ``cosock run`` accelerate their loopback connections with no set-up.
+    with ``cosock run`` accelerate their loopback connections with no set-up. Inside a lab
+    VM (``COSOCK_VM_GATEWAY`` set) none is started: the host agent's gateway serves.
     """
     env = dict(os.environ if base is None else base)
     if _config.ENV_AGENT not in env:
         path = _config.default_agent_path()
-        if start_agent:
+        # In a lab VM the host agent's gateway (COSOCK_VM_GATEWAY) is the agent: no local one.
+        if start_agent and not env.get("COSOCK_VM_GATEWAY"):
             from .agent.server import ensure_agent
 
             ensure_agent(path)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _downgrade, _forkshare, _linger, _residency
+from . import _census, _config, _downgrade, _forkshare, _linger, _residency, _vmchannel
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -153,6 +153,9 @@ def _trace(what: str, ch: _Channel) -> None:
 
 
 def _agent() -> Any:
+    vm = _vmchannel.directory()
+    if vm is not None:  # a QEMU guest: the host agent's VM gateway (ivshmem provider)
+        return vm
     from .agent.client import AgentClient
 
     return AgentClient.shared()
@@ -852,6 +855,9 @@ class CoSocket(socket.socket):
     ) -> tuple[bytes, Any, int] | FallbackReason:
         """Offer a fresh channel (memfd + nonce + 4-tuple) to a listener's rendezvous, for
         a first connect or an upgrade: ``(nonce, mapping, capacity)``, or why not."""
+        if path.startswith(_vmchannel.RENDEZVOUS_PREFIX):  # another VM: a slot, not a memfd
+            vm = _vmchannel.directory()
+            return FallbackReason.AGENT_UNREACHABLE if vm is None else vm.offer(local, server)
         capacity = _config.ring_size()
         try:
             fd, mm = take_channel(capacity)  # fresh, never offered to anyone
@@ -928,7 +934,7 @@ class CoSocket(socket.socket):
             if directory is None or agent.self_guest is None:
                 self._reason = FallbackReason.AGENT_UNREACHABLE
                 return
-            rv = Rendezvous(directory)
+            rv = agent.listener() if _vmchannel.active() else Rendezvous(directory)
         except Exception:
             self._reason = FallbackReason.AGENT_UNREACHABLE
             return
@@ -996,6 +1002,8 @@ class CoSocket(socket.socket):
     ) -> tuple[Any, FallbackReason | None]:
         """Check an offer (first or upgrade) and map its memfd: ``(mapping, None)``, or
         ``(None, reason)``.  Takes ownership of the offer's fd."""
+        if isinstance(pending, _vmchannel.VmPending):
+            return pending.map()  # the gateway checked who may map it
         try:
             if not self._sender_owns(pending.pid, client_ip, rv.netns):
                 return None, FallbackReason.OFFER_INVALID
@@ -1147,6 +1155,7 @@ class CoSocket(socket.socket):
             ch.tx_out[0:0] = retained[start - base :]
         ch.retained = None
         ch.phase = _FRAMED
+        _vmchannel.switched(ch.mm)  # an ivshmem slot goes back now: its rings are frozen
         self._flush_framed(ch)
 
     # ------------------------------------------------------------------ upgrade

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from ._errors import AgentUnavailable, CosockError
 
 ENV_GATEWAY = "COSOCK_VM_GATEWAY"
+#: Where the token is read from instead of fw_cfg (tests on the host: a 0600 file).
+ENV_TOKEN_FILE = "COSOCK_VM_TOKEN_FILE"
 TOKEN_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/token/raw")
 
 Key = tuple[str, int, str, int]
@@ -34,7 +37,9 @@ def gateway_address() -> tuple[str, int]:
     return host, int(port)
 
 
-def read_token(path: Path = TOKEN_PATH) -> str:
+def read_token(path: Path | None = None) -> str:
+    if path is None:
+        path = Path(os.environ.get(ENV_TOKEN_FILE) or TOKEN_PATH)
     try:
         return path.read_text().strip()
     except OSError as exc:
@@ -51,9 +56,15 @@ class VmAgent:
         timeout: float = 10.0,
     ) -> None:
         addr = address or gateway_address()
+        self._lock = threading.Lock()  # one request at a time: replies come in order
         try:
-            self._sock = socket.create_connection(addr, timeout=timeout)
+            # The original socket class: under `cosock run` this process's socket.socket
+            # is a CoSocket, which must not ask the gateway about the gateway connection.
+            self._sock = _BaseSocket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+            self._sock.settimeout(timeout)
+            self._sock.connect(addr)
         except OSError as exc:
+            self._sock.close()
             raise AgentUnavailable(f"VM gateway {addr[0]}:{addr[1]}: {exc}") from None
         self._file = self._sock.makefile("rwb")
         hello = self._call({"op": "hello", "token": token if token is not None else read_token()})
@@ -74,10 +85,11 @@ class VmAgent:
 
     def _call(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
-            self._file.write(json.dumps(req).encode() + b"\n")
-            self._file.flush()
-            line = self._file.readline(1 << 16)
-        except OSError as exc:
+            with self._lock:
+                self._file.write(json.dumps(req).encode() + b"\n")
+                self._file.flush()
+                line = self._file.readline(1 << 16)
+        except (OSError, ValueError) as exc:  # ValueError: closed by another thread
             raise AgentUnavailable(f"VM gateway: {exc}") from None
         if not line:
             raise AgentUnavailable("VM gateway closed the connection")
@@ -101,3 +113,31 @@ class VmAgent:
 
     def free_slot(self, slot: int, generation: int) -> None:
         self._call({"op": "free_slot", "slot": slot, "generation": generation})
+
+    #### CoSocket offers (see cosock._vmchannel)
+
+    def listen(self, addr: str, port: int) -> None:
+        """Publish a cosock listener of ours (until unlisten or this connection closes)."""
+        self._call({"op": "listen", "addr": addr, "port": port})
+
+    def unlisten(self, addr: str, port: int) -> None:
+        self._call({"op": "unlisten", "addr": addr, "port": port})
+
+    def offer(self, key: Key, nonce: bytes) -> tuple[int, int, int]:
+        """A slot for our connection ``key`` to a listener on a co-resident VM; (slot,
+        generation, capacity). Raises SlotRefused (reason first: "no-listener: ...")."""
+        r = self._call({"op": "offer", "key": list(key), "nonce": nonce.hex()})
+        return int(r["slot"]), int(r["generation"]), int(r["capacity"])
+
+    def claim_offer(self, key: Key) -> tuple[int, int, bytes, int]:
+        """We accepted ``key``: the slot its client was granted; (slot, generation, nonce,
+        capacity). Raises SlotRefused if there is none."""
+        r = self._call({"op": "claim_offer", "key": list(key)})
+        return int(r["slot"]), int(r["generation"]), bytes.fromhex(r["nonce"]), int(r["capacity"])
+
+
+#: The stdlib socket class, even if interception replaced ``socket.socket`` before this
+#: module was imported (a CoSocket subclasses it).
+_BaseSocket: type[socket.socket] = next(
+    c for c in socket.socket.__mro__ if (c.__module__, c.__name__) == ("socket", "socket")
+)

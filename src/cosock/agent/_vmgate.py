@@ -6,10 +6,20 @@ lab's own L2 segment (no route out of the lab) and proves who it is with the per
 host handed it through fw_cfg. The gateway hands out slots of the host's ivshmem pool for
 connections between its VMs (``cosock._ivshmem.SlotTable``). See docs/vm-backend.md, 2-4.
 
-Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address"}}}``,
-re-read when it changes. Requests: ``hello {token}`` first, then ``guests``,
-``alloc_slot {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot,
-generation}``; ``key`` is the connection's 4-tuple ``[client ip, port, server ip, port]``.
+Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address",
+"leaving"?}}}``, re-read when it changes; a guest marked ``leaving`` (about to migrate) is
+listed to nobody and sees no neighbours, so the residency watches switch its connections to
+TCP. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot {peer, key}``,
+``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``, ``grants`` (how many
+slots the caller's connections hold); ``key`` is the connection's 4-tuple ``[client ip, port,
+server ip, port]``.
+
+A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
+``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
+connection that registered it), ``offer {key, nonce}`` (the client: a slot for its connection
+to a registered listener of a VM of this host, the nonce kept with the grant) and ``claim_offer
+{key}`` (the server, on accept: the grant for exactly that connection, with its nonce, which the
+client's in-band HELLO must repeat).
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ class _Guests:
         self.path = path
         self._mtime = -1.0
         self._by_token: dict[str, tuple[str, str]] = {}
+        #: Guests about to migrate away: no neighbours for them, no new slots with them.
+        self.leaving: set[str] = set()
         #: Guests that left the file since the last :meth:`take_gone` (migrated, stopped).
         self._gone: set[str] = set()
 
@@ -62,12 +74,20 @@ class _Guests:
         return None
 
     def owner_of(self, address: str) -> str | None:
+        """The VM of this host with ``address``, unless it is leaving."""
         self._reload()
-        return next((g for g, a in self._by_token.values() if a == address), None)
+        return next(
+            (g for g, a in self._by_token.values() if a == address and g not in self.leaving),
+            None,
+        )
 
-    def addresses(self) -> dict[str, str]:
+    def addresses(self, viewer: str | None = None) -> dict[str, str]:
+        """The VMs of this host and their addresses, as ``viewer`` may see them: a leaving
+        VM has no neighbours, and nobody sees a leaving VM."""
         self._reload()
-        return {g: a for g, a in self._by_token.values()}
+        if viewer is not None and viewer in self.leaving:
+            return {}
+        return {g: a for g, a in self._by_token.values() if g not in self.leaving}
 
     def _reload(self) -> None:
         try:
@@ -83,6 +103,11 @@ class _Guests:
             for name, rec in data.get("guests", {}).items()
             if isinstance(rec, dict) and rec.get("token")
         }
+        self.leaving = {
+            str(name)
+            for name, rec in data.get("guests", {}).items()
+            if isinstance(rec, dict) and rec.get("leaving")
+        }
         self._gone |= before - {g for g, _ in self._by_token.values()}
         self._mtime = mtime
 
@@ -97,6 +122,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.layout = self.pool.layout()
         self.table = SlotTable(self.layout.slot_count)
         self.lock = threading.Lock()
+        #: (guest, addr, port) -> how many gateway connections registered that listener.
+        self.listeners: dict[tuple[str, str, int], int] = {}
         super().__init__(bind, _Handler, bind_and_activate=False)
         # FREEBIND: the agent may start before the lab gives the bridge its address.
         self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -136,6 +163,73 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.pool.format_slot(self.layout, slot)
         return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
 
+    def grants_of(self, guest: str) -> int:
+        """Slots granted to connections of ``guest`` not given back yet (the lab waits for
+        none before it unplugs a migrating VM's pool)."""
+        with self.lock:
+            return self.table.count_of(guest)
+
+    def listen(self, guest: str, address: str, req: dict[str, Any]) -> tuple[str, str, int]:
+        addr, port = str(req.get("addr")), int(req["port"])
+        if addr not in (address, *_WILDCARDS):
+            raise GatewayError(f"{addr} is not {guest}'s address")
+        if not 0 < port < 65536:
+            raise GatewayError(f"port {port} outside 1..65535")
+        entry = (guest, addr, port)
+        with self.lock:
+            self.listeners[entry] = self.listeners.get(entry, 0) + 1
+        return entry
+
+    def unlisten(self, entry: tuple[str, str, int]) -> None:
+        with self.lock:
+            left = self.listeners.get(entry, 0) - 1
+            if left > 0:
+                self.listeners[entry] = left
+            else:
+                self.listeners.pop(entry, None)
+
+    def offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        """A slot for the client's connection ``key`` to a cosock listener on another VM of
+        this host, with the client's nonce (checked against the in-band HELLO)."""
+        key = _key(req)
+        nonce = str(req.get("nonce", ""))
+        if len(nonce) != 32 or not all(c in "0123456789abcdef" for c in nonce):
+            raise GatewayError("nonce must be 32 hex digits")
+        if key[0] != address:
+            raise GatewayError(f"client address {key[0]} is not {guest}'s")
+        peer = self.guests.owner_of(key[2])
+        if peer is None:
+            raise GatewayError(f"not-coresident: {key[2]} is not a VM of this host")
+        if peer == guest:
+            raise GatewayError("not-coresident: a connection inside one VM has no slot")
+        if guest in self.guests.leaving:
+            raise GatewayError("not-coresident: this VM is leaving the host")
+        with self.lock:
+            if not any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)):
+                raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
+            try:
+                slot, generation = self.table.alloc(guest, peer, key, nonce)
+            except PoolError as exc:
+                raise GatewayError(f"resource: {exc}") from None
+        self.pool.format_slot(self.layout, slot)
+        return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
+
+    def claim_offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
+        key = _key(req)
+        if key[2] != address:
+            raise GatewayError(f"server address {key[2]} is not {guest}'s")
+        with self.lock:
+            found = self.table.claim_key(guest, key)
+        if found is None:
+            raise GatewayError("no-offer: no grant for this connection")
+        slot, generation, nonce = found
+        return {
+            "slot": slot,
+            "generation": generation,
+            "nonce": nonce,
+            "capacity": self.layout.capacity,
+        }
+
     def claim(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         key = _key(req)
         if key[2] != address:
@@ -154,6 +248,9 @@ class VmGateway(socketserver.ThreadingTCPServer):
         return {}
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
 def _key(req: dict[str, Any]) -> Key:
     raw = req.get("key")
     if not isinstance(raw, list) or len(raw) != 4:
@@ -167,6 +264,7 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         who: tuple[str, str] | None = None
         held: set[tuple[int, int]] = set()
+        listening: list[tuple[str, str, int]] = []
         try:
             while line := self.rfile.readline(MAX_LINE):
                 self.server.forget_gone()
@@ -183,13 +281,30 @@ class _Handler(socketserver.StreamRequestHandler):
                     elif who is None:
                         raise GatewayError("say hello with your token first")
                     elif op == "guests":
-                        reply = {"guests": self.server.guests.addresses()}
+                        reply = {"guests": self.server.guests.addresses(who[0])}
+                    elif op == "grants":
+                        reply = {"grants": self.server.grants_of(who[0])}
                     elif op == "alloc_slot":
                         reply = self.server.alloc(who[0], who[1], req)
                         held.add((reply["slot"], reply["generation"]))
                     elif op == "claim_slot":
                         reply = self.server.claim(who[0], who[1], req)
                         held.add((int(req["slot"]), int(req["generation"])))
+                    elif op == "offer":
+                        reply = self.server.offer(who[0], who[1], req)
+                        held.add((reply["slot"], reply["generation"]))
+                    elif op == "claim_offer":
+                        reply = self.server.claim_offer(who[0], who[1], req)
+                        held.add((reply["slot"], reply["generation"]))
+                    elif op == "listen":
+                        listening.append(self.server.listen(who[0], who[1], req))
+                        reply = {}
+                    elif op == "unlisten":
+                        entry = (who[0], str(req.get("addr")), int(req["port"]))
+                        if entry in listening:
+                            listening.remove(entry)
+                            self.server.unlisten(entry)
+                        reply = {}
                     elif op == "free_slot":
                         reply = self.server.free(who[0], req)
                         held.discard((int(req["slot"]), int(req["generation"])))
@@ -202,6 +317,8 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
         finally:
             # A process that vanished frees what it held (as a closed channel would).
+            for entry in listening:
+                self.server.unlisten(entry)
             if who is not None:
                 for slot, generation in held:
                     with self.server.lock:

@@ -376,7 +376,7 @@ def bench_(
     ] = 2000,
     as_json: JsonOpt = False,
 ) -> None:
-    """QEMU lab: TCP over virtio-net vs cosock's rings in ivshmem, between two VMs of a host."""
+    """QEMU lab: TCP over virtio-net vs CoSocket and raw rings in ivshmem, two VMs of a host."""
     try:
         from .qemu import QemuLab, _bench
 

@@ -3,6 +3,11 @@
 Steps (each failure names its step; the guest keeps running on its source if anything before
 the switch-over fails):
 
+0. switch the guest's cosock connections to TCP: mark it ``leaving`` in its host's VM-gateway
+   file; the residency watches in the guest and in its neighbours then judge every connection
+   between them not co-resident, switch it to TCP at its exact offset and give its slot back;
+   wait until the gateway says the guest holds no slot (its rings are never touched again,
+   so the pool can go);
 1. unplug the ivshmem pool from the running guest (QMP ``device_del`` → ACPI eject, which the
    guest acks at once since no driver holds the device; then ``object-del``). Why: with the
    pool attached, QEMU would migrate the *source* pool's contents into the destination host's
@@ -32,6 +37,7 @@ from ._model import BootError
 
 UNPLUG_TIMEOUT = 30.0
 MIGRATE_TIMEOUT = 180.0
+SWITCH_TIMEOUT = 60.0
 IVSHMEM_DEVICE_ID = 0x1110
 
 
@@ -116,12 +122,13 @@ def _wait_migrated(src_qmp: Path, timeout: float) -> dict[str, Any]:
         time.sleep(0.05)
 
 
-def write_vm_guests(state: _state.State) -> None:
-    """Each host's VM-gateway file lists the VMs that run on it now (0600)."""
+def write_vm_guests(state: _state.State, leaving: frozenset[str] = frozenset()) -> None:
+    """Each host's VM-gateway file lists the VMs that run on it now (0600); those about to
+    migrate are marked ``leaving`` (the gateway then shows them no neighbours)."""
     from ._lab import _write_private
 
     for h in state["hosts"]:
-        vms = {
+        vms: dict[str, dict[str, Any]] = {
             g["name"]: {
                 "token": Path(g["agent_token_file"]).read_text(),
                 "address": g["addresses"][0],
@@ -129,7 +136,61 @@ def write_vm_guests(state: _state.State) -> None:
             for g in state["guests"]
             if g["host"] == h["name"]
         }
+        for name in leaving & vms.keys():
+            vms[name]["leaving"] = True
         _write_private(Path(h["vm_guests"]), json.dumps({"guests": vms}, indent=2))
+
+
+def _slots_held(state: _state.State, g: dict[str, Any]) -> int:
+    """How many pool slots the guest's connections hold, asked of its host's gateway as the
+    guest (the lab wrote its token)."""
+    from ...agent._vmgate import PORT
+    from ._exec import socket_in
+
+    host = next(h for h in state["hosts"] if h["name"] == g["host"])
+    sock = socket_in(_netns.netns_path(host["netns"]))
+    sock.settimeout(10)
+    with sock:
+        sock.connect((host["address"], PORT))
+        f = sock.makefile("rwb")
+        token = Path(g["agent_token_file"]).read_text().strip()
+        for req in ({"op": "hello", "token": token}, {"op": "grants"}):
+            f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        replies = [json.loads(f.readline(1 << 16) or b"{}") for _ in range(2)]
+        f.close()
+    if not all(r.get("ok") for r in replies):
+        raise MigrationError(f"the VM gateway of {host['name']} refused: {replies}")
+    return int(replies[1]["grants"])
+
+
+def switch_to_tcp(state: _state.State, g: dict[str, Any], timeout: float) -> None:
+    """Step 0: the guest's cosock connections leave the pool (see the module docstring).
+
+    Raises:
+        MigrationError: slots still held after ``timeout`` (the leaving mark is undone).
+    """
+    write_vm_guests(state, leaving=frozenset({g["name"]}))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                held = _slots_held(state, g)
+            except OSError as exc:
+                raise MigrationError(
+                    f"migration step 'switch cosock connections to TCP': VM gateway: {exc}"
+                ) from None
+            if held == 0:
+                return
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    "migration step 'switch cosock connections to TCP': the guest's"
+                    f" connections still hold {held} slot(s) after {timeout:g} s"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        write_vm_guests(state)
+        raise
 
 
 def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[str, Any]:
@@ -154,7 +215,14 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
         raise MigrationError(f"guest {guest}: its QEMU is not running")
     steps: dict[str, float] = {}
     t = time.monotonic()
-    unplug_pool(src_qmp)
+    switch_to_tcp(state, g, SWITCH_TIMEOUT)
+    steps["switch_s"] = time.monotonic() - t
+    t = time.monotonic()
+    try:
+        unplug_pool(src_qmp)
+    except BaseException:
+        write_vm_guests(state)  # it stays: no longer leaving
+        raise
     steps["unplug_s"] = time.monotonic() - t
 
     n = int(g.get("migrations", 0)) + 1
@@ -191,6 +259,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             plug_pool(src_qmp, Path(host["pool"]), int(state["pool_mb"]))
         except (MigrationError, BootError, _qmp.QmpError):
             pass
+        write_vm_guests(state)  # it stays: no longer leaving
         raise
     t = time.monotonic()
     old_pid = int(g["pid"])

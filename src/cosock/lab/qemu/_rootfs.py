@@ -92,6 +92,14 @@ def _libraries(files: list[Path]) -> set[Path]:
     return libs
 
 
+def _dlopened(libs: set[Path]) -> set[Path]:
+    """Libraries glibc loads at run time, which ldd does not list: libgcc_s, which
+    ``pthread_exit`` needs when a daemon thread is ended at interpreter exit (without it the
+    process aborts: "libgcc_s.so.1 must be installed for pthread_exit to work")."""
+    dirs = {lib.parent for lib in libs if lib.name.startswith("libc.so")}
+    return {d / "libgcc_s.so.1" for d in dirs if (d / "libgcc_s.so.1").exists()}
+
+
 def _key(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -112,7 +120,8 @@ def build() -> Path:
     if shutil.which("mkfs.ext4") is None:
         raise RootfsError("building the guest root image: mkfs.ext4 missing (e2fsprogs)")
     files = [f for src, _ in _sources() for f in _walk(src)]
-    files += sorted(_libraries(files) | _libraries([Path("/usr/bin/env")]))
+    libs = _libraries(files) | _libraries([Path("/usr/bin/env")])
+    files += sorted(libs | _dlopened(libs))
     files.append(Path("/usr/bin/env"))
     # Every symlink's target too (libfoo.so.6 -> libfoo.so.6.4.0, /lib64/ld-linux -> /lib/...).
     files = list(dict.fromkeys(p for f in files for p in _link_chain(f)))

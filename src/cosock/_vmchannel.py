@@ -1,0 +1,508 @@
+"""The ivshmem channel provider: how a ``CoSocket`` inside a QEMU guest gets its channel.
+
+One protocol, two providers. On one kernel a channel is a fresh memfd that the client hands
+to the listener's rendezvous socket (SCM_RIGHTS). Between VMs no fd crosses, so inside a
+guest (``COSOCK_VM_GATEWAY`` set by the lab) the same steps go through the host agent's VM
+gateway (``agent/_vmgate.py``) and the channel is a slot of the host's ivshmem pool:
+
+* listen: the listener is published to the gateway (instead of the agent's Unix socket);
+* connect: the client asks the gateway for a slot for exactly its 4-tuple, giving its nonce
+  (the gateway checks that the destination is a cosock listener on *another* VM of this
+  host); it maps the slot through its own BAR2 and sends HELLO(nonce) in-band, as always;
+* accept: the server asks the gateway for the grant of exactly the accepted 4-tuple (given
+  only to the VM owning the server address), maps the same slot, and the in-band nonce
+  check, ACCEPT/REJECT, rings, BELL/SPACE frames, SWITCH and fallback are unchanged.
+
+A slot is given back to the gateway when its mapping is closed (the channel's release), or
+when the process's gateway connection drops. A mapping shared by ``fork`` is not given back
+by either process (one of them may still use it); it goes back when they exit.
+
+The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (the same
+attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
+gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
+then lists no neighbours to it and omits it from the others' lists, and the watches on both
+sides switch their connections to TCP at the exact offset and give their slots back.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import AgentUnavailable, FallbackReason
+from ._ivshmem import Pool, PoolError, PoolLayout, find_device
+from ._offer import Offer, normalise_host
+from ._ring import channel_headers_ok
+from ._vmagent import ENV_GATEWAY, Key, SlotRefused, VmAgent
+
+#: ``ListenerInfo.rendezvous`` of a listener in another VM: the offer goes to the gateway.
+RENDEZVOUS_PREFIX = "ivshmem:"
+#: How long the list of this host's VMs is trusted (a migration changes it).
+_GUESTS_TTL = 1.0
+#: After the gateway could not be reached, how long until it is tried again.
+_RETRY_S = 1.0
+
+
+def active() -> bool:
+    """Are we a QEMU guest of the lab (or told to act as one)?"""
+    return bool(os.environ.get(ENV_GATEWAY))
+
+
+@dataclass(frozen=True, slots=True)
+class _Guest:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmListenerInfo:
+    """What ``lookup`` returns: the attributes of ``agent.client.ListenerInfo`` used."""
+
+    guest: str
+    addr: str
+    port: int
+    rendezvous: str
+    pid: int = 0
+
+
+class SlotMapping(mmap.mmap):
+    """A slot's mapping that gives the slot back to the gateway when it is closed, or as soon
+    as the connection left its rings for good (:meth:`give_back` after a path switch: the
+    rings are frozen and never read again, so the slot may serve another connection)."""
+
+    def give_back(self) -> None:
+        owner = self.__dict__.pop("_give_back", None)
+        if owner is not None and owner[0] == os.getpid() and not owner[4]:
+            owner[1].free(owner[2], owner[3])
+
+    def close(self) -> None:
+        owner = self.__dict__.pop("_give_back", None)
+        super().close()
+        if owner is not None and owner[0] == os.getpid() and not owner[4]:
+            owner[1].free(owner[2], owner[3])
+
+
+def switched(mm: object) -> None:
+    """A connection finished its switch to TCP: give its slot back (see SlotMapping)."""
+    if isinstance(mm, SlotMapping):
+        mm.give_back()
+
+
+_mappings: weakref.WeakSet[SlotMapping] = weakref.WeakSet()
+
+
+class VmDirectory:
+    """The gateway as ``CoSocket`` sees it: lookups, listeners, offers, claims."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gate: VmAgent | None = None
+        self._why = "not connected yet"
+        self._retry_at = 0.0
+        self._guests: dict[str, str] = {}
+        self._guests_at = -_GUESTS_TTL
+        self._listeners: set[tuple[str, int]] = set()
+        self._pool: Pool | None = None
+        self._layout: PoolLayout | None = None
+        self.me: _Guest | None = None
+
+    #### The gateway connection
+
+    def _gateway(self) -> VmAgent:
+        """Connected and greeted (listeners re-published after a reconnect).
+
+        Raises:
+            AgentUnavailable: no gateway (the reason is kept for the next second).
+        """
+        with self._lock:
+            if self._gate is not None:
+                return self._gate
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise AgentUnavailable(self._why)
+            try:
+                gate = VmAgent(timeout=5.0)
+                for addr, port in self._listeners:
+                    gate.listen(addr, port)
+            except (AgentUnavailable, SlotRefused, OSError, ValueError) as exc:
+                self._why = f"VM gateway: {exc}"
+                self._retry_at = now + _RETRY_S
+                raise AgentUnavailable(self._why) from None
+            self._gate, self.me = gate, _Guest(gate.guest)
+            return gate
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """One gateway request; a dropped connection is reconnected on the next call."""
+        gate = self._gateway()
+        try:
+            return getattr(gate, method)(*args)
+        except AgentUnavailable:
+            with self._lock:
+                if self._gate is gate:
+                    self._gate = None
+            gate.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            gate, self._gate = self._gate, None
+            pool, self._pool = self._pool, None
+        if gate is not None:
+            gate.close()
+        if pool is not None:
+            pool.close()
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's gateway connection is the parent's: never speak on it here."""
+        self._lock = threading.Lock()
+        self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
+        self._listeners.clear()
+
+    #### What AgentClient offers CoSocket
+
+    @property
+    def available(self) -> bool:
+        """Connected to the gateway: the residency watch may judge (it polls ``guests``,
+        cached for a second, instead of receiving pushes)."""
+        return self.self_guest is not None
+
+    def poll(self) -> None:
+        pass
+
+    def wait_fileno(self) -> int | None:
+        return None
+
+    version = 0
+
+    @property
+    def self_guest(self) -> _Guest | None:
+        try:
+            self._gateway()
+        except AgentUnavailable:
+            return None
+        return self.me
+
+    @property
+    def last_self_guest(self) -> _Guest | None:
+        return self.me
+
+    @property
+    def rendezvous_dir(self) -> Path | None:
+        """Not a directory: a listener here has no rendezvous socket (see :meth:`listener`)."""
+        return Path("/") if self.self_guest is not None else None
+
+    def guest_owning(self, ip: str) -> _Guest | None:
+        """The other VM of this host that owns ``ip``, per the gateway now; None when ``ip``
+        is no VM here, or when we are leaving (the gateway lists no neighbours to a VM about
+        to migrate): the residency watch then switches our connections to TCP.
+
+        Raises:
+            AgentUnavailable: no gateway (the watch stays undecided).
+        """
+        try:
+            norm = normalise_host(ip)
+        except ValueError:
+            return None
+        owner = next((g for g, a in self._coresident().items() if a == norm), None)
+        if owner is None or self.me is None or owner == self.me.name:
+            return None
+        return _Guest(owner)
+
+    def lookup(self, ip: str, port: int) -> tuple[VmListenerInfo | None, str]:
+        """A listener is presumed when ``ip`` belongs to another VM of this host; the offer
+        itself checks that it exists (one gateway round trip per connect, not two)."""
+        try:
+            guests = self._coresident()
+        except AgentUnavailable as exc:
+            return None, f"agent-unreachable: {exc}"
+        try:
+            norm = normalise_host(ip)
+        except ValueError:
+            return None, "not-coresident"
+        owner = next((g for g, a in guests.items() if a == norm), None)
+        if owner is None or self.me is None or owner == self.me.name:
+            return None, "not-coresident"
+        return VmListenerInfo(owner, norm, port, RENDEZVOUS_PREFIX + owner), ""
+
+    def _coresident(self) -> dict[str, str]:
+        now = time.monotonic()
+        if now - self._guests_at >= _GUESTS_TTL:
+            self._guests = self._call("guests")
+            self._guests_at = now
+        return self._guests
+
+    def listen(self, addr: str, port: int, rendezvous: str = "") -> None:
+        """Publish a listener to the gateway.
+
+        Raises:
+            AgentUnavailable: no gateway, or it refused (e.g. a loopback address: only
+                another VM can be offered a slot, and it cannot reach our loopback).
+        """
+        norm = addr if addr in ("0.0.0.0", "::") else normalise_host(addr)
+        try:
+            self._call("listen", norm, port)
+        except SlotRefused as exc:
+            raise AgentUnavailable(f"VM gateway refused the listener: {exc}") from None
+        self._listeners.add((norm, port))
+
+    def unlisten(self, addr: str, port: int) -> None:
+        norm = addr if addr in ("0.0.0.0", "::") else normalise_host(addr)
+        if (norm, port) in self._listeners:
+            self._listeners.discard((norm, port))
+            try:
+                self._call("unlisten", norm, port)
+            except (AgentUnavailable, SlotRefused):
+                pass  # the gateway forgot it with our connection
+
+    def listener(self) -> VmListener:
+        return VmListener(self)
+
+    #### Channels
+
+    def _open_pool(self) -> tuple[Pool, PoolLayout]:
+        """This guest's ivshmem pool, opened once per process.
+
+        Raises:
+            PoolError: no ivshmem device, or its header is not a cosock pool.
+        """
+        with self._lock:
+            if self._pool is None or self._layout is None:
+                pool = Pool(find_device())
+                try:
+                    self._layout = pool.layout()
+                except BaseException:
+                    pool.close()
+                    raise
+                self._pool = pool
+            return self._pool, self._layout
+
+    def _map(self, slot: int, generation: int) -> SlotMapping:
+        """Map one slot, checked; it is given back when the mapping closes.
+
+        Raises:
+            PoolError, OSError: the slot cannot be mapped or its headers are wrong.
+        """
+        pool, layout = self._open_pool()
+        fd = os.open(pool.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mm = SlotMapping(fd, layout.slot_size, offset=layout.offset(slot))
+        finally:
+            os.close(fd)
+        if not channel_headers_ok(mm, layout.capacity):
+            mm.close()
+            raise PoolError(f"slot {slot} does not hold a channel of {layout.capacity}")
+        mm._give_back = (os.getpid(), self, slot, generation, False)  # type: ignore[attr-defined]
+        _mappings.add(mm)
+        return mm
+
+    def free(self, slot: int, generation: int) -> None:
+        try:
+            self._call("free_slot", slot, generation)
+        except (AgentUnavailable, SlotRefused):
+            pass  # the gateway frees it when our connection drops
+
+    def offer(
+        self, local: tuple[str, int], server: tuple[str, int]
+    ) -> tuple[bytes, SlotMapping, int] | FallbackReason:
+        """Client: a slot for our connection to a listener on another VM of this host,
+        mapped: ``(nonce, mapping, capacity)``, or why the connection stays on TCP."""
+        try:
+            _, layout = self._open_pool()
+        except (PoolError, OSError):
+            return FallbackReason.NO_SHM_DEVICE
+        key: Key = (normalise_host(local[0]), int(local[1]), server[0], server[1])
+        nonce = os.urandom(16)
+        try:
+            slot, generation, capacity = self._call("offer", key, nonce)
+        except AgentUnavailable:
+            return FallbackReason.AGENT_UNREACHABLE
+        except SlotRefused as exc:
+            return _refusal(str(exc))
+        if capacity != layout.capacity:
+            self.free(slot, generation)
+            return FallbackReason.RESOURCE
+        try:
+            mm = self._map(slot, generation)
+        except (PoolError, OSError):
+            self.free(slot, generation)
+            return FallbackReason.RESOURCE
+        return nonce, mm, capacity
+
+    def claim(self, key: Key) -> VmPending | None:
+        """Server: the offer the gateway holds for exactly this accepted connection."""
+        try:
+            slot, generation, nonce, _ = self._call("claim_offer", key)
+        except (AgentUnavailable, SlotRefused):
+            return None
+        try:
+            _, layout = self._open_pool()
+            offer = Offer(
+                client=(key[0], key[1]),
+                server=(key[2], key[3]),
+                nonce=nonce,
+                capacity=layout.capacity,
+                family=6 if ":" in key[0] else 4,
+            )
+        except Exception:
+            self.free(slot, generation)
+            return None
+        return VmPending(offer, slot, generation, self)
+
+
+def _refusal(message: str) -> FallbackReason:
+    """The gateway's refusal as a fallback reason (its message starts with a reason word)."""
+    if message.startswith(("not-coresident", "no-listener")):
+        return FallbackReason.NOT_CORESIDENT
+    if message.startswith("resource"):
+        return FallbackReason.RESOURCE
+    return FallbackReason.OFFER_UNDELIVERED
+
+
+class VmListener:
+    """A listener's stand-in for its rendezvous socket: offers come from the gateway."""
+
+    netns = 0
+
+    def __init__(self, directory: VmDirectory) -> None:
+        self._directory = directory
+        self._owner = os.getpid()
+        me = directory.me
+        self.path = RENDEZVOUS_PREFIX + (me.name if me is not None else "?")
+        self.dropped: dict[str, int] = {}
+
+    def take(self, key: Key) -> VmPending | None:
+        return self._directory.claim(key)
+
+    def drain(self) -> None:
+        pass
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class VmPending:
+    """An offer the gateway held for an accepted connection; :meth:`map` maps its slot."""
+
+    offer: Offer
+    slot: int
+    generation: int
+    directory: VmDirectory
+
+    def map(self) -> tuple[SlotMapping | None, FallbackReason | None]:
+        try:
+            return self.directory._map(self.slot, self.generation), None
+        except (PoolError, OSError):
+            self.directory.free(self.slot, self.generation)
+            return None, FallbackReason.RESOURCE
+
+
+#### Observability: census files and `cosock status` inside a VM
+
+#: Where the processes of a VM publish their census (``cosock._census``): no agent runs in a
+#: VM, so ``cosock status`` there reads the files itself (:func:`status`).
+ENV_CENSUS = "COSOCK_VM_CENSUS"
+
+
+def census_dir() -> Path | None:
+    """This VM's census directory, made if missing; None if it cannot be."""
+    path = Path(os.environ.get(ENV_CENSUS) or "/run/cosock/conn")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if path.is_dir() else None
+
+
+def status() -> dict[str, Any]:
+    """What ``cosock status`` shows inside a VM: this VM's processes and their connections
+    (their census files), and the VMs of this host as the gateway lists them.
+
+    Raises:
+        AgentUnavailable: the gateway cannot be reached.
+    """
+    from .agent._connections import collect
+
+    d = directory()
+    if d is None:
+        raise AgentUnavailable(f"{ENV_GATEWAY} is not set: not a lab VM")
+    guests = d._call("guests")
+    me = d.me.name if d.me is not None else None
+    where = census_dir()
+    return {
+        "host": f"VM gateway {os.environ.get(ENV_GATEWAY)}",
+        "pid": None,
+        "guests": [{"name": g, "netns": "vm", "addresses": [a]} for g, a in guests.items()],
+        "listeners": [],
+        "processes": [] if where is None else collect(where, guest_of=lambda _pid: me),
+    }
+
+
+#### The process's directory
+
+_directory: VmDirectory | None = None
+_directory_lock = threading.Lock()
+
+
+def directory() -> VmDirectory | None:
+    """This process's gateway directory inside a VM; None elsewhere (memfd provider)."""
+    global _directory
+    if _directory is not None:
+        return _directory
+    if not active():
+        return None
+    with _directory_lock:
+        if _directory is None:
+            _directory = VmDirectory()
+        return _directory
+
+
+def reset() -> None:
+    """Close this process's directory (tests; the next use opens a new one)."""
+    global _directory
+    with _directory_lock:
+        d, _directory = _directory, None
+    if d is not None:
+        d.close()
+
+
+def _after_fork_in_child() -> None:
+    global _directory_lock
+    _directory_lock = threading.Lock()
+    if _directory is not None:
+        _directory._after_fork_in_child()
+    _shared_by_fork()
+
+
+def _shared_by_fork() -> None:
+    for mm in list(_mappings):
+        owner = mm.__dict__.get("_give_back")
+        if owner is not None:
+            mm._give_back = (*owner[:4], True)  # type: ignore[attr-defined]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_shared_by_fork)
+
+__all__ = [
+    "RENDEZVOUS_PREFIX",
+    "SlotMapping",
+    "VmDirectory",
+    "VmListener",
+    "VmPending",
+    "active",
+    "census_dir",
+    "directory",
+    "reset",
+    "status",
+]

@@ -1,0 +1,279 @@
+"""Plain stdlib programs run under ``cosock run`` in two QEMU guests (test_vm_cosock.py) or in
+two pretend guests on the host (test_vmchannel.py). Nothing here knows cosock: the only
+cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off the socket
+(``getattr``, so the same program runs without cosock) to report which path was taken.
+
+    server HOST PORT COUNT       serve COUNT connections, one JSON line each
+    client HOST PORT             stream both ways, request/response, EOF; one JSON line
+    plain-client HOST PORT       one short exchange, report the path and reason
+    aserver HOST PORT            asyncio echo server (one connection)
+    aclient HOST PORT            asyncio echo client; one JSON line
+    urlget URL                   urllib GET; sha256 of the body and the path; one JSON line
+    echo-server HOST PORT        echo one connection to EOF; one JSON line
+    soak-client HOST PORT SECS   echo round trips of 1 B..64 KiB, each checked, for SECS
+                                 seconds; prints {"started"} after the first, then a report
+                                 with every path the connection took, in order
+
+Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
+length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
+``eof`` (read to EOF, answer the count, close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+from typing import Any
+
+
+def pattern(n: int, salt: int = 0) -> bytes:
+    block = bytes((i * 7 + salt) & 0xFF for i in range(251))  # prime length: no alignment luck
+    return (block * (n // len(block) + 1))[:n]
+
+
+def info(sock: Any) -> dict[str, Any]:
+    why = getattr(sock, "cosock_fallback_reason", None)
+    return {
+        "path": getattr(sock, "cosock_path", "plain"),
+        "reason": None if why is None else why.value,
+    }
+
+
+def connect(host: str, port: int) -> socket.socket:
+    """``create_connection``; ``PEER_SOURCE`` picks the source address (pretend guests on
+    the host share one network stack: 127.0.0.2 and 127.0.0.3 stand for two VMs)."""
+    source = os.environ.get("PEER_SOURCE")
+    return socket.create_connection(
+        (host, port), timeout=120, source_address=(source, 0) if source else None
+    )
+
+
+def recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = conn.recv(min(1 << 16, n - len(buf)))
+        if not got:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += got
+    return bytes(buf)
+
+
+def read_line(conn: socket.socket) -> str:
+    line = b""
+    while not line.endswith(b"\n"):
+        got = conn.recv(1)
+        if not got:
+            break
+        line += got
+    return line.decode().strip()
+
+
+def serve_one(conn: socket.socket) -> dict[str, Any]:
+    cmd, *args = read_line(conn).split()
+    report: dict[str, Any] = {"cmd": cmd}
+    if cmd == "stream":
+        n, m = int(args[0]), int(args[1])
+        h = hashlib.sha256()
+        left = n
+        while left:
+            got = conn.recv(min(1 << 16, left))
+            if not got:
+                break
+            h.update(got)
+            left -= len(got)
+        conn.sendall(f"{n - left} {h.hexdigest()}\n".encode())
+        conn.sendall(pattern(m, 1))
+    elif cmd == "rr":
+        for _ in range(int(args[0])):
+            conn.sendall(recv_exact(conn, 64))
+    elif cmd == "eof":
+        total = 0
+        while got := conn.recv(1 << 16):
+            total += len(got)
+        conn.sendall(f"{total}\n".encode())
+    report.update(info(conn))
+    return report
+
+
+def server(host: str, port: int, count: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen()
+    print(json.dumps({"listening": port, **info(srv)}), flush=True)
+    for _ in range(count):
+        conn, _ = srv.accept()
+        with conn:
+            print(json.dumps(serve_one(conn)), flush=True)
+    srv.close()
+
+
+def client(host: str, port: int) -> None:
+    out: dict[str, Any] = {}
+    up, down = 3_000_017, 2_000_003
+    with connect(host, port) as c:
+        data = pattern(up)
+        c.sendall(f"stream {up} {down}\n".encode() + data)
+        n, digest = read_line(c).split()
+        back = bytearray()
+        while got := c.recv(1 << 16):
+            back += got
+        out["stream"] = {
+            "up_ok": int(n) == up and digest == hashlib.sha256(data).hexdigest(),
+            "down_ok": bytes(back) == pattern(down, 1),
+            **info(c),
+        }
+    with connect(host, port) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        k = 200
+        c.sendall(f"rr {k}\n".encode())
+        lat = []
+        ok = True
+        for i in range(k):
+            msg = pattern(64, i)
+            t = time.perf_counter()
+            c.sendall(msg)
+            ok = ok and recv_exact(c, 64) == msg
+            lat.append(time.perf_counter() - t)
+        lat.sort()
+        out["rr"] = {"ok": ok, "p50_us": round(lat[k // 2] * 1e6, 1), **info(c)}
+    with connect(host, port) as c:
+        c.sendall(b"eof\n" + pattern(100_000))
+        c.shutdown(socket.SHUT_WR)  # half-close: the server reads EOF, still answers
+        answer = read_line(c)
+        out["eof"] = {"ok": answer == "100000" and c.recv(10) == b"", **info(c)}
+    print(json.dumps(out), flush=True)
+
+
+def plain_client(host: str, port: int) -> None:
+    with connect(host, port) as c:
+        c.sendall(b"eof\nabc")
+        c.shutdown(socket.SHUT_WR)
+        print(json.dumps({"answer": read_line(c), **info(c)}), flush=True)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _aserver(host: str, port: int) -> None:
+    srv = await asyncio.start_server(_echo, host, port)
+    print(json.dumps({"listening": port}), flush=True)
+    async with srv:
+        await asyncio.sleep(600)
+
+
+async def _aclient(host: str, port: int) -> None:
+    source = os.environ.get("PEER_SOURCE")
+    reader, writer = await asyncio.open_connection(
+        host, port, local_addr=(source, 0) if source else None
+    )
+    sock = writer.get_extra_info("socket")
+    sent = hashlib.sha256()
+    got = hashlib.sha256()
+    total = 0
+    for i in range(64):
+        chunk = pattern(32_768 + i, i)
+        sent.update(chunk)
+        writer.write(chunk)
+        await writer.drain()
+        want = len(chunk)
+        while want:
+            data = await reader.read(want)
+            got.update(data)
+            want -= len(data)
+            total += len(data)
+    raw = getattr(sock, "_sock", sock)  # asyncio's TransportSocket wraps the real socket
+    report = {"ok": sent.digest() == got.digest(), "bytes": total, **info(raw)}
+    writer.close()
+    await writer.wait_closed()
+    print(json.dumps(report), flush=True)
+
+
+def urlget(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=120) as resp:
+        raw = resp.fp.raw._sock  # the connection's socket (instrumentation only)
+        path = info(raw)
+        body = resp.read()
+    print(json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "len": len(body), **path}))
+
+
+def echo_server(host: str, port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen()
+    print(json.dumps({"listening": port}), flush=True)
+    conn, _ = srv.accept()
+    total = 0
+    with conn:
+        while got := conn.recv(1 << 16):
+            conn.sendall(got)
+            total += len(got)
+        print(json.dumps({"echoed": total, **info(conn)}), flush=True)
+    srv.close()
+
+
+def soak_client(host: str, port: int, seconds: float) -> None:
+    paths: list[str] = []
+    errors: list[str] = []
+    total = rounds = 0
+    with connect(host, port) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            size = 1 + (rounds * 7919) % 65536
+            msg = pattern(size, rounds)
+            try:
+                c.sendall(msg)
+                if recv_exact(c, size) != msg:
+                    errors.append(f"round {rounds}: echo differs")
+                    break
+            except (OSError, EOFError) as exc:
+                errors.append(f"round {rounds}: {exc!r}")
+                break
+            total += size
+            rounds += 1
+            path = info(c)["path"]
+            if not paths or paths[-1] != path:
+                paths.append(path)
+            if rounds == 1:
+                print(json.dumps({"started": path}), flush=True)
+        c.shutdown(socket.SHUT_WR)
+        tail = c.recv(1)
+    report = {"ok": not errors and tail == b"", "bytes": total, "rounds": rounds}
+    print(json.dumps({**report, "paths": paths, "errors": errors}), flush=True)
+
+
+def main() -> None:
+    mode, *args = sys.argv[1:]
+    if mode == "server":
+        server(args[0], int(args[1]), int(args[2]))
+    elif mode == "client":
+        client(args[0], int(args[1]))
+    elif mode == "plain-client":
+        plain_client(args[0], int(args[1]))
+    elif mode == "aserver":
+        asyncio.run(_aserver(args[0], int(args[1])))
+    elif mode == "aclient":
+        asyncio.run(_aclient(args[0], int(args[1])))
+    elif mode == "urlget":
+        urlget(args[0])
+    elif mode == "echo-server":
+        echo_server(args[0], int(args[1]))
+    elif mode == "soak-client":
+        soak_client(args[0], int(args[1]), float(args[2]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()
