@@ -266,10 +266,13 @@ class CoSelector(selectors.BaseSelector):
             if fd not in watched:
                 _disarm(rx)
         for fd, rx in watched.items():
-            rx.set_spinning(True)
-            sock = channel_socket(fd)
-            if sock is None or sock._cosock_spin_reader() is not rx:
-                rx.set_spinning(False)  # a thread of ours went to sleep on it meanwhile
+            try:
+                rx.set_spinning(True)
+                sock = channel_socket(fd)
+                if sock is None or sock._cosock_spin_reader() is not rx:
+                    rx.set_spinning(False)  # a thread of ours went to sleep on it meanwhile
+            except ValueError:
+                pass  # released meanwhile (closed, or downgraded while we pumped): no ring
         self._awake = watched
 
     def _release(self, fd: int) -> None:
@@ -312,11 +315,13 @@ class CoSelector(selectors.BaseSelector):
             for rx in readers:
                 rx.set_spinning(False)
             return any(rx.available() for rx in readers)
-        except RingCorrupted:
-            return True  # the readiness pass reports it on the socket
+        except (RingCorrupted, ValueError):
+            # Corrupted: the readiness pass reports it on the socket.  Released (closed or
+            # downgraded by another thread): the readiness pass finds the socket plain.
+            return True
         finally:
             for rx in readers:
-                rx.set_spinning(False)
+                _disarm(rx)
 
     def _learn(self, waited_ns: int) -> None:
         """Moving average of how long our channels take to answer (capped, so a long idle
