@@ -222,7 +222,7 @@ def test_every_reason_travels(reason: FallbackReason) -> None:
     assert pair.client.state is pair.server.state is State.TCP
 
 
-@pytest.mark.parametrize("code", [0, 12, 0x7F, 0xFF])
+@pytest.mark.parametrize("code", [0, 13, 0x7F, 0xFF])
 def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
     client = Connection(CLIENT, NONCE)
     client.send(Hello(NONCE))
