@@ -14,15 +14,13 @@ after its import (a ``sys.meta_path`` hook); :func:`uninstall` undoes both exact
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
 import threading
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from ._downgrade import check_handed_over
+from ._importhook import OnImport
 from ._socket import CoSocket
 
 _MODULE = "multiprocessing.reduction"
@@ -64,50 +62,13 @@ def _unregister() -> None:
         _registered = _saved = None
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._inner.exec_module(module)
-        _register(module)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _MODULE:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
-                return spec
-        return None
-
-
-_finder = _Finder()
+_hook = OnImport(_MODULE, _register)
 
 
 def install() -> None:
-    module = sys.modules.get(_MODULE)
-    if module is not None:
-        _register(module)
-    elif _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+    _hook.install()
 
 
 def uninstall() -> None:
-    if _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
+    _hook.uninstall()
     _unregister()

@@ -28,17 +28,14 @@ methods can be set on it) now if uvloop is imported, else right after its import
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
 import socket
-import sys
 import threading
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from ._downgrade import check_handed_over
+from ._importhook import OnImport
 from ._socket import CoSocket
 
 _PlainSocket: type[socket.socket] = CoSocket.__mro__[1]  # socket.socket before any patching
@@ -150,54 +147,15 @@ def _unpatch() -> None:
         _patched = None
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._inner.exec_module(module)
-        _patch(module)
-
-    def __getattr__(self, name: str) -> Any:  # get_source, is_package, get_resource_reader...
-        return getattr(self._inner, name)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Wraps uvloop's loader so that it is patched as soon as it is imported."""
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "uvloop":
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
-                return spec
-        return None
-
-
-_finder = _Finder()
+_hook = OnImport("uvloop", _patch)
 
 
 def install() -> None:
     """Guard uvloop now if it is imported, else as soon as it is."""
-    module = sys.modules.get("uvloop")
-    if module is not None:
-        _patch(module)
-    elif _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+    _hook.install()
 
 
 def uninstall() -> None:
     """Undo :func:`install` exactly."""
-    if _finder in sys.meta_path:
-        sys.meta_path.remove(_finder)
+    _hook.uninstall()
     _unpatch()
