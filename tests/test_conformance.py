@@ -272,6 +272,33 @@ def test_detach_hands_over_an_honest_stream(make_pair: Pair, mode: str) -> None:
         raw.close()
 
 
+def test_detach_bytes_sent_before_are_readable_at_once(make_pair: Pair, mode: str) -> None:
+    """What the peer sent before detach() is in the fd's queue when detach() returns: a
+    non-blocking read gets it all, no EAGAIN (cosock: the peer's resend is awaited)."""
+    cli, conn = make_pair()
+    conn.sendall(b"q" * 50_000)
+    if mode == "cosock":
+        _wait_until_readable(cli, 50_000)
+    raw = _raw(cli.detach())
+    try:
+        raw.setblocking(False)
+        got = b""
+        while len(got) < 50_000:
+            got += raw.recv(65536)  # BlockingIOError here would fail the case
+        assert got == b"q" * 50_000
+    finally:
+        raw.close()
+
+
+def _wait_until_readable(sock: socket.socket, n: int) -> None:
+    """Until ``n`` bytes wait in the ring (a plain socket has them in its queue)."""
+    assert isinstance(sock, CoSocket)
+    deadline = time.monotonic() + 10
+    while (ch := sock._co) is not None and ch.rx is not None and ch.rx.available() < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
 def test_detach_while_the_peer_streams(make_pair: Pair, mode: str) -> None:
     """The peer is blocked in sendall (more than a ring's worth) when we detach: the fd
     delivers its whole stream in order, no byte lost or doubled."""

@@ -303,6 +303,9 @@ def test_accelerated_socket_pickled_for_a_spawned_pool_worker() -> None:
         from cosock import CoSocket
         srv, cli, conn = shm_pair()
         conn.sendall(b"hello")
+        # Blocking (the worker's socket shares the fd's O_NONBLOCK flag): the peer resends
+        # the bytes unread at the hand-over, and they may still be on their way.
+        cli.settimeout(None)
         with mp.get_context("spawn").Pool(1) as pool:
             got = pool.apply(_socket.socket.recv, (cli, 5))
             pool.apply(_socket.socket.sendall, (cli, b"from the pool"))
@@ -347,6 +350,7 @@ def test_socket_pickled_when_multiprocessing_was_imported_before_enable(tmp_path
                 cli.sendall(b"?"); assert conn.recv(1) == b"?"
                 conn.sendall(b"!"); assert cli.recv(1) == b"!"
                 conn.sendall(b"hello")
+                cli.settimeout(None)  # blocking: see the test above
                 with mp.get_context("spawn").Pool(1) as pool:
                     got = pool.apply(_socket.socket.recv, (cli, 5))
                 cosock.disable()

@@ -26,10 +26,12 @@ from __future__ import annotations
 import _socket
 import array
 import errno
+import fcntl
 import os
 import select
 import socket
 import stat
+import termios
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,6 +51,8 @@ _PASSING: Final = frozenset({T_BELL, T_SPACE, T_FIN, T_DATA})
 #: Enough to peek at a whole DATA frame.
 _PEEK: Final = MAX_DATA_FRAME + 64
 _REJECT_SIZE: Final = FRAME_SIZES[T_REJECT]
+#: ``_await_resend`` gives up when the kernel queue stops growing for this long.
+_RESEND_STALL: Final = 0.2
 #: The urgent byte of ``_poke``: a BELL frame.
 _URGENT: Final = bytes([T_BELL])
 
@@ -82,6 +86,7 @@ def downgrade(
         timeout = sock.gettimeout() or None  # a non-blocking socket still waits for the peer
     deadline = time.monotonic() + (DEFAULT_TIMEOUT if timeout is None else timeout)
     poked = False
+    resent = 0  # bytes unread in our ring when we left it: the peer sends them again
     while (ch := sock._co) is not None:
         if ch.phase is _s._FORKED:
             _forkshare.claim(sock, ch)  # shared by fork(): ours to downgrade, or plain already
@@ -95,7 +100,7 @@ def downgrade(
             with ch.rx_lock:
                 if sock._co is ch and not ch.tcp_eof and _ready_to_leave(sock, ch):
                     try:
-                        _send_marker(sock, ch, reason)
+                        resent = _send_marker(sock, ch, reason)
                     except (RingCorrupted, ProtocolError, ValueError) as exc:
                         sock._poison(ch, exc)
             continue
@@ -113,6 +118,35 @@ def downgrade(
                     f"{timeout if timeout is not None else DEFAULT_TIMEOUT:g} s"
                 ) from None
     _settle(sock, deadline)
+    _await_resend(sock, resent, deadline)
+
+
+def _await_resend(sock: CoSocket, n: int, deadline: float) -> None:
+    """Until the ``n`` bytes the peer resends (unread in our ring when we left it) are in
+    our kernel queue, the peer closed, or ``deadline``: bytes it had sent before the
+    downgrade are then readable from the fd at once, as on TCP (else a non-blocking
+    reader of a handed-over fd could see EAGAIN first)."""
+    if n <= 0:
+        return
+    fd = sock.fileno()
+    buf = array.array("i", [0])
+    seen, since = -1, time.monotonic()
+    while (now := time.monotonic()) < deadline:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+        except OSError:
+            return
+        queued = buf[0] + len(sock._rxb or b"")
+        if queued >= n:
+            return
+        if queued != seen:
+            seen, since = queued, now
+        elif now - since > _RESEND_STALL:
+            return  # our receive buffer is full (or the peer is slow): best effort
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        if poller.poll(1):
+            return  # the peer closed (or an error): nothing more is coming
 
 
 def _poke(sock: CoSocket) -> bool:
@@ -164,9 +198,13 @@ def _ready_to_leave(sock: CoSocket, ch: _Channel) -> bool:
     )
 
 
-def _send_marker(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:
+def _send_marker(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> int:
+    """Leave and send our Plain; returns how many bytes the peer will send again (what
+    was unread in our ring)."""
     _leave(sock, ch, reason)
     sock._flush_ctl(ch)
+    rx = ch.rx
+    return rx.available() if ch.downgrade == "ring" and rx is not None else 0
 
 
 def _leave(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:
