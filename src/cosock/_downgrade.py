@@ -269,19 +269,7 @@ def _take_to_marker(sock: CoSocket, ch: _Channel) -> None:
             pos += size
             if kind not in _PASSING:
                 break  # a marker or an answer: act on it before looking further
-        take = pos - len(pending)
-        if take <= 0:
-            return
-        try:
-            chunk = _socket.socket.recv(sock, take)
-            sock._sync_offsets(ch)
-            ch.proto.receive_data(chunk)
-        except ProtocolError as exc:
-            sock._poison(ch, exc)
-            return
-        except OSError:
-            return
-        sock._events(ch)
+        sock._take_parsed(ch, pos - len(pending))
 
 
 def _peer_gone(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:

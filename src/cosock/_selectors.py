@@ -310,11 +310,6 @@ class CoSelector(selectors.BaseSelector):
                     if yield_contended():
                         self._learn(4 * self._spin_max)
                         break
-            # A write published after our last look saw the flag and rang no doorbell:
-            # look once more after clearing it (the clear is fenced; see RingReader.arm).
-            for rx in readers:
-                rx.set_spinning(False)
-            return any(rx.available() for rx in readers)
         except (RingCorrupted, ValueError):
             # Corrupted: the readiness pass reports it on the socket.  Released (closed or
             # downgraded by another thread): the readiness pass finds the socket plain.
@@ -322,6 +317,12 @@ class CoSelector(selectors.BaseSelector):
         finally:
             for rx in readers:
                 _disarm(rx)
+        # A write published after our last look saw the flag and rang no doorbell: look
+        # once more now that it is cleared (the clear is fenced; see RingReader.arm).
+        try:
+            return any(rx.available() for rx in readers)
+        except (RingCorrupted, ValueError):
+            return True
 
     def _learn(self, waited_ns: int) -> None:
         """Moving average of how long our channels take to answer (capped, so a long idle

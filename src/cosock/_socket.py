@@ -628,11 +628,14 @@ class CoSocket(socket.socket):
             pos += size
             if verdict == _LAST:
                 break
-        take = pos - len(pending)
+        self._take_parsed(ch, pos - len(pending))
+
+    def _take_parsed(self, ch: _Channel, take: int) -> None:
+        """Take ``take`` bytes of whole frames off the kernel's queue and act on them."""
         if take <= 0:
             return
         try:
-            chunk = super().recv(take)
+            chunk = _BaseSocket.recv(self, take)
             self._sync_offsets(ch)
             ch.proto.receive_data(chunk)
         except ProtocolError as exc:
