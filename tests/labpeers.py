@@ -22,6 +22,8 @@ class Peer:
 
     def __init__(self, lab: Lab, guest: str, *args: str) -> None:
         env = {"PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+        if "COSOCK_TRACE" in os.environ:  # diagnostics: the peers append to the same file
+            env["COSOCK_TRACE"] = os.environ["COSOCK_TRACE"]
         self.proc = lab.popen(
             guest,
             [sys.executable, PEERS, *args],

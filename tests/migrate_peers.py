@@ -152,7 +152,23 @@ class Pump:
 
 def _info(sock: socket.socket) -> dict[str, Any]:
     info = getattr(sock, "cosock_info", None)
-    return {"path": "tcp"} if info is None else dict(info())
+    return {"path": "tcp"} if info is None else {**info(), **_diagnostics(sock)}
+
+
+def _diagnostics(sock: socket.socket) -> dict[str, Any]:
+    """What a test that timed out waiting for a path needs to say why (not compared)."""
+    from cosock.agent.client import AgentClient
+
+    ch = getattr(sock, "_co", None)
+    agent = AgentClient.current()
+    guest = None if agent is None else agent.self_guest
+    return {
+        "phase": None if ch is None else str(ch.phase),
+        "upgrade_pending": ch is not None and ch.upgrade is not None,
+        "watch_alive": any(t.name == "cosock-residency" for t in threading.enumerate()),
+        "agent": None if agent is None else agent.unavailable_reason,
+        "self_guest": None if guest is None else guest.name,
+    }
 
 
 def _scribble(sock: socket.socket) -> dict[str, Any]:

@@ -138,7 +138,13 @@ def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[.
         away = i % 2 == 0
         lab.migrate("h1g1", "h2" if away else "h1")
         want = "tcp" if away else "shm"
-        _until(lambda w=want: _paths(client, server) == (w, w), f"paths {want} after #{i + 1}")
+        _until(
+            lambda w=want: _paths(client, server) == (w, w),
+            f"paths {want} after #{i + 1}",
+            30.0,
+            client,
+            server,
+        )
         assert stream_phase(client, server, want=256 << 10) >= 256 << 10
     c_end, s_end = _finish(client, server)
     assert c_end["sent"] > 5 << 20 and s_end["sent"] > 5 << 20
@@ -163,7 +169,13 @@ def test_both_guests_move_and_meet_again_on_the_new_host(
     stream_phase(client, server, want=1 << 20)
     lab.migrate("h1g1", "h2")
     lab.migrate("h1g2", "h2")
-    _until(lambda: _paths(client, server) == ("shm", "shm"), "the pair to share memory on h2")
+    _until(
+        lambda: _paths(client, server) == ("shm", "shm"),
+        "the pair to share memory on h2",
+        30.0,
+        client,
+        server,
+    )
     stream_phase(client, server, want=1 << 20)
     _finish(client, server)
 
@@ -186,7 +198,9 @@ def test_migration_with_the_old_agent_dead(lab: Lab, peers: Callable[..., Peer])
     stream_phase(client, server, want=1 << 20)
     os.kill(lab.host("h1").agent_pid, signal.SIGKILL)
     lab.migrate("h1g1", "h2")
-    _until(lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP", 40.0)
+    _until(
+        lambda: _paths(client, server) == ("tcp", "tcp"), "both ends on TCP", 40.0, client, server
+    )
     stream_phase(client, server, want=1 << 20)
     _finish(client, server)
 
