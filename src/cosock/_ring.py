@@ -61,19 +61,31 @@ def fence() -> None:
 
 #: A sched_yield() that takes this long ran another task: the CPU is oversubscribed.
 CONTENDED_NS: Final = 50_000
+#: A sched_yield() that takes this long (but less than CONTENDED_NS) let another task run
+#: briefly on our CPU, usually the peer we wait for, when the scheduler put both on one CPU.
+SHARED_NS: Final = 3_000
 
 
-def yield_contended() -> bool:
-    """Yield the CPU from a spin; True if another task ran meanwhile (stop spinning).
+def yield_cpu() -> int:
+    """Yield the CPU from a spin; how long that took (ns), which tells the spinner how its
+    CPU is shared.
 
-    An uncontended sched_yield() returns in about a microsecond.  When CPUs are
-    oversubscribed (other processes, a VM's vCPU threads), spinning loses twice: the
-    scheduler ranks a spinner below the tasks that sleep, and the peer that has to produce
-    our bytes waits for a CPU.  Sleeping in the kernel then answers sooner.
+    An uncontended sched_yield() returns in about a microsecond: keep spinning.  Up to
+    CONTENDED_NS, another task ran a little, most often the peer, which the scheduler likes
+    to put on the waker's CPU: every spin turn without a yield then holds the CPU that peer
+    needs, so the spinner yields at every turn (pinned on one CPU, loopback RR 64 B: 19 ->
+    13 µs).  Longer: the CPUs are oversubscribed; spinning loses twice (the scheduler ranks
+    a spinner below tasks that sleep, and the peer waits for a CPU): sleep in the kernel.
     """
     t0 = time.perf_counter_ns()
     os.sched_yield()
-    return time.perf_counter_ns() - t0 > CONTENDED_NS
+    return time.perf_counter_ns() - t0
+
+
+def spin_yield_mask(took_ns: int, every: int) -> int:
+    """The yield mask for the next spin turns after a yield that took ``took_ns``: 0 (yield
+    at every turn) while our CPU is shared with the task we wait for, else ``every``."""
+    return 0 if took_ns > SHARED_NS else every
 
 
 def channel_size(capacity: int) -> int:

@@ -76,8 +76,7 @@ from ._protocol import (
     State,
 )
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
-from ._ring import RingReader, RingWriter, map_channel_fd
-from ._ring import yield_contended as contended
+from ._ring import CONTENDED_NS, RingReader, RingWriter, map_channel_fd, spin_yield_mask, yield_cpu
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
@@ -234,6 +233,7 @@ class _Channel:
         "tx_out",
         "upgrade",
         "wr_shut",
+        "yield_mask",
     )
 
     def __init__(self, role: Role, nonce: bytes, mm: Any, capacity: int) -> None:
@@ -294,6 +294,7 @@ class _Channel:
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
+        self.yield_mask = _YIELD_MASK  # 0 while our CPU is shared with the peer (_sleep)
         #: Wake-up accounting (doorbells and blocking sleeps), reported by cosock_info().
         self.counters = {
             "bells_sent": 0,
@@ -1546,19 +1547,24 @@ class CoSocket(socket.socket):
             end = time.perf_counter_ns() + ch.spin_ns
             spins = 0
             entry = ch.phase
-            while time.perf_counter_ns() < end:
-                if ch.phase is not entry:
-                    return  # switched paths: the ring is not to be looked at again
-                if ready():
-                    return
-                spins += 1
-                # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin would
-                # hold it until the next tick (4 ms at HZ=250).  If another task ran while
-                # we yielded, the CPUs are oversubscribed and a spinner only delays the
-                # peer that has to produce our bytes: sleep, and spin less.
-                if spins & _YIELD_MASK == 0 and contended():
-                    ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
-                    break
+            mask = ch.yield_mask
+            try:
+                while time.perf_counter_ns() < end:
+                    if ch.phase is not entry:
+                        return  # switched paths: the ring is not to be looked at again
+                    if ready():
+                        return
+                    spins += 1
+                    # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
+                    # would hold it until the next tick (4 ms at HZ=250); see yield_cpu.
+                    if spins & mask == 0:
+                        took = yield_cpu()
+                        if took > CONTENDED_NS:
+                            ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
+                            break
+                        mask = spin_yield_mask(took, _YIELD_MASK)
+            finally:
+                ch.yield_mask = mask
         kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
         kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
