@@ -274,6 +274,32 @@ def test_plain_client_to_cosock_server_is_plain_tcp():
         assert conn.cosock_fallback_reason is FallbackReason.NO_OFFER
 
 
+@pytest.mark.parametrize("first", [b"C", b"CS", b"CSK"])
+def test_plain_client_whose_first_bytes_look_like_the_start_of_a_hello(first: bytes) -> None:
+    """An interactive plain client's first segment ("C", as in CONNECT) is all that has
+    arrived when accept() returns: the server must not take it for a cosock HELLO."""
+    srv = listener()
+    cli = socket.create_connection(srv.getsockname())
+    try:
+        cli.sendall(first)
+        time.sleep(0.05)  # the first segment is queued before accept() looks
+        conn, _ = srv.accept()
+        try:
+            cli.sendall(b"ONNECT example:443\r\n")
+            want = first + b"ONNECT example:443\r\n"
+            conn.settimeout(5)
+            assert recv_all(conn, len(want)) == want
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            assert recv_all(cli, 17) == b"HTTP/1.1 200 OK\r\n"
+            assert conn.cosock_path == "tcp"
+            assert conn.cosock_fallback_reason is FallbackReason.NO_OFFER
+        finally:
+            conn.close()
+    finally:
+        cli.close()
+        srv.close()
+
+
 def test_cosock_client_to_plain_server_is_plain_tcp():
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
