@@ -67,15 +67,14 @@ _written: Path | None = None
 _last_directory: Path | None = None
 
 
-def noted(sock: CoSocket, why: FallbackReason) -> None:
-    """``sock`` uses plain TCP because of ``why``: count it once and list it while open."""
-    with _lock:
-        if sock in _noted:
-            return
-    try:
-        listening = bool(_BaseSocket.getsockopt(sock, socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except OSError:
-        listening = False
+def noted(sock: CoSocket, why: FallbackReason, listening: bool | None = None) -> None:
+    """``sock`` uses plain TCP because of ``why``: count it once and list it while open.
+    ``listening``: whether it is a listener, if the caller knows (else the kernel says)."""
+    if listening is None:
+        try:
+            listening = bool(_BaseSocket.getsockopt(sock, socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        except OSError:
+            listening = False
     with _lock:
         if sock in _noted:
             return

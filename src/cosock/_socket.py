@@ -81,6 +81,10 @@ from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
 _BaseSocket = socket.socket
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_INET_FAMILIES: Final = (int(socket.AF_INET), int(socket.AF_INET6))
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
 #: The kernel's send, whatever the Python-level timeout (see ``_flush_plain``).
 _kernel_send = _socket.socket.send
 #: Serialises sending owed bytes (``CoSocket._flush_plain``).
@@ -151,13 +155,20 @@ def _trace(what: str, ch: _Channel) -> None:
             )
 
 
+#: ``agent.client.AgentClient``, imported on first use (the agent layer imports us).
+_client_cls: Any = None
+
+
 def _agent() -> Any:
+    global _client_cls
     vm = _vmchannel.directory()
     if vm is not None:  # a QEMU guest: the host agent's VM gateway (ivshmem provider)
         return vm
-    from .agent.client import AgentClient
+    if _client_cls is None:  # an import statement here costs ~1 µs on every connect
+        from .agent.client import AgentClient
 
-    return AgentClient.shared()
+        _client_cls = AgentClient
+    return _client_cls.shared()
 
 
 def _check_fin(fin: int, base: int, rx: RingReader, avail: int) -> None:
@@ -340,6 +351,7 @@ class CoSocket(socket.socket):
     __slots__ = (
         "_co",
         "_lingering",
+        "_listening",
         "_rv",
         "_rxb",
         "_shut_after_flush",
@@ -363,6 +375,7 @@ class CoSocket(socket.socket):
         self._why: FallbackReason | None = None
         self._shut_after_flush = False
         self._lingering = False  # a closed connection's twin, finishing what it owed
+        self._listening = False  # listen() was called (the census need not ask the kernel)
         self._utimeout: float | None = super().gettimeout()
 
     # ------------------------------------------------------------------ introspection
@@ -376,7 +389,7 @@ class CoSocket(socket.socket):
         """Every fallback reason passes here: ``cosock status`` counts and lists them."""
         self._why = why
         if why is not None:
-            _census.noted(self, why)
+            _census.noted(self, why, self._listening)
 
     @property
     def cosock_path(self) -> str:
@@ -718,7 +731,9 @@ class CoSocket(socket.socket):
         return events
 
     def _eligible(self) -> bool:
-        return self.family in (socket.AF_INET, socket.AF_INET6) and self.type == socket.SOCK_STREAM
+        # The raw ints: socket.socket's family/type properties build enums (~2 µs a call,
+        # paid on every connect and accept, also to peers that are not co-resident).
+        return _raw_family(self) in _INET_FAMILIES and _raw_type(self) == _SOCK_STREAM
 
     # ------------------------------------------------------------------ timeouts
 
@@ -928,6 +943,7 @@ class CoSocket(socket.socket):
 
     def listen(self, backlog: int = socket.SOMAXCONN) -> None:
         super().listen(backlog)
+        self._listening = True
         if self._rv is None and self._eligible():
             self._register_listener()
 
@@ -953,7 +969,7 @@ class CoSocket(socket.socket):
 
     def accept(self) -> tuple[CoSocket, Any]:
         fd, addr = self._accept()  # type: ignore[attr-defined]
-        sock = CoSocket(self.family, self.type, self.proto, fileno=fd)
+        sock = CoSocket(_raw_family(self), _raw_type(self), self.proto, fileno=fd)
         if socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
         if self._rv is not None:
