@@ -41,6 +41,8 @@ _SPINNING = 24
 _BELLS = 32
 _SPACE_WAIT = 40
 _SPACE_RUNG = 48
+#: Odd while a consumer that is not spinning copies out of the ring (``begin_read``).
+_READING = 56
 _U64 = (1 << 64) - 1
 
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -224,12 +226,13 @@ class _RingEnd:
 class RingWriter(_RingEnd):
     """Producer end: copies bytes in and publishes ``head``."""
 
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_rung_read", "_tail")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
         super().__init__(mm, index, capacity)
         self._head = 0
         self._tail = 0
+        self._rung_read = 0  # the consumer's read we rang for (``needs_bell``)
 
     @property
     def head(self) -> int:
@@ -288,16 +291,26 @@ class RingWriter(_RingEnd):
     def needs_bell(self, old_head: int) -> bool:
         """After a write that started at ``old_head``: must we send a BELL?
 
-        Not while the consumer is inside recv (it re-checks before it blocks).  Otherwise
-        only if it has consumed everything that preceded this write: then it may have seen
-        the ring empty at some step of our (pipelined) publication and gone to sleep.  If
-        it has not, older bytes are still unread, so it is not asleep and an earlier bell
-        is still pending.
+        Not while the consumer spins inside recv (it re-checks before it blocks).
+        Otherwise if it has consumed everything that preceded this write: then it may have
+        seen the ring empty at some step of our (pipelined) publication and gone to sleep.
+        And once per read of a consumer that does not spin (``begin_read``: an event loop
+        on the raw fd) when older bytes are unread: it may be copying them now, and it
+        will consume the doorbells of what it saw, not of this write, and go back to its
+        select() on the fd: without this bell our bytes would wait there unannounced.
+        Otherwise older bytes are unread and an earlier bell is still pending.
         """
         fence()
-        if self._hdr[_SPINNING]:
+        hdr = self._hdr
+        if hdr[_SPINNING]:
             return False
-        return self.consumed() >= old_head
+        if self.consumed() >= old_head:
+            return True
+        reading = hdr[_READING]
+        if reading & 1 and reading != self._rung_read:
+            self._rung_read = reading
+            return True
+        return False
 
     def count_bell(self) -> None:
         self._hdr[_BELLS] = (self._hdr[_BELLS] + 1) & _U64  # the peer may have set 2**64-1
@@ -325,12 +338,29 @@ class RingWriter(_RingEnd):
 class RingReader(_RingEnd):
     """Consumer end: validates ``head``, copies bytes out, publishes ``tail``."""
 
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_reads", "_tail")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
         super().__init__(mm, index, capacity)
         self._head = 0
         self._tail = 0
+        self._reads = 0  # reads announced by begin_read (twice the count: even)
+
+    def begin_read(self) -> int:
+        """About to look at the ring and consume: unless we spin (doorbells are off then),
+        say so to the producer (fenced), so that a write landing during our copy rings
+        once (see ``RingWriter.needs_bell``).  Returns the producer's doorbell count, read
+        after that: the doorbells a drain after this read may consume."""
+        hdr = self._hdr
+        if not hdr[_SPINNING]:
+            self._reads += 2
+            hdr[_READING] = self._reads | 1
+            fence()
+        return int(hdr[_BELLS])
+
+    def end_read(self) -> None:
+        """The read is over (after the drain of its doorbells): no more bells for it."""
+        self._hdr[_READING] = self._reads
 
     @property
     def tail(self) -> int:

@@ -1673,7 +1673,7 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
             # (bytes framed before an upgrade wait in _rxb: the slow path serves them first)
-            bells = ch.rx.bells_sent()  # before the ring: see _drain_stale_bells
+            bells = ch.rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = ch.rx.available()
             if avail and ch.fin is None and not self._rxb:  # fast path: one copy
                 n = min(avail, bufsize)
@@ -1697,7 +1697,7 @@ class CoSocket(socket.socket):
         elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut and not self._rxb:
             rx = ch.rx
             assert rx is not None
-            bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
+            bells = rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if avail:  # fast path: data is there, take it
                 view = buffer if type(buffer) is memoryview else memoryview(buffer)
@@ -1855,7 +1855,7 @@ class CoSocket(socket.socket):
             woke = False
         rx = ch.rx
         if ch.phase is _SHM and rx is not None:  # after SHUT_RD too, like Linux
-            bells = rx.bells_sent()  # before the ring: see _drain_stale_bells
+            bells = rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
                 ch.bell_mark = rx.bells_sent()
@@ -1908,6 +1908,7 @@ class CoSocket(socket.socket):
             ch.counters["spaces_sent"] += 1
         if n == avail and bells_before != ch.proto.bells_received:
             self._drain_stale_bells(ch, bells_before)
+        rx.end_read()
 
     def _drain_stale_bells(self, ch: _Channel, upto: int) -> None:
         """We emptied the ring: consume the doorbells rung for what we took, so the raw fd
