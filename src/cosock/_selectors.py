@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _config
 from ._errors import RingCorrupted
-from ._ring import CONTENDED_NS, spin_yield_mask, yield_cpu
+from ._ring import CONTENDED_NS, yield_cpu
 
 if TYPE_CHECKING:
     from ._ring import RingReader
@@ -123,8 +123,6 @@ class CoSelector(selectors.BaseSelector):
         self._spin_max = _config.spin_max_ns()
         #: Moving average of the time our channels take to answer (see ``_learn``).
         self._wait_ns = self._spin_min
-        #: 0 while our CPU is shared with the peers we wait for (``_ring.yield_cpu``).
-        self._yield_mask = _YIELD_MASK
         #: Rings flagged ``spinning`` while the loop runs between select() calls.
         self._awake: dict[int, RingReader] = {}
         #: Our fds that had a channel when last looked (see ``_channel_fds``).
@@ -296,7 +294,6 @@ class CoSelector(selectors.BaseSelector):
         clock = time.perf_counter_ns
         end = clock() + budget
         spins = 0
-        mask = self._yield_mask
         try:
             for rx in readers:
                 rx.set_spinning(True)
@@ -305,22 +302,23 @@ class CoSelector(selectors.BaseSelector):
                     if rx.available():
                         return True
                 spins += 1
-                if spins & mask == 0:
+                if spins & _YIELD_MASK == 0:
                     if self._inner.select(0):
                         return True  # a plain fd, a timer, the loop's self-pipe
                     # On time-shared vCPUs the peer may wait for *our* CPU; if another
                     # task ran long, the CPUs are oversubscribed: sleep, and spin less.
-                    took = yield_cpu()
-                    if took > CONTENDED_NS:
+                    # (A fixed cadence here, unlike _sleep's adaptive one: with the peer a
+                    # thread of this process, yielding at every turn became a GIL ping-pong
+                    # that gave up the spin more often under load -- test_selectors' spin
+                    # test failed 1 run in 12 at load ~6, 0 in 12 with this cadence.)
+                    if yield_cpu() > CONTENDED_NS:
                         self._learn(4 * self._spin_max)
                         break
-                    mask = spin_yield_mask(took, _YIELD_MASK)
         except (RingCorrupted, ValueError):
             # Corrupted: the readiness pass reports it on the socket.  Released (closed or
             # downgraded by another thread): the readiness pass finds the socket plain.
             return True
         finally:
-            self._yield_mask = mask
             for rx in readers:
                 _disarm(rx)
         # A write published after our last look saw the flag and rang no doorbell: look
