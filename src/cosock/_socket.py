@@ -105,8 +105,6 @@ _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
 _MARKERS: Final = frozenset({T_SWITCH, T_PLAIN})
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
-#: Spare wake-up eventfds a channel keeps (one per thread asleep on it at once).
-_SPARE_KICKS: Final = 4
 #: A doorbell within this time of blocking means the peer is busy with us: spin longer.
 _BUSY_WAKE_NS: Final = 5_000_000
 #: A sleep this long means the connection idles: shrink the spin budget.
@@ -149,7 +147,7 @@ def _trace(what: str, ch: _Channel) -> None:
         with open(_TRACE, "a") as f:
             f.write(
                 f"{time.monotonic():.6f} {os.getpid()} {threading.get_native_id()} "
-                f"{ch.role.value} {what} phase={ch.phase} sleepers={len(ch.sleepers)} "
+                f"{ch.role.value} {what} phase={ch.phase} sleepers={ch.sleepers} "
                 f"tx={ch.tx_base}+{None if ch.tx is None else ch.tx.head} "
                 f"sent={ch.proto.sent_offset} tcp_next={ch.proto.tcp_next} "
                 f"rx={ch.rx_base}+{None if ch.rx is None else ch.rx.tail} "
@@ -171,16 +169,6 @@ def _agent() -> Any:
 
         _client_cls = AgentClient
     return _client_cls.shared()
-
-
-def wake_sleepers(ch: _Channel) -> None:
-    """Kick every thread of ours asleep on ``ch`` (each polls its own eventfd)."""
-    for token in tuple(ch.sleepers):
-        if isinstance(token, io.FileIO):
-            try:
-                os.eventfd_write(token.fileno(), 1)
-            except (OSError, ValueError):
-                pass  # closed meanwhile: that sleeper is gone
 
 
 def _check_fin(fin: int, base: int, rx: RingReader, avail: int) -> None:
@@ -224,7 +212,7 @@ class _Channel:
         "fin_pending",
         "fork_cell",
         "forked",
-        "kicks",
+        "kick",
         "mm",
         "nodelay",
         "nonce",
@@ -303,14 +291,10 @@ class _Channel:
         self.rx_busy = False
         self.tx_busy = False
         #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
-        #: Threads of ours asleep on this channel: each one's own wake-up eventfd (or a
-        #: placeholder when none could be made).  A set: add/discard are atomic.
-        self.sleepers: set[Any] = set()
+        self.sleepers = 0
         # eventfd (in a FileIO, so a channel lost without release() still closes it on
         # collection): a sibling thread took our wake-up (_sleep)
-        #: Spare wake-up eventfds of this channel (see ``_take_kick``); made at its first
-        #: sleep (most channels never sleep), at most one per thread asleep at once.
-        self.kicks: list[io.FileIO] = []
+        self.kick: io.FileIO | None = None
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
         #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
@@ -337,9 +321,9 @@ class _Channel:
     def release(self) -> None:
         with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
             self.released = True
-            for kick in self.kicks:
-                kick.close()
-            self.kicks.clear()
+            if self.kick is not None:
+                self.kick.close()
+                self.kick = None
         for end in (self.tx, self.rx):
             if end is not None:
                 end.release()
@@ -1406,32 +1390,18 @@ class CoSocket(socket.socket):
         ch.phase = _BROKEN
 
     @staticmethod
-    def _take_kick(ch: _Channel) -> io.FileIO | None:
-        """An eventfd of the channel's for one sleeping thread alone; None if none can be
-        had (the sleeper then relies on the safety timeout).
-
-        One per sleeper, not one per channel: with a shared eventfd a thread that went to
-        sleep *after* a kick meant for a sibling could drain it first, and the sibling,
-        not yet in poll(), slept through its wake-up (full duplex: 5 s stalls under load).
-        """
+    def _make_kick(ch: _Channel) -> io.FileIO | None:
+        """The channel's eventfd for waking sibling sleepers, made at its first sleep (most
+        channels never sleep); None if no descriptor is left (wake-ups then rely on the
+        safety timeout, as before)."""
         with ch.ctl_lock:
-            if ch.released:
-                return None
-            if ch.kicks:
-                return ch.kicks.pop()
-            try:
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            except OSError:
-                return None
-            return io.FileIO(fd, "r", closefd=True)
-
-    @staticmethod
-    def _give_back_kick(ch: _Channel, kick: io.FileIO) -> None:
-        with ch.ctl_lock:
-            if ch.released or len(ch.kicks) >= _SPARE_KICKS:
-                kick.close()
-            else:
-                ch.kicks.append(kick)
+            if ch.kick is None and not ch.released:
+                try:
+                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    ch.kick = io.FileIO(fd, "r", closefd=True)
+                except OSError:
+                    return None
+            return ch.kick
 
     def _events(self, ch: _Channel) -> None:
         """Act on what the protocol parsed; then wake threads of ours asleep on this
@@ -1439,8 +1409,12 @@ class CoSocket(socket.socket):
         try:
             self._handle_events(ch)
         finally:
-            if ch.sleepers:
-                wake_sleepers(ch)
+            kick = ch.kick
+            if ch.sleepers and kick is not None:
+                try:
+                    os.eventfd_write(kick.fileno(), 1)
+                except (OSError, ValueError):
+                    pass  # released meanwhile
 
     def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
@@ -1607,14 +1581,12 @@ class CoSocket(socket.socket):
                         mask = spin_yield_mask(took, _YIELD_MASK)
             finally:
                 ch.yield_mask = mask
-        kicker = self._take_kick(ch)
-        kick = None if kicker is None else kicker.fileno()
-        token: Any = object() if kicker is None else kicker
+        kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
+        kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
-        woken: list[tuple[int, int]] = []
-        # Listed before arm(): from here on, another thread of ours that takes our
+        # Counted before arm(): from here on, another thread of ours that takes our
         # doorbell off the shared TCP stream (full duplex) kicks us (_events).
-        ch.sleepers.add(token)
+        ch.sleepers += 1
         try:
             if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
                 return
@@ -1637,14 +1609,12 @@ class CoSocket(socket.socket):
             woken = poller.poll(timeout)
             slept = time.perf_counter_ns() - t0
         finally:
-            ch.sleepers.discard(token)
-            if kicker is not None:
-                if any(who == kick for who, _ in woken):
-                    try:
-                        os.eventfd_read(kicker.fileno())  # ours alone: no one else's loss
-                    except (BlockingIOError, OSError):
-                        pass
-                self._give_back_kick(ch, kicker)
+            ch.sleepers -= 1
+        if kick is not None and any(who == kick for who, _ in woken):
+            try:
+                os.eventfd_read(kick)
+            except (BlockingIOError, OSError):
+                pass  # a sibling sleeper drained it first; it re-checks too
         if output and any(who == fd and ev & select.POLLOUT for who, ev in woken):
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)
@@ -2438,7 +2408,7 @@ def _channels_after_fork_in_child() -> None:
             ch.rx_lock = threading.RLock()
             ch.ctl_lock = threading.Lock()
             ch.rx_busy = ch.tx_busy = False
-            ch.sleepers = set()
+            ch.sleepers = 0
             ch.forked = True
             _forkshare.after_fork(ch)
     _fork_held.clear()
