@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import functools
 import io
 import ipaddress
@@ -35,6 +36,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ from ._events import (
     Plain,
     PlainData,
     Reject,
+    Reset,
     RingMark,
     Space,
     Switch,
@@ -126,6 +129,11 @@ _WILDCARDS: Final = ("0.0.0.0", "::")
 #: How long a probed source address is reused for one destination (see ``_source_ip``).
 _SOURCE_TTL: Final = 1.0
 _source_cache: dict[tuple[Any, ...], tuple[str, float]] = {}
+#: ioctl: bytes in the kernel's send queue not yet sent (Linux ``SIOCOUTQNSD``).
+_SIOCOUTQNSD: Final = 0x894B
+#: SO_LINGER {on, 0 s}: close() sends RST at once.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_ENOTCONN_TEXT: Final = os.strerror(errno.ENOTCONN)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -207,6 +215,7 @@ class _Channel:
         "nodelay",
         "nonce",
         "peer_ip",
+        "peer_reset",
         "phase",
         "pre_out",
         "proto",
@@ -214,6 +223,7 @@ class _Channel:
         "refs",
         "reject",
         "released",
+        "reset_err",
         "retained",
         "retained_base",
         "role",
@@ -263,6 +273,10 @@ class _Channel:
         self.wr_shut = False
         self.fin_pending = False
         self.fin: int | None = None  # the peer's FIN offset, once received
+        # The peer's Reset arrived (TCP: an RST; the socket is in CLOSE), and the error it
+        # left pending for the next recv/send/SO_ERROR to report (TCP's sk_err).
+        self.peer_reset = False
+        self.reset_err: int | None = None
         self.refs = 1
         # Path switch: the ring bytes the peer had not consumed when we left the rings
         # (copied out at that moment: the ring is never read again), and our bytes waiting
@@ -656,7 +670,46 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and ch.ctl_out:
             self._flush_ctl(ch)
+        if ch is not None and args == (socket.SOL_SOCKET, socket.SO_ERROR):
+            err = super().getsockopt(*args)  # (an RST's error is consumed here)
+            self._read_control(ch)  # did the peer's Reset come (before that RST)?
+            if not ch.peer_reset:
+                return err
+            err, ch.reset_err = ch.reset_err, None  # TCP's pending error, cleared as read
+            return err or 0
         return super().getsockopt(*args)
+
+    def getpeername(self) -> Any:
+        ch = self._co
+        if ch is not None and self._tcp_closed(ch):
+            raise OSError(errno.ENOTCONN, _ENOTCONN_TEXT)
+        return super().getpeername()
+
+    def _tcp_closed(self, ch: _Channel) -> bool:
+        """Would this connection's TCP socket be in CLOSE now (getpeername and shutdown
+        then fail ENOTCONN)?  After the peer's reset; or once our FIN is out and the
+        peer's has arrived.  The TCP connection itself stays up while we hold the channel
+        (a path switch may still need it), so this is emulated; and as TCP's CLOSE does not
+        wait for the application to read the peer's FIN, queued frames are read here."""
+        if ch.peer_reset:
+            return True
+        if not ch.wr_shut or ch.fin_pending:
+            return False
+        if ch.fin is None:
+            self._read_control(ch)
+            if self._co is not ch:
+                return False  # plain TCP now: the kernel knows
+        return ch.fin is not None or ch.tcp_eof
+
+    def _read_control(self, ch: _Channel) -> None:
+        """Take queued control frames (never DATA: the fd's readiness stays the
+        application's) to learn of the peer's FIN or Reset."""
+        if ch.peer_reset or ch.tcp_eof or (ch.phase is not _SHM and ch.phase is not _FRAMED):
+            return
+        try:
+            self._pump_control_only(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
 
     def _cosock_events(self, wanted: int, arm: bool = True) -> int:
         """Selector readiness from the rings; arms the peer's wake-ups when not ready.
@@ -1352,6 +1405,28 @@ class CoSocket(socket.socket):
         with ch.ctl_lock:
             ch.tx_out.clear()
 
+    @staticmethod
+    def _peer_reset(ch: _Channel) -> None:
+        """The peer closed with our bytes unread (its Reset; an RST follows on TCP).
+
+        As Linux handles an RST: what the peer sent before stays readable; then one recv,
+        send or SO_ERROR reports the error, ECONNRESET -- or EPIPE when the peer's FIN came
+        first (CLOSE_WAIT), which recv never reports (EOF) -- and later sends fail EPIPE.
+        """
+        ch.peer_reset = True
+        ch.reset_err = errno.EPIPE if ch.fin is not None else errno.ECONNRESET
+        ch.tcp_eof = True
+        if ch.phase is _SWITCHING:
+            CoSocket._peer_gone_while_switching(ch)
+
+    @staticmethod
+    def _reset_error(ch: _Channel) -> OSError:
+        """The error a peer's reset left pending, reported (and cleared) now."""
+        err, ch.reset_err = ch.reset_err, None
+        if err == errno.ECONNRESET:
+            return ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     def _poison(self, ch: _Channel, exc: Exception) -> None:
         """A hostile or broken peer: the connection fails like a reset TCP connection.
 
@@ -1444,6 +1519,8 @@ class CoSocket(socket.socket):
                 except (RingCorrupted, ValueError) as exc:
                     self._poison(ch, exc)
                     return
+            elif isinstance(event, Reset):
+                self._peer_reset(ch)
             elif isinstance(event, Eof):
                 ch.tcp_eof = True
                 if ch.phase is _SWITCHING:
@@ -1764,9 +1841,12 @@ class CoSocket(socket.socket):
                 return got
             if ch.tcp_eof:
                 # The peer's TCP end is gone.  Every byte it published is already ours
-                # (the ring is drained), so this is EOF -- also after a reset, which the
-                # kernel sends whenever a closed peer still gets doorbells.  Only a
-                # protocol violation is reported as an error.
+                # (the ring is drained), so this is EOF -- also after a kernel RST, which a
+                # closed peer's kernel sends for a late doorbell.  Reported as errors: the
+                # peer's own Reset (it closed with our bytes unread), once, as TCP does;
+                # and a protocol violation.
+                if ch.reset_err == errno.ECONNRESET and not got:
+                    raise self._reset_error(ch)
                 if ch.phase is _BROKEN and ch.error is not None and not got:
                     raise ch.error
                 return got
@@ -2114,7 +2194,9 @@ class CoSocket(socket.socket):
         poller.poll(_MAX_SLEEP_MS if left is None else max(1, int(left * 1000)))
 
     def _check_writable(self, ch: _Channel) -> None:
-        if ch.wr_shut:
+        if ch.reset_err is not None:
+            raise self._reset_error(ch)  # TCP: a pending error first, then EPIPE
+        if ch.wr_shut or ch.peer_reset:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
         if ch.error is not None:
             raise ch.error
@@ -2202,6 +2284,8 @@ class CoSocket(socket.socket):
             raise OSError(errno.EINVAL, "Invalid argument")
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
             ch.rd_shut = True
+        if self._tcp_closed(ch):
+            raise OSError(errno.ENOTCONN, _ENOTCONN_TEXT)  # (Linux still notes SHUT_RD)
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not ch.wr_shut:
             ch.wr_shut = True
             _forkshare.noted_shutdown(ch)
@@ -2214,6 +2298,9 @@ class CoSocket(socket.socket):
         return None
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
+        ch = self._co
+        if ch is not None and ch.phase is not _SHM and self._may_reset(ch):
+            self._read_queued(ch)  # DATA frames, a verdict: then we know what is unread
         if not self._lingering and self._owes() and not self._hand_over():
             # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
             try:
@@ -2221,9 +2308,11 @@ class CoSocket(socket.socket):
             except (OSError, ProtocolError, ValueError, RingCorrupted):
                 pass
         ch = self._co
-        # No FIN frame and no pump here: close() ends only this fd, which a forked child
-        # may share (socketserver.ForkingMixIn).  The peer learns of the close from TCP
-        # itself and reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
+        if ch is not None and self._may_reset(ch) and self._unread(ch):
+            self._reset(ch)
+        # No FIN frame here: close() ends only this fd, which a forked child may share
+        # (socketserver.ForkingMixIn).  The peer learns of the close from TCP itself and
+        # reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
         if ch is not None:
             self._co = None
             untrack(self, self.fileno())
@@ -2241,6 +2330,58 @@ class CoSocket(socket.socket):
                     pass
             rv.release()
         _ss.close(self)
+        if ch is not None:
+            # The watch's poll holds this fd's file: until it lets go, the kernel sends
+            # neither FIN nor RST (the peer would wait up to a second for its EOF).
+            _residency.wake()
+
+    @staticmethod
+    def _may_reset(ch: _Channel) -> bool:
+        """May close() reset this connection?  Only if this fd is the connection's last:
+        SO_LINGER belongs to the kernel socket, so a dup() twin, a process sharing it by
+        fork() or a lingering twin still finishing would lose their connection with it."""
+        return ch.refs == 1 and not ch.forked and not ch.tcp_eof and ch.error is None
+
+    def _read_queued(self, ch: _Channel) -> None:
+        try:
+            self._pump(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+        except OSError:
+            pass
+
+    def _unread(self, ch: _Channel) -> bool:
+        """Are received bytes still unread (TCP's close() then sends RST, not FIN)?"""
+        if self._rxb:
+            return True
+        rx = ch.rx
+        if ch.phase is not _SHM or rx is None:
+            return False
+        try:
+            return rx.available() > 0
+        except (RingCorrupted, ValueError):
+            return False
+
+    def _reset(self, ch: _Channel) -> None:
+        """Close with received bytes unread, as TCP does: reset the connection.
+
+        The peer learns it from our Reset frame (an RST alone could be a late doorbell's);
+        SO_LINGER {1, 0} makes the kernel send the RST itself, so both TCP sockets end in
+        CLOSE as with TCP -- only once the frame has left our send queue, which an RST
+        discards.
+        """
+        try:
+            self._control(ch, Reset())
+        except ProtocolError:
+            return  # mid-switch or -upgrade: no frame may go now; an ordinary close
+        if ch.ctl_out:
+            return  # the peer does not read its TCP socket: it will see EOF
+        try:
+            unsent = fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
+            if int.from_bytes(unsent, "little") == 0:
+                super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
 
     def _owes(self) -> bool:
         """Does closing now leave the peer short of bytes that only we can still send?"""
@@ -2269,6 +2410,7 @@ class CoSocket(socket.socket):
         _socket.socket.settimeout(heir, 0.0)
         heir._utimeout = 0.0  # the twin never blocks: it polls (the fd may be shared)
         heir._txb, self._txb = self._txb, None
+        heir._rxb, self._rxb = self._rxb, None  # unread: the heir's close resets
         heir._shut_after_flush, self._shut_after_flush = self._shut_after_flush, False
         ch = self._co
         if ch is not None:
