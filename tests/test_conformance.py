@@ -1207,8 +1207,6 @@ def _drive(
         elif kind == "waitall" and pending[side] < arg and not eof[side]:
             continue  # would wait for bytes nobody sends
         elif kind == "shut_wr":
-            if shut[side] and shut[other]:
-                continue  # TCP is closed then: see test_shutdown_once_both_sides_are_done
             eof[other] = True
             shut[side] = True
         for trace, pair in zip(traces, (plain, accel), strict=True):
