@@ -210,7 +210,7 @@ class _Channel:
         "fin_pending",
         "fork_cell",
         "forked",
-        "kick",
+        "kicks",
         "mm",
         "nodelay",
         "nonce",
@@ -243,6 +243,7 @@ class _Channel:
         "tx_busy",
         "tx_out",
         "upgrade",
+        "waiting",
         "wr_shut",
     )
 
@@ -295,9 +296,13 @@ class _Channel:
         self.tx_busy = False
         #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
         self.sleepers = 0
-        # eventfd (in a FileIO, so a channel lost without release() still closes it on
-        # collection): a sibling thread took our wake-up (_sleep)
-        self.kick: io.FileIO | None = None
+        # One eventfd per sleeping thread (in a FileIO, so a channel lost without release()
+        # still closes it on collection): a sibling thread took our wake-up (_sleep).  Each
+        # sleeper has its own: with one shared fd, a sibling that kicked and then slept
+        # itself drained the kick meant for the other.  ``waiting``: the sleepers' fds;
+        # ``kicks``: idle ones, for the next sleep.
+        self.waiting: list[io.FileIO] = []
+        self.kicks: list[io.FileIO] = []
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
         #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
@@ -323,9 +328,9 @@ class _Channel:
     def release(self) -> None:
         with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
             self.released = True
-            if self.kick is not None:
-                self.kick.close()
-                self.kick = None
+            for kick in (*self.kicks, *self.waiting):
+                kick.close()  # (a sleeper's poll reports it invalid: it wakes)
+            self.kicks.clear()
         for end in (self.tx, self.rx):
             if end is not None:
                 end.release()
@@ -675,8 +680,8 @@ class CoSocket(socket.socket):
             self._read_control(ch)  # did the peer's Reset come (before that RST)?
             if not ch.peer_reset:
                 return err
-            err, ch.reset_err = ch.reset_err, None  # TCP's pending error, cleared as read
-            return err or 0
+            pending, ch.reset_err = ch.reset_err, None  # TCP's error, cleared as read
+            return pending or 0
         return super().getsockopt(*args)
 
     def getpeername(self) -> Any:
@@ -1448,18 +1453,53 @@ class CoSocket(socket.socket):
         ch.phase = _BROKEN
 
     @staticmethod
-    def _make_kick(ch: _Channel) -> io.FileIO | None:
-        """The channel's eventfd for waking sibling sleepers, made at its first sleep (most
-        channels never sleep); None if no descriptor is left (wake-ups then rely on the
-        safety timeout, as before)."""
+    def _take_kick(ch: _Channel) -> io.FileIO | None:
+        """Count the calling thread as a sleeper and give it its own eventfd, on which
+        siblings wake it (made at a first sleep: most channels never sleep); None if no
+        descriptor is left (its wake-ups then rely on the safety timeout)."""
         with ch.ctl_lock:
-            if ch.kick is None and not ch.released:
+            ch.sleepers += 1
+            if ch.released:
+                return None
+            if ch.kicks:
+                kick: io.FileIO | None = ch.kicks.pop()
+            else:
                 try:
-                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    ch.kick = io.FileIO(fd, "r", closefd=True)
+                    kick = io.FileIO(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), "r")
                 except OSError:
                     return None
-            return ch.kick
+            assert kick is not None
+            ch.waiting.append(kick)
+            return kick
+
+    @staticmethod
+    def _give_kick(ch: _Channel, kick: io.FileIO | None) -> None:
+        """The sleep is over: drain our eventfd and keep it for the next sleep."""
+        with ch.ctl_lock:
+            ch.sleepers -= 1
+            if kick is None:
+                return
+            ch.waiting.remove(kick)
+            if kick.closed:
+                return  # released meanwhile
+            try:
+                os.eventfd_read(kick.fileno())
+            except OSError:
+                pass  # not kicked
+            if ch.released:
+                kick.close()
+            else:
+                ch.kicks.append(kick)
+
+    @staticmethod
+    def _kick(ch: _Channel) -> None:
+        """Wake every thread of ours asleep on ``ch``."""
+        with ch.ctl_lock:
+            for kick in ch.waiting:
+                try:
+                    os.eventfd_write(kick.fileno(), 1)
+                except (OSError, ValueError):
+                    pass  # released meanwhile
 
     def _events(self, ch: _Channel) -> None:
         """Act on what the protocol parsed; then wake threads of ours asleep on this
@@ -1467,12 +1507,8 @@ class CoSocket(socket.socket):
         try:
             self._handle_events(ch)
         finally:
-            kick = ch.kick
-            if ch.sleepers and kick is not None:
-                try:
-                    os.eventfd_write(kick.fileno(), 1)
-                except (OSError, ValueError):
-                    pass  # released meanwhile
+            if ch.sleepers:
+                self._kick(ch)
 
     def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
@@ -1636,12 +1672,11 @@ class CoSocket(socket.socket):
                 if spins & _YIELD_MASK == 0 and contended():
                     ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
                     break
-        kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
-        kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
         # Counted before arm(): from here on, another thread of ours that takes our
         # doorbell off the shared TCP stream (full duplex) kicks us (_events).
-        ch.sleepers += 1
+        kicker = self._take_kick(ch)
+        kick = None if kicker is None or kicker.closed else kicker.fileno()
         try:
             if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
                 return
@@ -1664,12 +1699,7 @@ class CoSocket(socket.socket):
             woken = poller.poll(timeout)
             slept = time.perf_counter_ns() - t0
         finally:
-            ch.sleepers -= 1
-        if kick is not None and any(who == kick for who, _ in woken):
-            try:
-                os.eventfd_read(kick)
-            except (BlockingIOError, OSError):
-                pass  # a sibling sleeper drained it first; it re-checks too
+            self._give_kick(ch, kicker)
         if output and any(who == fd and ev & select.POLLOUT for who, ev in woken):
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)
@@ -2528,6 +2558,9 @@ def _channels_after_fork_in_child() -> None:
             ch.ctl_lock = threading.Lock()
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
+            for kick in (*ch.kicks, *ch.waiting):
+                kick.close()  # shared with the parent's eventfds: never ours to drain
+            ch.kicks, ch.waiting = [], []
             ch.forked = True
             _forkshare.after_fork(ch)
     _fork_held.clear()
