@@ -2329,7 +2329,7 @@ class CoSocket(socket.socket):
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
         ch = self._co
-        if ch is not None and ch.phase is not _SHM and self._may_reset(ch):
+        if ch is not None and self._may_reset(ch) and self._queue_may_hold_data(ch):
             self._read_queued(ch)  # DATA frames, a verdict: then we know what is unread
         if not self._lingering and self._owes() and not self._hand_over():
             # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
@@ -2371,6 +2371,13 @@ class CoSocket(socket.socket):
         SO_LINGER belongs to the kernel socket, so a dup() twin, a process sharing it by
         fork() or a lingering twin still finishing would lose their connection with it."""
         return ch.refs == 1 and not ch.forked and not ch.tcp_eof and ch.error is None
+
+    def _queue_may_hold_data(self, ch: _Channel) -> bool:
+        """At close: may the kernel's queue hold what decides whether bytes are unread
+        (DATA frames, a verdict)?  Not on the rings; not before a connect completed."""
+        if ch.phase is _HANDSHAKE:
+            return ch.role is Role.SERVER or self._connect_done()
+        return ch.phase in (_FRAMED, _UPGRADING, _SWITCHING)
 
     def _read_queued(self, ch: _Channel) -> None:
         try:
