@@ -903,6 +903,17 @@ def test_nothing_unread_closes_gracefully(make_pair: Pair) -> None:
     assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
 
 
+def test_peer_close_is_seen_at_once(make_pair: Pair) -> None:
+    """TCP sends FIN when close() returns.  (cosock: the residency watch's poll held the
+    closed fd's file, so FIN left only at its next round, up to 1 s later; close() now
+    wakes it.  0.5 s is far above a wake-up, far below the watch's idle round.)"""
+    for _ in range(3):
+        cli, conn = make_pair(timeout=0.5)
+        time.sleep(0.1)  # the watch is asleep in its poll, holding both fds
+        conn.close()
+        assert outcome(functools.partial(cli.recv, 1)) == ("ok", b"")
+
+
 def test_close_with_unread_bytes_and_a_dup_alive_does_not_reset(make_pair: Pair) -> None:
     """close() ends one descriptor; the connection (and its unread bytes) lives on."""
     cli, conn = make_pair()

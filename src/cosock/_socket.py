@@ -328,8 +328,13 @@ class _Channel:
     def release(self) -> None:
         with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
             self.released = True
+            for kick in self.waiting:
+                try:
+                    os.eventfd_write(kick.fileno(), 1)  # closing alone wakes no poll
+                except OSError:
+                    pass
             for kick in (*self.kicks, *self.waiting):
-                kick.close()  # (a sleeper's poll reports it invalid: it wakes)
+                kick.close()  # (the sleeper's own _give_kick drops it from ``waiting``)
             self.kicks.clear()
         for end in (self.tx, self.rx):
             if end is not None:
@@ -2414,8 +2419,8 @@ class CoSocket(socket.socket):
         if ch.ctl_out:
             return  # the peer does not read its TCP socket: it will see EOF
         try:
-            unsent = fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
-            if int.from_bytes(unsent, "little") == 0:
+            (unsent,) = struct.unpack("i", fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, bytes(4)))
+            if unsent == 0:
                 super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
