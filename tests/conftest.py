@@ -168,12 +168,14 @@ def peers() -> Iterator[Callable[..., Any]]:
 
 
 def _singleton_fds() -> list[int]:
-    """Process-lifetime fds that are not leaks: the offer sender socket (one per process)
-    and the shared agent client's wake-up epoll."""
-    from cosock import _rendezvous
+    """Process-lifetime fds that are not leaks: the offer sender socket (one per process),
+    the shared agent client's wake-up epoll and the residency watch's wake-up eventfd."""
+    from cosock import _rendezvous, _residency
     from cosock.agent.client import AgentClient
 
     fds = []
+    if _residency._wake_fd is not None:
+        fds.append(_residency._wake_fd)
     sender = _rendezvous._sender  # per process (a forked child makes its own)
     if sender is not None and sender.fileno() >= 0:
         fds.append(sender.fileno())

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import os
+import select
 import socket
 import threading
 import time
@@ -611,31 +613,103 @@ def test_shutdown_rdwr_then_peer_sees_eof(make_pair: Pair) -> None:
     assert outcome(lambda: cli.send(b"x"))[:3] == ("raise", "BrokenPipeError", errno.EPIPE)
 
 
-def test_shutdown_once_both_sides_are_done(
-    make_pair: Pair, mode: str, request: pytest.FixtureRequest
-) -> None:
+ENOTCONN = ("raise", "OSError", errno.ENOTCONN, "[Errno 107] Transport endpoint is not connected")
+EPIPE = ("raise", "BrokenPipeError", errno.EPIPE, "[Errno 32] Broken pipe")
+ECONNRESET = (
+    "raise",
+    "ConnectionResetError",
+    errno.ECONNRESET,
+    "[Errno 104] Connection reset by peer",
+)
+
+
+def _ready_now(s: socket.socket) -> tuple[bool, bool]:
+    """select(): (readable, writable) at once."""
+    r, w, _ = select.select([s], [s], [], 0)
+    return bool(r), bool(w)
+
+
+def test_shutdown_once_both_sides_are_done(make_pair: Pair) -> None:
     """Both FINs exchanged: the TCP socket is closed, so shutdown/getpeername say ENOTCONN."""
-    known_gap(
-        request,
-        mode,
-        "CoSocket: FIN travels as a control frame, the TCP connection stays established, so "
-        "after both half-closes shutdown() succeeds and getpeername() still answers",
-    )
     cli, conn = make_pair()
     cli.shutdown(socket.SHUT_WR)
     assert conn.recv(1) == b""
     conn.shutdown(socket.SHUT_WR)
     assert cli.recv(1) == b""
     time.sleep(0.05)
-    enotconn = (
-        "raise",
-        "OSError",
-        errno.ENOTCONN,
-        "[Errno 107] Transport endpoint is not connected",
-    )
-    assert outcome(lambda: cli.shutdown(socket.SHUT_WR)) == enotconn
-    assert outcome(lambda: cli.getpeername()) == enotconn
-    assert outcome(lambda: conn.getpeername()) == enotconn
+    assert outcome(lambda: cli.shutdown(socket.SHUT_WR)) == ENOTCONN
+    assert outcome(lambda: cli.getpeername()) == ENOTCONN
+    assert outcome(lambda: conn.getpeername()) == ENOTCONN
+
+
+def test_closed_state_after_both_fins(make_pair: Pair) -> None:
+    """Every call in TCP's CLOSE state (both FINs crossed), on both sides."""
+    cli, conn = make_pair()
+    cli.shutdown(socket.SHUT_WR)
+    assert conn.recv(1) == b""
+    conn.shutdown(socket.SHUT_WR)
+    assert cli.recv(1) == b""
+    time.sleep(0.05)
+    _in_close_state(cli)
+    _in_close_state(conn)
+
+
+def _in_close_state(s: socket.socket) -> None:
+    assert _ready_now(s) == (True, True)
+    assert outcome(s.getpeername) == ENOTCONN
+    assert outcome(s.getsockname)[0] == "ok"
+    assert "raddr" not in repr(s) and "laddr" in repr(s)
+    for how in (socket.SHUT_WR, socket.SHUT_RD, socket.SHUT_RDWR):
+        assert outcome(functools.partial(s.shutdown, how)) == ENOTCONN
+    assert outcome(lambda: s.shutdown(7))[:3] == ("raise", "OSError", errno.EINVAL)
+    assert outcome(lambda: s.send(b"x")) == EPIPE
+    assert outcome(lambda: s.send(b"")) == EPIPE
+    assert outcome(lambda: s.sendall(b"x")) == EPIPE
+    assert s.recv(1) == b""
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def test_closed_state_does_not_wait_for_the_reader(make_pair: Pair) -> None:
+    """TCP's CLOSE comes with the FIN, not when the application reads it: bytes and EOF
+    still wait to be read while getpeername already says ENOTCONN."""
+    cli, conn = make_pair()
+    cli.sendall(b"data")
+    cli.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    conn.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    assert outcome(conn.getpeername) == ENOTCONN
+    assert outcome(cli.getpeername) == ENOTCONN
+    assert _ready_now(conn) == (True, True)
+    assert recv_all(conn, 10) == b"data"
+    assert conn.recv(10) == b""
+    assert cli.recv(10) == b""
+
+
+def test_one_half_close_keeps_the_connection(make_pair: Pair) -> None:
+    """Only one FIN: both ends are still connected (FIN_WAIT2 / CLOSE_WAIT)."""
+    cli, conn = make_pair()
+    cli.shutdown(socket.SHUT_WR)
+    assert conn.recv(1) == b""
+    time.sleep(0.05)
+    assert outcome(conn.getpeername) == ("ok", cli.getsockname())
+    assert outcome(cli.getpeername) == ("ok", conn.getsockname())
+    assert "raddr" in repr(cli) and "raddr" in repr(conn)
+    assert _ready_now(conn) == (True, True)
+    assert _ready_now(cli) == (False, True)
+    conn.sendall(b"reply")
+    assert recv_all(cli, 5) == b"reply"
+
+
+def test_both_shut_rdwr(make_pair: Pair) -> None:
+    cli, conn = make_pair()
+    cli.shutdown(socket.SHUT_RDWR)
+    conn.shutdown(socket.SHUT_RDWR)
+    time.sleep(0.05)
+    for s in (cli, conn):
+        assert outcome(s.getpeername) == ENOTCONN
+        assert _ready_now(s) == (True, True)
+        assert s.recv(1) == b""
 
 
 def test_recv_after_peer_close(make_pair: Pair) -> None:
@@ -666,22 +740,232 @@ def test_send_after_peer_close_fails(make_pair: Pair) -> None:
     ), results
 
 
-def test_peer_closes_with_our_bytes_unread_resets(
-    make_pair: Pair, mode: str, request: pytest.FixtureRequest
-) -> None:
+def test_peer_closes_with_our_bytes_unread_resets(make_pair: Pair) -> None:
     """TCP: closing with unread received data sends RST, so the peer's recv fails."""
-    known_gap(
-        request,
-        mode,
-        "CoSocket: unread ring bytes do not turn close() into a reset, the peer reads EOF "
-        "(would need SO_LINGER(0) at close, unsafe while a forked child shares the fd)",
-    )
     cli, conn = make_pair()
     cli.sendall(b"never read")
     time.sleep(0.05)
     conn.close()
     time.sleep(0.05)
     assert outcome(lambda: cli.recv(10))[:3] == ("raise", "ConnectionResetError", errno.ECONNRESET)
+
+
+def _reset_by_peer(make_pair: Pair, to_us: bytes = b"") -> socket.socket:
+    """A pair whose server side closes with the client's bytes unread; the client."""
+    cli, conn = make_pair()
+    cli.sendall(b"never read")
+    if to_us:
+        conn.sendall(to_us)
+    time.sleep(0.05)
+    conn.close()
+    time.sleep(0.05)
+    return cli
+
+
+def test_reset_is_reported_once_then_eof_and_broken_pipe(make_pair: Pair) -> None:
+    cli = _reset_by_peer(make_pair)
+    assert _ready_now(cli) == (True, True)
+    assert outcome(cli.getpeername) == ENOTCONN
+    assert "raddr" not in repr(cli)
+    assert outcome(lambda: cli.recv(10)) == ECONNRESET
+    assert _ready_now(cli) == (True, True)
+    assert outcome(lambda: cli.recv(10)) == ("ok", b"")
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+    assert outcome(lambda: cli.sendall(b"x")) == EPIPE
+    assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert outcome(lambda: cli.shutdown(socket.SHUT_WR)) == ENOTCONN
+
+
+def test_reset_reported_by_so_error_first(make_pair: Pair) -> None:
+    cli = _reset_by_peer(make_pair)
+    assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+    assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert outcome(lambda: cli.recv(10)) == ("ok", b"")
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+
+
+def test_reset_reported_by_send_first(make_pair: Pair) -> None:
+    cli = _reset_by_peer(make_pair)
+    assert outcome(lambda: cli.send(b"x")) == ECONNRESET
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+    assert outcome(lambda: cli.recv(10)) == ("ok", b"")
+    assert outcome(lambda: cli.sendall(b"x")) == EPIPE
+
+
+def test_reset_with_bytes_in_flight_both_ways(make_pair: Pair) -> None:
+    """What the peer sent before its reset is still read first, then the reset."""
+    cli = _reset_by_peer(make_pair, to_us=b"to you 123")
+    assert _ready_now(cli) == (True, True)
+    assert cli.recv(3) == b"to "
+    assert recv_all(cli, 7) == b"you 123"
+    assert outcome(lambda: cli.recv(100)) == ECONNRESET
+    assert outcome(lambda: cli.recv(100)) == ("ok", b"")
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+
+
+def test_reset_seen_by_peek_and_nonblocking_reads(make_pair: Pair) -> None:
+    cli = _reset_by_peer(make_pair, to_us=b"last")
+    cli.setblocking(False)
+    assert cli.recv(100, socket.MSG_PEEK) == b"last"
+    assert cli.recv(100) == b"last"
+    assert outcome(lambda: cli.recv(100, socket.MSG_PEEK)) == ECONNRESET
+    assert cli.recv(100) == b""
+    assert cli.recv(100, socket.MSG_DONTWAIT) == b""
+
+
+def test_reset_wakes_a_blocked_reader(make_pair: Pair) -> None:
+    cli, conn = make_pair(timeout=None)
+    cli.sendall(b"never read")
+    seen: list[Any] = []
+    reader = threading.Thread(target=lambda: seen.append(outcome(lambda: cli.recv(10))))
+    reader.start()
+    time.sleep(0.2)
+    conn.close()
+    reader.join(10)
+    assert seen == [ECONNRESET]
+    assert cli.recv(10) == b""
+
+
+def test_reset_ends_a_waitall_read_short(make_pair: Pair) -> None:
+    cli, conn = make_pair(timeout=None)
+    cli.sendall(b"never read")
+    conn.sendall(b"abc")
+    seen: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: seen.append(outcome(lambda: cli.recv(10, socket.MSG_WAITALL)))
+    )
+    reader.start()
+    time.sleep(0.2)
+    conn.close()
+    reader.join(10)
+    assert seen == [("ok", b"abc")]
+    assert outcome(lambda: cli.recv(10)) == ECONNRESET
+
+
+def test_reset_wakes_a_blocked_sender(make_pair: Pair) -> None:
+    """The peer never reads and closes: our sendall, blocked on a full buffer, fails."""
+    cli, conn = make_pair(timeout=None)
+    seen: list[Any] = []
+    sender = threading.Thread(
+        target=lambda: seen.append(outcome(lambda: cli.sendall(b"z" * (64 << 20))))
+    )
+    sender.start()
+    time.sleep(0.3)
+    conn.close()
+    sender.join(10)
+    assert seen == [ECONNRESET]
+    assert cli.recv(1) == b""
+    assert outcome(lambda: cli.send(b"1")) == EPIPE
+
+
+def test_reset_after_the_peers_fin_reads_as_eof(make_pair: Pair) -> None:
+    """The peer's FIN came before its RST (we are in CLOSE_WAIT): recv never reports the
+    reset; the pending error is EPIPE."""
+    cli, conn = make_pair()
+    cli.sendall(b"never read")
+    conn.sendall(b"data")
+    conn.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    conn.close()
+    time.sleep(0.05)
+    assert _ready_now(cli) == (True, True)
+    assert outcome(cli.getpeername) == ENOTCONN
+    assert recv_all(cli, 10) == b"data"
+    assert cli.recv(10) == b""
+    assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+
+
+def test_reset_after_our_own_shutdown(make_pair: Pair) -> None:
+    cli, conn = make_pair()
+    cli.sendall(b"never read")
+    cli.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    conn.close()
+    time.sleep(0.05)
+    assert outcome(cli.getpeername) == ENOTCONN
+    assert outcome(lambda: cli.recv(10)) == ECONNRESET
+    assert cli.recv(10) == b""
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
+
+
+def test_nothing_unread_closes_gracefully(make_pair: Pair) -> None:
+    """Everything read (and our own bytes read by the peer): EOF, never a reset."""
+    cli, conn = make_pair()
+    cli.sendall(b"read")
+    assert recv_all(conn, 4) == b"read"
+    conn.sendall(b"bye")
+    conn.close()
+    time.sleep(0.05)
+    assert recv_all(cli, 10) == b"bye"
+    assert cli.recv(10) == b""
+    assert outcome(cli.getpeername)[0] == "ok"  # CLOSE_WAIT: still connected
+    assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def test_peer_close_is_seen_at_once(make_pair: Pair) -> None:
+    """TCP sends FIN when close() returns.  (cosock: the residency watch's poll held the
+    closed fd's file, so FIN left only at its next round, up to 1 s later; close() now
+    wakes it.  0.5 s is far above a wake-up, far below the watch's idle round.)"""
+    for _ in range(3):
+        cli, conn = make_pair(timeout=0.5)
+        time.sleep(0.1)  # the watch is asleep in its poll, holding both fds
+        conn.close()
+        assert outcome(functools.partial(cli.recv, 1)) == ("ok", b"")
+
+
+def test_close_with_unread_bytes_and_a_dup_alive_does_not_reset(make_pair: Pair) -> None:
+    """close() ends one descriptor; the connection (and its unread bytes) lives on."""
+    cli, conn = make_pair()
+    cli.sendall(b"for the twin")
+    time.sleep(0.05)
+    twin = conn.dup()
+    conn.close()
+    time.sleep(0.05)
+    try:
+        assert recv_all(twin, 12) == b"for the twin"
+        twin.sendall(b"still here")
+        assert recv_all(cli, 10) == b"still here"
+    finally:
+        twin.close()
+    assert cli.recv(1) == b""
+
+
+def test_reset_before_the_verdict(mode: str) -> None:
+    """The server closes a connection it never read from, at once after accept()."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname(), timeout=10)
+    try:
+        cli.sendall(b"early bytes")
+        conn, _ = srv.accept()
+        conn.close()
+        time.sleep(0.05)
+        assert outcome(lambda: cli.recv(10)) == ECONNRESET
+        assert cli.recv(10) == b""
+    finally:
+        cli.close()
+        srv.close()
+
+
+def test_reset_after_a_path_switch(make_pair: Pair, mode: str) -> None:
+    """The same on framed TCP (cosock: both ends switched to TCP first)."""
+    cli, conn = make_pair()
+    if mode == "cosock":
+        assert isinstance(cli, CoSocket) and cli.cosock_switch()
+        cli.sendall(b"x")
+        assert recv_all(conn, 1) == b"x"
+        conn.sendall(b"y")
+        assert recv_all(cli, 1) == b"y"
+        assert cli.cosock_path == conn.cosock_path == "tcp"
+    cli.sendall(b"never read")
+    conn.sendall(b"to you")
+    time.sleep(0.05)
+    conn.close()
+    time.sleep(0.05)
+    assert recv_all(cli, 6) == b"to you"
+    assert outcome(lambda: cli.recv(10)) == ECONNRESET
+    assert cli.recv(10) == b""
+    assert outcome(lambda: cli.send(b"x")) == EPIPE
 
 
 def test_double_close_and_use_after_close(make_pair: Pair) -> None:
@@ -934,8 +1218,6 @@ def _drive(
         elif kind == "waitall" and pending[side] < arg and not eof[side]:
             continue  # would wait for bytes nobody sends
         elif kind == "shut_wr":
-            if shut[side] and shut[other]:
-                continue  # TCP is closed then: see test_shutdown_once_both_sides_are_done
             eof[other] = True
             shut[side] = True
         for trace, pair in zip(traces, (plain, accel), strict=True):

@@ -35,6 +35,7 @@ from cosock._events import (
     Plain,
     PlainData,
     Reject,
+    Reset,
     RingMark,
     Space,
     Switch,
@@ -175,6 +176,7 @@ def test_golden_bytes() -> None:
         0x08: 17,
         0x09: 1,
         0x0A: 10,
+        0x0B: 1,
     }
     switched = ConnectionPair().accept()
     assert switched.client.send(Switch(0)) == bytes.fromhex("060000000000000000")
@@ -190,6 +192,11 @@ def test_golden_bytes() -> None:
     assert downgraded.server.send(Plain(0)) == bytes.fromhex("0a00000000000000000b")
     downgraded.client.receive_data(bytes.fromhex("0a00000000000000000b"))
     assert drain(downgraded.client) == [Plain(0, FallbackReason.HANDED_OVER)]
+    resetting = ConnectionPair().accept()
+    assert resetting.server.send(Reset()) == b"\x0b"
+    resetting.client.receive_data(b"\x0b")
+    assert drain(resetting.client) == [Reset()]
+    assert resetting.client.state is resetting.server.state is State.CLOSED
 
 
 def test_reason_codes_are_stable_and_complete() -> None:
@@ -512,7 +519,7 @@ def test_data_written_ahead_during_handshake_is_counted() -> None:
         (0, b"\x03\x01", "Reject"),
         (0, HELLO, "0x43"),
         (0, b"\x00", "0x00"),
-        (0, b"\x0b", "0x0b"),
+        (0, b"\x0c", "0x0c"),
         (0, b"\xff", "0xff"),
         (0, b"\x0a" + (1).to_bytes(8, "little") + b"\x0b", "only 0 bytes"),
         (0, b"\x0a" + MAX_OFFSET.to_bytes(8, "little") + b"\x0b", "2\\*\\*63"),
@@ -635,6 +642,10 @@ EXPECTED_SEND: dict[tuple[Role, State, type[Event]], State] = {
         for role in Role
         for kind in (Data, Fin)
     },
+    # Rule 10: where the peer parses our frames.
+    **{(role, state, Reset): State.CLOSED for role in Role for state in (SHM, State.FRAMED)},
+    (CLIENT, State.UPGRADE_SENT, Reset): State.CLOSED,
+    (SERVER, State.RING_AWAIT, Reset): State.CLOSED,
 }
 
 #: What each wire input (named by what it encodes) must produce, per (role, state):
@@ -651,6 +662,7 @@ WIRE: dict[str, bytes] = {
     "UPGRADE": b"\x08" + OTHER_NONCE,
     "RINGMARK": b"\x09",
     "PLAIN": b"\x0a" + bytes(8) + b"\x0b",
+    "RESET": b"\x0b",
     "GARBAGE": b"\xfe",
     "EOF": b"",
 }
@@ -666,6 +678,7 @@ WIRE_EVENT: dict[str, Event] = {
     "UPGRADE": Upgrade(OTHER_NONCE),
     "RINGMARK": RingMark(),
     "PLAIN": Plain(0),
+    "RESET": Reset(),
     "EOF": Eof(),
 }
 EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
@@ -711,6 +724,14 @@ EXPECTED_RECEIVE: dict[tuple[Role, State, str], State] = {
     **{(role, State.PLAIN_SENT, wire): State.TCP for role in Role for wire in ("PLAIN", "SWITCH")},
     **{(role, State.PLAIN_SENT, "EOF"): State.CLOSED for role in Role},
     (SERVER, State.PLAIN_SENT, "UPGRADE"): State.PLAIN_SENT,
+    # Rule 10: wherever the peer's data frames are parsed.
+    **{
+        (role, state, "RESET"): State.CLOSED
+        for role in Role
+        for state in (SHM, State.SWITCH_SENT, State.FRAMED, State.PLAIN_SENT)
+    },
+    (CLIENT, State.UPGRADE_SENT, "RESET"): State.CLOSED,
+    (SERVER, State.RING_AWAIT, "RESET"): State.CLOSED,
 }
 #: States where nothing is parsed: the input waits (NEED_DATA), the state stays.
 PAUSED = {
@@ -817,6 +838,7 @@ SAMPLE_EVENTS: list[Event] = [
     Upgrade(OTHER_NONCE),
     RingMark(),
     Plain(0),
+    Reset(),
 ]
 
 

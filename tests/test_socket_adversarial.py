@@ -1429,16 +1429,14 @@ def test_doorbell_model_select_reader_never_waits_on_data(sizes, bufsize, schedu
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=False,  # timing-dependent: may pass by luck; see module docstring
-    reason="BUG (narrowed, not gone): the eventfd kick fixed the arm()/poll() window (30 s "
-    "loops clean here), but one 5 s safety timeout was still seen once in a fresh-clone CI "
-    "run at load ~10; the remaining path is not found yet",
-)
 def test_full_duplex_threads_on_one_socket_lose_no_wakeups(monkeypatch):
     """A reader thread and a writer thread share one socket: each pumps the shared control
     stream and may take the other's BELL/SPACE between its arm() and poll(); the taker
-    kicks the channel's eventfd, so the victim never waits for the safety timeout."""
+    kicks the victim's own eventfd, so the victim never waits for the safety timeout.
+
+    (Was a non-strict xfail after the first kick fix: a 5 s timeout seen once at load ~10.
+    The path left: one shared kick eventfd, drained by a sibling that slept right after
+    kicking -- see the next test, which reproduces it deterministically.)"""
     monkeypatch.setenv("COSOCK_RING_SIZE", "65536")
     size = 1 * MIB  # 16 ring-fulls each way per round; plain TCP takes milliseconds
     with pair(timeout=60) as (cli, conn):
@@ -1458,3 +1456,69 @@ def test_full_duplex_threads_on_one_socket_lose_no_wakeups(monkeypatch):
             if stalls:
                 break
         assert stalls == 0, f"{stalls} sleeps ended by the 5 s safety timeout"
+
+
+def test_a_sibling_sleeper_never_takes_a_kick_meant_for_another(monkeypatch):
+    """The lost wake-up behind the full-duplex test, made deterministic.
+
+    Reader R sleeps on ``cli`` (armed); the peer's BELL for R's bytes is taken off the
+    shared TCP stream by writer W (same socket, full ring), which kicks R -- and then falls
+    asleep itself.  The kick was one shared eventfd: W's poll saw it and drained it, and R,
+    woken in the kernel but re-polling only after W's read, found nothing and slept on for
+    the 5 s safety timeout with its bytes in the ring.  R is held just before its poll()
+    here, which is where a loaded scheduler leaves a woken thread.
+    """
+    import cosock._socket as cs
+
+    monkeypatch.setenv("COSOCK_RING_SIZE", "65536")
+    at_poll = threading.Event()
+    go_on = threading.Event()
+    holder: list[threading.Thread] = []
+    kernel_poll = cs._kernel_poll
+
+    class HeldPoll:
+        """``select.poll`` whose first poll() in thread R waits for ``go_on``."""
+
+        def __init__(self) -> None:
+            self._inner = kernel_poll()
+
+        def register(self, fd: int, mask: int = select.POLLIN) -> None:
+            self._inner.register(fd, mask)
+
+        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+            if holder and threading.current_thread() is holder[0] and not at_poll.is_set():
+                at_poll.set()
+                assert go_on.wait(10)
+            return self._inner.poll(timeout)
+
+    with pair(timeout=None) as (cli, conn):
+        settle(cli, conn)
+        monkeypatch.setattr(cs, "_kernel_poll", HeldPoll)
+        got: dict[str, Any] = {}
+
+        def reader() -> None:
+            t0 = time.monotonic()
+            got["data"] = cli.recv(100)
+            got["took"] = time.monotonic() - t0
+
+        r = threading.Thread(target=reader, daemon=True)
+        holder.append(r)
+        r.start()
+        assert at_poll.wait(10)  # R counted itself a sleeper, armed, registered its fds
+        conn.sendall(b"for R")  # R is armed: the peer rings a BELL on cli's TCP stream
+        with joined(lambda: cli.sendall(b"w" * (4 * MIB))) as w:  # W: fills the ring
+            deadline = time.monotonic() + 10
+            ch = cli._co
+            assert ch is not None
+            # W takes the BELL (kicking R), then sleeps on the full ring itself.
+            while ch.proto.bells_received == 0 or ch.sleepers < 2:
+                assert time.monotonic() < deadline, "W never took the BELL and slept"
+                time.sleep(0.001)
+            time.sleep(0.2)  # W's poll has seen whatever was readable by now
+            go_on.set()
+            r.join(10)
+            assert recv_exact(conn, 4 * MIB) == b"w" * (4 * MIB)  # W may finish now
+        assert "error" not in w
+        assert got.get("data") == b"for R"
+        assert got["took"] < 4.0, f"R slept {got['took']:.1f} s: its wake-up was lost"
+        assert cli.cosock_info()["safety_timeouts"] == 0

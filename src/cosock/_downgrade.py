@@ -346,12 +346,8 @@ def _detach_all(sock: CoSocket, ch: _Channel, reason: FallbackReason) -> None:
     asleep on the channel are woken first (its wake-up fd closes with the channel)."""
     from ._selectors import _channels
 
-    kick = ch.kick
-    if ch.sleepers and kick is not None:
-        try:
-            os.eventfd_write(kick.fileno(), 1)
-        except (OSError, ValueError):
-            pass
+    if ch.sleepers:
+        _s.CoSocket._kick(ch)
     for ref in list(_channels.values()):
         other = ref()
         if other is not None and other is not sock and other._co is ch:

@@ -11,6 +11,7 @@ Contents:
 * ``Hello``, ``Accept``, ``Reject`` — the in-band handshake.
 * ``Bell``, ``Space`` — wake-ups for a reader / a writer blocked on a full ring.
 * ``Fin`` — "my stream to you ends at byte offset N".
+* ``Reset`` — "I closed with bytes of yours unread": TCP's RST, in-band.
 * ``PlainData``, ``Eof`` — receive-only: application bytes after a fallback, TCP EOF.
 * ``Switch``, ``Data`` — the path switch shm → TCP at an exact offset, and the framed
   data that follows it on TCP (framed, so that a later ``Upgrade`` can be found in-band).
@@ -48,6 +49,7 @@ __all__ = [
     "Plain",
     "PlainData",
     "Reject",
+    "Reset",
     "RingMark",
     "Sentinel",
     "Space",
@@ -130,6 +132,16 @@ class Fin:
             raise LocalProtocolError(
                 f"Fin offset must be an int in [0, 2**63), not {self.offset!r}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """ "I closed with bytes of yours unread": the connection is reset, as TCP's close()
+    with unread data sends RST.  The last frame its sender sends (it closes right after).
+
+    In-band because the receiver cannot read an RST's meaning from TCP alone: a closed
+    peer's kernel also answers a late doorbell with one, which must stay plain EOF.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +249,7 @@ class Plain:
 
 #: Everything ``Connection.send()`` takes and ``Connection.next_event()`` returns.
 Event: TypeAlias = (Hello | Accept | Reject | Bell | Space | Fin | PlainData | Eof) | (
-    Switch | Data | Upgrade | RingMark | Plain
+    Switch | Data | Upgrade | RingMark | Plain | Reset
 )
 
 

@@ -52,6 +52,7 @@ from ._events import (
     Plain,
     PlainData,
     Reject,
+    Reset,
     RingMark,
     Space,
     Switch,
@@ -89,6 +90,7 @@ T_DATA: Final = 0x07  #: 5 bytes (+ length u32) + payload: application bytes on 
 T_UPGRADE: Final = 0x08  #: 17 bytes (+ nonce): client → server: a fresh channel is offered.
 T_RINGMARK: Final = 0x09  #: 1 byte: client → server: my data continues in the ring.
 T_PLAIN: Final = 0x0A  #: 10 bytes (+ consumed u64 + reason u8): downgrade to plain TCP.
+T_RESET: Final = 0x0B  #: 1 byte: I closed with your bytes unread (TCP's RST).
 
 #: Frame length by type byte, type byte included (for DATA: its header; the payload
 #: follows). Any other type byte is a protocol error.
@@ -103,12 +105,14 @@ FRAME_SIZES: Final = {
     T_UPGRADE: 1 + NONCE_SIZE,
     T_RINGMARK: 1,
     T_PLAIN: 10,
+    T_RESET: 1,
 }
 
 _BELL_FRAME: Final = bytes([T_BELL])
 _SPACE_FRAME: Final = bytes([T_SPACE])
 _ACCEPT_FRAME: Final = bytes([T_ACCEPT])
 _RINGMARK_FRAME: Final = bytes([T_RINGMARK])
+_RESET_FRAME: Final = bytes([T_RESET])
 #: Runs of wake-up bytes are parsed in one step (C speed), so a burst costs one event.
 _BELL_RUN: Final = re.compile(re.escape(_BELL_FRAME) + b"+")
 _SPACE_RUN: Final = re.compile(re.escape(_SPACE_FRAME) + b"+")
@@ -173,9 +177,10 @@ class State(enum.Enum):
     #: Fallback (after Reject) or downgrade (after both Plain markers): plain TCP both
     #: ways; received bytes come out as PlainData, nothing is sent.
     TCP = "TCP"
-    #: TCP EOF received and reported (one Eof event). Nothing more arrives (next_event()
-    #: returns NEED_DATA) and nothing is sent; if the channel was accepted, data_received()
-    #: still works (drain the ring up to the FIN) and so does data_sent().
+    #: TCP EOF received and reported (one Eof event), or a Reset sent or received. Nothing
+    #: more arrives (next_event() returns NEED_DATA) and nothing is sent; if the channel was
+    #: accepted, data_received() still works (drain the ring up to the FIN) and so does
+    #: data_sent().
     CLOSED = "CLOSED"
     #: Poisoned by a peer's protocol violation; every method raises LocalProtocolError.
     ERROR = "ERROR"
@@ -208,6 +213,9 @@ class State(enum.Enum):
 #         in the middle of a handshake, switch or upgrade finishes that first), answered
 #         with a Plain (or crossed by a Switch, which then counts as the answer), and
 #         ends in TCP; after the two markers no frame is sent or parsed again (Rule 5).
+# Rule 10: Reset ends the connection (CLOSED): it is sent where data frames may be sent
+#         and the peer parses them (SHM, FRAMED, UPGRADE_SENT, RING_AWAIT), received
+#         wherever the peer's data frames are parsed, and nothing follows it.
 
 _Table: TypeAlias = dict[Role, dict[State, dict[type[Event], State]]]
 
@@ -217,6 +225,7 @@ _SHM_SEND: Final[dict[type[Event], State]] = {
     Fin: State.SHM,
     Switch: State.SWITCH_SENT,
     Plain: State.PLAIN_SENT,
+    Reset: State.CLOSED,
 }
 _SHM_RECEIVE: Final[dict[type[Event], State]] = {
     Bell: State.SHM,
@@ -224,6 +233,7 @@ _SHM_RECEIVE: Final[dict[type[Event], State]] = {
     Fin: State.SHM,
     Switch: State.SWITCH_RECEIVED,
     Plain: State.PLAIN_RECEIVED,
+    Reset: State.CLOSED,
     Eof: State.CLOSED,
 }
 _TCP_RECEIVE: Final[dict[type[Event], State]] = {PlainData: State.TCP, Eof: State.CLOSED}
@@ -233,9 +243,14 @@ _SWITCH_SENT_RECEIVE: Final[dict[type[Event], State]] = {
     Fin: State.SWITCH_SENT,
     Switch: State.FRAMED,
     Plain: State.TCP,  # the peer downgrades: our Switch counts as our answer
+    Reset: State.CLOSED,
     Eof: State.CLOSED,
 }
-_FRAMED: Final[dict[type[Event], State]] = {Data: State.FRAMED, Fin: State.FRAMED}
+_FRAMED: Final[dict[type[Event], State]] = {
+    Data: State.FRAMED,
+    Fin: State.FRAMED,
+    Reset: State.CLOSED,
+}
 _FRAMED_SEND: Final[dict[type[Event], State]] = {**_FRAMED, Plain: State.PLAIN_SENT}
 _FRAMED_RECEIVE: Final[dict[type[Event], State]] = {
     **_FRAMED,
@@ -250,6 +265,7 @@ _PLAIN_SENT_RECEIVE: Final[dict[type[Event], State]] = {
     Data: State.PLAIN_SENT,
     Plain: State.TCP,
     Switch: State.TCP,
+    Reset: State.CLOSED,
     Eof: State.CLOSED,
 }
 _PLAIN_RECEIVED_SEND: Final[dict[type[Event], State]] = {
@@ -266,7 +282,11 @@ SEND_TRANSITIONS: Final[_Table] = {
         State.SHM: _SHM_SEND,
         State.SWITCH_RECEIVED: {Switch: State.FRAMED},
         State.FRAMED: {**_FRAMED_SEND, Upgrade: State.UPGRADE_SENT},
-        State.UPGRADE_SENT: {Data: State.UPGRADE_SENT, Fin: State.UPGRADE_SENT},
+        State.UPGRADE_SENT: {
+            Data: State.UPGRADE_SENT,
+            Fin: State.UPGRADE_SENT,
+            Reset: State.CLOSED,
+        },
         State.UPGRADE_ACCEPTED: {
             RingMark: State.SHM,
             Data: State.UPGRADE_ACCEPTED,  # what was queued goes out before the mark
@@ -285,7 +305,12 @@ SEND_TRANSITIONS: Final[_Table] = {
             Data: State.UPGRADE_RECEIVED,  # a writer thread's frames before the answer
             Fin: State.UPGRADE_RECEIVED,
         },
-        State.RING_AWAIT: {Bell: State.RING_AWAIT, Space: State.RING_AWAIT, Fin: State.RING_AWAIT},
+        State.RING_AWAIT: {
+            Bell: State.RING_AWAIT,
+            Space: State.RING_AWAIT,
+            Fin: State.RING_AWAIT,
+            Reset: State.CLOSED,
+        },
         State.PLAIN_RECEIVED: _PLAIN_RECEIVED_SEND,
     },
 }
@@ -303,6 +328,7 @@ RECEIVE_TRANSITIONS: Final[_Table] = {
             Accept: State.UPGRADE_ACCEPTED,
             Reject: State.FRAMED,
             Plain: State.PLAIN_RECEIVED,  # the server downgrades instead of answering
+            Reset: State.CLOSED,
             Eof: State.CLOSED,
         },
         State.PLAIN_SENT: _PLAIN_SENT_RECEIVE,
@@ -317,6 +343,7 @@ RECEIVE_TRANSITIONS: Final[_Table] = {
             Data: State.RING_AWAIT,
             Fin: State.RING_AWAIT,
             RingMark: State.SHM,
+            Reset: State.CLOSED,
             Eof: State.CLOSED,
         },
         # An Upgrade that crossed our Plain: the client drops it when our Plain arrives.
@@ -582,6 +609,8 @@ class Connection:
             case Upgrade(nonce=nonce):
                 data = bytes([T_UPGRADE]) + nonce
                 self._nonce = nonce
+            case Reset():
+                data = _RESET_FRAME
             case RingMark():
                 if self._tcp_next != self._sent:
                     raise LocalProtocolError(
@@ -833,6 +862,8 @@ class Connection:
             return Reject(reason_from_code(buffer[pos + 1])), size
         if kind == T_RINGMARK:
             return RingMark(), size
+        if kind == T_RESET:
+            return Reset(), size
         if kind == T_UPGRADE:
             return Upgrade(bytes(buffer[pos + 1 : pos + size])), size
         if kind == T_PLAIN:

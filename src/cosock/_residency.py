@@ -47,11 +47,13 @@ _POKED = select.POLLPRI | select.POLLERR | select.POLLHUP
 
 _lock = threading.Lock()
 _started_pid: int | None = None
+#: The watch's eventfd for ``wake()``: made with the first thread, kept for the process.
+_wake_fd: int | None = None
 
 
 def ensure_watching() -> None:
     """Start the watch thread of this process (again after a fork) if it is not running."""
-    global _started_pid
+    global _started_pid, _wake_fd
     from . import _census
 
     _census.ensure_publishing()  # ``cosock status`` lists the connections we watch
@@ -59,6 +61,11 @@ def ensure_watching() -> None:
     with _lock:  # the thread clears _started_pid under it when it retires
         if _started_pid == pid:
             return
+        if _wake_fd is None:
+            try:
+                _wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            except OSError:
+                pass  # no descriptor left: a close waits for the watch's next round
         thread = threading.Thread(target=_run, name="cosock-residency", daemon=True)
         thread.start()
         _started_pid = pid
@@ -67,9 +74,30 @@ def ensure_watching() -> None:
 def _after_fork_in_child() -> None:
     """Forget the parent's thread (its lock may have been held at the fork); called by
     ``_census``'s fork hook, which then restarts both threads if connections are live."""
-    global _lock, _started_pid
+    global _lock, _started_pid, _wake_fd
     _lock = threading.Lock()
     _started_pid = None
+    if _wake_fd is not None:
+        try:
+            os.close(_wake_fd)  # the parent's thread's
+        except OSError:
+            pass
+        _wake_fd = None
+
+
+def wake() -> None:
+    """End the watch's current sleep now.
+
+    Its poll holds a reference to every fd it watches, so a socket the application closes
+    stays open in the kernel -- no FIN, no RST for the peer -- until that poll returns.
+    ``CoSocket.close()`` calls this right after closing its fd.
+    """
+    with _lock:  # (a fork's child closes and replaces it under the lock)
+        if _wake_fd is not None:
+            try:
+                os.eventfd_write(_wake_fd, 1)
+            except OSError:
+                pass
 
 
 def _retire() -> bool:
@@ -135,12 +163,20 @@ def _run() -> None:
         poller = _kernel_poll()
         if wait_fd is not None:
             poller.register(wait_fd, select.POLLIN)
+        woken_by = _wake_fd
+        if woken_by is not None:
+            poller.register(woken_by, select.POLLIN)
         for fd, events in watched:
             poller.register(fd, events)
         try:
             ready = poller.poll(timeout_ms)
         except InterruptedError:
             ready = []
+        if woken_by is not None and any(fd == woken_by for fd, _ in ready):
+            try:
+                os.eventfd_read(woken_by)
+            except OSError:
+                pass
         if agent is not None:
             seen, checked = _judge(agent, seen, checked)
         _serve()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import functools
 import io
 import ipaddress
@@ -35,6 +36,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ from ._events import (
     Plain,
     PlainData,
     Reject,
+    Reset,
     RingMark,
     Space,
     Switch,
@@ -129,6 +132,11 @@ _WILDCARDS: Final = ("0.0.0.0", "::")
 #: How long a probed source address is reused for one destination (see ``_source_ip``).
 _SOURCE_TTL: Final = 1.0
 _source_cache: dict[tuple[Any, ...], tuple[str, float]] = {}
+#: ioctl: bytes in the kernel's send queue not yet sent (Linux ``SIOCOUTQNSD``).
+_SIOCOUTQNSD: Final = 0x894B
+#: SO_LINGER {on, 0 s}: close() sends RST at once.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_ENOTCONN_TEXT: Final = os.strerror(errno.ENOTCONN)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -212,11 +220,12 @@ class _Channel:
         "fin_pending",
         "fork_cell",
         "forked",
-        "kick",
+        "kicks",
         "mm",
         "nodelay",
         "nonce",
         "peer_ip",
+        "peer_reset",
         "phase",
         "pre_out",
         "proto",
@@ -224,6 +233,7 @@ class _Channel:
         "refs",
         "reject",
         "released",
+        "reset_err",
         "retained",
         "retained_base",
         "role",
@@ -243,6 +253,7 @@ class _Channel:
         "tx_busy",
         "tx_out",
         "upgrade",
+        "waiting",
         "wr_shut",
         "yield_mask",
     )
@@ -274,6 +285,10 @@ class _Channel:
         self.wr_shut = False
         self.fin_pending = False
         self.fin: int | None = None  # the peer's FIN offset, once received
+        # The peer's Reset arrived (TCP: an RST; the socket is in CLOSE), and the error it
+        # left pending for the next recv/send/SO_ERROR to report (TCP's sk_err).
+        self.peer_reset = False
+        self.reset_err: int | None = None
         self.refs = 1
         # Path switch: the ring bytes the peer had not consumed when we left the rings
         # (copied out at that moment: the ring is never read again), and our bytes waiting
@@ -292,9 +307,13 @@ class _Channel:
         self.tx_busy = False
         #: Threads inside ``_sleep`` (the residency watch leaves their fd alone then).
         self.sleepers = 0
-        # eventfd (in a FileIO, so a channel lost without release() still closes it on
-        # collection): a sibling thread took our wake-up (_sleep)
-        self.kick: io.FileIO | None = None
+        # One eventfd per sleeping thread (in a FileIO, so a channel lost without release()
+        # still closes it on collection): a sibling thread took our wake-up (_sleep).  Each
+        # sleeper has its own: with one shared fd, a sibling that kicked and then slept
+        # itself drained the kick meant for the other.  ``waiting``: the sleepers' fds;
+        # ``kicks``: idle ones, for the next sleep.
+        self.waiting: list[io.FileIO] = []
+        self.kicks: list[io.FileIO] = []
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
         #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
@@ -321,9 +340,14 @@ class _Channel:
     def release(self) -> None:
         with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
             self.released = True
-            if self.kick is not None:
-                self.kick.close()
-                self.kick = None
+            for kick in self.waiting:
+                try:
+                    os.eventfd_write(kick.fileno(), 1)  # closing alone wakes no poll
+                except OSError:
+                    pass
+            for kick in (*self.kicks, *self.waiting):
+                kick.close()  # (the sleeper's own _give_kick drops it from ``waiting``)
+            self.kicks.clear()
         for end in (self.tx, self.rx):
             if end is not None:
                 end.release()
@@ -670,7 +694,46 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and ch.ctl_out:
             self._flush_ctl(ch)
+        if ch is not None and args == (socket.SOL_SOCKET, socket.SO_ERROR):
+            err = super().getsockopt(*args)  # (an RST's error is consumed here)
+            self._read_control(ch)  # did the peer's Reset come (before that RST)?
+            if not ch.peer_reset:
+                return err
+            pending, ch.reset_err = ch.reset_err, None  # TCP's error, cleared as read
+            return pending or 0
         return super().getsockopt(*args)
+
+    def getpeername(self) -> Any:
+        ch = self._co
+        if ch is not None and self._tcp_closed(ch):
+            raise OSError(errno.ENOTCONN, _ENOTCONN_TEXT)
+        return super().getpeername()
+
+    def _tcp_closed(self, ch: _Channel) -> bool:
+        """Would this connection's TCP socket be in CLOSE now (getpeername and shutdown
+        then fail ENOTCONN)?  After the peer's reset; or once our FIN is out and the
+        peer's has arrived.  The TCP connection itself stays up while we hold the channel
+        (a path switch may still need it), so this is emulated; and as TCP's CLOSE does not
+        wait for the application to read the peer's FIN, queued frames are read here."""
+        if ch.peer_reset:
+            return True
+        if not ch.wr_shut or ch.fin_pending:
+            return False
+        if ch.fin is None:
+            self._read_control(ch)
+            if self._co is not ch:
+                return False  # plain TCP now: the kernel knows
+        return ch.fin is not None or ch.tcp_eof
+
+    def _read_control(self, ch: _Channel) -> None:
+        """Take queued control frames (never DATA: the fd's readiness stays the
+        application's) to learn of the peer's FIN or Reset."""
+        if ch.peer_reset or ch.tcp_eof or (ch.phase is not _SHM and ch.phase is not _FRAMED):
+            return
+        try:
+            self._pump_control_only(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
 
     def _cosock_events(self, wanted: int, arm: bool = True) -> int:
         """Selector readiness from the rings; arms the peer's wake-ups when not ready.
@@ -1369,6 +1432,28 @@ class CoSocket(socket.socket):
         with ch.ctl_lock:
             ch.tx_out.clear()
 
+    @staticmethod
+    def _peer_reset(ch: _Channel) -> None:
+        """The peer closed with our bytes unread (its Reset; an RST follows on TCP).
+
+        As Linux handles an RST: what the peer sent before stays readable; then one recv,
+        send or SO_ERROR reports the error, ECONNRESET -- or EPIPE when the peer's FIN came
+        first (CLOSE_WAIT), which recv never reports (EOF) -- and later sends fail EPIPE.
+        """
+        ch.peer_reset = True
+        ch.reset_err = errno.EPIPE if ch.fin is not None else errno.ECONNRESET
+        ch.tcp_eof = True
+        if ch.phase is _SWITCHING:
+            CoSocket._peer_gone_while_switching(ch)
+
+    @staticmethod
+    def _reset_error(ch: _Channel) -> OSError:
+        """The error a peer's reset left pending, reported (and cleared) now."""
+        err, ch.reset_err = ch.reset_err, None
+        if err == errno.ECONNRESET:
+            return ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     def _poison(self, ch: _Channel, exc: Exception) -> None:
         """A hostile or broken peer: the connection fails like a reset TCP connection.
 
@@ -1390,18 +1475,53 @@ class CoSocket(socket.socket):
         ch.phase = _BROKEN
 
     @staticmethod
-    def _make_kick(ch: _Channel) -> io.FileIO | None:
-        """The channel's eventfd for waking sibling sleepers, made at its first sleep (most
-        channels never sleep); None if no descriptor is left (wake-ups then rely on the
-        safety timeout, as before)."""
+    def _take_kick(ch: _Channel) -> io.FileIO | None:
+        """Count the calling thread as a sleeper and give it its own eventfd, on which
+        siblings wake it (made at a first sleep: most channels never sleep); None if no
+        descriptor is left (its wake-ups then rely on the safety timeout)."""
         with ch.ctl_lock:
-            if ch.kick is None and not ch.released:
+            ch.sleepers += 1
+            if ch.released:
+                return None
+            if ch.kicks:
+                kick: io.FileIO | None = ch.kicks.pop()
+            else:
                 try:
-                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    ch.kick = io.FileIO(fd, "r", closefd=True)
+                    kick = io.FileIO(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), "r")
                 except OSError:
                     return None
-            return ch.kick
+            assert kick is not None
+            ch.waiting.append(kick)
+            return kick
+
+    @staticmethod
+    def _give_kick(ch: _Channel, kick: io.FileIO | None) -> None:
+        """The sleep is over: drain our eventfd and keep it for the next sleep."""
+        with ch.ctl_lock:
+            ch.sleepers -= 1
+            if kick is None:
+                return
+            ch.waiting.remove(kick)
+            if kick.closed:
+                return  # released meanwhile
+            try:
+                os.eventfd_read(kick.fileno())
+            except OSError:
+                pass  # not kicked
+            if ch.released:
+                kick.close()
+            else:
+                ch.kicks.append(kick)
+
+    @staticmethod
+    def _kick(ch: _Channel) -> None:
+        """Wake every thread of ours asleep on ``ch``."""
+        with ch.ctl_lock:
+            for kick in ch.waiting:
+                try:
+                    os.eventfd_write(kick.fileno(), 1)
+                except (OSError, ValueError):
+                    pass  # released meanwhile
 
     def _events(self, ch: _Channel) -> None:
         """Act on what the protocol parsed; then wake threads of ours asleep on this
@@ -1409,12 +1529,8 @@ class CoSocket(socket.socket):
         try:
             self._handle_events(ch)
         finally:
-            kick = ch.kick
-            if ch.sleepers and kick is not None:
-                try:
-                    os.eventfd_write(kick.fileno(), 1)
-                except (OSError, ValueError):
-                    pass  # released meanwhile
+            if ch.sleepers:
+                self._kick(ch)
 
     def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
@@ -1461,6 +1577,8 @@ class CoSocket(socket.socket):
                 except (RingCorrupted, ValueError) as exc:
                     self._poison(ch, exc)
                     return
+            elif isinstance(event, Reset):
+                self._peer_reset(ch)
             elif isinstance(event, Eof):
                 ch.tcp_eof = True
                 if ch.phase is _SWITCHING:
@@ -1581,12 +1699,11 @@ class CoSocket(socket.socket):
                         mask = spin_yield_mask(took, _YIELD_MASK)
             finally:
                 ch.yield_mask = mask
-        kicker = ch.kick if ch.kick is not None else self._make_kick(ch)
-        kick = None if kicker is None or kicker.closed else kicker.fileno()
         phase = ch.phase
         # Counted before arm(): from here on, another thread of ours that takes our
         # doorbell off the shared TCP stream (full duplex) kicks us (_events).
-        ch.sleepers += 1
+        kicker = self._take_kick(ch)
+        kick = None if kicker is None or kicker.closed else kicker.fileno()
         try:
             if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
                 return
@@ -1609,12 +1726,7 @@ class CoSocket(socket.socket):
             woken = poller.poll(timeout)
             slept = time.perf_counter_ns() - t0
         finally:
-            ch.sleepers -= 1
-        if kick is not None and any(who == kick for who, _ in woken):
-            try:
-                os.eventfd_read(kick)
-            except (BlockingIOError, OSError):
-                pass  # a sibling sleeper drained it first; it re-checks too
+            self._give_kick(ch, kicker)
         if output and any(who == fd and ev & select.POLLOUT for who, ev in woken):
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)
@@ -1786,9 +1898,12 @@ class CoSocket(socket.socket):
                 return got
             if ch.tcp_eof:
                 # The peer's TCP end is gone.  Every byte it published is already ours
-                # (the ring is drained), so this is EOF -- also after a reset, which the
-                # kernel sends whenever a closed peer still gets doorbells.  Only a
-                # protocol violation is reported as an error.
+                # (the ring is drained), so this is EOF -- also after a kernel RST, which a
+                # closed peer's kernel sends for a late doorbell.  Reported as errors: the
+                # peer's own Reset (it closed with our bytes unread), once, as TCP does;
+                # and a protocol violation.
+                if ch.reset_err == errno.ECONNRESET and not got:
+                    raise self._reset_error(ch)
                 if ch.phase is _BROKEN and ch.error is not None and not got:
                     raise ch.error
                 return got
@@ -2137,7 +2252,9 @@ class CoSocket(socket.socket):
         poller.poll(_MAX_SLEEP_MS if left is None else max(1, int(left * 1000)))
 
     def _check_writable(self, ch: _Channel) -> None:
-        if ch.wr_shut:
+        if ch.reset_err is not None:
+            raise self._reset_error(ch)  # TCP: a pending error first, then EPIPE
+        if ch.wr_shut or ch.peer_reset:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
         if ch.error is not None:
             raise ch.error
@@ -2225,6 +2342,8 @@ class CoSocket(socket.socket):
             raise OSError(errno.EINVAL, "Invalid argument")
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
             ch.rd_shut = True
+        if self._tcp_closed(ch):
+            raise OSError(errno.ENOTCONN, _ENOTCONN_TEXT)  # (Linux still notes SHUT_RD)
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not ch.wr_shut:
             ch.wr_shut = True
             _forkshare.noted_shutdown(ch)
@@ -2237,6 +2356,9 @@ class CoSocket(socket.socket):
         return None
 
     def _real_close(self, _ss: Any = _socket.socket) -> None:
+        ch = self._co
+        if ch is not None and self._may_reset(ch) and self._queue_may_hold_data(ch):
+            self._read_queued(ch)  # DATA frames, a verdict: then we know what is unread
         if not self._lingering and self._owes() and not self._hand_over():
             # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
             try:
@@ -2244,9 +2366,11 @@ class CoSocket(socket.socket):
             except (OSError, ProtocolError, ValueError, RingCorrupted):
                 pass
         ch = self._co
-        # No FIN frame and no pump here: close() ends only this fd, which a forked child
-        # may share (socketserver.ForkingMixIn).  The peer learns of the close from TCP
-        # itself and reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
+        if ch is not None and self._may_reset(ch) and self._unread(ch):
+            self._reset(ch)
+        # No FIN frame here: close() ends only this fd, which a forked child may share
+        # (socketserver.ForkingMixIn).  The peer learns of the close from TCP itself and
+        # reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
         if ch is not None:
             self._co = None
             untrack(self, self.fileno())
@@ -2264,6 +2388,65 @@ class CoSocket(socket.socket):
                     pass
             rv.release()
         _ss.close(self)
+        if ch is not None:
+            # The watch's poll holds this fd's file: until it lets go, the kernel sends
+            # neither FIN nor RST (the peer would wait up to a second for its EOF).
+            _residency.wake()
+
+    @staticmethod
+    def _may_reset(ch: _Channel) -> bool:
+        """May close() reset this connection?  Only if this fd is the connection's last:
+        SO_LINGER belongs to the kernel socket, so a dup() twin, a process sharing it by
+        fork() or a lingering twin still finishing would lose their connection with it."""
+        return ch.refs == 1 and not ch.forked and not ch.tcp_eof and ch.error is None
+
+    def _queue_may_hold_data(self, ch: _Channel) -> bool:
+        """At close: may the kernel's queue hold what decides whether bytes are unread
+        (DATA frames, a verdict)?  Not on the rings; not before a connect completed."""
+        if ch.phase is _HANDSHAKE:
+            return ch.role is Role.SERVER or self._connect_done()
+        return ch.phase in (_FRAMED, _UPGRADING, _SWITCHING)
+
+    def _read_queued(self, ch: _Channel) -> None:
+        try:
+            self._pump(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+        except OSError:
+            pass
+
+    def _unread(self, ch: _Channel) -> bool:
+        """Are received bytes still unread (TCP's close() then sends RST, not FIN)?"""
+        if self._rxb:
+            return True
+        rx = ch.rx
+        if ch.phase is not _SHM or rx is None:
+            return False
+        try:
+            return rx.available() > 0
+        except (RingCorrupted, ValueError):
+            return False
+
+    def _reset(self, ch: _Channel) -> None:
+        """Close with received bytes unread, as TCP does: reset the connection.
+
+        The peer learns it from our Reset frame (an RST alone could be a late doorbell's);
+        SO_LINGER {1, 0} makes the kernel send the RST itself, so both TCP sockets end in
+        CLOSE as with TCP -- only once the frame has left our send queue, which an RST
+        discards.
+        """
+        try:
+            self._control(ch, Reset())
+        except ProtocolError:
+            return  # mid-switch or -upgrade: no frame may go now; an ordinary close
+        if ch.ctl_out:
+            return  # the peer does not read its TCP socket: it will see EOF
+        try:
+            (unsent,) = struct.unpack("i", fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, bytes(4)))
+            if unsent == 0:
+                super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
 
     def _owes(self) -> bool:
         """Does closing now leave the peer short of bytes that only we can still send?"""
@@ -2292,6 +2475,7 @@ class CoSocket(socket.socket):
         _socket.socket.settimeout(heir, 0.0)
         heir._utimeout = 0.0  # the twin never blocks: it polls (the fd may be shared)
         heir._txb, self._txb = self._txb, None
+        heir._rxb, self._rxb = self._rxb, None  # unread: the heir's close resets
         heir._shut_after_flush, self._shut_after_flush = self._shut_after_flush, False
         ch = self._co
         if ch is not None:
@@ -2409,6 +2593,9 @@ def _channels_after_fork_in_child() -> None:
             ch.ctl_lock = threading.Lock()
             ch.rx_busy = ch.tx_busy = False
             ch.sleepers = 0
+            for kick in (*ch.kicks, *ch.waiting):
+                kick.close()  # shared with the parent's eventfds: never ours to drain
+            ch.kicks, ch.waiting = [], []
             ch.forked = True
             _forkshare.after_fork(ch)
     _fork_held.clear()

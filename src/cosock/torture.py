@@ -165,10 +165,13 @@ def work(host: str, ports: list[int], seconds: float, connections: int, seed: in
         t.join(seconds + 4 * _IO_TIMEOUT)
     stuck = sum(t.is_alive() for t in threads)
     from ._rendezvous import _sender
+    from ._residency import _wake_fd
     from .agent.client import AgentClient
 
     AgentClient.reset_shared()  # the process-wide agent link is not a leak
     ignore = [] if _sender is None else [_sender.fileno()]
+    if _wake_fd is not None:
+        ignore.append(_wake_fd)  # the residency watch's, process-wide too
     leaks = _leaks.settled_leaks(before, lambda: _leaks.snapshot(ignore_fds=ignore))
     counts = {kind: len(items) for kind, items in leaks.items()}
     print(json.dumps({"done": True, "stuck": stuck, "leaks": counts}), flush=True)
