@@ -184,10 +184,11 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
 ) -> None:
     """The library side of a live migration, in-process: two hosts' gateways with their own
     pools; g2 is moved from the first to the second (the lab rewrites both files; the pool
-    "device" is replaced, as the re-plug does). g2's next gateway request is redirected: it
-    greets the new gateway, re-publishes its listener there, forgets the old pool (a slot of
-    the new pool maps the new file) and never gives a slot back across hosts. A redirect to a
-    gateway that does not answer is ``agent-unreachable`` at once, naming the move."""
+    "device" is replaced, as the re-plug does). g2's listener keeper asks within a second and
+    is redirected: it greets the new gateway, re-publishes its listener there, forgets the old
+    pool (a slot of the new pool maps the new file) and never gives a slot back across hosts.
+    A redirect to a gateway that does not answer is ``agent-unreachable`` at once, naming the
+    move."""
     from cosock._errors import AgentUnavailable, FallbackReason
     from cosock._vmchannel import VmDirectory
 
@@ -254,6 +255,12 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
                 os.utime(f, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
             device.unlink()
             device.symlink_to(pools[1])
+            # Nothing asks the gateway here: the listener keeper follows the redirect alone.
+            for _ in range(100):
+                if ("g2", "0.0.0.0", 9000) in gates[1].listeners:
+                    break
+                time.sleep(0.05)
+            assert ("g2", "0.0.0.0", 9000) in gates[1].listeners
             time.sleep(1.1)  # the guest list's cache
             listener, why = d.lookup(C, 9000)
             assert listener is not None and listener.guest == "g3", why

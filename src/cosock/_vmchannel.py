@@ -109,6 +109,9 @@ class VmDirectory:
         self._guests: dict[str, str] = {}
         self._guests_at = -_GUESTS_TTL
         self._listeners: set[tuple[str, int]] = set()
+        #: Asks the gateway once a second while listeners are published (see _keep).
+        self._keeper: threading.Thread | None = None
+        self._closing = threading.Event()
         self._pool: Pool | None = None
         self._layout: PoolLayout | None = None
         self.me: _Guest | None = None
@@ -193,6 +196,10 @@ class VmDirectory:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        self._closing.set()
+        keeper = self._keeper
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(5.0)
         with self._lock:
             gate, self._gate = self._gate, None
             pool, self._pool = self._pool, None
@@ -206,6 +213,7 @@ class VmDirectory:
         self._lock = threading.Lock()
         self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
         self._listeners.clear()
+        self._keeper = None
 
     #### What AgentClient offers CoSocket
 
@@ -293,6 +301,32 @@ class VmDirectory:
         except SlotRefused as exc:
             raise AgentUnavailable(f"VM gateway refused the listener: {exc}") from None
         self._listeners.add((norm, port))
+        with self._lock:
+            if self._keeper is None and not self._closing.is_set():
+                self._keeper = threading.Thread(
+                    target=self._keep, name="cosock-vm-listeners", daemon=True
+                )
+                self._keeper.start()
+
+    def _keep(self) -> None:
+        """While listeners are published, ask the gateway for its guest list once a second.
+
+        A process that only listens makes no gateway request of its own until a connection
+        arrives. After a live migration its gateway connection is the old host's, so its
+        listeners would stay unknown at the new host, and every new neighbour's first
+        connection would fall back to TCP for good. Asking (cheap, the list is cached for
+        the residency watch anyway) follows the old gateway's redirect, which re-publishes
+        them at the new one within about a second.
+        """
+        while not self._closing.wait(_GUESTS_TTL):
+            with self._lock:
+                if not self._listeners:
+                    self._keeper = None
+                    return
+            try:
+                self._coresident()
+            except AgentUnavailable:
+                pass  # reconnected (and re-published) on the next round
 
     def unlisten(self, addr: str, port: int) -> None:
         norm = addr if addr in ("0.0.0.0", "::") else normalise_host(addr)
