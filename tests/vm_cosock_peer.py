@@ -155,10 +155,15 @@ def client(host: str, port: int) -> None:
 
 
 def plain_client(host: str, port: int) -> None:
+    t = time.monotonic()
     with connect(host, port) as c:
+        took = time.monotonic() - t  # ``PEER_TIMING``: how long connect() took
         c.sendall(b"eof\nabc")
         c.shutdown(socket.SHUT_WR)
-        print(json.dumps({"answer": read_line(c), **info(c)}), flush=True)
+        out = {"answer": read_line(c), **info(c)}
+        if os.environ.get("PEER_TIMING"):
+            out["connect_s"] = round(took, 3)
+        print(json.dumps(out), flush=True)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
