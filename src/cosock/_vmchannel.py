@@ -21,7 +21,10 @@ The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (t
 attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
 gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
-sides switch their connections to TCP at the exact offset and give their slots back.
+sides switch their connections to TCP at the exact offset and give their slots back. After the
+move the old gateway redirects the VM to its new host's gateway: the directory follows, re-
+publishes its listeners there and reopens the pool (the new host's, hot-plugged), and the watch
+upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as on one kernel).
 """
 
 from __future__ import annotations
