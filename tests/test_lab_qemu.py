@@ -345,15 +345,44 @@ def _wait_path(lab: object, guest: str, log: str, path: str, after: int, timeout
         if len(changes) > after and changes[after]["path"] == path:
             return float(str(changes[after]["t"]))
         assert len(changes) <= after, f"{guest} {log}: unexpected path changes {changes}"
-        assert time.monotonic() < deadline, f"{guest} {log}: no change to {path} ({changes})"
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{guest} {log}: no change to {path} ({changes}); {_diagnose(lab)}"
+            )
         time.sleep(0.3)
+
+
+def _diagnose(lab: object) -> str:
+    """What a failed wait reports: each VM's QEMU, neighbours, pool device, last kernel lines
+    and cosock logs, and what its library says about the others."""
+    from cosock.lab.qemu import QemuLab, _vm
+
+    assert isinstance(lab, QemuLab)
+    out = []
+    for g in lab.guests:
+        out.append(f"== {g.name} on {g.host}: qemu {'up' if _vm.is_qemu(g.pid) else 'gone'}")
+        out.append(f"serial: {_vm.tail(g.serial, 5)}")
+        others = " ".join(x.address for x in lab.guests if x.name != g.name)
+        probe = (
+            "ip neigh; grep -l 0x1110 /sys/bus/pci/devices/*/device; dmesg | tail -5;"
+            " tail -3 /tmp/re-*.log /tmp/gw-*.log 2>/dev/null;"
+            f' for a in {others}; do {PY} -c "{WHY}" $a; done'
+        )
+        try:
+            r = lab.run(g, ["sh", "-c", probe], timeout=60)
+            out.append(r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")[-800:])
+        except Exception as exc:  # the report must not hide the failure it explains
+            out.append(f"(no command server: {exc})")
+    for h in lab.hosts():
+        out.append(f"== agent {h['name']}: {_vm.tail(Path(h['agent_log']), 5)}")
+    return "\n".join(out)
 
 
 #: What the moved VM's library says about a destination (lookup's reason).
 WHY = """
 import sys
 from cosock import _vmchannel
-print(_vmchannel.directory().lookup(sys.argv[1], 1))
+print(sys.argv[1], _vmchannel.directory().lookup(sys.argv[1], 1))
 """
 
 
