@@ -526,8 +526,9 @@ def status() -> dict[str, Any]:
     guests = d._call("guests")
     me = d.me.name if d.me is not None else None
     where = census_dir()
+    gate = d._gate_addr  # after a migration not the boot-time one (ENV_GATEWAY)
     return {
-        "host": f"VM gateway {os.environ.get(ENV_GATEWAY)}",
+        "host": f"VM gateway {f'{gate[0]}:{gate[1]}' if gate else os.environ.get(ENV_GATEWAY)}",
         "pid": None,
         "guests": [{"name": g, "netns": "vm", "addresses": [a]} for g, a in guests.items()],
         "listeners": [],
