@@ -25,7 +25,7 @@ from cosock.agent import _vmgate
 
 PEER = str(Path(__file__).with_name("vm_cosock_peer.py"))
 RUN = [sys.executable, "-m", "cosock", "run", "--", sys.executable, PEER]
-A, B = "127.0.0.2", "127.0.0.3"
+A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,3 +177,152 @@ def test_a_peer_that_is_not_a_vm_of_this_host_gets_tcp(world: World, free_port: 
     report = world.run("g1", "plain-client", "127.0.0.1", str(free_port), PEER_SOURCE="")
     assert report == {"answer": "3", "path": "tcp", "reason": "not-coresident"}
     assert _finish(srv)[0]["path"] == "tcp"
+
+
+def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library side of a live migration, in-process: two hosts' gateways with their own
+    pools; g2 is moved from the first to the second (the lab rewrites both files; the pool
+    "device" is replaced, as the re-plug does). g2's listener keeper asks within a second and
+    is redirected: it greets the new gateway, re-publishes its listener there, forgets the old
+    pool (a slot of the new pool maps the new file) and never gives a slot back across hosts.
+    A redirect to a gateway that does not answer is ``agent-unreachable`` at once, naming the
+    move."""
+    from cosock._errors import AgentUnavailable, FallbackReason
+    from cosock._vmchannel import VmDirectory
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    pools, gates, files = [], [], []
+    try:
+        for i in (1, 2):
+            pool = base / f"cosock-vmmove-{os.getpid()}-{time.monotonic_ns()}-{i}.ivshmem"
+            with open(pool, "wb") as f:
+                f.truncate(1 << 20)
+            with Pool(pool) as p:
+                p.format(64 << 10)
+            pools.append(pool)
+            files.append(tmp_path / f"vm-guests-{i}.json")
+        files[0].write_text(
+            json.dumps(
+                {
+                    "guests": {
+                        "g1": {"token": "tok-1", "address": A},
+                        "g2": {"token": "tok-2", "address": B},
+                    }
+                }
+            )
+        )
+        files[1].write_text(json.dumps({"guests": {"g3": {"token": "tok-3", "address": C}}}))
+        for i in (0, 1):
+            gates.append(_vmgate.start(("127.0.0.1", 0), pools[i], files[i]))
+        device = tmp_path / "resource2"
+        device.symlink_to(pools[0])
+        token = tmp_path / "token"
+        token.write_text("tok-2")
+        token.chmod(0o600)
+        monkeypatch.setenv("COSOCK_VM_GATEWAY", f"127.0.0.1:{gates[0].server_address[1]}")
+        monkeypatch.setenv("COSOCK_VM_TOKEN_FILE", str(token))
+        monkeypatch.setenv("COSOCK_IVSHMEM", str(device))
+        d = VmDirectory()
+        try:
+            d.listen("0.0.0.0", 9000)
+            assert d.lookup(A, 9000)[0] is not None  # g1 is a neighbour
+            pool, _ = d._open_pool()
+            assert ("g2", "0.0.0.0", 9000) in gates[0].listeners
+            # The move: g2 runs on the second host now; its pool device is the second file.
+            second = f"127.0.0.1:{gates[1].server_address[1]}"
+            files[1].write_text(
+                json.dumps(
+                    {
+                        "guests": {
+                            "g2": {"token": "tok-2", "address": B},
+                            "g3": {"token": "tok-3", "address": C},
+                        }
+                    }
+                )
+            )
+            files[0].write_text(
+                json.dumps(
+                    {
+                        "guests": {"g1": {"token": "tok-1", "address": A}},
+                        "moved": {"g2": {"token": "tok-2", "gateway": second}},
+                    }
+                )
+            )
+            for f in files:
+                os.utime(f, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+            device.unlink()
+            device.symlink_to(pools[1])
+            # Nothing asks the gateway here: the listener keeper follows the redirect alone.
+            for _ in range(100):
+                if ("g2", "0.0.0.0", 9000) in gates[1].listeners:
+                    break
+                time.sleep(0.05)
+            assert ("g2", "0.0.0.0", 9000) in gates[1].listeners
+            time.sleep(1.1)  # the guest list's cache
+            listener, why = d.lookup(C, 9000)
+            assert listener is not None and listener.guest == "g3", why
+            assert d.lookup(A, 9000) == (None, "not-coresident")
+            assert d.moves == 1 and d._pool is None  # the old BAR is not used again
+            assert ("g2", "0.0.0.0", 9000) in gates[1].listeners
+            for _ in range(50):  # the old gateway's handler drops it when it hangs up
+                if ("g2", "0.0.0.0", 9000) not in gates[0].listeners:
+                    break
+                time.sleep(0.05)
+            assert ("g2", "0.0.0.0", 9000) not in gates[0].listeners
+            made = d.offer((B, 40000), (C, 9000))
+            assert made == FallbackReason.NOT_CORESIDENT  # g3 publishes no listener
+            with VmAgentFor(gates[1], "tok-3") as g3:
+                g3.listen(C, 9000)
+                made = d.offer((B, 40000), (C, 9000))
+                assert not isinstance(made, FallbackReason), made
+                _, mm, _ = made
+                assert d._pool is not None and d._pool.path == device
+                with open(pools[1], "rb") as f:  # the slot lives in the second host's pool
+                    f.seek(gates[1].layout.offset(mm._give_back[2]))
+                    assert f.read(64) == bytes(mm[:64])
+                mm.close()
+                assert gates[1].table.free_count == gates[1].layout.slot_count
+            # Moved again, to a host whose gateway is down: unreachable, naming the move.
+            files[1].write_text(
+                json.dumps(
+                    {
+                        "guests": {"g3": {"token": "tok-3", "address": C}},
+                        "moved": {"g2": {"token": "tok-2", "gateway": "127.0.0.1:9"}},
+                    }
+                )
+            )
+            os.utime(files[1], ns=(time.time_ns() + 2 * 10**9, time.time_ns() + 2 * 10**9))
+            time.sleep(1.1)
+            t = time.monotonic()
+            listener, why = d.lookup(C, 9000)
+            assert listener is None and why.startswith("agent-unreachable"), why
+            assert "moved" in why and "127.0.0.1:9" in why, why
+            assert time.monotonic() - t < 5
+            with pytest.raises(AgentUnavailable):
+                d._call("guests")  # within the retry second: the kept reason, no wait
+        finally:
+            d.close()
+    finally:
+        for gate in gates:
+            gate.shutdown()
+            gate.server_close()
+        for pool in pools:
+            pool.unlink()
+
+
+class VmAgentFor:
+    """A second guest's gateway connection (a listener of g3 on the second host)."""
+
+    def __init__(self, gate: _vmgate.VmGateway, token: str) -> None:
+        from cosock._vmagent import VmAgent
+
+        self.agent = VmAgent(gate.server_address[:2], token=token)
+
+    def __enter__(self) -> Any:
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.close()

@@ -218,3 +218,38 @@ def test_a_leaving_vm_has_no_neighbours_and_nobody_sees_it(
             a.offer((A, 40001, B, 8000), NONCE)
         a.free_slot(slot, gen)  # a leaving VM still gives its slots back
         assert a._call({"op": "grants"})["grants"] == 0
+
+
+def test_a_migrated_guest_is_sent_to_its_new_gateway_and_hung_up_on(
+    gateway: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    """What the lab writes after a live migration: the guest is ``moved`` (with its new host's
+    gateway). Its open connection's next request, and a new hello with its token, get the new
+    address and are hung up on; its listeners here are dropped. A guest that is neither here
+    nor moved is ``gone``."""
+    from cosock._vmagent import GatewayMoved
+
+    addr, _ = gateway
+    guests = tmp_path / "vm-guests.json"
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        b.listen(B, 8000)
+        a.offer((A, 40000, B, 8000), NONCE)  # the listener is there
+        data = json.loads(guests.read_text())
+        rec = data["guests"].pop("h1g2")
+        data["moved"] = {"h1g2": {"token": rec["token"], "gateway": "10.77.2.1:7071"}}
+        del data["guests"]["h1g3"]  # gone without a trace (stopped)
+        guests.write_text(json.dumps(data))
+        os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        with pytest.raises(GatewayMoved, match="moved: h1g2") as moved:
+            b.guests()
+        assert moved.value.address == ("10.77.2.1", 7071)
+        with pytest.raises(AgentUnavailable):
+            b.guests()  # hung up on
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer((A, 40001, B, 8000), NONCE)  # not a VM of this host any more
+        with pytest.raises(GatewayMoved) as again:
+            VmAgent(addr, token="tok-b")
+        assert again.value.address == ("10.77.2.1", 7071)
+        with pytest.raises(SlotRefused, match="bad token"):
+            VmAgent(addr, token="tok-c")
+        assert a.guests() == {"h1g1": A}

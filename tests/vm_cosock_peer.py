@@ -10,9 +10,12 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
     aclient HOST PORT            asyncio echo client; one JSON line
     urlget URL                   urllib GET; sha256 of the body and the path; one JSON line
     echo-server HOST PORT        echo one connection to EOF; one JSON line
-    soak-client HOST PORT SECS   echo round trips of 1 B..64 KiB, each checked, for SECS
-                                 seconds; prints {"started"} after the first, then a report
-                                 with every path the connection took, in order
+    soak-client HOST PORT SECS [STOP]
+                                 echo round trips of 1 B..64 KiB, each checked, for SECS
+                                 seconds or until the file STOP exists; prints {"started"}
+                                 after the first, {"path", "t"} at every later change of
+                                 path (t: this VM's monotonic clock), then a report with
+                                 every path the connection took, in order
 
 Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
 length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
@@ -152,10 +155,15 @@ def client(host: str, port: int) -> None:
 
 
 def plain_client(host: str, port: int) -> None:
+    t = time.monotonic()
     with connect(host, port) as c:
+        took = time.monotonic() - t  # ``PEER_TIMING``: how long connect() took
         c.sendall(b"eof\nabc")
         c.shutdown(socket.SHUT_WR)
-        print(json.dumps({"answer": read_line(c), **info(c)}), flush=True)
+        out = {"answer": read_line(c), **info(c)}
+        if os.environ.get("PEER_TIMING"):
+            out["connect_s"] = round(took, 3)
+        print(json.dumps(out), flush=True)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -223,13 +231,13 @@ def echo_server(host: str, port: int) -> None:
     srv.close()
 
 
-def soak_client(host: str, port: int, seconds: float) -> None:
+def soak_client(host: str, port: int, seconds: float, stop: str | None = None) -> None:
     paths: list[str] = []
     errors: list[str] = []
     total = rounds = 0
     with connect(host, port) as c:
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop and rounds % 16 == 0 and os.path.exists(stop)):
             size = 1 + (rounds * 7919) % 65536
             msg = pattern(size, rounds)
             try:
@@ -245,6 +253,8 @@ def soak_client(host: str, port: int, seconds: float) -> None:
             path = info(c)["path"]
             if not paths or paths[-1] != path:
                 paths.append(path)
+                if rounds > 1:
+                    print(json.dumps({"path": path, "t": time.monotonic()}), flush=True)
             if rounds == 1:
                 print(json.dumps({"started": path}), flush=True)
         c.shutdown(socket.SHUT_WR)
@@ -270,7 +280,7 @@ def main() -> None:
     elif mode == "echo-server":
         echo_server(args[0], int(args[1]))
     elif mode == "soak-client":
-        soak_client(args[0], int(args[1]), float(args[2]))
+        soak_client(args[0], int(args[1]), float(args[2]), *args[3:4])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -29,6 +29,27 @@ class SlotRefused(CosockError):
     """The gateway refused a slot request (the connection stays on TCP)."""
 
 
+class GatewayMoved(AgentUnavailable):
+    """This VM migrated: the gateway it asked is its old host's, which names the new one
+    (``address``) and hangs up. Callers that do not follow it see the gateway unavailable."""
+
+    def __init__(self, message: str, address: tuple[str, int]) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+def parse_address(raw: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (the environment's or a gateway's redirect) as a socket address.
+
+    Raises:
+        AgentUnavailable: not ADDR:PORT.
+    """
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit():
+        raise AgentUnavailable(f"VM gateway address {raw!r} is not ADDR:PORT")
+    return host.strip("[]"), int(port)
+
+
 def gateway_address() -> tuple[str, int]:
     raw = os.environ.get(ENV_GATEWAY, "")
     host, _, port = raw.rpartition(":")
@@ -56,6 +77,7 @@ class VmAgent:
         timeout: float = 10.0,
     ) -> None:
         addr = address or gateway_address()
+        self.gateway = addr
         self._lock = threading.Lock()  # one request at a time: replies come in order
         try:
             # The original socket class: under `cosock run` this process's socket.socket
@@ -67,7 +89,13 @@ class VmAgent:
             self._sock.close()
             raise AgentUnavailable(f"VM gateway {addr[0]}:{addr[1]}: {exc}") from None
         self._file = self._sock.makefile("rwb")
-        hello = self._call({"op": "hello", "token": token if token is not None else read_token()})
+        try:
+            hello = self._call(
+                {"op": "hello", "token": token if token is not None else read_token()}
+            )
+        except BaseException:
+            self.close()
+            raise
         self.guest: str = hello["guest"]
         self.address: str = hello["address"]
 
@@ -95,6 +123,12 @@ class VmAgent:
             raise AgentUnavailable("VM gateway closed the connection")
         reply = json.loads(line)
         if not reply.get("ok"):
+            if reply.get("moved"):
+                self.close()  # the old gateway hangs up after saying so
+                raise GatewayMoved(str(reply.get("error")), parse_address(str(reply["moved"])))
+            if str(reply.get("error", "")).startswith("gone:"):
+                self.close()
+                raise AgentUnavailable(f"VM gateway: {reply['error']}")
             raise SlotRefused(str(reply.get("error")))
         return dict(reply)
 

@@ -21,7 +21,10 @@ The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (t
 attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
 gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
-sides switch their connections to TCP at the exact offset and give their slots back.
+sides switch their connections to TCP at the exact offset and give their slots back. After the
+move the old gateway redirects the VM to its new host's gateway: the directory follows, re-
+publishes its listeners there and reopens the pool (the new host's, hot-plugged), and the watch
+upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as on one kernel).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ._errors import AgentUnavailable, FallbackReason
 from ._ivshmem import Pool, PoolError, PoolLayout, find_device
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
-from ._vmagent import ENV_GATEWAY, Key, SlotRefused, VmAgent
+from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
 
 #: ``ListenerInfo.rendezvous`` of a listener in another VM: the offer goes to the gateway.
 RENDEZVOUS_PREFIX = "ivshmem:"
@@ -47,6 +50,8 @@ RENDEZVOUS_PREFIX = "ivshmem:"
 _GUESTS_TTL = 1.0
 #: After the gateway could not be reached, how long until it is tried again.
 _RETRY_S = 1.0
+#: Redirects followed in one attempt (old host -> new host; one more if it moved meanwhile).
+_MAX_HOPS = 3
 
 
 def active() -> bool:
@@ -78,13 +83,13 @@ class SlotMapping(mmap.mmap):
     def give_back(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
-            owner[1].free(owner[2], owner[3])
+            owner[1].free(owner[2], owner[3], owner[5])
 
     def close(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         super().close()
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
-            owner[1].free(owner[2], owner[3])
+            owner[1].free(owner[2], owner[3], owner[5])
 
 
 def switched(mm: object) -> None:
@@ -107,14 +112,30 @@ class VmDirectory:
         self._guests: dict[str, str] = {}
         self._guests_at = -_GUESTS_TTL
         self._listeners: set[tuple[str, int]] = set()
+        #: Asks the gateway once a second while listeners are published (see _keep).
+        self._keeper: threading.Thread | None = None
+        self._closing = threading.Event()
         self._pool: Pool | None = None
         self._layout: PoolLayout | None = None
         self.me: _Guest | None = None
+        #: The gateway a redirect named (this VM migrated); None: the boot-time one.
+        self._learned: tuple[str, int] | None = None
+        #: The gateway of the last connection, and how many times it changed (a slot
+        #: granted under an older epoch is never given back to a newer host's gateway).
+        self._gate_addr: tuple[str, int] | None = None
+        self.epoch = 0
+        #: Gateway changes seen (a migration): ``cosock_info``-style figures for tests.
+        self.moves = 0
 
     #### The gateway connection
 
     def _gateway(self) -> VmAgent:
         """Connected and greeted (listeners re-published after a reconnect).
+
+        After a migration the gateway asked (the boot-time one, or the last one) is the old
+        host's: it answers with the new host's, which is followed (and remembered). A new
+        gateway means a new host, so the pool is reopened: the BAR opened before is a
+        deleted device's, and the new host's pool is another device (hot-plugged).
 
         Raises:
             AgentUnavailable: no gateway (the reason is kept for the next second).
@@ -125,30 +146,63 @@ class VmDirectory:
             now = time.monotonic()
             if now < self._retry_at:
                 raise AgentUnavailable(self._why)
+            address = self._learned
             try:
-                gate = VmAgent(timeout=5.0)
+                for _ in range(_MAX_HOPS):
+                    try:
+                        gate = VmAgent(address, timeout=5.0)
+                        break
+                    except GatewayMoved as moved:
+                        address = self._learned = moved.address
+                else:
+                    raise AgentUnavailable(f"more than {_MAX_HOPS} redirects")
                 for addr, port in self._listeners:
                     gate.listen(addr, port)
             except (AgentUnavailable, SlotRefused, OSError, ValueError) as exc:
-                self._why = f"VM gateway: {exc}"
+                where = "" if address is None else f" (this VM moved: {address[0]}:{address[1]})"
+                self._why = f"VM gateway{where}: {exc}"
                 self._retry_at = now + _RETRY_S
+                # Ask the boot-time gateway again next time: it knows where we are now.
+                self._learned = None
                 raise AgentUnavailable(self._why) from None
+            if self._gate_addr is not None and gate.gateway != self._gate_addr:
+                self._moved_locked()
+            self._gate_addr = gate.gateway
             self._gate, self.me = gate, _Guest(gate.guest)
             return gate
 
+    def _moved_locked(self) -> None:
+        """Another host's gateway: forget the old host's pool and guest list."""
+        pool, self._pool, self._layout = self._pool, None, None
+        if pool is not None:
+            pool.close()
+        self._guests, self._guests_at = {}, -_GUESTS_TTL
+        self.epoch += 1
+        self.moves += 1
+
     def _call(self, method: str, *args: Any) -> Any:
-        """One gateway request; a dropped connection is reconnected on the next call."""
-        gate = self._gateway()
-        try:
-            return getattr(gate, method)(*args)
-        except AgentUnavailable:
-            with self._lock:
-                if self._gate is gate:
-                    self._gate = None
-            gate.close()
-            raise
+        """One gateway request; a dropped connection is reconnected on the next call, a
+        redirect (this VM migrated) is followed at once."""
+        for attempt in range(2):
+            gate = self._gateway()
+            try:
+                return getattr(gate, method)(*args)
+            except AgentUnavailable as exc:
+                with self._lock:
+                    if self._gate is gate:
+                        self._gate = None
+                    if isinstance(exc, GatewayMoved):
+                        self._learned = exc.address
+                gate.close()
+                if not isinstance(exc, GatewayMoved) or attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
+        self._closing.set()
+        keeper = self._keeper
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(5.0)
         with self._lock:
             gate, self._gate = self._gate, None
             pool, self._pool = self._pool, None
@@ -162,6 +216,7 @@ class VmDirectory:
         self._lock = threading.Lock()
         self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
         self._listeners.clear()
+        self._keeper = None
 
     #### What AgentClient offers CoSocket
 
@@ -249,6 +304,32 @@ class VmDirectory:
         except SlotRefused as exc:
             raise AgentUnavailable(f"VM gateway refused the listener: {exc}") from None
         self._listeners.add((norm, port))
+        with self._lock:
+            if self._keeper is None and not self._closing.is_set():
+                self._keeper = threading.Thread(
+                    target=self._keep, name="cosock-vm-listeners", daemon=True
+                )
+                self._keeper.start()
+
+    def _keep(self) -> None:
+        """While listeners are published, ask the gateway for its guest list once a second.
+
+        A process that only listens makes no gateway request of its own until a connection
+        arrives. After a live migration its gateway connection is the old host's, so its
+        listeners would stay unknown at the new host, and every new neighbour's first
+        connection would fall back to TCP for good. Asking (cheap, the list is cached for
+        the residency watch anyway) follows the old gateway's redirect, which re-publishes
+        them at the new one within about a second.
+        """
+        while not self._closing.wait(_GUESTS_TTL):
+            with self._lock:
+                if not self._listeners:
+                    self._keeper = None
+                    return
+            try:
+                self._coresident()
+            except AgentUnavailable:
+                pass  # reconnected (and re-published) on the next round
 
     def unlisten(self, addr: str, port: int) -> None:
         norm = addr if addr in ("0.0.0.0", "::") else normalise_host(addr)
@@ -296,11 +377,16 @@ class VmDirectory:
         if not channel_headers_ok(mm, layout.capacity):
             mm.close()
             raise PoolError(f"slot {slot} does not hold a channel of {layout.capacity}")
-        mm._give_back = (os.getpid(), self, slot, generation, False)  # type: ignore[attr-defined]
+        owner = (os.getpid(), self, slot, generation, False, self.epoch)
+        mm._give_back = owner  # type: ignore[attr-defined]
         _mappings.add(mm)
         return mm
 
-    def free(self, slot: int, generation: int) -> None:
+    def free(self, slot: int, generation: int, epoch: int | None = None) -> None:
+        """Give a slot back; not one granted by another host's gateway (``epoch``): that
+        one was dropped when we left, and its number may be a live grant here."""
+        if epoch is not None and epoch != self.epoch:
+            return
         try:
             self._call("free_slot", slot, generation)
         except (AgentUnavailable, SlotRefused):
@@ -440,8 +526,9 @@ def status() -> dict[str, Any]:
     guests = d._call("guests")
     me = d.me.name if d.me is not None else None
     where = census_dir()
+    gate = d._gate_addr  # after a migration not the boot-time one (ENV_GATEWAY)
     return {
-        "host": f"VM gateway {os.environ.get(ENV_GATEWAY)}",
+        "host": f"VM gateway {f'{gate[0]}:{gate[1]}' if gate else os.environ.get(ENV_GATEWAY)}",
         "pid": None,
         "guests": [{"name": g, "netns": "vm", "addresses": [a]} for g, a in guests.items()],
         "listeners": [],
@@ -489,7 +576,7 @@ def _shared_by_fork() -> None:
     for mm in list(_mappings):
         owner = mm.__dict__.get("_give_back")
         if owner is not None:
-            mm._give_back = (*owner[:4], True)  # type: ignore[attr-defined]
+            mm._give_back = (*owner[:4], True, *owner[5:])  # type: ignore[attr-defined]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_shared_by_fork)

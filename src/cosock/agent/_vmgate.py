@@ -7,12 +7,16 @@ host handed it through fw_cfg. The gateway hands out slots of the host's ivshmem
 connections between its VMs (``cosock._ivshmem.SlotTable``). See docs/vm-backend.md, 2-4.
 
 Guests file (JSON, root-only, written by the lab): ``{"guests": {NAME: {"token", "address",
-"leaving"?}}}``, re-read when it changes; a guest marked ``leaving`` (about to migrate) is
-listed to nobody and sees no neighbours, so the residency watches switch its connections to
-TCP. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot {peer, key}``,
-``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``, ``grants`` (how many
-slots the caller's connections hold); ``key`` is the connection's 4-tuple ``[client ip, port,
-server ip, port]``.
+"leaving"?}}, "moved": {NAME: {"token", "gateway"}}}``, re-read when it changes; a guest marked
+``leaving`` (about to migrate) is listed to nobody and sees no neighbours, so the residency
+watches switch its connections to TCP. A guest that migrated away is ``moved``: every request
+of its (still open) connections, and a new ``hello`` with its token, is answered ``{"ok":
+false, "moved": "ADDR:PORT"}`` (its new host's gateway) and the connection is closed, so the
+guest's library follows it (``cosock._vmchannel``); a guest that is neither here nor moved gets
+``gone`` and is hung up on. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot
+{peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``,
+``grants`` (how many slots the caller's connections hold); ``key`` is the connection's 4-tuple
+``[client ip, port, server ip, port]``.
 
 A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
 ``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
@@ -48,6 +52,19 @@ class GatewayError(CosockError):
     """A request the gateway refuses (reason in the message, sent back to the guest)."""
 
 
+class NotHere(GatewayError):
+    """The guest no longer runs on this host: the reply says where it went (``moved``, its
+    new host's gateway) or that it is ``gone``; the connection is closed after it."""
+
+    def __init__(self, guest: str, gateway: str | None) -> None:
+        super().__init__(
+            f"moved: {guest} runs on the host of gateway {gateway} now"
+            if gateway
+            else f"gone: {guest} is not a VM of this host"
+        )
+        self.gateway = gateway
+
+
 class _Guests:
     """The guests file, re-read when its mtime changes (a migration rewrites it)."""
 
@@ -59,6 +76,8 @@ class _Guests:
         self.leaving: set[str] = set()
         #: Guests that left the file since the last :meth:`take_gone` (migrated, stopped).
         self._gone: set[str] = set()
+        #: Guests that migrated to another host: token -> (guest, that host's gateway).
+        self._moved: dict[str, tuple[str, str]] = {}
 
     def take_gone(self) -> set[str]:
         self._reload()
@@ -71,6 +90,14 @@ class _Guests:
         for known, who in self._by_token.items():
             if hmac.compare_digest(known, token):
                 return who
+        return None
+
+    def moved(self, token: str) -> tuple[str, str] | None:
+        """(guest, gateway ADDR:PORT) if the token's guest migrated to another host."""
+        self._reload()
+        for known, where in self._moved.items():
+            if hmac.compare_digest(known, token):
+                return where
         return None
 
     def owner_of(self, address: str) -> str | None:
@@ -107,6 +134,11 @@ class _Guests:
             str(name)
             for name, rec in data.get("guests", {}).items()
             if isinstance(rec, dict) and rec.get("leaving")
+        }
+        self._moved = {
+            str(rec["token"]): (str(name), str(rec.get("gateway", "")))
+            for name, rec in data.get("moved", {}).items()
+            if isinstance(rec, dict) and rec.get("token")
         }
         self._gone |= before - {g for g, _ in self._by_token.values()}
         self._mtime = mtime
@@ -261,8 +293,16 @@ def _key(req: dict[str, Any]) -> Key:
 class _Handler(socketserver.StreamRequestHandler):
     server: VmGateway
 
+    def _still_here(self, token: str, who: tuple[str, str]) -> None:
+        """Raise NotHere once the guest of this connection left the host (a migration)."""
+        guests = self.server.guests
+        if guests.lookup(token) != who:
+            moved = guests.moved(token)
+            raise NotHere(who[0], moved[1] if moved is not None else None)
+
     def handle(self) -> None:
         who: tuple[str, str] | None = None
+        token = ""
         held: set[tuple[int, int]] = set()
         listening: list[tuple[str, str, int]] = []
         try:
@@ -273,9 +313,15 @@ class _Handler(socketserver.StreamRequestHandler):
                     if not isinstance(req, dict):
                         raise GatewayError("request is not an object")
                     op = req.get("op")
+                    if who is not None and op != "hello":
+                        self._still_here(token, who)
                     if op == "hello":
-                        who = self.server.guests.lookup(str(req.get("token", "")))
+                        token = str(req.get("token", ""))
+                        who = self.server.guests.lookup(token)
                         if who is None:
+                            moved = self.server.guests.moved(token)
+                            if moved is not None:
+                                raise NotHere(*moved)
                             raise GatewayError("bad token")
                         reply: dict[str, Any] = {"guest": who[0], "address": who[1]}
                     elif who is None:
@@ -311,6 +357,9 @@ class _Handler(socketserver.StreamRequestHandler):
                     else:
                         raise GatewayError(f"unknown op {op!r}")
                     self._send({"ok": True, **reply})
+                except NotHere as exc:
+                    self._send({"ok": False, "error": str(exc), "moved": exc.gateway})
+                    return  # the finally below drops its listeners and slots here
                 except (GatewayError, ValueError, KeyError, TypeError) as exc:
                     self._send({"ok": False, "error": str(exc) or type(exc).__name__})
         except OSError:
@@ -341,4 +390,4 @@ def parse_bind(raw: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port or PORT)
 
 
-__all__ = ["PORT", "GatewayError", "VmGateway", "parse_bind", "start"]
+__all__ = ["PORT", "GatewayError", "NotHere", "VmGateway", "parse_bind", "start"]

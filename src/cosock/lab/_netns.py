@@ -205,11 +205,30 @@ def _index(ipr: Any, ifname: str) -> int:
 #### Building blocks
 
 
+def bridge_mac(address: str) -> str:
+    """A fixed, locally administered MAC for the bridge owning IPv4 ``address`` (unique in the
+    lab, as the address is)."""
+    return "02:63:" + ":".join(f"{int(b):02x}" for b in address.split("."))
+
+
 def build_host(nl: Netlinks, ns: str, address: str) -> None:
-    """``lo`` and a bridge ``br0`` (no STP, no forward delay: ports forward at once), up."""
+    """``lo`` and a bridge ``br0`` (no STP, no forward delay: ports forward at once), up.
+
+    The bridge gets a MAC of its own: by default it takes the lowest MAC of its ports, so it
+    changed whenever a guest's port came or went (a migration), and every guest that still
+    had the old one cached could not reach the host's address for seconds (its VM gateway,
+    after a live migration: ARP probes to a MAC that no longer exists, until they fail).
+    """
     ipr = nl(ns)
     ipr.link("set", index=_index(ipr, "lo"), state="up")
-    ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
+    ipr.link(
+        "add",
+        ifname=BRIDGE,
+        kind="bridge",
+        address=bridge_mac(address),
+        br_stp_state=0,
+        br_forward_delay=0,
+    )
     br = _index(ipr, BRIDGE)
     ipr.addr("add", index=br, address=address, prefixlen=PREFIXLEN)
     ipr.link("set", index=br, state="up")

@@ -124,21 +124,27 @@ def _wait_migrated(src_qmp: Path, timeout: float) -> dict[str, Any]:
 
 def write_vm_guests(state: _state.State, leaving: frozenset[str] = frozenset()) -> None:
     """Each host's VM-gateway file lists the VMs that run on it now (0600); those about to
-    migrate are marked ``leaving`` (the gateway then shows them no neighbours)."""
+    migrate are marked ``leaving`` (the gateway then shows them no neighbours). The lab's other
+    VMs are listed as ``moved`` with their host's gateway: a VM that migrated away asks its old
+    gateway (or the one it booted with) and is sent on to its new one."""
+    from ...agent._vmgate import PORT
     from ._lab import _write_private
 
+    hosts = {h["name"]: h for h in state["hosts"]}
+    tokens = {g["name"]: Path(g["agent_token_file"]).read_text() for g in state["guests"]}
     for h in state["hosts"]:
-        vms: dict[str, dict[str, Any]] = {
-            g["name"]: {
-                "token": Path(g["agent_token_file"]).read_text(),
-                "address": g["addresses"][0],
-            }
-            for g in state["guests"]
-            if g["host"] == h["name"]
-        }
+        vms: dict[str, dict[str, Any]] = {}
+        moved: dict[str, dict[str, Any]] = {}
+        for g in state["guests"]:
+            if g["host"] == h["name"]:
+                vms[g["name"]] = {"token": tokens[g["name"]], "address": g["addresses"][0]}
+            else:
+                gateway = f"{hosts[g['host']]['address']}:{PORT}"
+                moved[g["name"]] = {"token": tokens[g["name"]], "gateway": gateway}
         for name in leaving & vms.keys():
             vms[name]["leaving"] = True
-        _write_private(Path(h["vm_guests"]), json.dumps({"guests": vms}, indent=2))
+        doc = {"guests": vms, "moved": moved}
+        _write_private(Path(h["vm_guests"]), json.dumps(doc, indent=2))
 
 
 def _slots_held(state: _state.State, g: dict[str, Any]) -> int:
