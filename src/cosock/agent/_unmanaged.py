@@ -13,7 +13,7 @@ with thousands of sockets costs milliseconds, not the agent's loop.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import functools
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,25 +44,39 @@ class Scan:
 
 
 def normalize(addr: str) -> str:
-    """One spelling per address (the kernel's and ``getsockname``'s agree after this)."""
-    try:
-        return ipaddress.ip_address(addr.split("%", 1)[0]).compressed
-    except ValueError:
-        return addr
+    """One spelling per address, as ``getsockname`` spells it (``::ffff:127.0.0.1``)."""
+    host = addr.split("%", 1)[0]
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            return socket.inet_ntop(family, socket.inet_pton(family, host))
+    return addr
+
+
+def _to_kernel(addr: str, port: int) -> str:
+    """``addr:port`` as /proc/net/tcp spells it (host-order 32-bit words, upper hex)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            raw = socket.inet_pton(family, addr.split("%", 1)[0])
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            return f"{words.hex().upper()}:{port:04X}"
+    return f"?{addr}:{port}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _host(text: str) -> str:
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)
 
 
 def _addr(text: str) -> tuple[str, int]:
     host, port = text.split(":")
-    raw = bytes.fromhex(host)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1]), int(port, 16)
-    # Four host-order (little-endian) 32-bit words.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return normalize(socket.inet_ntop(socket.AF_INET6, words)), int(port, 16)
+    return _host(host), int(port, 16)
 
 
-def _table(pid: int) -> Iterator[tuple[Tuple4, int, int]]:
-    """Established connections of ``pid``'s netns: (4-tuple, uid, socket inode)."""
+def _table(pid: int) -> Iterator[tuple[str, str, int, int]]:
+    """Established connections of ``pid``'s netns as the kernel spells them:
+    (local, peer, uid, socket inode)."""
     for name in ("tcp", "tcp6"):
         try:
             f = open(f"/proc/{pid}/net/{name}", encoding="ascii", errors="replace")  # noqa: SIM115
@@ -77,11 +91,10 @@ def _table(pid: int) -> Iterator[tuple[Tuple4, int, int]]:
                 if len(fields) < 10 or fields[3] != _ESTABLISHED:
                     continue
                 try:
-                    local, peer = _addr(fields[1]), _addr(fields[2])
                     uid, inode = int(fields[7]), int(fields[9])
                 except ValueError:
                     continue
-                yield (local[0], local[1], peer[0], peer[1]), uid, inode
+                yield fields[1], fields[2], uid, inode
 
 
 def netns_inode(pid: int) -> int | None:
@@ -152,29 +165,41 @@ def scan(
         ns = netns_inode(pid)
         if ns in members and (uid is None or _owner(pid) == uid):
             members[ns].append(pid)
+    raw_known = {
+        (ns, _to_kernel(t[0], t[1]), _to_kernel(t[2], t[3])) for ns, t in known if ns in spaces
+    }
     out = Scan([])
+    comms: dict[int, str | None] = {}
     for ns, name in spaces.items():
         pids = members[ns]
         # Any process of the namespace shows its table; re-checked as it may have exited.
         reader = next((p for p in pids if netns_inode(p) == ns), None)
         if reader is None:
             continue
-        seen: set[Tuple4] = set()
+        seen: set[tuple[str, str]] = set()
         inodes: dict[int, dict[str, Any]] = {}
-        for tup, owner, inode in _table(reader):
-            if (uid is not None and owner != uid) or (ns, tup) in known or tup in seen:
+        for local, peer, owner, inode in _table(reader):
+            if (uid is not None and owner != uid) or (ns, local, peer) in raw_known:
                 continue
-            seen.add(tup)
+            if (local, peer) in seen:
+                continue
+            seen.add((local, peer))
             if len(out.rows) >= MAX_ROWS:
                 out.truncated += 1
+                continue
+            try:
+                tup = (*_addr(local), *_addr(peer))
+            except (ValueError, OSError):
                 continue
             row = _row(name, tup, owner)
             out.rows.append(row)
             if inode:
                 inodes[inode] = row
         for inode, pid in _holders(pids, set(inodes)).items():
+            if pid not in comms:
+                comms[pid] = _comm(pid)
             inodes[inode]["pid"] = pid
-            inodes[inode]["comm"] = _comm(pid)
+            inodes[inode]["comm"] = comms[pid]
     return out
 
 
