@@ -248,6 +248,19 @@ def test_scan_is_bounded_reads_ipv6_and_skips_what_the_census_knows(
                 assert row["guest"] == "here" and row["pid"] == os.getpid(), row
             assert rows[_key(cli6)]["local_addr"] == "::1"
 
+            # sock_diag (what the scan uses when it may) and /proc/net/tcp agree.
+            def raw(sock: socket.socket) -> _unmanaged.RawKey:
+                la, lp, pa, pp = _key(sock)
+                lraw, praw = _unmanaged._packed(la), _unmanaged._packed(pa)
+                assert lraw is not None and praw is not None
+                return (lraw, lp, praw, pp)
+
+            ours_raw = {raw(x) for x in ours}
+            diag = [r for r in _unmanaged._table(os.getpid(), me) if r[0] in ours_raw]
+            proc = [r for r in _unmanaged._proc_table(os.getpid()) if r[0] in ours_raw]
+            assert len(diag) == len(ours) and sorted(diag) == sorted(proc)
+            assert {u for _, u, _ in diag} == {os.geteuid()}
+
             monkeypatch.setattr(_unmanaged, "MAX_ROWS", 3)
             monkeypatch.setattr(_unmanaged, "MAX_FDS", 0)
             small = _unmanaged.scan({me: "here"}, set())

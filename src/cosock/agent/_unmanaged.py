@@ -13,9 +13,12 @@ with thousands of sockets costs milliseconds, not the agent's loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import socket
+import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,31 +55,30 @@ def normalize(addr: str) -> str:
     return addr
 
 
-def _to_kernel(addr: str, port: int) -> str:
-    """``addr:port`` as /proc/net/tcp spells it (host-order 32-bit words, upper hex)."""
+#: (local IP, local port, peer IP, peer port), IPs packed (4 or 16 bytes, network order).
+RawKey = tuple[bytes, int, bytes, int]
+
+
+def _packed(addr: str) -> bytes | None:
     for family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
-            raw = socket.inet_pton(family, addr.split("%", 1)[0])
-            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            return f"{words.hex().upper()}:{port:04X}"
-    return f"?{addr}:{port}"
+            return socket.inet_pton(family, addr.split("%", 1)[0])
+    return None
+
+
+def _unpacked(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 @functools.lru_cache(maxsize=1024)
-def _host(text: str) -> str:
+def _proc_ip(text: str) -> bytes:
+    """An IP as /proc/net/tcp spells it (hex of host-order 32-bit words), packed."""
     raw = bytes.fromhex(text)
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)
+    return b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
 
 
-def _addr(text: str) -> tuple[str, int]:
-    host, port = text.split(":")
-    return _host(host), int(port, 16)
-
-
-def _table(pid: int) -> Iterator[tuple[str, str, int, int]]:
-    """Established connections of ``pid``'s netns as the kernel spells them:
-    (local, peer, uid, socket inode)."""
+def _proc_table(pid: int) -> Iterator[tuple[RawKey, int, int]]:
+    """Established connections of ``pid``'s netns from /proc: (key, uid, socket inode)."""
     for name in ("tcp", "tcp6"):
         try:
             f = open(f"/proc/{pid}/net/{name}", encoding="ascii", errors="replace")  # noqa: SIM115
@@ -91,10 +93,108 @@ def _table(pid: int) -> Iterator[tuple[str, str, int, int]]:
                 if len(fields) < 10 or fields[3] != _ESTABLISHED:
                     continue
                 try:
-                    uid, inode = int(fields[7]), int(fields[9])
+                    (lip, lport), (pip, pport) = fields[1].split(":"), fields[2].split(":")
+                    key = (_proc_ip(lip), int(lport, 16), _proc_ip(pip), int(pport, 16))
+                    yield key, int(fields[7]), int(fields[9])
                 except ValueError:
                     continue
-                yield fields[1], fields[2], uid, inode
+
+
+#### sock_diag: the kernel filters the states, so TIME_WAIT-heavy tables cost nothing
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP = 0x1 | 0x300  # REQUEST | ROOT | MATCH
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLMSG = struct.Struct("=IHHII")
+#: inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
+_REQ = struct.Struct("=BBBxI48x")
+#: inet_diag_msg: family, state, timer, retrans, sport, dport (big-endian), src, dst,
+#: if, cookie, expires, rqueue, wqueue, uid, inode.
+_MSG = struct.Struct("=BBBB2H16s16s4x8x4x4x4xII")
+_CLONE_NEWNET = 0x40000000
+
+
+def _diag_socket(nsfd: int | None) -> socket.socket:
+    """A sock_diag socket in the namespace ``nsfd`` (None: ours).  Entering it takes a
+    short-lived thread (setns moves only the calling thread; the socket stays there)."""
+    if nsfd is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+    made: list[socket.socket | BaseException] = []
+
+    def enter() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(nsfd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG))
+        except BaseException as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=enter, name="cosock-netns")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def _diag_table(sock: socket.socket) -> Iterator[tuple[RawKey, int, int]]:
+    """Established connections seen by the sock_diag socket ``sock``."""
+    sock.settimeout(5.0)
+    count = 0
+    for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+        body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << int(_ESTABLISHED, 16))
+        sock.send(
+            _NLMSG.pack(_NLMSG.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP, seq, 0) + body
+        )
+        iplen = 4 if family == socket.AF_INET else 16
+        done = False
+        while not done:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError("sock_diag: connection closed")
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+                if length < _NLMSG.size:
+                    raise OSError("sock_diag: bad message length")
+                if kind == _NLMSG_DONE:
+                    done = True
+                    break
+                if kind == _NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+                    raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+                if kind == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _MSG.size:
+                    fam, _st, _t, _r, sport, dport, src, dst, uid, inode = _MSG.unpack_from(
+                        data, off + _NLMSG.size
+                    )
+                    count += 1
+                    if fam == family and count <= _MAX_LINES:
+                        key = (src[:iplen], socket.ntohs(sport), dst[:iplen], socket.ntohs(dport))
+                        yield key, uid, inode
+                off += (length + 3) & ~3
+
+
+def _table(pid: int, own_ns: int | None) -> Iterator[tuple[RawKey, int, int]]:
+    """Established connections of ``pid``'s netns: sock_diag if we may enter it, else
+    /proc/<pid>/net/tcp{,6} (readable without privileges, slower)."""
+    try:
+        if netns_inode(pid) == own_ns:
+            sock = _diag_socket(None)
+        else:
+            nsfd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sock = _diag_socket(nsfd)
+            finally:
+                os.close(nsfd)
+        with sock:
+            rows = list(_diag_table(sock))  # an error (no inet_diag module?) comes first
+    except OSError:
+        yield from _proc_table(pid)
+        return
+    yield from rows
 
 
 def netns_inode(pid: int) -> int | None:
@@ -165,9 +265,12 @@ def scan(
         ns = netns_inode(pid)
         if ns in members and (uid is None or _owner(pid) == uid):
             members[ns].append(pid)
-    raw_known = {
-        (ns, _to_kernel(t[0], t[1]), _to_kernel(t[2], t[3])) for ns, t in known if ns in spaces
-    }
+    raw_known: set[tuple[int, RawKey]] = set()
+    for ns, (la, lp, pa, pp) in known:
+        lraw, praw = _packed(la), _packed(pa)
+        if ns in spaces and lraw is not None and praw is not None:
+            raw_known.add((ns, (lraw, lp, praw, pp)))
+    own_ns = netns_inode(os.getpid())
     out = Scan([])
     comms: dict[int, str | None] = {}
     for ns, name in spaces.items():
@@ -176,21 +279,16 @@ def scan(
         reader = next((p for p in pids if netns_inode(p) == ns), None)
         if reader is None:
             continue
-        seen: set[tuple[str, str]] = set()
+        seen: set[RawKey] = set()
         inodes: dict[int, dict[str, Any]] = {}
-        for local, peer, owner, inode in _table(reader):
-            if (uid is not None and owner != uid) or (ns, local, peer) in raw_known:
+        for key, owner, inode in _table(reader, own_ns):
+            if (uid is not None and owner != uid) or (ns, key) in raw_known or key in seen:
                 continue
-            if (local, peer) in seen:
-                continue
-            seen.add((local, peer))
+            seen.add(key)
             if len(out.rows) >= MAX_ROWS:
                 out.truncated += 1
                 continue
-            try:
-                tup = (*_addr(local), *_addr(peer))
-            except (ValueError, OSError):
-                continue
+            tup = (_unpacked(key[0]), key[1], _unpacked(key[2]), key[3])
             row = _row(name, tup, owner)
             out.rows.append(row)
             if inode:
