@@ -327,3 +327,35 @@ def test_a_non_root_client_sees_only_its_own_plain_connections() -> None:
         agent.kill()
         agent.wait()
         shutil.rmtree(short, ignore_errors=True)
+
+
+_SCAN_AS_NOBODY = textwrap.dedent(
+    """
+    import json, os, socket
+    from cosock.agent import _unmanaged
+    import encodings.idna  # everything imported before we lose root's files
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    me = _unmanaged.netns_inode(os.getpid())
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    _unmanaged._diag_socket(None).close()  # sock_diag needs no privilege in our netns
+    rows = _unmanaged.scan({me: None}, set(), uid=65534).rows
+    print(json.dumps({"port": srv.getsockname()[1], "pid": os.getpid(), "rows": rows}))
+    """
+)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to become another user")
+def test_scan_works_without_root() -> None:
+    """The loopback case of a per-user agent: a process that is not root lists its own
+    plain connections with its pid (sock_diag and /proc/<pid>/fd of its own processes)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SCAN_AS_NOBODY], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    ends = [r for r in seen["rows"] if seen["port"] in (r["local_port"], r["peer_port"])]
+    assert len(ends) == 2 and all(r["pid"] == seen["pid"] and _plain_row(r) for r in ends), ends

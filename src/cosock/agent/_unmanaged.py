@@ -2,8 +2,9 @@
 grpcio) or by processes not under ``cosock run``.
 
 The census (``cosock._census``) only knows ``CoSocket``s, so ``cosock status`` asks the
-kernel too: the established rows of ``/proc/<pid>/net/tcp`` and ``tcp6`` of a process in
-each namespace, minus the 4-tuples the census already lists.  Socket inodes are matched
+kernel too: the established TCP sockets of each namespace (``sock_diag``, or
+``/proc/<pid>/net/tcp`` and ``tcp6`` of a process in it where we may not enter it),
+minus the 4-tuples the census already lists.  Socket inodes are matched
 to processes through ``/proc/<pid>/fd`` of that namespace's processes.  This runs only
 for ``cosock status`` (the ``connections`` op), never on a data path, and is bounded:
 at most :data:`MAX_ROWS` rows are kept and :data:`MAX_FDS` fds read per call, so a guest
@@ -25,7 +26,7 @@ from typing import Any
 
 from .._errors import FallbackReason
 
-__all__ = ["MAX_FDS", "MAX_ROWS", "Scan", "normalize", "scan"]
+__all__ = ["MAX_FDS", "MAX_ROWS", "RawKey", "Scan", "Tuple4", "netns_inode", "normalize", "scan"]
 
 #: Rows kept per call (over all namespaces); the rest are only counted.
 MAX_ROWS = 1000
@@ -227,10 +228,10 @@ def _comm(pid: int) -> str | None:
         return None
 
 
-def _holders(pids: Iterable[int], wanted: set[int]) -> dict[int, int]:
-    """Socket inode -> the first pid (of ``pids``) holding it, reading at most MAX_FDS fds."""
+def _holders(pids: Iterable[int], wanted: set[int], budget: int) -> tuple[dict[int, int], int]:
+    """Socket inode -> the first pid (of ``pids``) holding it, reading at most ``budget``
+    fds; and what is left of the budget."""
     found: dict[int, int] = {}
-    budget = MAX_FDS
     for pid in pids:
         if budget <= 0 or len(found) == len(wanted):
             break
@@ -246,7 +247,7 @@ def _holders(pids: Iterable[int], wanted: set[int]) -> dict[int, int]:
                     if inode in wanted:
                         found.setdefault(inode, pid)
         budget -= len(fds)
-    return found
+    return found, max(0, budget)
 
 
 def scan(
@@ -273,6 +274,7 @@ def scan(
     own_ns = netns_inode(os.getpid())
     out = Scan([])
     comms: dict[int, str | None] = {}
+    budget = MAX_FDS
     for ns, name in spaces.items():
         pids = members[ns]
         # Any process of the namespace shows its table; re-checked as it may have exited.
@@ -293,7 +295,8 @@ def scan(
             out.rows.append(row)
             if inode:
                 inodes[inode] = row
-        for inode, pid in _holders(pids, set(inodes)).items():
+        holders, budget = _holders(pids, set(inodes), budget)
+        for inode, pid in holders.items():
             if pid not in comms:
                 comms[pid] = _comm(pid)
             inodes[inode]["pid"] = pid

@@ -614,7 +614,9 @@ class AgentServer:
             processes = [p for p in census if p["uid"] == conn.uid]
         reply: dict[str, Any] = {"host": self.host, "processes": processes}
         if req.get("unmanaged", True) is not False:
-            found = self._unmanaged(conn, census, None if admin else conn.uid)
+            # Like ``ss -tnp`` without root: a non-root client (also the owner of a
+            # per-user agent) gets its own uid's sockets only.
+            found = self._unmanaged(conn, census, None if conn.uid == 0 else conn.uid)
             reply["unmanaged"] = found.rows
             reply["unmanaged_truncated"] = found.truncated
         return reply
