@@ -214,6 +214,7 @@ def test_reason_codes_are_stable_and_complete() -> None:
         FallbackReason.HANDSHAKE_FAILED: 10,
         FallbackReason.HANDED_OVER: 11,
         FallbackReason.NO_SHM_DEVICE: 12,
+        FallbackReason.NOT_INTERCEPTED: 13,
     }
     assert set(REASON_CODES) == set(FallbackReason)
     for reason, code in REASON_CODES.items():
@@ -229,7 +230,7 @@ def test_every_reason_travels(reason: FallbackReason) -> None:
     assert pair.client.state is pair.server.state is State.TCP
 
 
-@pytest.mark.parametrize("code", [0, 13, 0x7F, 0xFF])
+@pytest.mark.parametrize("code", [0, 14, 0x7F, 0xFF])
 def test_unknown_reject_code_means_peer_rejected(code: int) -> None:
     client = Connection(CLIENT, NONCE)
     client.send(Hello(NONCE))

@@ -1,7 +1,8 @@
 """uvloop under ``cosock run``: libuv makes and drives its own sockets, so cosock never
 sees them.  Such programs keep working on plain TCP, and ``cosock status`` (the agent's
-``connections`` op) shows the other end's connection as not accelerated while the uvloop
-end is not listed at all.  ``--loop asyncio`` gets the acceleration back (test_apps.py).
+``connections`` op) shows the other end's connection as not accelerated, with its reason,
+and the uvloop end from the kernel's table (``unmanaged``, ``not-intercepted``).
+``--loop asyncio`` gets the acceleration back (test_apps.py).
 CoSockets made in Python and handed to uvloop are kept plain by the guard in
 ``cosock._uvloop`` (they used to break the connection)."""
 
@@ -17,6 +18,7 @@ import pytest
 
 from app_programs import expected
 from apprun import PROGS, PY, Client, World, both_ends, loopback_world, rows_where, stopping
+from cosock.agent.client import connections
 from test_apps import uvicorn_server
 
 pytest.importorskip("uvloop")
@@ -39,7 +41,8 @@ def _listed_ports(world: World) -> set[int]:
 def test_uvloop_server_and_client_stay_on_plain_tcp_and_status_says_so(world: World) -> None:
     """uvicorn --loop uvloop serving a cosock client (httpx), and asyncio streams on uvloop
     talking to uvicorn --loop asyncio: exact bodies; the CoSocket end of each connection is
-    listed on tcp with its reason, the uvloop end is absent."""
+    listed on tcp with its reason, the uvloop end only among the connections cosock
+    cannot see (the kernel's table), with its pid."""
     _uv, uv_port = uvicorn_server(world, loop="uvloop")
     _asy, asy_port = uvicorn_server(world, loop="asyncio")
     to_uvloop = Client(world, world.near, [PY, PROGS, "httpx", world.server_host, str(uv_port)])
@@ -62,6 +65,20 @@ def test_uvloop_server_and_client_stay_on_plain_tcp_and_status_says_so(world: Wo
     rows = world.rows()
     assert not [r for r in rows if r["local_port"] in (uv_port, p2)], rows
     assert not [r for r in rows if r["path"] == "shm"], rows
+    plain = connections(world.agents[0])["unmanaged"]
+    (u1,) = [r for r in plain if (r["local_port"], r["peer_port"]) == (uv_port, p1)]
+    (u2,) = [r for r in plain if (r["local_port"], r["peer_port"]) == (p2, asy_port)]
+    assert (u1["pid"], u2["pid"]) == (_uv.pid, from_uvloop.proc.pid)
+    for u in (u1, u2):
+        assert (u["path"], u["accelerated"], u["fallback_reason"]) == (
+            "tcp",
+            False,
+            "not-intercepted",
+        )
+    # The CoSocket ends are the census's, not listed again.
+    assert not [
+        r for r in plain if (r["local_port"], r["peer_port"]) in ((p1, uv_port), (asy_port, p2))
+    ]
     to_uvloop.finish()
     from_uvloop.finish()
 

@@ -65,3 +65,7 @@ class FallbackReason(enum.Enum):
     HANDED_OVER = "handed-over"
     #: In a VM: no shared-memory device to carve a channel from (no ivshmem pool).
     NO_SHM_DEVICE = "no-shm-device"
+    #: Never a CoSocket: made by C code that bypasses Python sockets (uvloop, grpcio) or
+    #: by a process not under ``cosock run``.  Only ``cosock status`` reports it (the
+    #: agent reads the kernel's TCP table); no process ever sends it.
+    NOT_INTERCEPTED = "not-intercepted"

@@ -287,6 +287,7 @@ REASON_CODES: Final[Mapping[FallbackReason, int]] = MappingProxyType(
         FallbackReason.HANDSHAKE_FAILED: 10,
         FallbackReason.HANDED_OVER: 11,
         FallbackReason.NO_SHM_DEVICE: 12,
+        FallbackReason.NOT_INTERCEPTED: 13,  # status only; mapped for completeness
     }
 )
 _REASONS_BY_CODE: Final[Mapping[int, FallbackReason]] = MappingProxyType(

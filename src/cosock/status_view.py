@@ -25,10 +25,16 @@ def gather(path: Path) -> dict[str, Any]:
         return _vmchannel.status()
     state = status(path)
     try:
-        state["processes"] = connections(path)["processes"]
+        reply = connections(path)
     except AgentRejected as exc:  # an agent from before the census: say so, show the rest
         state["processes"] = []
         state["processes_error"] = str(exc)
+        return state
+    state["processes"] = reply["processes"]
+    # TCP connections no census lists (C code bypassing Python sockets, processes not
+    # under ``cosock run``); absent from an agent older than this field.
+    state["unmanaged"] = reply.get("unmanaged", [])
+    state["unmanaged_truncated"] = reply.get("unmanaged_truncated", 0)
     return state
 
 
@@ -90,7 +96,22 @@ def render(state: dict[str, Any], path: Path) -> RenderableType:
             )
         for x in proc["listeners"]:
             plain_listeners.append((who, x))
+    for c in state.get("unmanaged", []):
+        conns.add_row(
+            f"{c['pid']} {c['comm'] or ''}".strip() if c["pid"] is not None else "?",
+            c["guest"] or "-",
+            _endpoint(c["local_addr"], c["local_port"]),
+            _endpoint(c["peer_addr"], c["peer_port"]),
+            Text(c["path"], style=_PATH_STYLE["tcp"]),
+            "-",
+            "-",
+            "-",
+            "-",
+            c["fallback_reason"],
+        )
     parts.append(conns)
+    if state.get("unmanaged_truncated"):
+        parts.append(Text(f"{state['unmanaged_truncated']} more plain TCP connections not listed"))
     if plain_listeners:
         table = Table(title="listeners on plain TCP")
         for col in ("pid", "address", "port", "fallback reason"):

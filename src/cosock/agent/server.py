@@ -40,6 +40,7 @@ from ._connections import collect, prometheus_text
 from ._owner import holds_listener
 from ._plain import PLAIN_SOCKET
 from ._registry import Registry, RequestError, check_name
+from ._unmanaged import Scan, Tuple4, normalize, scan
 from ._version import VERSION, version_path
 from ._wire import LineReader, LineTooLong, WireError, decode, encode
 
@@ -604,11 +605,37 @@ class AgentServer:
         return collect(self.census_dir, guest_of)
 
     def _op_connections(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
-        """Connections of the processes on this host (only your own unless admin)."""
-        processes = self._census()
-        if conn.uid not in (0, os.geteuid()):
-            processes = [p for p in processes if p["uid"] == conn.uid]
-        return {"host": self.host, "processes": processes}
+        """Connections of the processes on this host (only your own unless admin), and
+        the TCP connections of each guest that no census lists (``"unmanaged": false``
+        in the request skips those)."""
+        census = processes = self._census()
+        admin = conn.uid in (0, os.geteuid())
+        if not admin:
+            processes = [p for p in census if p["uid"] == conn.uid]
+        reply: dict[str, Any] = {"host": self.host, "processes": processes}
+        if req.get("unmanaged", True) is not False:
+            # Like ``ss -tnp`` without root: a non-root client (also the owner of a
+            # per-user agent) gets its own uid's sockets only.
+            found = self._unmanaged(conn, census, None if conn.uid == 0 else conn.uid)
+            reply["unmanaged"] = found.rows
+            reply["unmanaged_truncated"] = found.truncated
+        return reply
+
+    def _unmanaged(self, conn: _Conn, processes: list[Any], uid: int | None) -> Scan:
+        """The kernel's established TCP connections of every guest's netns (and the
+        caller's own: the loopback "guest") minus those the census lists."""
+        spaces: dict[int, str | None] = {g.netns: g.name for g in self._registry.guests()}
+        if conn.netns is not None and conn.netns not in spaces:
+            spaces[conn.netns] = None
+        known: set[tuple[int, Tuple4]] = set()
+        for proc in processes:
+            ns = _netns_of(proc["pid"])
+            if ns is None:
+                continue
+            for c in proc["connections"]:
+                local, peer = normalize(c["local_addr"]), normalize(c["peer_addr"])
+                known.add((ns, (local, c["local_port"], peer, c["peer_port"])))
+        return scan(spaces, known, uid)
 
     def _op_metrics(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         """Counters in Prometheus text format, for a scraper on the agent's socket."""
