@@ -956,7 +956,7 @@ def test_reset_after_a_path_switch(make_pair: Pair, mode: str) -> None:
         assert recv_all(conn, 1) == b"x"
         conn.sendall(b"y")
         assert recv_all(cli, 1) == b"y"
-        assert cli.cosock_path == conn.cosock_path == "tcp"
+        assert isinstance(conn, CoSocket) and cli.cosock_path == conn.cosock_path == "tcp"
     cli.sendall(b"never read")
     conn.sendall(b"to you")
     time.sleep(0.05)

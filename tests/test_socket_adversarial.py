@@ -1458,7 +1458,9 @@ def test_full_duplex_threads_on_one_socket_lose_no_wakeups(monkeypatch):
         assert stalls == 0, f"{stalls} sleeps ended by the 5 s safety timeout"
 
 
-def test_a_sibling_sleeper_never_takes_a_kick_meant_for_another(monkeypatch):
+def test_a_sibling_sleeper_never_takes_a_kick_meant_for_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The lost wake-up behind the full-duplex test, made deterministic.
 
     Reader R sleeps on ``cli`` (armed); the peer's BELL for R's bytes is taken off the
@@ -1491,8 +1493,9 @@ def test_a_sibling_sleeper_never_takes_a_kick_meant_for_another(monkeypatch):
                 assert go_on.wait(10)
             return self._inner.poll(timeout)
 
-    with pair(timeout=None) as (cli, conn):
+    with pair(timeout=60) as (cli, conn):
         settle(cli, conn)
+        cli.settimeout(None)  # R's sleeps end by a wake-up or the 5 s safety timeout
         monkeypatch.setattr(cs, "_kernel_poll", HeldPoll)
         got: dict[str, Any] = {}
 
