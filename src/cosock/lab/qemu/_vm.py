@@ -9,6 +9,7 @@ lines the guest prints on it (see :mod:`._script`).
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import time
 from collections.abc import Sequence
@@ -146,11 +147,20 @@ def start(
 
 
 def tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` of a log; for a guest kernel that crashed, its oops instead (from
+    the first BUG/Oops/RIP line, which the last lines of a panic never show)."""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
+    if any("Kernel panic" in line for line in text[-lines:]):
+        first = next((i for i, ln in enumerate(text) if _OOPS.search(ln)), None)
+        if first is not None:
+            return " | ".join(line.strip() for line in text[first : first + 40])
     return " | ".join(line.strip() for line in text[-lines:])
+
+
+_OOPS = re.compile(r"BUG:|Oops|general protection|RIP:|Call Trace")
 
 
 def serial_marks(serial: Path) -> tuple[bool, bool, str | None]:
