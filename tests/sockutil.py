@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from cosock import CoSocket
 
@@ -16,6 +18,17 @@ def listener(family: int = socket.AF_INET, host: str = "127.0.0.1") -> CoSocket:
     srv.bind((host, 0))
     srv.listen()
     return srv
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """``what()`` once truthy, retried every 0.1 s (census files are written once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def recv_all(sock: socket.socket, n: int) -> bytes:

@@ -18,8 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from cosock import CoSocket
 from cosock.agent import _unmanaged
 from cosock.agent._plain import PLAIN_SOCKET
 from cosock.agent.client import connections
-from sockutil import accelerated_pair, listener, recv_all
+from sockutil import accelerated_pair, listener, recv_all, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,16 +64,6 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
 
 def _unmanaged_rows(agents: list[Path]) -> list[Row]:
     return [r for agent in agents for r in connections(agent)["unmanaged"]]
-
-
-def _until(what: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def _plain_row(row: Row) -> bool:
@@ -113,7 +102,7 @@ def test_c_sockets_work_under_cosock_run_and_both_ends_are_listed(world: World, 
         ]
         return (c[0], s[0]) if len(s) == 1 else None
 
-    c_row, s_row = _until(both_ends)
+    c_row, s_row = wait_for(both_ends)
     if kind == "uv":
         assert c_row["local_port"] == report["local_port"]
     assert _plain_row(c_row) and _plain_row(s_row), (c_row, s_row)
@@ -126,7 +115,7 @@ def test_c_sockets_work_under_cosock_run_and_both_ends_are_listed(world: World, 
     managed = [r for r in world.rows() if port in (r["local_port"], r["peer_port"])]
     assert managed == []
     assert client.finish() == [{"closed": True}]
-    _until(lambda: not [r for r in _unmanaged_rows(world.agents) if r["peer_port"] == port])
+    wait_for(lambda: not [r for r in _unmanaged_rows(world.agents) if r["peer_port"] == port])
 
 
 def _plain_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -175,7 +164,7 @@ def test_managed_connections_are_not_listed_again_and_plain_ones_are(
                         return census, plain
                     return None
 
-                census, plain = _until(listed)
+                census, plain = wait_for(listed)
                 assert census[_key(shm_cli)]["path"] == census[_key(shm_acc)]["path"] == "shm"
                 assert census[_key(mixed)]["fallback_reason"] == "not-coresident"
                 for managed in (shm_cli, shm_acc, mixed):

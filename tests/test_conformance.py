@@ -629,14 +629,20 @@ def _ready_now(s: socket.socket) -> tuple[bool, bool]:
     return bool(r), bool(w)
 
 
-def test_shutdown_once_both_sides_are_done(make_pair: Pair) -> None:
-    """Both FINs exchanged: the TCP socket is closed, so shutdown/getpeername say ENOTCONN."""
+def _both_fins_crossed(make_pair: Pair) -> tuple[socket.socket, socket.socket]:
+    """A pair in TCP's CLOSE state: each side shut down writing and read the other's EOF."""
     cli, conn = make_pair()
     cli.shutdown(socket.SHUT_WR)
     assert conn.recv(1) == b""
     conn.shutdown(socket.SHUT_WR)
     assert cli.recv(1) == b""
     time.sleep(0.05)
+    return cli, conn
+
+
+def test_shutdown_once_both_sides_are_done(make_pair: Pair) -> None:
+    """Both FINs exchanged: the TCP socket is closed, so shutdown/getpeername say ENOTCONN."""
+    cli, conn = _both_fins_crossed(make_pair)
     assert outcome(lambda: cli.shutdown(socket.SHUT_WR)) == ENOTCONN
     assert outcome(lambda: cli.getpeername()) == ENOTCONN
     assert outcome(lambda: conn.getpeername()) == ENOTCONN
@@ -644,12 +650,7 @@ def test_shutdown_once_both_sides_are_done(make_pair: Pair) -> None:
 
 def test_closed_state_after_both_fins(make_pair: Pair) -> None:
     """Every call in TCP's CLOSE state (both FINs crossed), on both sides."""
-    cli, conn = make_pair()
-    cli.shutdown(socket.SHUT_WR)
-    assert conn.recv(1) == b""
-    conn.shutdown(socket.SHUT_WR)
-    assert cli.recv(1) == b""
-    time.sleep(0.05)
+    cli, conn = _both_fins_crossed(make_pair)
     _in_close_state(cli)
     _in_close_state(conn)
 

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,22 +23,14 @@ import pytest
 
 from cosock import CoSocket
 from cosock.agent.client import connections, metrics
-from sockutil import accelerated_pair, listener, recv_all
+from sockutil import accelerated_pair, listener, recv_all, wait_for
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
 
 _TESTS = Path(__file__).parent
 
 
-def _wait(what: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """``what()`` once truthy (it is retried: the census publishes once a second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+_wait = wait_for  # the census publishes once a second
 
 
 def _rows(agent: Path, pid: int | None = None) -> dict[tuple[str, int, str, int], Any]:
