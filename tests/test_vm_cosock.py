@@ -11,6 +11,7 @@ QEMU tests' xdist group. Under TCG the module takes a few minutes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -167,7 +168,10 @@ def test_a_vm_marked_leaving_switches_to_tcp_under_load_and_back_when_it_stays(
     server = vmlab.guest(SERVER_VM).address
     log = _serve(vmlab, [*RUN, PEER, "echo-server", "0.0.0.0", "6007"], 6007)
     soak = f"/tmp/vm-cosock-soak-{time.time_ns()}.log"
-    vmlab.spawn(CLIENT_VM, [*RUN, PEER, "soak-client", server, "6007", "40"], log=soak)
+    # Until told to stop (bounded: 600 s): a fixed 40 s soak could end before a loaded TCG
+    # guest had even answered `cosock status` (CI saw an empty census after the soak ended).
+    stop = f"/tmp/vm-cosock-stop-{time.time_ns()}"
+    vmlab.spawn(CLIENT_VM, [*RUN, PEER, "soak-client", server, "6007", "600", stop], log=soak)
     deadline = time.monotonic() + 180
     while not (started := [x for x in _lines(vmlab, CLIENT_VM, soak) if "started" in x]):
         assert time.monotonic() < deadline, "the soak client did not start"
@@ -194,15 +198,28 @@ def test_a_vm_marked_leaving_switches_to_tcp_under_load_and_back_when_it_stays(
     state = vmlab._state
     record = next(g for g in state["guests"] if g["name"] == CLIENT_VM)
     try:
-        _migrate.switch_to_tcp(state, record, 60)  # returns once no slot is held
+        try:
+            _migrate.switch_to_tcp(state, record, 60)  # returns once no slot is held
+        finally:
+            _migrate.write_vm_guests(state)  # it stays
+        deadline = time.monotonic() + 240  # back on shm: the soak prints each path change
+        while not [x for x in _lines(vmlab, CLIENT_VM, soak) if x.get("path") == "shm"]:
+            assert time.monotonic() < deadline, "the soak client did not return to shm"
+            time.sleep(1)
     finally:
-        _migrate.write_vm_guests(state)  # it stays
+        vmlab.run(CLIENT_VM, ["touch", stop], timeout=60)
     deadline = time.monotonic() + 240
     while not (done := [x for x in _lines(vmlab, CLIENT_VM, soak) if "paths" in x]):
         assert time.monotonic() < deadline, "the soak client did not finish"
         time.sleep(1)
     report = done[0]
     assert report["ok"] and report["errors"] == [], report
-    assert report["paths"] == ["shm", "tcp", "shm"], report
+    # shm, then tcp while leaving, then shm again.  The two ends' views of the gateway's
+    # list are cached for up to 1 s, so right after the undo one end may still see the
+    # other leaving and switch the fresh channel once more (seen once in a loaded run:
+    # shm, tcp, shm, tcp, shm); every byte is still checked above.
+    paths = report["paths"]
+    assert paths[0] == paths[-1] == "shm" and "tcp" in paths, report
+    assert all(a != b for a, b in itertools.pairwise(paths)), report
     echoed = [x for x in _lines(vmlab, SERVER_VM, log) if "echoed" in x]
     assert echoed == [{"echoed": report["bytes"], "path": "shm", "reason": None}]
