@@ -10,6 +10,7 @@ fetched by the backend on first use and cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,8 +94,10 @@ def _why_skip() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def vmlab() -> Iterator[object]:
+@contextlib.contextmanager
+def running_lab(**up: Any) -> Iterator[Any]:
+    """A QEMU lab for one module (``QemuLab.up(name, **up)``), skipped with the reason when
+    this machine cannot run one; downed however the module ends, its leaks checked."""
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
@@ -104,8 +108,7 @@ def vmlab() -> Iterator[object]:
     name = unique_lab_name()
     with leaks_checked():
         try:
-            # h2, h3: migration targets; root "image": migratable (QEMU refuses with 9p).
-            lab = QemuLab.up(name, hosts=1, guests=3, spare_hosts=2, root="image")
+            lab = QemuLab.up(name, **up)
         except BaseException:
             down(name)
             raise
@@ -113,6 +116,13 @@ def vmlab() -> Iterator[object]:
             yield lab
         finally:
             down(name)
+
+
+@pytest.fixture(scope="module")
+def vmlab() -> Iterator[object]:
+    # h2, h3: migration targets; root "image": migratable (QEMU refuses with 9p).
+    with running_lab(hosts=1, guests=3, spare_hosts=2, root="image") as lab:
+        yield lab
 
 
 def test_guests_boot_with_their_addresses(vmlab: object) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from test_lab_qemu import COSOCK, PY, _why_skip
+from test_lab_qemu import COSOCK, PY, running_lab
 
 pytestmark = [
     pytest.mark.vm,
@@ -36,24 +36,8 @@ SERVER_VM, CLIENT_VM = "h1g2", "h1g1"
 
 @pytest.fixture(scope="module")
 def vmlab() -> Iterator[Any]:
-    reason = _why_skip()
-    if reason:
-        pytest.skip(reason)
-    from conftest import leaks_checked, unique_lab_name
-    from cosock.lab import down
-    from cosock.lab.qemu import QemuLab
-
-    name = unique_lab_name()
-    with leaks_checked():
-        try:
-            lab = QemuLab.up(name, hosts=1, guests=2, root="9p")
-        except BaseException:
-            down(name)
-            raise
-        try:
-            yield lab
-        finally:
-            down(name)
+    with running_lab(hosts=1, guests=2, root="9p") as lab:
+        yield lab
 
 
 def _lines(lab: Any, guest: str, log: str) -> list[dict[str, Any]]:
