@@ -195,9 +195,9 @@ def test_capacity_must_be_power_of_two(capacity):
 def test_a_spin_yields_at_every_turn_only_while_its_cpu_is_shared() -> None:
     """A yield that let another task run briefly (the peer, on our CPU) makes the spinner
     yield at every turn; a yield nobody wanted restores the normal cadence."""
-    from cosock._ring import CONTENDED_NS, SHARED_NS, spin_yield_mask, yield_cpu
+    from cosock._ring import CONTENDED_NS, SHARED_NS, YIELD_MASK, spin_yield_mask, yield_cpu
 
     assert yield_cpu() >= 0
-    assert spin_yield_mask(800, 15) == 15  # ~1 µs: the CPU was ours alone
-    assert spin_yield_mask(SHARED_NS + 1, 15) == 0
-    assert spin_yield_mask(CONTENDED_NS - 1, 15) == 0
+    assert spin_yield_mask(800) == YIELD_MASK  # ~1 µs: the CPU was ours alone
+    assert spin_yield_mask(SHARED_NS + 1) == 0
+    assert spin_yield_mask(CONTENDED_NS - 1) == 0

@@ -61,6 +61,9 @@ def fence() -> None:
     _fence_lock.release()
 
 
+#: Spin iterations between two sched_yield() calls (a power of two minus one); the
+#: selectors also look at the kernel then.
+YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 #: A sched_yield() that takes this long ran another task: the CPU is oversubscribed.
 CONTENDED_NS: Final = 50_000
 #: A sched_yield() that takes this long (but less than CONTENDED_NS) let another task run
@@ -84,10 +87,10 @@ def yield_cpu() -> int:
     return time.perf_counter_ns() - t0
 
 
-def spin_yield_mask(took_ns: int, every: int) -> int:
+def spin_yield_mask(took_ns: int) -> int:
     """The yield mask for the next spin turns after a yield that took ``took_ns``: 0 (yield
-    at every turn) while our CPU is shared with the task we wait for, else ``every``."""
-    return 0 if took_ns > SHARED_NS else every
+    at every turn) while our CPU is shared with the task we wait for, else YIELD_MASK."""
+    return 0 if took_ns > SHARED_NS else YIELD_MASK
 
 
 def channel_size(capacity: int) -> int:

@@ -22,16 +22,15 @@ loaded machine) it does not spin at all.
 
 from __future__ import annotations
 
-import os
 import selectors
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from . import _config
 from ._errors import RingCorrupted
-from ._ring import CONTENDED_NS, yield_cpu
+from ._ring import CONTENDED_NS, YIELD_MASK, yield_cpu
 
 if TYPE_CHECKING:
     from ._ring import RingReader
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
-#: Spin iterations between two looks at the kernel (and a sched_yield): a power of 2 - 1.
-_YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 
 #: fd -> CoSocket with an attached channel.  asyncio registers bare fds, so the selector
 #: must find the socket object from the number.
@@ -302,7 +299,7 @@ class CoSelector(selectors.BaseSelector):
                     if rx.available():
                         return True
                 spins += 1
-                if spins & _YIELD_MASK == 0:
+                if spins & YIELD_MASK == 0:
                     if self._inner.select(0):
                         return True  # a plain fd, a timer, the loop's self-pipe
                     # On time-shared vCPUs the peer may wait for *our* CPU; if another

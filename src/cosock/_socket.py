@@ -79,7 +79,15 @@ from ._protocol import (
     State,
 )
 from ._rendezvous import Rendezvous, netns_of_pid, send_offer
-from ._ring import CONTENDED_NS, RingReader, RingWriter, map_channel_fd, spin_yield_mask, yield_cpu
+from ._ring import (
+    CONTENDED_NS,
+    YIELD_MASK,
+    RingReader,
+    RingWriter,
+    map_channel_fd,
+    spin_yield_mask,
+    yield_cpu,
+)
 from ._selectors import EVENT_READ, EVENT_WRITE, track, untrack
 from ._selectors import _channels as _tracked
 
@@ -126,8 +134,6 @@ _FORKED = "forked"
 _DATA_CHUNK: Final = 256 * 1024
 #: How long close() may wait to hand over bytes written before the verdict.
 _CLOSE_LINGER: Final = 2.0
-#: Spin iterations between two sched_yield() calls (a power of two minus one).
-_YIELD_MASK: Final = int(os.environ.get("COSOCK_YIELD_MASK", "15"))
 _WILDCARDS: Final = ("0.0.0.0", "::")
 #: How long a probed source address is reused for one destination (see ``_source_ip``).
 _SOURCE_TTL: Final = 1.0
@@ -324,7 +330,7 @@ class _Channel:
         self.reject: FallbackReason | None = None
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
-        self.yield_mask = _YIELD_MASK  # 0 while our CPU is shared with the peer (_sleep)
+        self.yield_mask = YIELD_MASK  # 0 while our CPU is shared with the peer (_sleep)
         #: Wake-up accounting (doorbells and blocking sleeps), reported by cosock_info().
         self.counters = {
             "bells_sent": 0,
@@ -1696,7 +1702,7 @@ class CoSocket(socket.socket):
                         if took > CONTENDED_NS:
                             ch.spin_ns = max(ch.spin_ns // 2, ch.spin_min)
                             break
-                        mask = spin_yield_mask(took, _YIELD_MASK)
+                        mask = spin_yield_mask(took)
             finally:
                 ch.yield_mask = mask
         phase = ch.phase
