@@ -22,9 +22,11 @@ attribute names), so ``_socket.py`` needs only a few branches. The residency wat
 gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
 sides switch their connections to TCP at the exact offset and give their slots back. After the
-move the old gateway redirects the VM to its new host's gateway: the directory follows, re-
-publishes its listeners there and reopens the pool (the new host's, hot-plugged), and the watch
-upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as on one kernel).
+move the old gateway redirects the VM to its new host's gateway (or, if the old host is gone,
+the dropped connection is redialled to the gateway the new QEMU's fw_cfg names): the directory
+follows, re-publishes its listeners there and reopens the pool (the new host's, hot-plugged),
+and the watch upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as
+on one kernel).
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ class VmDirectory:
         self._pool: Pool | None = None
         self._layout: PoolLayout | None = None
         self.me: _Guest | None = None
-        #: The gateway a redirect named (this VM migrated); None: the boot-time one.
+        #: The gateway a redirect named (this VM migrated); None: the one fw_cfg names
+        #: now (the current host's), else the boot-time one.
         self._learned: tuple[str, int] | None = None
         #: The gateway of the last connection, and how many times it changed (a slot
         #: granted under an older epoch is never given back to a newer host's gateway).
@@ -162,7 +165,8 @@ class VmDirectory:
                 where = "" if address is None else f" (this VM moved: {address[0]}:{address[1]})"
                 self._why = f"VM gateway{where}: {exc}"
                 self._retry_at = now + _RETRY_S
-                # Ask the boot-time gateway again next time: it knows where we are now.
+                # Ask the current host's (fw_cfg) or boot-time gateway next time: either
+                # knows where we are now.
                 self._learned = None
                 raise AgentUnavailable(self._why) from None
             if self._gate_addr is not None and gate.gateway != self._gate_addr:
