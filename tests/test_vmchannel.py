@@ -415,3 +415,37 @@ def test_a_moved_guest_whose_old_gateway_cannot_redirect_asks_the_one_fw_cfg_nam
             gate.server_close()
         for pool in pools:
             pool.unlink()
+
+
+def test_a_switch_is_judged_on_a_fresh_guest_list_not_the_cached_one(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The residency watch switches a connection to TCP only if the peer is missing from a
+    list fetched now: the second-long cache can predate an undone ``leaving`` mark that the
+    peer has already re-upgraded on (the extra switch test_vm_cosock's leave-and-undo saw)."""
+    from cosock._vmchannel import VmDirectory
+
+    for key, value in world.env["g2"].items():
+        if key.startswith("COSOCK_VM") or key == "COSOCK_IVSHMEM":
+            monkeypatch.setenv(key, value)
+    guests = tmp_path / "vm-guests.json"
+    doc = json.loads(guests.read_text())
+
+    def write(leaving: bool) -> None:
+        doc["guests"]["g1"]["leaving"] = leaving
+        guests.write_text(json.dumps(doc))
+        bump = time.time_ns() + (2 if leaving else 3) * 10**9
+        os.utime(guests, ns=(bump, bump))
+
+    d = VmDirectory()
+    try:
+        write(True)
+        assert d.guest_owning(A) is None  # cached: g1 is leaving
+        assert d.gone_for_sure(A)  # fetched now: still leaving, the switch goes ahead
+        write(False)  # undone; the cache (< 1 s old) still says gone ...
+        assert d.guest_owning(A) is None
+        time.sleep(0.06)
+        assert not d.gone_for_sure(A)  # ... a fresh list says g1 is back: no switch
+        assert d.guest_owning(A) is not None
+    finally:
+        d.close()
