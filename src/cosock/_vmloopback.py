@@ -14,6 +14,7 @@ residency watch judges by the gateway, as before: loopback connections are never
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,27 @@ class VmWithLoopback:
         return BothListeners(local_rv, self.vm.listener())
 
     def listen(self, addr: str, port: int, rendezvous: str = "") -> None:
-        """Publish to the gateway (raises like it) and, when ``rendezvous`` is a local
-        socket, to the local agent (a refusal there only keeps loopback clients on TCP)."""
-        self.vm.listen(addr, port)
+        """Publish to the local agent (when ``rendezvous`` is a local socket) and to the
+        gateway (unless on a loopback address, which no other VM can reach); published
+        when either took it.
+
+        Raises:
+            AgentUnavailable: neither did (the gateway's reason).
+        """
+        local_ok = False
         if rendezvous and not rendezvous.startswith(RENDEZVOUS_PREFIX):
             try:
                 self.local.listen(addr, port, rendezvous)
+                local_ok = True
             except (AgentUnavailable, OSError):
                 pass
+        if local_ok and _is_loopback(addr):
+            return
+        try:
+            self.vm.listen(addr, port)
+        except AgentUnavailable:
+            if not local_ok:
+                raise
 
     def unlisten(self, addr: str, port: int) -> None:
         try:
@@ -150,6 +164,13 @@ class BothListeners:
     def close(self) -> None:
         if self.local is not None:
             self.local.close()
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
 
 
 _combined: VmWithLoopback | None = None
