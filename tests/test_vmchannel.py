@@ -279,7 +279,7 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
                 made = d.offer((B, 40000), (C, 9000))
                 assert not isinstance(made, FallbackReason), made
                 _, mm, _ = made
-                assert d._pool is not None and d._pool.path == device
+                assert d._pools[""][0].path == device
                 with open(pools[1], "rb") as f:  # the slot lives in the second host's pool
                     f.seek(gates[1].layout.offset(mm._give_back[2]))
                     assert f.read(64) == bytes(mm[:64])

@@ -102,9 +102,7 @@ def find_device(root: Path = PCI_DEVICES, pool_id: bytes | None = None) -> Path:
     if pool_id is None and devices:
         return devices[0]
     if not devices:
-        raise PoolError(
-            f"no ivshmem device (PCI {IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) under {root}"
-        )
+        raise PoolError(f"no ivshmem device (PCI {IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) under {root}")
     return _by_id(devices, pool_id, root)
 
 

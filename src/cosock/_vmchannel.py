@@ -425,9 +425,7 @@ class VmDirectory:
         _mappings.add(mm)
         return mm
 
-    def free(
-        self, slot: int, generation: int, epoch: int | None = None, pool_id: str = ""
-    ) -> None:
+    def free(self, slot: int, generation: int, epoch: int | None = None, pool_id: str = "") -> None:
         """Give a slot back; not one granted by another host's gateway (``epoch``): that
         one was dropped when we left, and its number may be a live grant here."""
         if epoch is not None and epoch != self.epoch:

@@ -97,7 +97,7 @@ class _Guests:
         return self._qmp.get(guest) if here else None
 
     def status_of(self, guest: str) -> str:
-        """"here", "leaving" or "gone" (not a VM of this host now)."""
+        """ "here", "leaving" or "gone" (not a VM of this host now)."""
         self._reload()
         if not any(g == guest for g, _ in self._by_token.values()):
             return "gone"

@@ -167,6 +167,14 @@ def up(
             "--spare-hosts", metavar="K", help="qemu: K more hosts without VMs (migration targets)."
         ),
     ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            help="qemu: pair (one ivshmem pool per pair of VMs that talk, only they map it) or"
+            " shared (one pool per host that all its VMs map: one tenant only).",
+        ),
+    ] = "pair",
 ) -> None:
     """Create hosts (namespace + bridge + agent) and guests: namespaces with eth0 on the bridge
     (--backend netns) or QEMU VMs with virtio-net on the bridge (--backend qemu)."""
@@ -188,6 +196,7 @@ def up(
                 boot_timeout=_seconds(boot_timeout) if boot_timeout else BOOT_TIMEOUT,
                 spare_hosts=_count(spare_hosts or "0", "spare hosts"),
                 root=root,
+                pool=pool,
             )
         else:
             lab = Lab.up(name, hosts=n_hosts, guests=n_guests)
