@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from test_lab_qemu import COSOCK, PY, running_lab
+from test_lab_qemu import PY, running_lab
 
 pytestmark = [
     pytest.mark.vm,
@@ -30,7 +30,8 @@ pytestmark = [
 ]
 
 PEER = str(Path(__file__).with_name("vm_cosock_peer.py"))
-RUN = [COSOCK, "run", "--", PY]
+#: `python -m cosock`: the image root has the interpreter and the package, not the venv's scripts.
+RUN = [PY, "-m", "cosock", "run", "--", PY]
 A, B, C = "h1g1", "h1g2", "h1g3"
 
 #: Inside a guest: every ivshmem device and the pool id / label in its BAR's header.
