@@ -303,6 +303,7 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
         vmlab.migrate("h1g2", "h1")
     a, b = vmlab.guest("h1g1"), vmlab.guest("h1g2")
     uptime = float(vmlab.run(b, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0])
+    assert _fw_cfg_gateway(vmlab, b) == _gateway_of(vmlab, "h1")
     vmlab.spawn(a, [PY, "-c", ECHO_SERVER], log="/tmp/echo-server.log")
     _bench.server_output(vmlab, "h1g1", "/tmp/echo-server.log", "listening", 120)
     run = [PY, "-m", "cosock", "run", "--", PY, COSOCK_PEER]
@@ -327,6 +328,8 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     assert echoed == {"echoed": co["bytes"], "path": "tcp", "reason": None}
     assert figures["switch_s"] >= 0
     assert float(vmlab.run(moved, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0]) > uptime
+    # The guest reads the fw_cfg of the QEMU running it now: its new host's gateway.
+    assert _fw_cfg_gateway(vmlab, moved) == _gateway_of(vmlab, "h2")
     word = f"moved-{time.monotonic_ns()}"
     deadline = time.monotonic() + 30
     while True:  # the hot-plugged device appears once the guest has rescanned
@@ -339,6 +342,18 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
         pool.seek(4096)
         assert pool.read(len(word)) == word.encode()
     print(f"migration of h1g2 under {vmlab.accel}: {figures}, echo client {out}, cosock {co}")
+
+
+def _fw_cfg_gateway(lab: Any, guest: Any) -> str:
+    r = lab.run(guest, ["cat", "/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw"])
+    assert r.returncode == 0, r.stderr.decode()
+    return str(r.stdout.decode().strip())
+
+
+def _gateway_of(lab: Any, host: str) -> str:
+    from cosock.agent._vmgate import PORT
+
+    return f"{next(h for h in lab.hosts() if h['name'] == host)['address']}:{PORT}"
 
 
 def _lines(lab: object, guest: str, log: str) -> list[dict[str, object]]:

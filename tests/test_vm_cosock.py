@@ -11,7 +11,6 @@ QEMU tests' xdist group. Under TCG the module takes a few minutes.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -198,12 +197,9 @@ def test_a_vm_marked_leaving_switches_to_tcp_under_load_and_back_when_it_stays(
         time.sleep(1)
     report = done[0]
     assert report["ok"] and report["errors"] == [], report
-    # shm, then tcp while leaving, then shm again.  The two ends' views of the gateway's
-    # list are cached for up to 1 s, so right after the undo one end may still see the
-    # other leaving and switch the fresh channel once more (seen once in a loaded run:
-    # shm, tcp, shm, tcp, shm); every byte is still checked above.
-    paths = report["paths"]
-    assert paths[0] == paths[-1] == "shm" and "tcp" in paths, report
-    assert all(a != b for a, b in itertools.pairwise(paths)), report
+    # shm, then tcp while leaving, then shm again, once: a switch is judged on a list
+    # fetched at that moment, not on the second-long cache (which once predated the undo
+    # here and switched the fresh channel again: shm, tcp, shm, tcp, shm).
+    assert report["paths"] == ["shm", "tcp", "shm"], report
     echoed = [x for x in _lines(vmlab, SERVER_VM, log) if "echoed" in x]
     assert echoed == [{"echoed": report["bytes"], "path": "shm", "reason": None}]

@@ -326,3 +326,126 @@ class VmAgentFor:
 
     def __exit__(self, *exc: object) -> None:
         self.agent.close()
+
+
+def test_a_moved_guest_whose_old_gateway_cannot_redirect_asks_the_one_fw_cfg_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a live migration the guest reads the gateway from the fw_cfg of the QEMU that
+    runs it now (the lab starts the target QEMU with its host's; test_lab_qemu checks that a
+    real moved guest reads the new one). So the old host need not know where the guest went:
+    here the old gateway just forgets g2 (no ``moved`` entry: its agent restarted, or the host
+    is gone) and hangs up; g2's listener keeper redials, and the gateway file (standing for
+    fw_cfg) names the second host, where it re-publishes its listener and finds g3."""
+    from cosock._vmchannel import VmDirectory
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    pools, gates, files = [], [], []
+    token = tmp_path / "token"
+    token.write_text("tok-2")
+    token.chmod(0o600)
+    fw_cfg = tmp_path / "gateway"
+    try:
+        for i, doc in enumerate(
+            (
+                {"g1": {"token": "tok-1", "address": A}, "g2": {"token": "tok-2", "address": B}},
+                {"g3": {"token": "tok-3", "address": C}},
+            )
+        ):
+            pool = base / f"cosock-vmfwcfg-{os.getpid()}-{time.monotonic_ns()}-{i}.ivshmem"
+            with open(pool, "wb") as f:
+                f.truncate(1 << 20)
+            with Pool(pool) as p:
+                p.format(64 << 10)
+            pools.append(pool)
+            files.append(tmp_path / f"vm-guests-{i}.json")
+            files[i].write_text(json.dumps({"guests": doc}))
+            gates.append(_vmgate.start(("127.0.0.1", 0), pool, files[i]))
+        first, second = (f"127.0.0.1:{g.server_address[1]}" for g in gates)
+        fw_cfg.write_text(first.ljust(64))  # padded, as the lab passes it
+        monkeypatch.setenv("COSOCK_VM_GATEWAY", "127.0.0.1:9")  # boot-time: never asked
+        monkeypatch.setenv("COSOCK_VM_GATEWAY_FILE", str(fw_cfg))
+        monkeypatch.setenv("COSOCK_VM_TOKEN_FILE", str(token))
+        monkeypatch.setenv("COSOCK_IVSHMEM", str(pools[0]))
+        d = VmDirectory()
+        try:
+            d.listen("0.0.0.0", 9000)
+            assert d.lookup(A, 9000)[0] is not None
+            assert ("g2", "0.0.0.0", 9000) in gates[0].listeners
+            # The move: the second host lists g2, the first forgets it without a redirect,
+            # and the running QEMU's fw_cfg names the second host's gateway.
+            files[1].write_text(
+                json.dumps(
+                    {
+                        "guests": {
+                            "g2": {"token": "tok-2", "address": B},
+                            "g3": {"token": "tok-3", "address": C},
+                        }
+                    }
+                )
+            )
+            files[0].write_text(json.dumps({"guests": {"g1": {"token": "tok-1", "address": A}}}))
+            for f in files:
+                os.utime(f, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+            fw_cfg.write_text(second.ljust(64))
+            for _ in range(100):  # the keeper: refused by the first, redials the second
+                if ("g2", "0.0.0.0", 9000) in gates[1].listeners:
+                    break
+                time.sleep(0.05)
+            assert ("g2", "0.0.0.0", 9000) in gates[1].listeners
+            assert ("g2", "0.0.0.0", 9000) not in gates[0].listeners
+            time.sleep(1.1)  # the guest list's cache
+            listener, why = d.lookup(C, 9000)
+            assert listener is not None and listener.guest == "g3", why
+            assert d.lookup(A, 9000) == (None, "not-coresident")
+            assert d.moves == 1 and d._gate_addr == gates[1].server_address[:2]
+            # Bad input: a gateway file that is not ADDR:PORT is a clear reason, no hang.
+            fw_cfg.write_text("garbage")
+            from cosock._errors import AgentUnavailable
+            from cosock._vmagent import gateway_address
+
+            with pytest.raises(AgentUnavailable, match="not ADDR:PORT"):
+                gateway_address()
+        finally:
+            d.close()
+    finally:
+        for gate in gates:
+            gate.shutdown()
+            gate.server_close()
+        for pool in pools:
+            pool.unlink()
+
+
+def test_a_switch_is_judged_on_a_fresh_guest_list_not_the_cached_one(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The residency watch switches a connection to TCP only if the peer is missing from a
+    list fetched now: the second-long cache can predate an undone ``leaving`` mark that the
+    peer has already re-upgraded on (the extra switch test_vm_cosock's leave-and-undo saw)."""
+    from cosock._vmchannel import VmDirectory
+
+    for key, value in world.env["g2"].items():
+        if key.startswith("COSOCK_VM") or key == "COSOCK_IVSHMEM":
+            monkeypatch.setenv(key, value)
+    guests = tmp_path / "vm-guests.json"
+    doc = json.loads(guests.read_text())
+
+    def write(leaving: bool) -> None:
+        doc["guests"]["g1"]["leaving"] = leaving
+        guests.write_text(json.dumps(doc))
+        bump = time.time_ns() + (2 if leaving else 3) * 10**9
+        os.utime(guests, ns=(bump, bump))
+
+    d = VmDirectory()
+    try:
+        write(True)
+        assert d.guest_owning(A) is None  # cached: g1 is leaving
+        assert d.gone_for_sure(A)  # fetched now: still leaving, the switch goes ahead
+        write(False)  # undone; the cache (< 1 s old) still says gone ...
+        assert d.guest_owning(A) is None
+        time.sleep(0.06)
+        assert not d.gone_for_sure(A)  # ... a fresh list says g1 is back: no switch
+        assert d.guest_owning(A) is not None
+    finally:
+        d.close()

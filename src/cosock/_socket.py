@@ -529,7 +529,7 @@ class CoSocket(socket.socket):
             _trace("residency: agent unavailable", ch)
             return
         coresident = agent.guest_owning(ch.peer_ip) is not None
-        if ch.phase is _SHM and not coresident:
+        if ch.phase is _SHM and not coresident and agent.gone_for_sure(ch.peer_ip):
             _trace("residency: peer left", ch)
             # Not a full pump: DATA frames taken here would sit in our buffer while the
             # application sleeps on the kernel fd, which they no longer make readable.

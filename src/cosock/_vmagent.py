@@ -1,8 +1,11 @@
 """Inside a QEMU guest: talk to the host agent's VM gateway (``agent/_vmgate.py``).
 
 The guest proves who it is with the token its host passed through fw_cfg (readable by root in
-the guest only); the gateway's address comes from ``COSOCK_VM_GATEWAY`` (``ADDR:PORT``, set by
-the lab: the host's bridge address). Used by the ivshmem provider to get, claim and free slots.
+the guest only). The gateway's address (``ADDR:PORT``: the host's bridge address) comes from
+fw_cfg too, read at every (re)connect: after a live migration the guest reads the fw_cfg of the
+QEMU that runs it now, so it finds its new host's gateway even when the old host is gone;
+``COSOCK_VM_GATEWAY`` (set by the lab at boot) is the fallback. Used by the ivshmem provider to
+get, claim and free slots.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ ENV_GATEWAY = "COSOCK_VM_GATEWAY"
 #: Where the token is read from instead of fw_cfg (tests on the host: a 0600 file).
 ENV_TOKEN_FILE = "COSOCK_VM_TOKEN_FILE"
 TOKEN_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/token/raw")
+#: Where the current host's gateway is read instead of fw_cfg (tests on the host).
+ENV_GATEWAY_FILE = "COSOCK_VM_GATEWAY_FILE"
+GATEWAY_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw")
 
 Key = tuple[str, int, str, int]
 
@@ -51,6 +57,18 @@ def parse_address(raw: str) -> tuple[str, int]:
 
 
 def gateway_address() -> tuple[str, int]:
+    """The gateway of the host running this VM now (fw_cfg), else the boot-time one.
+
+    Raises:
+        AgentUnavailable: neither names ADDR:PORT.
+    """
+    path = Path(os.environ.get(ENV_GATEWAY_FILE) or GATEWAY_PATH)
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        raw = ""
+    if raw:
+        return parse_address(raw)
     raw = os.environ.get(ENV_GATEWAY, "")
     host, _, port = raw.rpartition(":")
     if not host or not port.isdigit():

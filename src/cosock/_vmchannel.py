@@ -22,9 +22,11 @@ attribute names), so ``_socket.py`` needs only a few branches. The residency wat
 gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
 sides switch their connections to TCP at the exact offset and give their slots back. After the
-move the old gateway redirects the VM to its new host's gateway: the directory follows, re-
-publishes its listeners there and reopens the pool (the new host's, hot-plugged), and the watch
-upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as on one kernel).
+move the old gateway redirects the VM to its new host's gateway (or, if the old host is gone,
+the dropped connection is redialled to the gateway the new QEMU's fw_cfg names): the directory
+follows, re-publishes its listeners there and reopens the pool (the new host's, hot-plugged),
+and the watch upgrades the connections to the VMs of the new host to fresh slots (UPGRADE, as
+on one kernel).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
 RENDEZVOUS_PREFIX = "ivshmem:"
 #: How long the list of this host's VMs is trusted (a migration changes it).
 _GUESTS_TTL = 1.0
+#: A list younger than this is fresh enough to confirm a switch (one fetch per judge round).
+_CONFIRM_S = 0.05
 #: After the gateway could not be reached, how long until it is tried again.
 _RETRY_S = 1.0
 #: Redirects followed in one attempt (old host -> new host; one more if it moved meanwhile).
@@ -125,7 +129,8 @@ class VmDirectory:
         #: Open pools by id (hex; "": the host's shared pool, or the only device).
         self._pools: dict[str, tuple[Pool, PoolLayout]] = {}
         self.me: _Guest | None = None
-        #: The gateway a redirect named (this VM migrated); None: the boot-time one.
+        #: The gateway a redirect named (this VM migrated); None: the one fw_cfg names
+        #: now (the current host's), else the boot-time one.
         self._learned: tuple[str, int] | None = None
         #: The gateway of the last connection, and how many times it changed (a slot
         #: granted under an older epoch is never given back to a newer host's gateway).
@@ -171,7 +176,8 @@ class VmDirectory:
                 where = "" if address is None else f" (this VM moved: {address[0]}:{address[1]})"
                 self._why = f"VM gateway{where}: {exc}"
                 self._retry_at = now + _RETRY_S
-                # Ask the boot-time gateway again next time: it knows where we are now.
+                # Ask the current host's (fw_cfg) or boot-time gateway next time: either
+                # knows where we are now.
                 self._learned = None
                 raise AgentUnavailable(self._why) from None
             if self._gate_addr is not None and gate.gateway != self._gate_addr:
@@ -276,6 +282,20 @@ class VmDirectory:
         if owner is None or self.me is None or owner == self.me.name:
             return None
         return _Guest(owner)
+
+    def gone_for_sure(self, ip: str) -> bool:
+        """Before a switch to TCP: is ``ip`` still no neighbour in a list fetched now (not
+        the cached one, unless it is < 50 ms old)? The list cached a second may predate a
+        change the peer has already acted on: right after a ``leaving`` mark is undone, the
+        peer re-upgrades on its fresh list while ours still lacks it, and a switch on ours
+        would undo that upgrade at once (seen in test_vm_cosock's leave-and-undo).
+
+        Raises:
+            AgentUnavailable: no gateway (the watch stays undecided).
+        """
+        if time.monotonic() - self._guests_at > _CONFIRM_S:
+            self._guests_at = -_GUESTS_TTL
+        return self.guest_owning(ip) is None
 
     def lookup(self, ip: str, port: int) -> tuple[VmListenerInfo | None, str]:
         """A listener is presumed when ``ip`` belongs to another VM of this host; the offer

@@ -585,6 +585,10 @@ class AgentClient:
                 wildcard = info
         return (wildcard, "") if wildcard else (None, "no-listener")
 
+    def gone_for_sure(self, ip: str) -> bool:
+        """Before a switch to TCP: the agent pushes its table, so the one we hold is it."""
+        return self.guest_owning(ip) is None
+
     def guest_owning(self, ip: str) -> GuestInfo | None:
         """The guest on this host that owns ``ip`` (loopback: our own guest), else None."""
         with self._lock:

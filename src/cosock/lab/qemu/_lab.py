@@ -480,6 +480,7 @@ def _spec(state: _state.State, g: dict[str, Any]) -> _vm.VmSpec:
         serial=Path(g["serial"]),
         pool_mb=int(state["pool_mb"]),
         root_image=Path(state["root_image"]) if state.get("root_image") else None,
+        gateway=f"{host['address']}:{GATEWAY_PORT}",
     )
 
 

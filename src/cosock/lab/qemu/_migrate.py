@@ -229,6 +229,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
     Raises:
         UnknownGuest, UnknownHost, MigrationError (same host; or a step failed: named).
     """
+    from ...agent._vmgate import PORT
     from ._lab import _spec, pool_mode
 
     g = next((r for r in state["guests"] if r["name"] == guest), None)
@@ -263,6 +264,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
     target = dataclasses.replace(
         _spec(state, g),
         pool=None,
+        gateway=f"{dest['address']}:{PORT}",  # what the guest reads once it runs there
         qmp=gdir / f"qmp-{n}.sock",
         serial=gdir / f"serial-{n}.log",
     )

@@ -68,6 +68,12 @@ HOSTROOT_TAG = "hostroot"
 FW_CFG_NAME = "opt/cosock/run"
 #: fw_cfg item with the guest's token for the host agent's VM gateway (see _vmagent.py).
 FW_CFG_TOKEN = "opt/cosock/token"
+#: fw_cfg item naming the VM gateway of the host whose QEMU runs the guest. A migration's
+#: target QEMU is started with its own host's, and the guest's reads go to the running QEMU's
+#: fw_cfg, so after a move the guest reads its new host's gateway (checked: docs/vm-backend.md
+#: section 3). Padded to a fixed size: the guest's sysfs keeps the size it saw at boot.
+FW_CFG_GATEWAY = "opt/cosock/gateway"
+FW_CFG_GATEWAY_SIZE = 64
 SHM_DIR = Path("/dev/shm")
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .. import _netns
 from ._model import (
+    FW_CFG_GATEWAY,
+    FW_CFG_GATEWAY_SIZE,
     FW_CFG_NAME,
     FW_CFG_TOKEN,
     GUEST_MEM_MB,
@@ -53,6 +55,7 @@ class VmSpec:
     qmp: Path
     serial: Path
     root_image: Path | None = None  # None: the host root over 9p (not migratable)
+    gateway: str | None = None  # ADDR:PORT of this QEMU's host's VM gateway (fw_cfg)
     mem_mb: int = GUEST_MEM_MB
     pool_mb: int = POOL_MB
 
@@ -96,6 +99,13 @@ class VmSpec:
             "-device",
             f"virtio-net-pci,netdev=n0,mac={self.mac}",
         ]
+        if self.gateway is not None:
+            if len(self.gateway) > FW_CFG_GATEWAY_SIZE or "," in self.gateway:
+                raise ValueError(f"VM gateway {self.gateway!r}: not ADDR:PORT of a lab host")
+            argv += [
+                "-fw_cfg",
+                f"name={FW_CFG_GATEWAY},string={self.gateway.ljust(FW_CFG_GATEWAY_SIZE)}",
+            ]
         if self.root_image is None:
             argv += [
                 "-virtfs",
