@@ -344,6 +344,8 @@ class PairPools:
     def close(self) -> None:
         """Stop the reaper and remove every pool (the agent is going away)."""
         self._closing.set()
+        if self._reaper is not threading.current_thread():
+            self._reaper.join(5.0)
         with self._lock:
             pairs = list(self._pairs.values())
         for pair in pairs:
