@@ -653,6 +653,22 @@ def test_cli_rejects_an_unknown_backend() -> None:
     assert r.returncode != 0 and b"--backend must be netns or qemu" in r.stderr
 
 
+def test_cli_rejects_an_unknown_pool_mode_before_starting_anything() -> None:
+    from cosock.lab import InvalidLabSpec
+    from cosock.lab.qemu import QemuLab
+
+    name = unique_lab_name()
+    with pytest.raises(InvalidLabSpec, match="invalid pool mode 'global': use pair or shared"):
+        QemuLab.up(name, pool="global")
+    r = subprocess.run(
+        [COSOCK, "lab", "up", "--backend", "qemu", "--pool", "global", "--name", name],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and b"invalid pool mode 'global'" in r.stderr, r.stderr
+    _assert_nothing_left(name)
+
+
 def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() -> None:
     """The default guest root is the host's root over 9p (any host file is visible), which
     QEMU refuses to migrate: the error names the step, the target QEMU started in h2 is
