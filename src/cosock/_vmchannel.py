@@ -387,7 +387,9 @@ class VmDirectory:
             if known is not None:
                 return known
         ident = bytes.fromhex(pool_id) if pool_id else None
-        deadline = time.monotonic() + (0.0 if os.environ.get(ENV_IVSHMEM) else wait)
+        # Only a hot-plugged pair pool is worth waiting for (the shared one is there from boot).
+        waits = ident is not None and not os.environ.get(ENV_IVSHMEM)
+        deadline = time.monotonic() + (wait if waits else 0.0)
         rescan_at = time.monotonic() + _RESCAN_AFTER_S
         while True:
             try:
