@@ -309,6 +309,13 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     run = [PY, "-m", "cosock", "run", "--", PY, COSOCK_PEER]
     vmlab.spawn(a, [*run, "echo-server", "0.0.0.0", "6010"], log="/tmp/co-echo.log")
     _bench.server_output(vmlab, "h1g1", "/tmp/co-echo.log", "listening", 120)
+    # A loopback connection inside the moving VM: a memfd in guest RAM (the VM's own agent),
+    # which migrates with the guest and never leaves shm.
+    vmlab.spawn(b, [*run, "echo-server", "127.0.0.1", "6011"], log="/tmp/lo-echo.log")
+    _bench.server_output(vmlab, "h1g2", "/tmp/lo-echo.log", "listening", 120)
+    lo_soak = "/tmp/lo-soak.log"
+    vmlab.spawn(b, [*run, "soak-client", "127.0.0.1", "6011", "90"], log=lo_soak)
+    assert _bench.server_output(vmlab, "h1g2", lo_soak, "started", 120) == {"started": "shm"}
     soak = "/tmp/co-soak.log"
     vmlab.spawn(b, [*run, "soak-client", a.address, "6010", "30"], log=soak)
     assert _bench.server_output(vmlab, "h1g2", soak, "started", 120) == {"started": "shm"}
@@ -326,6 +333,8 @@ def test_live_migration_keeps_the_guest_its_processes_and_its_tcp_connection(
     assert co["ok"] and co["errors"] == [] and co["paths"] == ["shm", "tcp"], co
     echoed = _bench.server_output(vmlab, "h1g1", "/tmp/co-echo.log", "echoed", 60)
     assert echoed == {"echoed": co["bytes"], "path": "tcp", "reason": None}
+    lo = _bench.server_output(vmlab, "h1g2", lo_soak, "paths", 180)
+    assert lo["ok"] and lo["errors"] == [] and lo["paths"] == ["shm"], lo
     assert figures["switch_s"] >= 0
     assert float(vmlab.run(moved, ["cat", "/proc/uptime"], timeout=60).stdout.split()[0]) > uptime
     # The guest reads the fw_cfg of the QEMU running it now: its new host's gateway.

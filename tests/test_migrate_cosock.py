@@ -103,7 +103,9 @@ def test_idle_connection_switches_without_the_application(
     assert client.read() == {"connected": True}
     c_sent = client.ask(op="send", n=300_000, seed=1)
     s_sent = server.ask(op="send", n=200_000, seed=2)
-    assert client.ask(op="info")["path"] == "shm"
+    # The idle client reads the server's ACCEPT only through its residency watch (its
+    # application sends into the ring before the verdict): under load that takes a moment.
+    _until(lambda: client.ask(op="info")["path"] == "shm", "the verdict", 30, client, server)
     lab.migrate("h1g1", "h2")
     _until(
         lambda: client.ask(op="info")["path"] == server.ask(op="info")["path"] == "tcp",

@@ -118,6 +118,22 @@ def test_a_host_address_is_not_a_coresident_vm(vmlab: Any) -> None:
     assert json.loads(r.stdout.decode().splitlines()[-1]) == ["tcp", "not-coresident"]
 
 
+def test_loopback_inside_a_vm_takes_a_memfd_through_the_vms_own_agent(vmlab: Any) -> None:
+    """Two programs of one VM share its kernel: `cosock run` starts the VM's own agent, and
+    their loopback connection takes a memfd channel as on a host, while a listener on the
+    wildcard is still published to the host's gateway (the other VM reaches it via a slot)."""
+    log = _serve(vmlab, [*RUN, PEER, "server", "0.0.0.0", "6008", "4"], 6008)
+    r = vmlab.run(SERVER_VM, [*RUN, PEER, "client", "127.0.0.1", "6008"], timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    report = json.loads(r.stdout.decode().splitlines()[-1])
+    assert report["stream"] == {"up_ok": True, "down_ok": True, "path": "shm", "reason": None}
+    assert report["rr"]["ok"] and report["rr"]["path"] == "shm", report["rr"]
+    assert report["eof"] == {"ok": True, "path": "shm", "reason": None}
+    other = _client(vmlab, "plain-client", vmlab.guest(SERVER_VM).address, "6008")
+    assert other == {"answer": "3", "path": "shm", "reason": None}  # the other VM: a slot
+    assert [s["path"] for s in _served(vmlab, log, 4)] == ["shm"] * 4
+
+
 def test_asyncio_echo_takes_the_ivshmem_slot(vmlab: Any) -> None:
     server = vmlab.guest(SERVER_VM).address
     _serve(vmlab, [*RUN, PEER, "aserver", "0.0.0.0", "6004"], 6004)

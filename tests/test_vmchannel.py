@@ -449,3 +449,37 @@ def test_a_switch_is_judged_on_a_fresh_guest_list_not_the_cached_one(
         assert d.guest_owning(A) is not None
     finally:
         d.close()
+
+
+def test_loopback_in_a_vm_takes_a_memfd_through_its_own_agent(
+    world: World, cosock_agent: Path
+) -> None:
+    """A pretend VM (g2) with its own agent, as ``cosock run`` starts in a VM: a loopback
+    connection between two of its programs takes a memfd (the local agent answers first), a
+    loopback listener is not published to the gateway (no other VM can reach it), and a
+    wildcard listener is published to both: the other VM (g1) still reaches it via a slot."""
+    import socket
+
+    world.env["g2"]["COSOCK_AGENT"] = str(cosock_agent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        lo_port = s.getsockname()[1]
+    srv = world.start("g2", "server", "127.0.0.1", str(lo_port), "3")
+    assert not any(entry[0] == "g2" for entry in world.gate.listeners)
+    report = world.run("g2", "client", "127.0.0.1", str(lo_port))
+    assert report["stream"] == {"up_ok": True, "down_ok": True, "path": "shm", "reason": None}
+    assert report["rr"]["ok"] and report["rr"]["path"] == "shm"
+    assert report["eof"] == {"ok": True, "path": "shm", "reason": None}
+    assert [x["path"] for x in _finish(srv)] == ["shm"] * 3
+    assert world.gate.table.free_count == world.gate.layout.slot_count  # no slot: a memfd
+    with socket.socket() as s:
+        s.bind((B, 0))
+        port = s.getsockname()[1]
+    srv = world.start("g2", "server", "0.0.0.0", str(port), "2")
+    assert ("g2", "0.0.0.0", port) in world.gate.listeners
+    lo = world.run("g2", "plain-client", "127.0.0.1", str(port))
+    assert lo == {"answer": "3", "path": "shm", "reason": None}
+    other = world.run("g1", "plain-client", B, str(port))
+    assert other == {"answer": "3", "path": "shm", "reason": None}
+    assert [x["path"] for x in _finish(srv)] == ["shm", "shm"]
+    assert _slots_back(world)

@@ -11,6 +11,9 @@ from . import _config
 
 HOOK_DIR = Path(__file__).resolve().parent / "_hook"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+#: How long ``cosock run`` in a VM waits for the VM's own agent (software-emulated guests
+#: take seconds to start Python).
+_VM_AGENT_START_S = 30.0
 
 
 def run_env(base: dict[str, str] | None = None, start_agent: bool = True) -> dict[str, str]:
@@ -19,16 +22,27 @@ def run_env(base: dict[str, str] | None = None, start_agent: bool = True) -> dic
     Finds the agent through ``COSOCK_AGENT``; without it, uses the per-user default path
     and starts a per-user agent there on demand (like ssh-agent), so two programs started
     with ``cosock run`` accelerate their loopback connections with no set-up. Inside a lab
-    VM (``COSOCK_VM_GATEWAY`` set) none is started: the host agent's gateway serves.
+    VM (``COSOCK_VM_GATEWAY`` set) the host agent's gateway serves connections to other VMs,
+    and the VM's own agent (started the same way) its loopback connections; if that one does
+    not come up, loopback connections there stay on TCP and the program still runs.
     """
     env = dict(os.environ if base is None else base)
     if _config.ENV_AGENT not in env:
         path = _config.default_agent_path()
-        # In a lab VM the host agent's gateway (COSOCK_VM_GATEWAY) is the agent: no local one.
-        if start_agent and not env.get("COSOCK_VM_GATEWAY"):
+        if start_agent:
             from .agent.server import ensure_agent
 
-            ensure_agent(path)
+            if env.get("COSOCK_VM_GATEWAY"):
+                from ._errors import AgentUnavailable
+
+                try:  # a TCG guest starts Python slowly
+                    ensure_agent(path, timeout=_VM_AGENT_START_S)
+                except (AgentUnavailable, OSError) as exc:
+                    print(
+                        f"cosock: no agent in this VM ({exc}): loopback stays TCP", file=sys.stderr
+                    )
+            else:
+                ensure_agent(path)
         env[_config.ENV_AGENT] = str(path)
     env[_config.ENV_ENABLE] = "1"
     parts = [str(HOOK_DIR)]

@@ -42,7 +42,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from . import _census, _config, _downgrade, _forkshare, _linger, _residency, _vmchannel
+from . import (
+    _census,
+    _config,
+    _downgrade,
+    _forkshare,
+    _linger,
+    _residency,
+    _vmchannel,
+    _vmloopback,
+)
 from ._errors import AgentUnavailable, FallbackReason, ProtocolError, RingCorrupted
 from ._events import (
     NEED_DATA,
@@ -175,13 +184,13 @@ _client_cls: Any = None
 
 def _agent() -> Any:
     global _client_cls
-    vm = _vmchannel.directory()
-    if vm is not None:  # a QEMU guest: the host agent's VM gateway (ivshmem provider)
-        return vm
     if _client_cls is None:  # an import statement here costs ~1 µs on every connect
         from .agent.client import AgentClient
 
         _client_cls = AgentClient
+    vm = _vmchannel.directory()
+    if vm is not None:  # a QEMU guest: the VM's own agent for loopback, else the gateway
+        return _vmloopback.combined(_client_cls.shared(), vm)
     return _client_cls.shared()
 
 
