@@ -149,3 +149,36 @@ def test_slot_table_grants_each_slot_to_one_connection() -> None:
     assert table.free(slot, gen, "h1g2") and table.free_count == 1
     assert not table.free(slot, gen, "h1g2")  # stale now
     assert table.drop_guest("h1g2") == [other] and table.free_count == 2
+
+
+def test_a_pair_pool_is_found_by_the_id_in_its_header(tmp_path: Path) -> None:
+    """A guest with several ivshmem devices (one per neighbour) picks the pool a grant names
+    by the id the host wrote into its header; a device without it, or a BAR too small for a
+    header, is passed over; an id that no device holds is a clear error."""
+    root = tmp_path / "devices"
+    ids = {}
+    for n, size in (("0000:00:04.0", 1 << 20), ("0000:00:05.0", 1 << 20), ("0000:00:06.0", 64)):
+        dev = root / n
+        dev.mkdir(parents=True)
+        (dev / "vendor").write_text("0x1af4\n")
+        (dev / "device").write_text("0x1110\n")
+        with open(dev / "resource2", "wb") as f:
+            f.truncate(size)
+        if size > POOL_HEADER_SIZE:
+            ids[n] = os.urandom(16)
+            with Pool(dev / "resource2") as p:
+                p.format(CAP, ids[n], f"pair-{n}")
+    other = root / "0000:00:02.0"  # not ivshmem
+    other.mkdir()
+    (other / "vendor").write_text("0x1af4\n")
+    (other / "device").write_text("0x1000\n")
+    for n, ident in ids.items():
+        found = find_device(root, pool_id=ident)
+        assert found == root / n / "resource2"
+        with Pool(found) as p:
+            assert p.identity() == (ident, f"pair-{n}")
+    with pytest.raises(PoolError, match="no ivshmem device holding pool"):
+        find_device(root, pool_id=b"\x01" * 16)
+    assert find_device(root) == root / "0000:00:04.0" / "resource2"  # shared: the first
+    with Pool(root / "0000:00:04.0" / "resource2") as p, pytest.raises(PoolError, match="16"):
+        p.format(CAP, b"short")

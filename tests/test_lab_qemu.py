@@ -120,8 +120,10 @@ def running_lab(**up: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def vmlab() -> Iterator[object]:
-    # h2, h3: migration targets; root "image": migratable (QEMU refuses with 9p).
-    with running_lab(hosts=1, guests=3, spare_hosts=2, root="image") as lab:
+    # h2, h3: migration targets; root "image": migratable (QEMU refuses with 9p). The shared
+    # pool: the raw ivshmem and ring tests here map one pool in two VMs by hand (per-pair
+    # pools, the default, and migration with them: test_vm_pairpool.py).
+    with running_lab(hosts=1, guests=3, spare_hosts=2, root="image", pool="shared") as lab:
         yield lab
 
 
@@ -661,6 +663,22 @@ def test_cli_rejects_an_unknown_backend() -> None:
     assert r.returncode != 0 and b"--backend must be netns or qemu" in r.stderr
 
 
+def test_cli_rejects_an_unknown_pool_mode_before_starting_anything() -> None:
+    from cosock.lab import InvalidLabSpec
+    from cosock.lab.qemu import QemuLab
+
+    name = unique_lab_name()
+    with pytest.raises(InvalidLabSpec, match="invalid pool mode 'global': use pair or shared"):
+        QemuLab.up(name, pool="global")
+    r = subprocess.run(
+        [COSOCK, "lab", "up", "--backend", "qemu", "--pool", "global", "--name", name],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and b"invalid pool mode 'global'" in r.stderr, r.stderr
+    _assert_nothing_left(name)
+
+
 def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() -> None:
     """The default guest root is the host's root over 9p (any host file is visible), which
     QEMU refuses to migrate: the error names the step, the target QEMU started in h2 is
@@ -673,7 +691,7 @@ def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() ->
 
     name = unique_lab_name()
     try:
-        lab = QemuLab.up(name, hosts=1, guests=1, spare_hosts=1)
+        lab = QemuLab.up(name, hosts=1, guests=1, spare_hosts=1, pool="shared")
         r = lab.run("h1g1", ["cat", "/etc/os-release"], timeout=60, check=True)
         assert r.stdout == Path("/etc/os-release").read_bytes()
         before = lab.guest("h1g1")

@@ -265,7 +265,7 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
             listener, why = d.lookup(C, 9000)
             assert listener is not None and listener.guest == "g3", why
             assert d.lookup(A, 9000) == (None, "not-coresident")
-            assert d.moves == 1 and d._pool is None  # the old BAR is not used again
+            assert d.moves == 1 and not d._pools  # the old BAR is not used again
             assert ("g2", "0.0.0.0", 9000) in gates[1].listeners
             for _ in range(50):  # the old gateway's handler drops it when it hangs up
                 if ("g2", "0.0.0.0", 9000) not in gates[0].listeners:
@@ -279,7 +279,7 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
                 made = d.offer((B, 40000), (C, 9000))
                 assert not isinstance(made, FallbackReason), made
                 _, mm, _ = made
-                assert d._pool is not None and d._pool.path == device
+                assert d._pools[""][0].path == device
                 with open(pools[1], "rb") as f:  # the slot lives in the second host's pool
                     f.seek(gates[1].layout.offset(mm._give_back[2]))
                     assert f.read(64) == bytes(mm[:64])

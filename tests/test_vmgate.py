@@ -253,3 +253,41 @@ def test_a_migrated_guest_is_sent_to_its_new_gateway_and_hung_up_on(
         with pytest.raises(SlotRefused, match="bad token"):
             VmAgent(addr, token="tok-c")
         assert a.guests() == {"h1g1": A}
+
+
+def test_per_pair_mode_refuses_with_a_reason_when_the_pool_cannot_be_plugged(
+    tmp_path: Path,
+) -> None:
+    """Per-pair pools: the gateway hot-plugs a pair's pool through the VMs' QMP sockets; a VM
+    without one (here: the guests file gives none) cannot get it, so the offer is refused with
+    the reason (the client stays on TCP, ``resource``) and no pool file is left behind."""
+    guests = tmp_path / "vm-guests.json"
+    guests.write_text(
+        json.dumps(
+            {
+                "guests": {
+                    "h1g1": {"token": "tok-a", "address": A},
+                    "h1g2": {"token": "tok-b", "address": B},
+                }
+            }
+        )
+    )
+    prefix = str(tmp_path / "cosock-gwp-")
+    gate = _vmgate.start(("127.0.0.1", 0), None, guests, pair_prefix=prefix)
+    try:
+        addr = gate.server_address[:2]
+        with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+            assert a.pools == b.pools == "pair"
+            b.listen(B, 8000)
+            with pytest.raises(
+                SlotRefused,
+                match=r"^resource: hot-plug of the h1g1-h1g2 pool: h1g1 has no QMP socket",
+            ):
+                a.offer((A, 40000, B, 8000), NONCE)
+            assert a._call({"op": "grants"})["grants"] == 0
+        assert list(tmp_path.glob("cosock-gwp-*")) == []
+    finally:
+        gate.shutdown()
+        gate.server_close()
+    with pytest.raises(ValueError, match="either a shared pool or a per-pair"):
+        _vmgate.VmGateway(("127.0.0.1", 0), None, guests)

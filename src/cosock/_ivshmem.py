@@ -27,6 +27,11 @@ POOL_VERSION = 1
 POOL_HEADER_SIZE = 4096
 #: magic, version, capacity, slot_size, slot_count, data_offset (all u64, little-endian).
 _HEADER = struct.Struct("<6Q")
+#: After it: the pool's identity (16 random bytes; zero for a host's shared pool) and a label
+#: for people (the pair's guest names, NUL-padded). A per-pair pool is told apart by its id:
+#: a guest may see several ivshmem devices (one per neighbour it talks to).
+_IDENT = struct.Struct("<16s64s")
+_IDENT_OFFSET = _HEADER.size
 IVSHMEM_VENDOR = "0x1af4"
 IVSHMEM_DEVICE = "0x1110"
 PCI_DEVICES = Path("/sys/bus/pci/devices")
@@ -60,21 +65,13 @@ def plan(pool_size: int, capacity: int) -> PoolLayout:
     return PoolLayout(capacity, slot, count, POOL_HEADER_SIZE)
 
 
-def find_device(root: Path = PCI_DEVICES) -> Path:
-    """The guest's pool: ``$COSOCK_IVSHMEM`` (a file, or a PCI address under ``root``) or the
-    ``resource2`` of the first ivshmem device.
-
-    Raises:
-        PoolError: no such device (not a QEMU guest with ivshmem, or sysfs not mounted).
-    """
-    chosen = os.environ.get(ENV_IVSHMEM, "")
-    if chosen:
-        path = Path(chosen)
-        return path if path.is_file() else root / chosen / "resource2"
+def ivshmem_devices(root: Path = PCI_DEVICES) -> list[Path]:
+    """Every ivshmem-plain device under ``root`` (sysfs PCI devices), sorted."""
     try:
         devices = sorted(root.iterdir())
     except OSError:
-        devices = []
+        return []
+    found = []
     for dev in devices:
         try:
             vendor = (dev / "vendor").read_text().strip()
@@ -82,8 +79,45 @@ def find_device(root: Path = PCI_DEVICES) -> Path:
         except OSError:
             continue
         if (vendor, device) == (IVSHMEM_VENDOR, IVSHMEM_DEVICE):
-            return dev / "resource2"
-    raise PoolError(f"no ivshmem device (PCI {IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) under {root}")
+            found.append(dev)
+    return found
+
+
+def find_device(root: Path = PCI_DEVICES, pool_id: bytes | None = None) -> Path:
+    """The guest's pool: ``$COSOCK_IVSHMEM`` (a file, or a PCI address under ``root``) or the
+    ``resource2`` of the first ivshmem device; with ``pool_id``, of the device whose header
+    carries that identity (a per-pair pool: the gateway names it in the grant).
+
+    Raises:
+        PoolError: no such device (not a QEMU guest with ivshmem, sysfs not mounted, or the
+            pair's pool is not plugged in (yet)).
+    """
+    chosen = os.environ.get(ENV_IVSHMEM, "")
+    if chosen:
+        path = Path(chosen)
+        if path.is_dir():  # a directory of pool files (pretend guests on the host)
+            return _by_id(sorted(path.glob("*.ivshmem")), pool_id, path)
+        return path if path.is_file() else root / chosen / "resource2"
+    devices = [dev / "resource2" for dev in ivshmem_devices(root)]
+    if pool_id is None and devices:
+        return devices[0]
+    if not devices:
+        raise PoolError(f"no ivshmem device (PCI {IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) under {root}")
+    return _by_id(devices, pool_id, root)
+
+
+def _by_id(candidates: list[Path], pool_id: bytes | None, where: Path) -> Path:
+    for path in candidates:
+        if pool_id is None:
+            return path
+        try:
+            with Pool(path) as pool:
+                if pool.identity()[0] == pool_id:
+                    return path
+        except (OSError, ValueError, PoolError):
+            continue  # a device being unplugged, or a BAR not mapped (yet)
+    want = "any pool" if pool_id is None else f"pool {pool_id.hex()}"
+    raise PoolError(f"no ivshmem device holding {want} under {where}")
 
 
 class Pool:
@@ -112,10 +146,13 @@ class Pool:
 
     #### Header: written by the host agent, validated by guests
 
-    def format(self, capacity: int) -> PoolLayout:
+    def format(self, capacity: int, pool_id: bytes = b"", label: str = "") -> PoolLayout:
         """Write the pool header for slots of ``capacity`` (host agent only; zeroes nothing
-        else: each slot is formatted when it is handed out)."""
+        else: each slot is formatted when it is handed out); ``pool_id``/``label``: a
+        per-pair pool's identity (zero for a host's shared pool)."""
         layout = plan(self.size, capacity)
+        if len(pool_id) not in (0, 16):
+            raise PoolError("a pool id is 16 bytes")
         with mmap.mmap(self._fd, POOL_HEADER_SIZE) as mm:
             mm[: _HEADER.size] = _HEADER.pack(
                 POOL_MAGIC,
@@ -125,7 +162,19 @@ class Pool:
                 layout.slot_count,
                 layout.data_offset,
             )
+            mm[_IDENT_OFFSET : _IDENT_OFFSET + _IDENT.size] = _IDENT.pack(
+                pool_id, label.encode()[:64]
+            )
         return layout
+
+    def identity(self) -> tuple[bytes, str]:
+        """(pool id, label) from the header: which pair's pool this is. Read, never trusted:
+        the slot grant still comes from the gateway, and an id only picks a device."""
+        if self.size < POOL_HEADER_SIZE:
+            raise PoolError(f"{self.path}: too small for a pool header")
+        with mmap.mmap(self._fd, POOL_HEADER_SIZE) as mm:
+            pool_id, label = _IDENT.unpack(mm[_IDENT_OFFSET : _IDENT_OFFSET + _IDENT.size])
+        return pool_id, label.rstrip(b"\0").decode(errors="replace")
 
     def layout(self) -> PoolLayout:
         """The pool header, checked: ours, and every slot inside the pool.
@@ -252,6 +301,11 @@ class SlotTable:
             self._release(slot)
         return True
 
+    @property
+    def held(self) -> int:
+        """Slots granted and not free again."""
+        return len(self._grants)
+
     def count_of(self, guest: str) -> int:
         """Grants with ``guest`` as a party that ``guest`` has not freed yet."""
         return sum(
@@ -278,5 +332,6 @@ __all__ = [
     "PoolLayout",
     "SlotTable",
     "find_device",
+    "ivshmem_devices",
     "plan",
 ]

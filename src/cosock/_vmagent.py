@@ -116,6 +116,8 @@ class VmAgent:
             raise
         self.guest: str = hello["guest"]
         self.address: str = hello["address"]
+        #: "shared" (one pool per host, plugged at boot) or "pair" (plugged per pair).
+        self.pools: str = str(hello.get("pools") or "shared")
 
     def close(self) -> None:
         self._file.close()
@@ -159,12 +161,26 @@ class VmAgent:
         r = self._call({"op": "alloc_slot", "peer": key[2], "key": list(key)})
         return int(r["slot"]), int(r["generation"])
 
-    def claim_slot(self, slot: int, generation: int, key: Key) -> None:
-        """We are the server of ``key``: may we map ``slot``? Raises SlotRefused if not."""
-        self._call({"op": "claim_slot", "slot": slot, "generation": generation, "key": list(key)})
+    def alloc_slot_in(self, key: Key) -> tuple[int, int, str]:
+        """As :meth:`alloc_slot`, with the pool the slot is in (hex id; "" for the host's
+        shared pool; see ``_ivshmem.find_device``)."""
+        r = self._call({"op": "alloc_slot", "peer": key[2], "key": list(key)})
+        return int(r["slot"]), int(r["generation"]), str(r.get("pool") or "")
 
-    def free_slot(self, slot: int, generation: int) -> None:
-        self._call({"op": "free_slot", "slot": slot, "generation": generation})
+    def claim_slot(self, slot: int, generation: int, key: Key, pool: str = "") -> None:
+        """We are the server of ``key``: may we map ``slot``? Raises SlotRefused if not."""
+        self._call(
+            {
+                "op": "claim_slot",
+                "slot": slot,
+                "generation": generation,
+                "key": list(key),
+                "pool": pool,
+            }
+        )
+
+    def free_slot(self, slot: int, generation: int, pool: str = "") -> None:
+        self._call({"op": "free_slot", "slot": slot, "generation": generation, "pool": pool})
 
     #### CoSocket offers (see cosock._vmchannel)
 
@@ -178,14 +194,28 @@ class VmAgent:
     def offer(self, key: Key, nonce: bytes) -> tuple[int, int, int]:
         """A slot for our connection ``key`` to a listener on a co-resident VM; (slot,
         generation, capacity). Raises SlotRefused (reason first: "no-listener: ...")."""
+        return self.offer_in(key, nonce)[:3]
+
+    def offer_in(self, key: Key, nonce: bytes) -> tuple[int, int, int, str]:
+        """As :meth:`offer`, with the pool the slot is in (hex pool id, "" if shared)."""
         r = self._call({"op": "offer", "key": list(key), "nonce": nonce.hex()})
-        return int(r["slot"]), int(r["generation"]), int(r["capacity"])
+        return int(r["slot"]), int(r["generation"]), int(r["capacity"]), str(r.get("pool") or "")
 
     def claim_offer(self, key: Key) -> tuple[int, int, bytes, int]:
         """We accepted ``key``: the slot its client was granted; (slot, generation, nonce,
         capacity). Raises SlotRefused if there is none."""
+        return self.claim_offer_in(key)[:4]
+
+    def claim_offer_in(self, key: Key) -> tuple[int, int, bytes, int, str]:
+        """As :meth:`claim_offer`, with the pool the slot is in."""
         r = self._call({"op": "claim_offer", "key": list(key)})
-        return int(r["slot"]), int(r["generation"]), bytes.fromhex(r["nonce"]), int(r["capacity"])
+        return (
+            int(r["slot"]),
+            int(r["generation"]),
+            bytes.fromhex(r["nonce"]),
+            int(r["capacity"]),
+            str(r.get("pool") or ""),
+        )
 
 
 #: The stdlib socket class, even if interception replaced ``socket.socket`` before this

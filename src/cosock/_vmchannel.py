@@ -31,6 +31,7 @@ on one kernel).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import AgentUnavailable, FallbackReason
-from ._ivshmem import Pool, PoolError, PoolLayout, find_device
+from ._ivshmem import ENV_IVSHMEM, Pool, PoolError, PoolLayout, find_device
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
 from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
@@ -56,6 +57,12 @@ _CONFIRM_S = 0.05
 _RETRY_S = 1.0
 #: Redirects followed in one attempt (old host -> new host; one more if it moved meanwhile).
 _MAX_HOPS = 3
+#: How long a connect (or accept) waits for a pair's pool to show up in this VM: the gateway
+#: hot-plugged it before granting the slot, and the guest kernel adds the device on the ACPI
+#: event (measured: ~30 ms under TCG); a rescan is asked for after _RESCAN_AFTER_S.
+PLUG_WAIT_S = 5.0
+_RESCAN_AFTER_S = 1.0
+PCI_RESCAN = Path("/sys/bus/pci/rescan")
 
 
 def active() -> bool:
@@ -87,13 +94,13 @@ class SlotMapping(mmap.mmap):
     def give_back(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
-            owner[1].free(owner[2], owner[3], owner[5])
+            owner[1].free(owner[2], owner[3], owner[5], owner[6])
 
     def close(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         super().close()
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
-            owner[1].free(owner[2], owner[3], owner[5])
+            owner[1].free(owner[2], owner[3], owner[5], owner[6])
 
 
 def switched(mm: object) -> None:
@@ -119,8 +126,8 @@ class VmDirectory:
         #: Asks the gateway once a second while listeners are published (see _keep).
         self._keeper: threading.Thread | None = None
         self._closing = threading.Event()
-        self._pool: Pool | None = None
-        self._layout: PoolLayout | None = None
+        #: Open pools by id (hex; "": the host's shared pool, or the only device).
+        self._pools: dict[str, tuple[Pool, PoolLayout]] = {}
         self.me: _Guest | None = None
         #: The gateway a redirect named (this VM migrated); None: the one fw_cfg names
         #: now (the current host's), else the boot-time one.
@@ -131,6 +138,8 @@ class VmDirectory:
         self.epoch = 0
         #: Gateway changes seen (a migration): ``cosock_info``-style figures for tests.
         self.moves = 0
+        #: The gateway's (or the device search's) words for the last refused offer.
+        self.last_refusal = ""
 
     #### The gateway connection
 
@@ -179,8 +188,8 @@ class VmDirectory:
 
     def _moved_locked(self) -> None:
         """Another host's gateway: forget the old host's pool and guest list."""
-        pool, self._pool, self._layout = self._pool, None, None
-        if pool is not None:
+        pools, self._pools = self._pools, {}
+        for pool, _ in pools.values():
             pool.close()
         self._guests, self._guests_at = {}, -_GUESTS_TTL
         self.epoch += 1
@@ -211,10 +220,10 @@ class VmDirectory:
             keeper.join(5.0)
         with self._lock:
             gate, self._gate = self._gate, None
-            pool, self._pool = self._pool, None
+            pools, self._pools = self._pools, {}
         if gate is not None:
             gate.close()
-        if pool is not None:
+        for pool, _ in pools.values():
             pool.close()
 
     def _after_fork_in_child(self) -> None:
@@ -365,30 +374,66 @@ class VmDirectory:
 
     #### Channels
 
-    def _open_pool(self) -> tuple[Pool, PoolLayout]:
-        """This guest's ivshmem pool, opened once per process.
+    def _open_pool(self, pool_id: str = "", wait: float = 0.0) -> tuple[Pool, PoolLayout]:
+        """A pool of this guest, opened once per process: the host's shared pool (``""``), or
+        the per-pair pool the gateway named in a grant, found by the id in its header; for
+        that one, wait up to ``wait`` seconds for its hot-plugged device to appear.
 
         Raises:
-            PoolError: no ivshmem device, or its header is not a cosock pool.
+            PoolError: no such ivshmem device, or its header is not a cosock pool.
         """
         with self._lock:
-            if self._pool is None or self._layout is None:
-                pool = Pool(find_device())
-                try:
-                    self._layout = pool.layout()
-                except BaseException:
-                    pool.close()
-                    raise
-                self._pool = pool
-            return self._pool, self._layout
+            known = self._pools.get(pool_id)
+            if known is not None:
+                return known
+        ident = bytes.fromhex(pool_id) if pool_id else None
+        # Only a hot-plugged pair pool is worth waiting for (the shared one is there from boot).
+        waits = ident is not None and not os.environ.get(ENV_IVSHMEM)
+        deadline = time.monotonic() + (wait if waits else 0.0)
+        rescan_at = time.monotonic() + _RESCAN_AFTER_S
+        while True:
+            try:
+                path = find_device(pool_id=ident)
+                pool = Pool(path)
+                break
+            except (PoolError, OSError) as exc:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise PoolError(str(exc)) from None
+                if now >= rescan_at:  # the ACPI event did not add it: ask the kernel
+                    rescan_at = deadline
+                    with contextlib.suppress(OSError):
+                        PCI_RESCAN.write_text("1")
+                time.sleep(0.02)
+        try:
+            layout = pool.layout()
+            if ident is not None and pool.identity()[0] != ident:
+                raise PoolError(f"{path}: not pool {pool_id}")
+        except BaseException:
+            pool.close()
+            raise
+        with self._lock:
+            if pool_id in self._pools:  # another thread opened it meanwhile
+                pool.close()
+                return self._pools[pool_id]
+            self._prune_locked()
+            self._pools[pool_id] = (pool, layout)
+            return pool, layout
 
-    def _map(self, slot: int, generation: int) -> SlotMapping:
+    def _prune_locked(self) -> None:
+        """Forget pair pools whose device was unplugged (the pair had no connection left)."""
+        for key, (pool, _) in list(self._pools.items()):
+            if key and not pool.path.exists():
+                pool.close()
+                del self._pools[key]
+
+    def _map(self, slot: int, generation: int, pool_id: str = "") -> SlotMapping:
         """Map one slot, checked; it is given back when the mapping closes.
 
         Raises:
             PoolError, OSError: the slot cannot be mapped or its headers are wrong.
         """
-        pool, layout = self._open_pool()
+        pool, layout = self._open_pool(pool_id, PLUG_WAIT_S)
         fd = os.open(pool.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             mm = SlotMapping(fd, layout.slot_size, offset=layout.offset(slot))
@@ -397,18 +442,18 @@ class VmDirectory:
         if not channel_headers_ok(mm, layout.capacity):
             mm.close()
             raise PoolError(f"slot {slot} does not hold a channel of {layout.capacity}")
-        owner = (os.getpid(), self, slot, generation, False, self.epoch)
+        owner = (os.getpid(), self, slot, generation, False, self.epoch, pool_id)
         mm._give_back = owner  # type: ignore[attr-defined]
         _mappings.add(mm)
         return mm
 
-    def free(self, slot: int, generation: int, epoch: int | None = None) -> None:
+    def free(self, slot: int, generation: int, epoch: int | None = None, pool_id: str = "") -> None:
         """Give a slot back; not one granted by another host's gateway (``epoch``): that
         one was dropped when we left, and its number may be a live grant here."""
         if epoch is not None and epoch != self.epoch:
             return
         try:
-            self._call("free_slot", slot, generation)
+            self._call("free_slot", slot, generation, pool_id)
         except (AgentUnavailable, SlotRefused):
             pass  # the gateway frees it when our connection drops
 
@@ -418,35 +463,46 @@ class VmDirectory:
         """Client: a slot for our connection to a listener on another VM of this host,
         mapped: ``(nonce, mapping, capacity)``, or why the connection stays on TCP."""
         try:
-            _, layout = self._open_pool()
+            shared = self._gateway().pools == "shared"
+            if shared:  # no device, no need to ask (per pair: it is plugged on demand)
+                self._open_pool()
+        except AgentUnavailable:
+            return FallbackReason.AGENT_UNREACHABLE
         except (PoolError, OSError):
             return FallbackReason.NO_SHM_DEVICE
         key: Key = (normalise_host(local[0]), int(local[1]), server[0], server[1])
         nonce = os.urandom(16)
         try:
-            slot, generation, capacity = self._call("offer", key, nonce)
+            slot, generation, capacity, pool_id = self._call("offer_in", key, nonce)
         except AgentUnavailable:
             return FallbackReason.AGENT_UNREACHABLE
         except SlotRefused as exc:
+            self.last_refusal = str(exc)
             return _refusal(str(exc))
+        try:
+            _, layout = self._open_pool(pool_id, PLUG_WAIT_S)
+        except (PoolError, OSError, ValueError) as exc:
+            self.last_refusal = f"no-shm-device: {exc}"
+            self.free(slot, generation, None, pool_id)
+            return FallbackReason.NO_SHM_DEVICE
         if capacity != layout.capacity:
-            self.free(slot, generation)
+            self.free(slot, generation, None, pool_id)
             return FallbackReason.RESOURCE
         try:
-            mm = self._map(slot, generation)
+            mm = self._map(slot, generation, pool_id)
         except (PoolError, OSError):
-            self.free(slot, generation)
+            self.free(slot, generation, None, pool_id)
             return FallbackReason.RESOURCE
         return nonce, mm, capacity
 
     def claim(self, key: Key) -> VmPending | None:
         """Server: the offer the gateway holds for exactly this accepted connection."""
         try:
-            slot, generation, nonce, _ = self._call("claim_offer", key)
+            slot, generation, nonce, _, pool_id = self._call("claim_offer_in", key)
         except (AgentUnavailable, SlotRefused):
             return None
         try:
-            _, layout = self._open_pool()
+            _, layout = self._open_pool(pool_id, PLUG_WAIT_S)
             offer = Offer(
                 client=(key[0], key[1]),
                 server=(key[2], key[3]),
@@ -455,9 +511,9 @@ class VmDirectory:
                 family=6 if ":" in key[0] else 4,
             )
         except Exception:
-            self.free(slot, generation)
+            self.free(slot, generation, None, pool_id)
             return None
-        return VmPending(offer, slot, generation, self)
+        return VmPending(offer, slot, generation, self, pool_id)
 
 
 def _refusal(message: str) -> FallbackReason:
@@ -505,12 +561,13 @@ class VmPending:
     slot: int
     generation: int
     directory: VmDirectory
+    pool_id: str = ""
 
     def map(self) -> tuple[SlotMapping | None, FallbackReason | None]:
         try:
-            return self.directory._map(self.slot, self.generation), None
+            return self.directory._map(self.slot, self.generation, self.pool_id), None
         except (PoolError, OSError):
-            self.directory.free(self.slot, self.generation)
+            self.directory.free(self.slot, self.generation, None, self.pool_id)
             return None, FallbackReason.RESOURCE
 
 

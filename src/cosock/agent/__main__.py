@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vm-pool", type=Path, default=None, help="the host's ivshmem pool")
     parser.add_argument(
+        "--vm-pair-pools",
+        metavar="PREFIX",
+        default=None,
+        help="instead of --vm-pool: one pool per pair of VMs, PREFIX<A>-<B>.ivshmem, hot-plugged"
+        " into A and B only (QMP sockets from --vm-guests)",
+    )
+    parser.add_argument(
         "--vm-guests", type=Path, default=None, help="JSON file of the VMs' tokens and addresses"
     )
     args = parser.parse_args(argv)
@@ -59,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--metrics-port must be 0..65535, not {args.metrics_port}")
     if not args.host or not args.host.isprintable():
         parser.error("--host must be a non-empty printable name")
-    if args.vm_gateway and not (args.vm_pool and args.vm_guests):
-        parser.error("--vm-gateway needs --vm-pool and --vm-guests")
+    if args.vm_gateway and not ((args.vm_pool or args.vm_pair_pools) and args.vm_guests):
+        parser.error("--vm-gateway needs --vm-pool (or --vm-pair-pools) and --vm-guests")
+    if args.vm_pool and args.vm_pair_pools:
+        parser.error("--vm-pool and --vm-pair-pools exclude each other")
     path: Path = args.socket if args.socket is not None else _config.agent_path()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
@@ -69,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.vm_gateway:
             from . import _vmgate
 
-            _vmgate.start(_vmgate.parse_bind(args.vm_gateway), args.vm_pool, args.vm_guests)
+            _vmgate.start(
+                _vmgate.parse_bind(args.vm_gateway),
+                args.vm_pool,
+                args.vm_guests,
+                pair_prefix=args.vm_pair_pools,
+            )
         serve(
             path,
             args.host,

@@ -18,6 +18,12 @@ guest's library follows it (``cosock._vmchannel``); a guest that is neither here
 ``grants`` (how many slots the caller's connections hold); ``key`` is the connection's 4-tuple
 ``[client ip, port, server ip, port]``.
 
+Two pool modes. Shared: one pool file per host, every VM maps all of it (one tenant per host).
+Per pair (``pair_prefix``; ``agent/_pairpool.py``): a grant names its pool (``"pool"``: the
+pair's pool id, hex) and that pool is plugged into the two VMs of the connection only; requests
+about a slot (``claim_slot``, ``free_slot``) then carry the same ``pool``. The guests file also
+gives each VM's QMP socket (``"qmp"``), through which the pair pools are hot-plugged.
+
 A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
 ``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
 connection that registered it), ``offer {key, nonce}`` (the client: a slot for its connection
@@ -39,11 +45,14 @@ from typing import Any
 
 from .._errors import CosockError
 from .._ivshmem import Pool, PoolError, SlotTable
+from ._pairpool import PairPool, PairPools, PlugError
 
 log = logging.getLogger("cosock.agent.vm")
 
 PORT = 7071
 MAX_LINE = 1 << 16
+#: Size of a per-pair pool (a power of two: a PCI BAR): 7 channels of 1 MiB rings.
+PAIR_POOL_SIZE = 16 << 20
 
 Key = tuple[str, int, str, int]
 
@@ -78,6 +87,21 @@ class _Guests:
         self._gone: set[str] = set()
         #: Guests that migrated to another host: token -> (guest, that host's gateway).
         self._moved: dict[str, tuple[str, str]] = {}
+        #: Each VM's QMP socket (per-pair pools are hot-plugged through it).
+        self._qmp: dict[str, Path] = {}
+
+    def qmp_of(self, guest: str) -> Path | None:
+        """The QMP socket of a VM running on this host (None: not here, or not given)."""
+        self._reload()
+        here = any(g == guest for g, _ in self._by_token.values())
+        return self._qmp.get(guest) if here else None
+
+    def status_of(self, guest: str) -> str:
+        """ "here", "leaving" or "gone" (not a VM of this host now)."""
+        self._reload()
+        if not any(g == guest for g, _ in self._by_token.values()):
+            return "gone"
+        return "leaving" if guest in self.leaving else "here"
 
     def take_gone(self) -> set[str]:
         self._reload()
@@ -135,6 +159,11 @@ class _Guests:
             for name, rec in data.get("guests", {}).items()
             if isinstance(rec, dict) and rec.get("leaving")
         }
+        self._qmp = {
+            str(name): Path(str(rec["qmp"]))
+            for name, rec in data.get("guests", {}).items()
+            if isinstance(rec, dict) and rec.get("qmp")
+        }
         self._moved = {
             str(rec["token"]): (str(name), str(rec.get("gateway", "")))
             for name, rec in data.get("moved", {}).items()
@@ -148,11 +177,36 @@ class VmGateway(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, bind: tuple[str, int], pool_path: Path, guests_path: Path) -> None:
+    def __init__(
+        self,
+        bind: tuple[str, int],
+        pool_path: Path | None,
+        guests_path: Path,
+        pair_prefix: str | None = None,
+        pair_size: int = PAIR_POOL_SIZE,
+        capacity: int | None = None,
+    ) -> None:
+        """``pool_path``: the host's pool shared by all its VMs; or ``pair_prefix``: per-pair
+        pools ``<prefix>A-B.ivshmem`` hot-plugged into A and B only (docs/vm-backend.md, 4)."""
+        from .._config import ring_size
+
+        if (pool_path is None) == (pair_prefix is None):
+            raise ValueError("give either a shared pool or a per-pair pool prefix")
         self.guests = _Guests(guests_path)
-        self.pool = Pool(pool_path)
-        self.layout = self.pool.layout()
-        self.table = SlotTable(self.layout.slot_count)
+        self.pool: Pool | None = None
+        self.pairs: PairPools | None = None
+        if pool_path is not None:
+            self.pool = Pool(pool_path)
+            self.layout = self.pool.layout()
+        self.table = SlotTable(self.layout.slot_count if self.pool is not None else 0)
+        if pair_prefix is not None:
+            self.pairs = PairPools(
+                pair_prefix,
+                pair_size,
+                capacity or ring_size(),
+                self.guests.qmp_of,
+                self.guests.status_of,
+            )
         self.lock = threading.Lock()
         #: (guest, addr, port) -> how many gateway connections registered that listener.
         self.listeners: dict[tuple[str, str, int], int] = {}
@@ -168,7 +222,10 @@ class VmGateway(socketserver.ThreadingTCPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.pairs is not None:
+            self.pairs.close()
 
     #### Operations (called with the guest's identity established)
 
@@ -176,7 +233,9 @@ class VmGateway(socketserver.ThreadingTCPServer):
         """Release every slot of a guest that left this host (its grants die with it)."""
         for guest in self.guests.take_gone():
             with self.lock:
-                dropped = self.table.drop_guest(guest)
+                dropped: list[Any] = self.table.drop_guest(guest)
+                if self.pairs is not None:
+                    dropped += self.pairs.drop_guest(guest)
             if dropped:
                 log.info("guest %s left: slots %s released", guest, dropped)
 
@@ -187,19 +246,67 @@ class VmGateway(socketserver.ThreadingTCPServer):
         peer = self.guests.owner_of(str(req.get("peer", key[2])))
         if peer is None or key[2] != self.guests.addresses().get(peer):
             raise GatewayError(f"{key[2]} is not a VM of this host")
-        with self.lock:
-            try:
-                slot, generation = self.table.alloc(guest, peer, key)
-            except PoolError as exc:
-                raise GatewayError(str(exc)) from None
-        self.pool.format_slot(self.layout, slot)
-        return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
+        if peer == guest and self.pairs is not None:
+            raise GatewayError("a connection inside one VM has no slot")
+        return self._grant(guest, peer, key, "")
+
+    def _grant(self, guest: str, peer: str, key: Key, nonce: str) -> dict[str, Any]:
+        """A formatted slot for ``guest``'s connection ``key`` to ``peer``: of the shared
+        pool, or of the pair's own pool (made and hot-plugged into both on first use)."""
+        if self.pairs is None:
+            assert self.pool is not None
+            with self.lock:
+                try:
+                    slot, generation = self.table.alloc(guest, peer, key, nonce)
+                except PoolError as exc:
+                    raise GatewayError(f"resource: {exc}") from None
+            self.pool.format_slot(self.layout, slot)
+            return {
+                "slot": slot,
+                "generation": generation,
+                "capacity": self.layout.capacity,
+                "pool": "",
+            }
+        try:
+            pair = self.pairs.acquire(guest, peer)
+        except (PlugError, PoolError) as exc:
+            log.warning("pair pool %s-%s: %s", guest, peer, exc)
+            raise GatewayError(f"resource: hot-plug of the {guest}-{peer} pool: {exc}") from None
+        try:
+            with self.lock:
+                try:
+                    slot, generation = pair.table.alloc(guest, peer, key, nonce)
+                except PoolError as exc:
+                    raise GatewayError(f"resource: {exc}") from None
+            pair.idle_since = None
+        finally:
+            pair.lock.release()
+        pair.pool.format_slot(pair.layout, slot)
+        return {
+            "slot": slot,
+            "generation": generation,
+            "capacity": pair.layout.capacity,
+            "pool": pair.pool_id.hex(),
+        }
+
+    def _table(self, pool: str) -> tuple[SlotTable, PairPool | None]:
+        """The slot table a request's ``pool`` names ("" or absent: the shared pool)."""
+        if not pool:
+            return self.table, None
+        try:
+            pair = self.pairs.find(bytes.fromhex(pool)) if self.pairs is not None else None
+        except ValueError:
+            pair = None
+        if pair is None:
+            raise GatewayError(f"no such pool {pool[:32]!r}")
+        return pair.table, pair
 
     def grants_of(self, guest: str) -> int:
         """Slots granted to connections of ``guest`` not given back yet (the lab waits for
         none before it unplugs a migrating VM's pool)."""
         with self.lock:
-            return self.table.count_of(guest)
+            shared = self.table.count_of(guest)
+        return shared + (self.pairs.count_of(guest) if self.pairs is not None else 0)
 
     def listen(self, guest: str, address: str, req: dict[str, Any]) -> tuple[str, str, int]:
         addr, port = str(req.get("addr")), int(req["port"])
@@ -239,19 +346,19 @@ class VmGateway(socketserver.ThreadingTCPServer):
         with self.lock:
             if not any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)):
                 raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
-            try:
-                slot, generation = self.table.alloc(guest, peer, key, nonce)
-            except PoolError as exc:
-                raise GatewayError(f"resource: {exc}") from None
-        self.pool.format_slot(self.layout, slot)
-        return {"slot": slot, "generation": generation, "capacity": self.layout.capacity}
+        return self._grant(guest, peer, key, nonce)
 
     def claim_offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         key = _key(req)
         if key[2] != address:
             raise GatewayError(f"server address {key[2]} is not {guest}'s")
+        client = self.guests.owner_of(key[0])
+        pair = self.pairs.of(guest, client) if self.pairs and client else None
         with self.lock:
-            found = self.table.claim_key(guest, key)
+            if self.pairs is None:
+                found = self.table.claim_key(guest, key)
+            else:
+                found = pair.table.claim_key(guest, key) if pair is not None else None
         if found is None:
             raise GatewayError("no-offer: no grant for this connection")
         slot, generation, nonce = found
@@ -259,28 +366,36 @@ class VmGateway(socketserver.ThreadingTCPServer):
             "slot": slot,
             "generation": generation,
             "nonce": nonce,
-            "capacity": self.layout.capacity,
+            "capacity": self.layout.capacity if pair is None else pair.layout.capacity,
+            "pool": "" if pair is None else pair.pool_id.hex(),
         }
 
     def claim(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         key = _key(req)
         if key[2] != address:
             raise GatewayError(f"server address {key[2]} is not {guest}'s")
+        table, pair = self._table(str(req.get("pool") or ""))
         with self.lock:
-            ok = self.table.claim(int(req["slot"]), int(req["generation"]), guest, key)
+            ok = table.claim(int(req["slot"]), int(req["generation"]), guest, key)
         if not ok:
             raise GatewayError("no such grant for this connection")
-        return {"slot": int(req["slot"]), "capacity": self.layout.capacity}
+        capacity = self.layout.capacity if pair is None else pair.layout.capacity
+        return {"slot": int(req["slot"]), "capacity": capacity}
 
     def free(self, guest: str, req: dict[str, Any]) -> dict[str, Any]:
+        table, _ = self._table(str(req.get("pool") or ""))
         with self.lock:
-            ok = self.table.free(int(req["slot"]), int(req["generation"]), guest)
+            ok = table.free(int(req["slot"]), int(req["generation"]), guest)
         if not ok:
             raise GatewayError("no such grant")
         return {}
 
 
 _WILDCARDS = ("0.0.0.0", "::")
+
+
+def _held(req: dict[str, Any]) -> tuple[str, int, int]:
+    return (str(req.get("pool") or ""), int(req["slot"]), int(req["generation"]))
 
 
 def _key(req: dict[str, Any]) -> Key:
@@ -303,7 +418,7 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         who: tuple[str, str] | None = None
         token = ""
-        held: set[tuple[int, int]] = set()
+        held: set[tuple[str, int, int]] = set()  # (pool, slot, generation)
         listening: list[tuple[str, str, int]] = []
         try:
             while line := self.rfile.readline(MAX_LINE):
@@ -323,7 +438,11 @@ class _Handler(socketserver.StreamRequestHandler):
                             if moved is not None:
                                 raise NotHere(*moved)
                             raise GatewayError("bad token")
-                        reply: dict[str, Any] = {"guest": who[0], "address": who[1]}
+                        reply: dict[str, Any] = {
+                            "guest": who[0],
+                            "address": who[1],
+                            "pools": "shared" if self.server.pairs is None else "pair",
+                        }
                     elif who is None:
                         raise GatewayError("say hello with your token first")
                     elif op == "guests":
@@ -332,16 +451,16 @@ class _Handler(socketserver.StreamRequestHandler):
                         reply = {"grants": self.server.grants_of(who[0])}
                     elif op == "alloc_slot":
                         reply = self.server.alloc(who[0], who[1], req)
-                        held.add((reply["slot"], reply["generation"]))
+                        held.add((reply["pool"], reply["slot"], reply["generation"]))
                     elif op == "claim_slot":
                         reply = self.server.claim(who[0], who[1], req)
-                        held.add((int(req["slot"]), int(req["generation"])))
+                        held.add(_held(req))
                     elif op == "offer":
                         reply = self.server.offer(who[0], who[1], req)
-                        held.add((reply["slot"], reply["generation"]))
+                        held.add((reply["pool"], reply["slot"], reply["generation"]))
                     elif op == "claim_offer":
                         reply = self.server.claim_offer(who[0], who[1], req)
-                        held.add((reply["slot"], reply["generation"]))
+                        held.add((reply["pool"], reply["slot"], reply["generation"]))
                     elif op == "listen":
                         listening.append(self.server.listen(who[0], who[1], req))
                         reply = {}
@@ -353,7 +472,7 @@ class _Handler(socketserver.StreamRequestHandler):
                         reply = {}
                     elif op == "free_slot":
                         reply = self.server.free(who[0], req)
-                        held.discard((int(req["slot"]), int(req["generation"])))
+                        held.discard(_held(req))
                     else:
                         raise GatewayError(f"unknown op {op!r}")
                     self._send({"ok": True, **reply})
@@ -369,19 +488,31 @@ class _Handler(socketserver.StreamRequestHandler):
             for entry in listening:
                 self.server.unlisten(entry)
             if who is not None:
-                for slot, generation in held:
+                for pool, slot, generation in held:
+                    try:
+                        table, _ = self.server._table(pool)
+                    except GatewayError:
+                        continue  # that pair's pool is gone already
                     with self.server.lock:
-                        self.server.table.free(slot, generation, who[0])
+                        table.free(slot, generation, who[0])
 
     def _send(self, msg: dict[str, Any]) -> None:
         self.wfile.write(json.dumps(msg).encode() + b"\n")
 
 
-def start(bind: tuple[str, int], pool_path: Path, guests_path: Path) -> VmGateway:
-    """Serve in a daemon thread; returns the server (``shutdown()`` + ``server_close()``)."""
-    gate = VmGateway(bind, pool_path, guests_path)
+def start(
+    bind: tuple[str, int],
+    pool_path: Path | None,
+    guests_path: Path,
+    pair_prefix: str | None = None,
+    pair_size: int = PAIR_POOL_SIZE,
+) -> VmGateway:
+    """Serve in a daemon thread; returns the server (``shutdown()`` + ``server_close()``).
+    ``pool_path``: one pool shared by the host's VMs; ``pair_prefix``: per-pair pools."""
+    gate = VmGateway(bind, pool_path, guests_path, pair_prefix, pair_size)
     threading.Thread(target=gate.serve_forever, name="cosock-vm-gateway", daemon=True).start()
-    log.info("VM gateway on %s:%d, pool %s", *bind, pool_path)
+    where = pool_path if pair_prefix is None else f"per pair: {pair_prefix}A-B.ivshmem"
+    log.info("VM gateway on %s:%d, pool %s", *bind, where)
     return gate
 
 

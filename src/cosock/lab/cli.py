@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -80,19 +81,29 @@ def _print_lab(lab: Lab) -> None:
     console.print(guests)
 
 
+def _pair_pools(lab: str, host: str) -> str:
+    """The per-pair pools of a host that exist now (plugged into their two VMs)."""
+    from .qemu._model import pair_pool_prefix
+
+    prefix = pair_pool_prefix(lab, host)
+    found = sorted(p.name for p in Path(prefix).parent.glob(Path(prefix).name + "*.ivshmem"))
+    return ", ".join(found) or "per pair (none plugged now)"
+
+
 def _print_vm_lab(lab: QemuLab) -> None:
     console = Console()
-    root = lab.to_json()["root"]
+    info = lab.to_json()
     console.print(
         f"lab {lab.name}: QEMU guests, accelerator {lab.accel} ({lab.accel_reason}),"
-        f" guest root {root}"
+        f" guest root {info['root']}, ivshmem pools {info['pool']}"
     )
     hosts = Table(title=f"lab {lab.name}: hosts")
     for col in ("host", "netns", "agent pid", "ivshmem pool"):
         hosts.add_column(col)
     for h in lab.hosts():
         pid = int(h.get("agent_pid") or 0)
-        hosts.add_row(h["name"], h["netns"], str(pid) if _netns.alive(pid) else "-", h["pool"])
+        pool = h["pool"] if info["pool"] == "shared" else _pair_pools(lab.name, h["name"])
+        hosts.add_row(h["name"], h["netns"], str(pid) if _netns.alive(pid) else "-", pool)
     guests = Table(title=f"lab {lab.name}: guests (VMs)")
     for col in ("guest", "host", "address", "qemu pid", "boot s"):
         guests.add_column(col)
@@ -167,6 +178,14 @@ def up(
             "--spare-hosts", metavar="K", help="qemu: K more hosts without VMs (migration targets)."
         ),
     ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            help="qemu: pair (one ivshmem pool per pair of VMs that talk, only they map it) or"
+            " shared (one pool per host that all its VMs map: one tenant only).",
+        ),
+    ] = "pair",
 ) -> None:
     """Create hosts (namespace + bridge + agent) and guests: namespaces with eth0 on the bridge
     (--backend netns) or QEMU VMs with virtio-net on the bridge (--backend qemu)."""
@@ -188,6 +207,7 @@ def up(
                 boot_timeout=_seconds(boot_timeout) if boot_timeout else BOOT_TIMEOUT,
                 spare_hosts=_count(spare_hosts or "0", "spare hosts"),
                 root=root,
+                pool=pool,
             )
         else:
             lab = Lab.up(name, hosts=n_hosts, guests=n_guests)

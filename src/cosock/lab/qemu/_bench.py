@@ -172,7 +172,8 @@ def command(quick: bool, json_path: Path | None, lab_name: str | None) -> dict[s
     name = lab_name or "benchvm"
     err = Console(stderr=True)
     err.print(f"booting 2 VMs in lab {name} (TCG: ~30-60 s) ...")
-    lab = QemuLab.up(name, hosts=1, guests=2)
+    # The raw-ring row maps a slot of the host's pool in both VMs: the shared pool.
+    lab = QemuLab.up(name, hosts=1, guests=2, pool="shared")
     try:
         results = run(
             lab,

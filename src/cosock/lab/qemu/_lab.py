@@ -52,12 +52,15 @@ from .._model import (
 from . import _accel, _exec, _initramfs, _kernel, _packages, _script, _vm
 from ._model import (
     BOOT_TIMEOUT,
+    DEFAULT_POOL_MODE,
     MAX_VM_GUESTS,
     POOL_MB,
+    POOL_MODES,
     BootError,
     GuestCommandError,
     VmError,
     guest_mac,
+    pair_pool_prefix,
     pool_path,
     tap_ifname,
 )
@@ -144,12 +147,15 @@ class QemuLab:
         boot_timeout: float = BOOT_TIMEOUT,
         spare_hosts: int = 0,
         root: str = "9p",
+        pool: str = DEFAULT_POOL_MODE,
     ) -> QemuLab:
         """Build ``hosts`` hosts with ``guests`` VMs each, plus ``spare_hosts`` hosts without
         VMs (migration targets that cost no boot); returns when every command server answers.
         ``root``: "9p" (the host's root, read-only: any host file is visible; QEMU cannot
         migrate such a guest) or "image" (a read-only ext4 image of the interpreter and this
-        repository: migratable; see :mod:`._rootfs`).
+        repository: migratable; see :mod:`._rootfs`). ``pool``: "pair" (one ivshmem pool
+        per pair of VMs that talk, hot-plugged into those two only) or "shared" (one pool per
+        host, mapped by all its VMs: one tenant only; docs/vm-backend.md, section 4).
 
         Raises:
             InvalidLabSpec, NeedsRoot, LabExists: nothing started.
@@ -160,6 +166,8 @@ class QemuLab:
         validate_size(hosts + spare_hosts, guests)
         if root not in ("9p", "image"):
             raise InvalidLabSpec(f"invalid guest root {root!r}: use 9p or image")
+        if pool not in POOL_MODES:
+            raise InvalidLabSpec(f"invalid pool mode {pool!r}: use {' or '.join(POOL_MODES)}")
         if spare_hosts < 0:
             raise InvalidLabSpec(f"invalid number of spare hosts {spare_hosts}")
         if guests > MAX_VM_GUESTS:
@@ -178,6 +186,7 @@ class QemuLab:
             qemu = _packages.qemu_binary()
             accel = _accel.choose(qemu, kernel.vmlinuz, initramfs)
             state = _plan(name, hosts, guests, kernel, initramfs, accel, spare_hosts)
+            state["pool_mode"] = pool
             if root == "image":
                 from . import _rootfs
 
@@ -197,7 +206,8 @@ class QemuLab:
                 _netns.create_netns(h["netns"])
         # Pools and tokens first: each agent's VM gateway opens its pool and guests file.
         for h in state["hosts"]:
-            _make_pool(Path(h["pool"]), int(state["pool_mb"]))
+            if pool_mode(state) == "shared":
+                _make_pool(Path(h["pool"]), int(state["pool_mb"]))
         scripts: dict[str, str] = {}
         for g in state["guests"]:
             token, agent_token = secrets.token_hex(16), secrets.token_hex(16)
@@ -220,11 +230,15 @@ class QemuLab:
         started = []
         for h in state["hosts"]:
             sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
+            pools = (
+                ["--vm-pool", h["pool"]]
+                if pool_mode(state) == "shared"
+                else ["--vm-pair-pools", pair_pool_prefix(name, h["name"])]
+            )
             gateway = [
                 "--vm-gateway",
                 f"{h['address']}:{GATEWAY_PORT}",
-                "--vm-pool",
-                h["pool"],
+                *pools,
                 "--vm-guests",
                 h["vm_guests"],
             ]
@@ -391,6 +405,7 @@ class QemuLab:
             "accel_reason": self.accel_reason,
             "kernel": self._state.get("kernel", ""),
             "root": "image" if self._state.get("root_image") else "9p",
+            "pool": pool_mode(self._state),
             "hosts": [
                 {
                     "name": h["name"],
@@ -418,6 +433,11 @@ class QemuLab:
 
 
 #### Building blocks
+
+
+def pool_mode(state: Mapping[str, Any]) -> str:
+    """ "pair" or "shared"; labs made before per-pair pools existed had the shared pool."""
+    return str(state.get("pool_mode", "shared"))
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -455,7 +475,7 @@ def _spec(state: _state.State, g: dict[str, Any]) -> _vm.VmSpec:
         agent_token=Path(g["agent_token_file"]),
         tap=g["tap"],
         mac=g["mac"],
-        pool=Path(host["pool"]),
+        pool=Path(host["pool"]) if pool_mode(state) == "shared" else None,
         qmp=Path(g["qmp"]),
         serial=Path(g["serial"]),
         pool_mb=int(state["pool_mb"]),

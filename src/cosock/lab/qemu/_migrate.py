@@ -66,6 +66,25 @@ def unplug_pool(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
         _qmp.command(qmp, "object-del", id=_vm.POOL_OBJECT)
 
 
+def unplug_pair_pools(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
+    """Per-pair pools: hot-unplug every ivshmem device of the guest and drop their memory
+    backends (the gateway may be doing the same: its pairs with a leaving VM and no slot are
+    removed at once; either way they are gone after this)."""
+    from ...agent import _pairpool
+
+    try:
+        _pairpool.unplug_devices(qmp, _pairpool.ivshmem_qdev_ids(qmp), timeout)
+    except _pairpool.PlugError as exc:
+        raise MigrationError(f"migration step 'unplug the pair pools': {exc}") from None
+    for o in _qmp.command(qmp, "qom-list", path="/objects"):
+        name = str(o.get("name", ""))
+        if name.startswith(_pairpool.object_id("")):
+            try:
+                _qmp.command(qmp, "object-del", id=name)
+            except _qmp.QmpError:
+                pass  # deleted by the gateway meanwhile
+
+
 def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
     """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
     _qmp.command(
@@ -137,7 +156,11 @@ def write_vm_guests(state: _state.State, leaving: frozenset[str] = frozenset()) 
         moved: dict[str, dict[str, Any]] = {}
         for g in state["guests"]:
             if g["host"] == h["name"]:
-                vms[g["name"]] = {"token": tokens[g["name"]], "address": g["addresses"][0]}
+                vms[g["name"]] = {
+                    "token": tokens[g["name"]],
+                    "address": g["addresses"][0],
+                    "qmp": g["qmp"],  # per-pair pools are hot-plugged through it
+                }
             else:
                 gateway = f"{hosts[g['host']]['address']}:{PORT}"
                 moved[g["name"]] = {"token": tokens[g["name"]], "gateway": gateway}
@@ -207,7 +230,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
         UnknownGuest, UnknownHost, MigrationError (same host; or a step failed: named).
     """
     from ...agent._vmgate import PORT
-    from ._lab import _spec
+    from ._lab import _spec, pool_mode
 
     g = next((r for r in state["guests"] if r["name"] == guest), None)
     if g is None:
@@ -225,8 +248,12 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
     switch_to_tcp(state, g, SWITCH_TIMEOUT)
     steps["switch_s"] = time.monotonic() - t
     t = time.monotonic()
+    shared = pool_mode(state) == "shared"
     try:
-        unplug_pool(src_qmp)
+        if shared:
+            unplug_pool(src_qmp)
+        else:  # new pair pools are plugged on the destination by its gateway, on demand
+            unplug_pair_pools(src_qmp)
     except BaseException:
         write_vm_guests(state)  # it stays: no longer leaving
         raise
@@ -264,7 +291,8 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             if _qmp.status(src_qmp) != "running":
                 _qmp.command(src_qmp, "cont")
             host = next(h for h in state["hosts"] if h["name"] == g["host"])
-            plug_pool(src_qmp, Path(host["pool"]), int(state["pool_mb"]))
+            if shared:
+                plug_pool(src_qmp, Path(host["pool"]), int(state["pool_mb"]))
         except (MigrationError, BootError, _qmp.QmpError):
             pass
         write_vm_guests(state)  # it stays: no longer leaving
@@ -273,7 +301,8 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
     old_pid = int(g["pid"])
     _qmp.quit_(src_qmp)
     _vm.stop([old_pid])
-    plug_pool(target.qmp, Path(dest["pool"]), int(state["pool_mb"]))
+    if shared:
+        plug_pool(target.qmp, Path(dest["pool"]), int(state["pool_mb"]))
     steps["replug_s"] = time.monotonic() - t
     g.update(
         host=to_host,

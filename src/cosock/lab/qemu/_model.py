@@ -48,6 +48,11 @@ GUEST_MEM_MB = 256
 #: Size of each host's ivshmem pool (the /dev/shm file every VM of that host maps): a power
 #: of two (a PCI BAR), 31 channels of 1 MiB rings.
 POOL_MB = 64
+#: How a host's VMs share memory: "pair" (default): one pool per pair of VMs that talk,
+#: hot-plugged into those two only; "shared": one pool per host that every VM of it maps
+#: (fit for one tenant only: any VM can read every channel; docs/security.md).
+POOL_MODES = ("pair", "shared")
+DEFAULT_POOL_MODE = "pair"
 #: TCP port of the guest's command server (``_guestd``), on the guest's lab address.
 GUESTD_PORT = 7070
 #: Boot budget for all guests of a lab: TCG takes ~10 s per guest to its command server on an
@@ -80,6 +85,11 @@ def cache_dir() -> Path:
 def pool_path(lab: str, host: str) -> Path:
     """The host's ivshmem pool file: one per host, named so ``down`` finds it by prefix."""
     return SHM_DIR / f"cosock-{lab}-{host}.ivshmem"
+
+
+def pair_pool_prefix(lab: str, host: str) -> str:
+    """Per-pair pools of a host are ``<prefix><A>-<B>.ivshmem`` (``down`` finds them too)."""
+    return f"{SHM_DIR}/cosock-{lab}-{host}-"
 
 
 def pool_glob(lab: str) -> str:

@@ -1,0 +1,289 @@
+"""Per-pair ivshmem pools between real QEMU guests (the default, ``--pool pair``).
+
+Three VMs on one host (A h1g1, B h1g2, C h1g3) and a spare host. Nothing is plugged at boot;
+the first cosock connection between two VMs makes their pool and hot-plugs it into those two
+only. Checked from both sides: QEMU's own device list (QMP ``query-pci``) and a scan of every
+ivshmem BAR inside the guests (the pool id in each header). A refused hot-plug leaves TCP with
+a reason and no file; the last close unplugs; a migration unplugs the moving VM's pair pools and
+the destination's gateway plugs new ones when the connection comes back to shm.
+
+Programs are ``tests/vm_cosock_peer.py`` under ``cosock run`` (unmodified stdlib sockets).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_lab_qemu import PY, running_lab
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.timeout(900),
+    pytest.mark.leaks_checked_by_module,
+]
+
+PEER = str(Path(__file__).with_name("vm_cosock_peer.py"))
+#: `python -m cosock`: the image root has the interpreter and the package, not the venv's scripts.
+RUN = [PY, "-m", "cosock", "run", "--", PY]
+A, B, C = "h1g1", "h1g2", "h1g3"
+
+#: Inside a guest: every ivshmem device and the pool id / label in its BAR's header.
+SCAN = """
+import json
+from cosock._ivshmem import Pool, ivshmem_devices
+out = []
+for dev in ivshmem_devices():
+    try:
+        with Pool(dev / "resource2") as p:
+            ident, label = p.identity()
+        out.append([dev.name, ident.hex(), label])
+    except Exception as exc:
+        out.append([dev.name, None, repr(exc)])
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def vmlab() -> Iterator[Any]:
+    # root "image": migratable; h2: the migration target.
+    with running_lab(hosts=1, guests=3, spare_hosts=1, root="image") as lab:
+        yield lab
+
+
+def _pair_file(lab: Any, host: str, x: str, y: str) -> Path:
+    from cosock.lab.qemu._model import pair_pool_prefix
+
+    a, b = sorted((x, y))
+    return Path(f"{pair_pool_prefix(lab.name, host)}{a}-{b}.ivshmem")
+
+
+def _plugged(lab: Any, guest: str) -> set[str]:
+    """The ivshmem devices QEMU has plugged into ``guest`` (qdev ids)."""
+    from cosock.agent._pairpool import ivshmem_qdev_ids
+
+    return ivshmem_qdev_ids(lab.guest(guest).qmp)
+
+
+def _scan(lab: Any, guest: str) -> list[str]:
+    """The pool ids in the headers of every ivshmem BAR the guest has (sorted)."""
+    r = lab.run(guest, [PY, "-c", SCAN], timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    found = json.loads(r.stdout.decode().splitlines()[-1])
+    assert all(ident is not None for _, ident, _ in found), found
+    return sorted(ident for _, ident, _ in found)
+
+
+def _pool_id(path: Path) -> str:
+    from cosock._ivshmem import Pool
+
+    with Pool(path) as pool:
+        return pool.identity()[0].hex()
+
+
+def _lines(lab: Any, guest: str, log: str) -> list[dict[str, Any]]:
+    text = lab.run(guest, ["cat", log], timeout=60).stdout.decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def _wait_line(lab: Any, guest: str, log: str, key: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [x for x in _lines(lab, guest, log) if key in x]
+        if got:
+            return got[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{guest} {log}: no {key!r} line: {_lines(lab, guest, log)}")
+        time.sleep(0.5)
+
+
+def _spawn(lab: Any, guest: str, *args: str) -> str:
+    log = f"/tmp/pp-{guest}-{args[0]}-{time.time_ns()}.log"
+    lab.spawn(guest, [*RUN, PEER, *args], env={"PYTHONUNBUFFERED": "1"}, log=log)
+    return log
+
+
+def _client(lab: Any, guest: str, *args: str) -> dict[str, Any]:
+    r = lab.run(guest, [*RUN, PEER, *args], env={"PEER_TIMING": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    return dict(json.loads(r.stdout.decode().splitlines()[-1]))
+
+
+def _wait_unplugged(lab: Any, files: list[Path], timeout: float = 60) -> float:
+    """Until no pair file is left and no VM has an ivshmem device; seconds it took."""
+    t = time.monotonic()
+    while True:
+        left = [f for f in files if f.exists()]
+        devices = {g.name: _plugged(lab, g.name) for g in lab.guests}
+        if not left and not any(devices.values()):
+            return time.monotonic() - t
+        if time.monotonic() - t > timeout:
+            raise AssertionError(f"still there after {timeout} s: {left} {devices}")
+        time.sleep(0.3)
+
+
+def _agent_log(lab: Any, host: str = "h1") -> str:
+    h = next(h for h in lab.hosts() if h["name"] == host)
+    return Path(h["agent_log"]).read_text(errors="replace")
+
+
+def test_a_pair_has_its_own_pool_that_a_third_vm_cannot_see(vmlab: Any) -> None:
+    assert vmlab.to_json()["pool"] == "pair"
+    assert all(_plugged(vmlab, g) == set() for g in (A, B, C))  # nothing at boot
+    a, b = vmlab.guest(A).address, vmlab.guest(B).address
+    stop_ab, stop_ca = f"/tmp/pp-stop-ab-{time.time_ns()}", f"/tmp/pp-stop-ca-{time.time_ns()}"
+    served_b = _spawn(vmlab, B, "echo-server", "0.0.0.0", "6101")
+    _wait_line(vmlab, B, served_b, "listening")
+    soak_ab = _spawn(vmlab, A, "soak-client", b, "6101", "600", stop_ab)
+    try:
+        assert _wait_line(vmlab, A, soak_ab, "started") == {"started": "shm"}
+        ab = _pair_file(vmlab, "h1", A, B)
+        ab_id = _pool_id(ab)
+        from cosock._ivshmem import Pool
+
+        with Pool(ab) as pool:
+            assert pool.identity()[1] == f"{A}-{B}"
+        # QEMU's view: the pool is plugged into A and B only.
+        assert _plugged(vmlab, A) == {f"cpaird-{B}"}
+        assert _plugged(vmlab, B) == {f"cpaird-{A}"}
+        assert _plugged(vmlab, C) == set()
+        # The guests' view: every ivshmem BAR's header.
+        assert _scan(vmlab, A) == [ab_id] and _scan(vmlab, B) == [ab_id]
+        assert _scan(vmlab, C) == []
+
+        # C <-> A: a pool of their own, which B does not get.
+        served_a = _spawn(vmlab, A, "echo-server", "0.0.0.0", "6102")
+        _wait_line(vmlab, A, served_a, "listening")
+        soak_ca = _spawn(vmlab, C, "soak-client", a, "6102", "600", stop_ca)
+        assert _wait_line(vmlab, C, soak_ca, "started") == {"started": "shm"}
+        ac = _pair_file(vmlab, "h1", A, C)
+        ac_id = _pool_id(ac)
+        assert ac_id != ab_id
+        assert _plugged(vmlab, A) == {f"cpaird-{B}", f"cpaird-{C}"}
+        assert _plugged(vmlab, B) == {f"cpaird-{A}"}
+        assert _plugged(vmlab, C) == {f"cpaird-{A}"}
+        assert _scan(vmlab, C) == [ac_id]
+        assert _scan(vmlab, B) == [ab_id]
+        assert _scan(vmlab, A) == sorted([ab_id, ac_id])
+    finally:
+        vmlab.run(A, ["touch", stop_ab], timeout=60)
+        vmlab.run(C, ["touch", stop_ca], timeout=60)
+    for guest, soak, server_vm, served in ((A, soak_ab, B, served_b), (C, soak_ca, A, served_a)):
+        report = _wait_line(vmlab, guest, soak, "paths")
+        assert report["ok"] and report["errors"] == [] and report["paths"] == ["shm"], report
+        echoed = _wait_line(vmlab, server_vm, served, "echoed")
+        assert echoed == {"echoed": report["bytes"], "path": "shm", "reason": None}
+    # The pairs' last connections closed: both pools are unplugged and their files gone.
+    took = _wait_unplugged(vmlab, [ab, ac])
+    print(f"unplugged {took:.2f} s after the last close (linger 2 s)")
+
+
+def test_the_first_connection_of_a_pair_waits_for_the_plug_and_takes_shm(vmlab: Any) -> None:
+    """The plug (QMP into both VMs, the guests' ACPI hot-plug) happens inside the first
+    connect(): measured here against a second connection of the same pair, pool plugged."""
+    b = vmlab.guest(B).address
+    served = _spawn(vmlab, B, "server", "0.0.0.0", "6103", "2")
+    _wait_line(vmlab, B, served, "listening")
+    assert not _pair_file(vmlab, "h1", A, B).exists()
+    first = _client(vmlab, A, "plain-client", b, "6103")
+    second = _client(vmlab, A, "plain-client", b, "6103")
+    assert (first["path"], first["reason"], first["answer"]) == ("shm", None, "3"), first
+    assert (second["path"], second["reason"], second["answer"]) == ("shm", None, "3"), second
+    assert [x["path"] for x in _lines(vmlab, B, served) if "cmd" in x] == ["shm", "shm"]
+    plugs = [ln for ln in _agent_log(vmlab).splitlines() if f"{A}-{B}.ivshmem plugged" in ln]
+    print(
+        f"first connect of the pair {first['connect_s']} s (with the hot-plug), second"
+        f" {second['connect_s']} s; agent: {plugs[-1].split('plugged ')[-1]}"
+    )
+    _wait_unplugged(vmlab, [_pair_file(vmlab, "h1", A, B)])
+
+
+def test_a_refused_hot_plug_leaves_tcp_with_a_reason_and_no_file(vmlab: Any) -> None:
+    """C's QEMU already holds an object with the id the gateway gives the B-C pool's memory
+    backend there, so QEMU refuses the ``object-add``: the half plugged into B is unplugged,
+    the file removed, the connection is TCP (``resource``) and nothing hangs; once the
+    obstacle is gone, the next connection gets the pool."""
+    from cosock.agent._pairpool import object_id
+
+    b = vmlab.guest(B).address
+    bc = _pair_file(vmlab, "h1", B, C)
+    served = _spawn(vmlab, B, "server", "0.0.0.0", "6104", "2")
+    _wait_line(vmlab, B, served, "listening")
+    blocker = {"qom-type": "memory-backend-ram", "id": object_id(B), "size": 1 << 20}
+    vmlab.qmp(C, "object-add", **blocker)
+    try:
+        refused = _client(vmlab, C, "plain-client", b, "6104")
+        assert (refused["path"], refused["reason"], refused["answer"]) == ("tcp", "resource", "3")
+        assert not bc.exists()
+        assert _plugged(vmlab, B) == set() and _plugged(vmlab, C) == set()
+        log = _agent_log(vmlab)
+        assert f"hot-plug into {C}: object-add {object_id(B)}" in log, log[-2000:]
+    finally:
+        vmlab.qmp(C, "object-del", id=object_id(B))
+    again = _client(vmlab, C, "plain-client", b, "6104")
+    assert (again["path"], again["reason"]) == ("shm", None), again
+    assert [x["path"] for x in _lines(vmlab, B, served) if "cmd" in x] == ["tcp", "shm"]
+    print(f"refused hot-plug: connect() {refused['connect_s']} s, then shm {again['connect_s']} s")
+    _wait_unplugged(vmlab, [bc])
+
+
+def test_migration_unplugs_the_pair_pools_and_the_new_host_plugs_its_own(vmlab: Any) -> None:
+    """A soaks echoes to B through their pair pool. B migrates to h2: the connection goes
+    shm -> TCP, the A-B pool is unplugged from both and removed. A follows to h2: h2's gateway
+    makes and plugs a new A-B pool there, and the connection comes back to shm (UPGRADE)."""
+    b = vmlab.guest(B).address
+    stop = f"/tmp/pp-stop-mig-{time.time_ns()}"
+    served = _spawn(vmlab, B, "echo-server", "0.0.0.0", "6105")
+    _wait_line(vmlab, B, served, "listening")
+    soak = _spawn(vmlab, A, "soak-client", b, "6105", "600", stop)
+    try:
+        assert _wait_line(vmlab, A, soak, "started") == {"started": "shm"}
+        old = _pair_file(vmlab, "h1", A, B)
+        assert old.exists() and _plugged(vmlab, A) == {f"cpaird-{B}"}
+        first = vmlab.migrate(B, "h2")
+        _wait_unplugged(vmlab, [old], timeout=30)  # from A by h1's gateway, from B before
+        deadline = time.monotonic() + 120
+        while not [x for x in _lines(vmlab, A, soak) if x.get("path") == "tcp"]:
+            assert time.monotonic() < deadline, _lines(vmlab, A, soak)
+            time.sleep(0.5)
+        second = vmlab.migrate(A, "h2")
+        new = _pair_file(vmlab, "h2", A, B)
+        deadline = time.monotonic() + 180
+        while not [x for x in _lines(vmlab, A, soak) if x.get("path") == "shm"]:
+            assert time.monotonic() < deadline, (_lines(vmlab, A, soak), _agent_log(vmlab, "h2"))
+            time.sleep(0.5)
+        assert new.exists()
+        new_id = _pool_id(new)
+        assert _scan(vmlab, A) == [new_id] and _scan(vmlab, B) == [new_id]
+        assert _plugged(vmlab, C) == set() and _scan(vmlab, C) == []
+    finally:
+        vmlab.run(A, ["touch", stop], timeout=60)
+    report = _wait_line(vmlab, A, soak, "paths")
+    assert report["ok"] and report["errors"] == [], report
+    assert report["paths"] == ["shm", "tcp", "shm"], report
+    echoed = _wait_line(vmlab, B, served, "echoed")
+    assert echoed["echoed"] == report["bytes"], echoed
+    print(f"B to h2: {first}; A to h2: {second}; {report['bytes']} bytes echoed")
+    _wait_unplugged(vmlab, [new])
+
+
+def test_zz_down_leaves_no_pool_file(vmlab: Any) -> None:
+    from cosock.lab import _netns, down
+    from cosock.lab.qemu._model import SHM_DIR, pool_glob
+
+    down(vmlab.name)
+    assert not list(SHM_DIR.glob(pool_glob(vmlab.name)))
+    assert not _netns.list_netns(vmlab.name)
