@@ -1470,6 +1470,7 @@ class _Side:
         self.ring_start = self.ring_head = 0  # our current ring, in our stream's offsets
         self.got = bytearray()  # what the application read
         self.plain_next: int | None = None  # after a downgrade: our next unframed byte
+        self.refuse = False  # server: answer the next Upgrade with Reject
 
     def send(self, event: Event) -> None:
         self.wire += self.conn.send(event)
@@ -1523,6 +1524,9 @@ class _Side:
                 self.send(Plain(self.conn.received_offset, event.reason))
             elif isinstance(event, Upgrade) and self.conn.state is State.PLAIN_SENT:
                 pass  # crossed our downgrade: the client drops it
+            elif isinstance(event, Upgrade) and self.refuse:
+                self.refuse = False  # as when the offer is missing: the next one is taken
+                self.send(Reject(FallbackReason.NO_OFFER))
             elif isinstance(event, Upgrade):
                 assert self.conn.verify_upgrade(NONCE2)
                 self._resend_owed()
@@ -1545,7 +1549,7 @@ class _Side:
 
 STEPS = st.lists(
     st.tuples(
-        st.sampled_from(["write", "read", "deliver", "switch", "upgrade", "downgrade"]),
+        st.sampled_from(["write", "read", "deliver", "switch", "upgrade", "downgrade", "refuse"]),
         st.sampled_from([CLIENT, SERVER]),
         st.integers(1, 300),
     ),
@@ -1604,6 +1608,8 @@ def _play(steps: Sequence[tuple[str, Role, int]]) -> ConnectionPair:
             me.send(Upgrade(NONCE2))
         elif op == "downgrade" and me.conn.state in (State.SHM, State.FRAMED):
             me.send(Plain(me.conn.received_offset))
+        elif op == "refuse" and role is SERVER:
+            me.refuse = True
     # Let everything settle: deliver, read and write until nothing moves.
     for _ in range(200):
         for role in Role:
