@@ -166,6 +166,11 @@ class VmAgent:
     def free_slot(self, slot: int, generation: int) -> None:
         self._call({"op": "free_slot", "slot": slot, "generation": generation})
 
+    def census(self, doc: dict[str, Any] | None) -> None:
+        """This process's census for the host's ``cosock status`` (None: nothing to list);
+        it lasts as long as this connection. Raises SlotRefused if the gateway refuses it."""
+        self._call({"op": "census", "census": doc})
+
     #### CoSocket offers (see cosock._vmchannel)
 
     def listen(self, addr: str, port: int) -> None:

@@ -177,6 +177,11 @@ class VmDirectory:
             self._gate, self.me = gate, _Guest(gate.guest)
             return gate
 
+    @property
+    def connection(self) -> VmAgent | None:
+        """The current gateway connection, if any (a new one means a new gateway session)."""
+        return self._gate
+
     def _moved_locked(self) -> None:
         """Another host's gateway: forget the old host's pool and guest list."""
         pool, self._pool, self._layout = self._pool, None, None

@@ -15,8 +15,9 @@ false, "moved": "ADDR:PORT"}`` (its new host's gateway) and the connection is cl
 guest's library follows it (``cosock._vmchannel``); a guest that is neither here nor moved gets
 ``gone`` and is hung up on. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot
 {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``,
-``grants`` (how many slots the caller's connections hold); ``key`` is the connection's 4-tuple
-``[client ip, port, server ip, port]``.
+``grants`` (how many slots the caller's connections hold), ``census {census}`` (the sending
+process's connections for the host's ``cosock status``: ``agent/_vmcensus.py``); ``key`` is the
+connection's 4-tuple ``[client ip, port, server ip, port]``.
 
 A ``CoSocket`` in a VM (``cosock._vmchannel``) uses the listener directory and offers:
 ``listen {addr, port}`` / ``unlisten {addr, port}`` (a listener lives as long as the gateway
@@ -39,11 +40,13 @@ from typing import Any
 
 from .._errors import CosockError
 from .._ivshmem import Pool, PoolError, SlotTable
+from ._vmcensus import VmCensus
 
 log = logging.getLogger("cosock.agent.vm")
 
 PORT = 7071
-MAX_LINE = 1 << 16
+#: Longest request line (a census report of 1000 connections is about 400 KB).
+MAX_LINE = 1 << 20
 
 Key = tuple[str, int, str, int]
 
@@ -116,6 +119,17 @@ class _Guests:
             return {}
         return {g: a for g, a in self._by_token.values() if g not in self.leaving}
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every VM of this host, leaving ones marked (the host's ``cosock status``)."""
+        self._reload()
+        return sorted(
+            (
+                {"name": g, "address": a, "leaving": g in self.leaving}
+                for g, a in self._by_token.values()
+            ),
+            key=lambda x: str(x["name"]),
+        )
+
     def _reload(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
@@ -156,6 +170,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         #: (guest, addr, port) -> how many gateway connections registered that listener.
         self.listeners: dict[tuple[str, str, int], int] = {}
+        #: The census reports of the VMs' processes (listed by the host agent).
+        self.census = VmCensus()
         super().__init__(bind, _Handler, bind_and_activate=False)
         # FREEBIND: the agent may start before the lab gives the bridge its address.
         self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -175,6 +191,7 @@ class VmGateway(socketserver.ThreadingTCPServer):
     def forget_gone(self) -> None:
         """Release every slot of a guest that left this host (its grants die with it)."""
         for guest in self.guests.take_gone():
+            self.census.drop_guest(guest)
             with self.lock:
                 dropped = self.table.drop_guest(guest)
             if dropped:
@@ -307,6 +324,9 @@ class _Handler(socketserver.StreamRequestHandler):
         listening: list[tuple[str, str, int]] = []
         try:
             while line := self.rfile.readline(MAX_LINE):
+                if len(line) == MAX_LINE and not line.endswith(b"\n"):
+                    self._send({"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                    return  # the rest of it cannot be told from a next request
                 self.server.forget_gone()
                 try:
                     req = json.loads(line)
@@ -351,6 +371,15 @@ class _Handler(socketserver.StreamRequestHandler):
                             listening.remove(entry)
                             self.server.unlisten(entry)
                         reply = {}
+                    elif op == "census":
+                        self.server.census.report(
+                            id(self),
+                            who[0],
+                            who[1],
+                            req.get("census"),
+                            self.server.guests.addresses(),
+                        )
+                        reply = {}
                     elif op == "free_slot":
                         reply = self.server.free(who[0], req)
                         held.discard((int(req["slot"]), int(req["generation"])))
@@ -366,6 +395,7 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
         finally:
             # A process that vanished frees what it held (as a closed channel would).
+            self.server.census.drop(id(self))
             for entry in listening:
                 self.server.unlisten(entry)
             if who is not None:
