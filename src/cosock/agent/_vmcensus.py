@@ -16,6 +16,7 @@ connection that sent it, or until its process sends ``null`` (nothing left to li
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 import time
@@ -266,6 +267,11 @@ def _word(value: object) -> bool:
 def _ip(value: object) -> _IP | None:
     if not isinstance(value, str) or len(value) > MAX_WORD:
         return None
+    return _parse_ip(value)
+
+
+@functools.lru_cache(maxsize=1024)  # a report repeats a few addresses many times
+def _parse_ip(value: str) -> _IP | None:
     try:
         return ipaddress.ip_address(value.split("%", 1)[0])
     except ValueError:
