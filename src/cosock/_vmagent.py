@@ -29,6 +29,8 @@ ENV_GATEWAY_FILE = "COSOCK_VM_GATEWAY_FILE"
 GATEWAY_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw")
 
 Key = tuple[str, int, str, int]
+#: Longest reply line read from the gateway.
+MAX_REPLY = 1 << 16
 
 
 class SlotRefused(CosockError):
@@ -134,12 +136,20 @@ class VmAgent:
             with self._lock:
                 self._file.write(json.dumps(req).encode() + b"\n")
                 self._file.flush()
-                line = self._file.readline(1 << 16)
+                line = self._file.readline(MAX_REPLY)
         except (OSError, ValueError) as exc:  # ValueError: closed by another thread
             raise AgentUnavailable(f"VM gateway: {exc}") from None
+        return self._reply(line)
+
+    def _reply(self, line: bytes) -> dict[str, Any]:
         if not line:
             raise AgentUnavailable("VM gateway closed the connection")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise AgentUnavailable("VM gateway: a reply that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise AgentUnavailable("VM gateway: a reply that is not an object")
         if not reply.get("ok"):
             if reply.get("moved"):
                 self.close()  # the old gateway hangs up after saying so
@@ -170,6 +180,26 @@ class VmAgent:
         """This process's census for the host's ``cosock status`` (None: nothing to list);
         it lasts as long as this connection. Raises SlotRefused if the gateway refuses it."""
         self._call({"op": "census", "census": doc})
+
+    def watch(self) -> dict[str, str]:
+        """Turn this connection into a watch: the gateway answers with the guest list (as
+        :meth:`guests`) and pushes it again whenever it changes (:meth:`next_push`); no other
+        request may be sent on it afterwards."""
+        self._sock.settimeout(None)  # pushes come when something changes: maybe never
+        return dict(self._call({"op": "watch"})["guests"])
+
+    def next_push(self) -> dict[str, str]:
+        """Block until the gateway pushes the guest list again.
+
+        Raises:
+            AgentUnavailable: the connection closed (GatewayMoved: this VM migrated).
+            SlotRefused: the gateway sent an error.
+        """
+        try:
+            line = self._file.readline(MAX_REPLY)
+        except (OSError, ValueError) as exc:
+            raise AgentUnavailable(f"VM gateway watch: {exc}") from None
+        return dict(self._reply(line)["guests"])
 
     #### CoSocket offers (see cosock._vmchannel)
 

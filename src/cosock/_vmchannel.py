@@ -45,6 +45,7 @@ from ._ivshmem import Pool, PoolError, PoolLayout, find_device
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
 from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
+from ._vmwatch import GuestWatch
 
 #: ``ListenerInfo.rendezvous`` of a listener in another VM: the offer goes to the gateway.
 RENDEZVOUS_PREFIX = "ivshmem:"
@@ -56,6 +57,8 @@ _CONFIRM_S = 0.05
 _RETRY_S = 1.0
 #: Redirects followed in one attempt (old host -> new host; one more if it moved meanwhile).
 _MAX_HOPS = 3
+#: After a watch could not be opened (or ended), how long until one is tried again.
+_WATCH_RETRY_S = 2.0
 
 
 def active() -> bool:
@@ -131,6 +134,10 @@ class VmDirectory:
         self.epoch = 0
         #: Gateway changes seen (a migration): ``cosock_info``-style figures for tests.
         self.moves = 0
+        #: The gateway's pushes of the guest list (``_vmwatch``), when it has them.
+        self._watch: GuestWatch | None = None
+        self._watch_lock = threading.Lock()
+        self._watch_at = 0.0
 
     #### The gateway connection
 
@@ -214,6 +221,10 @@ class VmDirectory:
         keeper = self._keeper
         if keeper is not None and keeper is not threading.current_thread():
             keeper.join(5.0)
+        with self._watch_lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
         with self._lock:
             gate, self._gate = self._gate, None
             pool, self._pool = self._pool, None
@@ -228,6 +239,10 @@ class VmDirectory:
         self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
         self._listeners.clear()
         self._keeper = None
+        self._watch_lock = threading.Lock()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.forget()
 
     #### What AgentClient offers CoSocket
 
@@ -238,12 +253,20 @@ class VmDirectory:
         return self.self_guest is not None
 
     def poll(self) -> None:
-        pass
+        watch = self._watch
+        if watch is not None:
+            watch.drain()
 
     def wait_fileno(self) -> int | None:
-        return None
+        """Readable when the gateway pushed a new guest list (the residency watch wakes)."""
+        watch = self._watch
+        return None if watch is None else watch.fileno()
 
-    version = 0
+    @property
+    def version(self) -> int:
+        """Changes with each pushed list (the residency watch then judges at once)."""
+        watch = self._watch
+        return 0 if watch is None else watch.version
 
     @property
     def self_guest(self) -> _Guest | None:
@@ -310,11 +333,42 @@ class VmDirectory:
         return VmListenerInfo(owner, norm, port, RENDEZVOUS_PREFIX + owner), ""
 
     def _coresident(self) -> dict[str, str]:
+        watch = self._watched()
+        pushed = None if watch is None else watch.current()
+        if pushed is not None:  # the gateway pushes changes: nothing to ask
+            self._guests = pushed
+            return pushed
         now = time.monotonic()
         if now - self._guests_at >= _GUESTS_TTL:
             self._guests = self._call("guests")
             self._guests_at = now
         return self._guests
+
+    def _watched(self) -> GuestWatch | None:
+        """The live watch on the current gateway, opened if there is none (at most once in
+        ``_WATCH_RETRY_S``); None while there is none: ask (once a second, cached)."""
+        watch = self._watch
+        address = self._gate_addr
+        if watch is not None and watch.current() is not None and watch.gateway == address:
+            return watch
+        if address is None or self._closing.is_set() or not self._watch_lock.acquire(False):
+            return None
+        try:
+            now = time.monotonic()
+            if self._watch is not None:  # ended, or another host's: ask, and open anew
+                self._watch.close()
+                self._watch = None
+                self._watch_at = now  # let the next request follow a redirect first
+            if now - self._watch_at < _WATCH_RETRY_S and self._watch_at:
+                return None
+            self._watch_at = now
+            try:
+                self._watch = GuestWatch(address)
+            except (AgentUnavailable, SlotRefused, OSError):
+                return None
+            return self._watch
+        finally:
+            self._watch_lock.release()
 
     def listen(self, addr: str, port: int, rendezvous: str = "") -> None:
         """Publish a listener to the gateway.

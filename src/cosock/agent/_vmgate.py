@@ -15,7 +15,9 @@ false, "moved": "ADDR:PORT"}`` (its new host's gateway) and the connection is cl
 guest's library follows it (``cosock._vmchannel``); a guest that is neither here nor moved gets
 ``gone`` and is hung up on. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot
 {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``,
-``grants`` (how many slots the caller's connections hold), ``census {census}`` (the sending
+``grants`` (how many slots the caller's connections hold), ``watch`` (the connection
+becomes a push channel: the guest list now and whenever it changes, ``cosock._vmwatch``),
+``census {census}`` (the sending
 process's connections for the host's ``cosock status``: ``agent/_vmcensus.py``); ``key`` is the
 connection's 4-tuple ``[client ip, port, server ip, port]``.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import select
 import socket
 import socketserver
 import threading
@@ -45,6 +48,8 @@ from ._vmcensus import VmCensus
 log = logging.getLogger("cosock.agent.vm")
 
 PORT = 7071
+#: How often a watch (``watch`` request) checks whether its guest list changed.
+WATCH_PERIOD_S = 0.2
 #: Longest request line (a census report of 1000 connections is about 400 KB).
 MAX_LINE = 1 << 20
 
@@ -371,6 +376,9 @@ class _Handler(socketserver.StreamRequestHandler):
                             listening.remove(entry)
                             self.server.unlisten(entry)
                         reply = {}
+                    elif op == "watch":
+                        self._watch(token, who)
+                        return
                     elif op == "census":
                         self.server.census.report(
                             id(self),
@@ -402,6 +410,23 @@ class _Handler(socketserver.StreamRequestHandler):
                 for slot, generation in held:
                     with self.server.lock:
                         self.server.table.free(slot, generation, who[0])
+
+    def _watch(self, token: str, who: tuple[str, str]) -> None:
+        """This connection is a watch now: push the guest list as ``who`` sees it at once and
+        whenever it changes (the guests file is checked every ``WATCH_PERIOD_S``: one
+        ``stat``); end with the redirect when the guest moves, and when the peer hangs up."""
+        sent: dict[str, str] | None = None
+        while True:
+            self._still_here(token, who)  # NotHere: the caller sends the redirect
+            view = self.server.guests.addresses(who[0])
+            if view != sent:
+                self._send({"ok": True, "guests": view})
+                sent = view
+            ready, _, _ = select.select([self.connection], [], [], WATCH_PERIOD_S)
+            if ready and not self.connection.recv(4096):
+                return  # the guest closed its watch
+            if self.server.socket.fileno() == -1:
+                return  # the gateway is shutting down
 
     def _send(self, msg: dict[str, Any]) -> None:
         self.wfile.write(json.dumps(msg).encode() + b"\n")
