@@ -215,3 +215,64 @@ def test_a_vm_reporting_garbage_or_too_much_is_refused_and_disturbs_nothing(
     finally:
         vmlab.run(CLIENT_VM, ["touch", stop], timeout=60)
     _until(lambda: {"done": True} in _lines(vmlab, CLIENT_VM, cli_log), "the client's end")
+
+
+def _cpu_ticks(lab: Any, guest: str, pid: int) -> int:
+    """utime + stime of a process in a VM (clock ticks of the VM's kernel)."""
+    stat = lab.run(guest, ["cat", f"/proc/{pid}/stat"], timeout=60, check=True).stdout.decode()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _requests(lab: Any) -> dict[str, dict[str, int]]:
+    return dict(json.loads(_status(lab, "--json").stdout)["vm_requests"])
+
+
+def test_an_idle_vm_process_is_pushed_changes_instead_of_asking(vmlab: Any) -> None:
+    """Two idle ``cosock run`` processes with a connection between the VMs: with the watch
+    (default) they send the gateway no request at all in 30 s; with ``COSOCK_VM_WATCH=0``
+    (asking, as before pushes) their residency watches and listener keeper ask for the guest
+    list about once a second each. The CPU time both spent is printed (not asserted: TCG
+    timings swing with the machine's load)."""
+    server_addr = vmlab.guest(SERVER_VM).address
+    results = {}
+    for i, env in enumerate(({"COSOCK_VM_WATCH": "0"}, {})):
+        port = PORT + 2 + i
+        stop = f"/tmp/vm-status-stop-{time.time_ns()}"
+        cli_log = f"/tmp/vm-status-cli-{time.time_ns()}.log"
+        srv_log = f"/tmp/vm-status-srv-{time.time_ns()}.log"
+        argv = [*RUN, PEER, "echo-server", "0.0.0.0", str(port)]
+        vmlab.spawn(SERVER_VM, argv, env=env, log=srv_log)
+        _until(lambda srv_log=srv_log: _lines(vmlab, SERVER_VM, srv_log), "the echo server")
+        argv = [*RUN, PEER, "hold-client", server_addr, str(port), "1000", stop]
+        vmlab.spawn(CLIENT_VM, argv, env=env, log=cli_log)
+        try:
+            _until(lambda cli_log=cli_log: _lines(vmlab, CLIENT_VM, cli_log), "the client")
+            ends = _until(
+                lambda port=port: len(_ends(vmlab, port)) == 2 and _ends(vmlab, port), "listed"
+            )
+            time.sleep(5)  # settled: the census sent, the watches open
+            pids = {g: e["pid"] for g, e in ends.items()}
+            cpu0 = {g: _cpu_ticks(vmlab, g, pid) for g, pid in pids.items()}
+            asked0 = _requests(vmlab)
+            time.sleep(30)
+            asked1 = _requests(vmlab)
+            cpu1 = {g: _cpu_ticks(vmlab, g, pid) for g, pid in pids.items()}
+        finally:
+            vmlab.run(CLIENT_VM, ["touch", stop], timeout=60)
+        _until(lambda cli_log=cli_log: {"done": True} in _lines(vmlab, CLIENT_VM, cli_log), "end")
+        grew = {
+            g: {op: n - asked0.get(g, {}).get(op, 0) for op, n in ops.items()}
+            for g, ops in asked1.items()
+        }
+        results["watch" if not env else "asking"] = {
+            "requests in 30 s": {
+                g: {op: n for op, n in ops.items() if n} for g, ops in grew.items()
+            },
+            "cpu ticks in 30 s": {g: cpu1[g] - cpu0[g] for g in cpu0},
+        }
+    print(json.dumps(results))
+    asking, watch = results["asking"], results["watch"]
+    for guest in (CLIENT_VM, SERVER_VM):
+        assert asking["requests in 30 s"][guest].get("guests", 0) >= 10, results
+        assert watch["requests in 30 s"].get(guest, {}) == {}, results

@@ -31,6 +31,7 @@ client's in-band HELLO must repeat).
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import logging
@@ -177,6 +178,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.listeners: dict[tuple[str, str, int], int] = {}
         #: The census reports of the VMs' processes (listed by the host agent).
         self.census = VmCensus()
+        #: Requests served, by (guest, op) (``cosock status --json``: ``vm_requests``).
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         super().__init__(bind, _Handler, bind_and_activate=False)
         # FREEBIND: the agent may start before the lab gives the bridge its address.
         self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -340,6 +343,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     op = req.get("op")
                     if who is not None and op != "hello":
                         self._still_here(token, who)
+                        self.server.requests[who[0], str(op)[:16]] += 1
                     if op == "hello":
                         token = str(req.get("token", ""))
                         who = self.server.guests.lookup(token)

@@ -616,10 +616,14 @@ class AgentServer:
             return {}
         with gate.lock:
             published = sorted(gate.listeners)
+        requests: dict[str, dict[str, int]] = {}
+        for (guest, op), n in list(gate.requests.items()):
+            requests.setdefault(guest, {})[op] = n
         return {
             "vm_guests": gate.guests.listing(),
             "vm_listeners": [{"guest": g, "addr": a, "port": p} for g, a, p in published],
             "vm_census_rejected": dict(gate.census.rejected),
+            "vm_requests": requests,
         }
 
     def _vm_census(self) -> list[dict[str, Any]]:
