@@ -17,8 +17,9 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
                                  path (t: this VM's monotonic clock), then a report with
                                  every path the connection took, in order
     hold-client HOST PORT N STOP  echo N bytes (checked), print {"held"}, then hold the
-                                 connection idle until the file STOP exists; once the file
-                                 STOP.more exists, echo N bytes more and print {"more"}
+                                 connection idle until the file STOP exists; each time the
+                                 file STOP.more appears, remove it, echo N bytes more and
+                                 print {"more"}
 
 Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
 length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
@@ -277,12 +278,13 @@ def hold_client(host: str, port: int, n: int, stop: str) -> None:
     with connect(host, port) as c:
         echo(0)
         print(json.dumps({"held": n, "local_port": c.getsockname()[1], **info(c)}), flush=True)
-        more = False
         deadline = time.monotonic() + 600
+        rounds = 0
         while not os.path.exists(stop) and time.monotonic() < deadline:
-            if not more and os.path.exists(stop + ".more"):
-                echo(1)
-                more = True
+            if os.path.exists(stop + ".more"):
+                os.unlink(stop + ".more")
+                rounds += 1
+                echo(rounds)
                 print(json.dumps({"more": n, **info(c)}), flush=True)
             time.sleep(0.2)
         c.shutdown(socket.SHUT_WR)
