@@ -18,8 +18,9 @@ when the process's gateway connection drops. A mapping shared by ``fork`` is not
 by either process (one of them may still use it); it goes back when they exit.
 
 The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (the same
-attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
-gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
+attribute names), so ``_socket.py`` needs only a few branches. The residency watch gets the
+gateway's guest list pushed on a change (``_vmwatch``; asked once a second without a watch):
+before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
 sides switch their connections to TCP at the exact offset and give their slots back. After the
 move the old gateway redirects the VM to its new host's gateway (or, if the old host is gone,
@@ -250,8 +251,8 @@ class VmDirectory:
 
     @property
     def available(self) -> bool:
-        """Connected to the gateway: the residency watch may judge (it polls ``guests``,
-        cached for a second, instead of receiving pushes)."""
+        """Connected to the gateway: the residency watch may judge (with the pushed list, or
+        asking ``guests`` cached for a second)."""
         return self.self_guest is not None
 
     def poll(self) -> None:
@@ -368,7 +369,10 @@ class VmDirectory:
             self._watch_at = now
             try:
                 self._watch = GuestWatch(address)
-            except (AgentUnavailable, SlotRefused, OSError):
+            except SlotRefused:  # a gateway without pushes: ask, and try again in a minute
+                self._watch_at = now + 60.0
+                return None
+            except (AgentUnavailable, OSError):
                 return None
             return self._watch
         finally:
@@ -395,7 +399,8 @@ class VmDirectory:
                 self._keeper.start()
 
     def _keep(self) -> None:
-        """While listeners are published, ask the gateway for its guest list once a second.
+        """While listeners are published, look at the guest list once a second (a request
+        only without a watch: with one the old gateway's redirect ends it).
 
         A process that only listens makes no gateway request of its own until a connection
         arrives. After a live migration its gateway connection is the old host's, so its
