@@ -121,3 +121,55 @@ def test_the_directory_takes_pushed_lists_instead_of_asking(
     finally:
         d.close()
     assert d._watch is None
+
+
+def test_the_gateway_repeats_the_list_and_a_silent_watch_is_dead(
+    gateway: Gateway,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every few seconds without a change the gateway sends the list again; a watch that
+    hears nothing for longer (its host vanished without a FIN) ends, so the process asks."""
+    import socket
+    import threading
+
+    from cosock import _vmagent
+    from cosock._errors import AgentUnavailable
+    from cosock.agent import _vmgate
+
+    addr, _ = gateway
+    monkeypatch.setattr(_vmgate, "WATCH_KEEPALIVE_S", 0.5)
+    with VmAgent(addr, token="tok-a") as w:
+        first = w.watch()
+        t = time.monotonic()
+        assert w.next_push() == first  # the repeat
+        assert time.monotonic() - t < 5
+    # A gateway that answers the watch once and then says nothing (nor closes).
+    monkeypatch.setattr(_vmagent, "WATCH_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        done = threading.Event()
+
+        def serve() -> None:
+            conn, _ = silent.accept()
+            with conn, conn.makefile("rwb") as f:
+                f.readline()
+                f.write(b'{"ok": true, "guest": "h1g1", "address": "10.77.1.11"}\n')
+                f.flush()
+                f.readline()
+                f.write(b'{"ok": true, "guests": {}}\n')
+                f.flush()
+                done.wait(30)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        try:
+            with VmAgent(silent.getsockname(), token="tok-a") as w:
+                assert w.watch() == {}
+                t = time.monotonic()
+                with pytest.raises(AgentUnavailable, match="timed out"):
+                    w.next_push()
+                assert time.monotonic() - t < 10
+        finally:
+            done.set()
+            server.join(10)

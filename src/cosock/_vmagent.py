@@ -31,6 +31,8 @@ GATEWAY_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw")
 Key = tuple[str, int, str, int]
 #: Longest reply line read from the gateway.
 MAX_REPLY = 1 << 16
+#: A watch with no push for this long is dead (the gateway repeats its list every 5 s).
+WATCH_TIMEOUT_S = 15.0
 
 
 class SlotRefused(CosockError):
@@ -185,8 +187,11 @@ class VmAgent:
         """Turn this connection into a watch: the gateway answers with the guest list (as
         :meth:`guests`) and pushes it again whenever it changes (:meth:`next_push`); no other
         request may be sent on it afterwards."""
-        self._sock.settimeout(None)  # pushes come when something changes: maybe never
-        return dict(self._call({"op": "watch"})["guests"])
+        guests = dict(self._call({"op": "watch"})["guests"])
+        # The gateway repeats the list every few seconds: silence this long means it (or
+        # its host) is gone without a word, as after a migration away from a vanished host.
+        self._sock.settimeout(WATCH_TIMEOUT_S)
+        return guests
 
     def next_push(self) -> dict[str, str]:
         """Block until the gateway pushes the guest list again.

@@ -6,8 +6,10 @@ a round trip and its Python a second. With it, a process keeps one more gateway 
 turned into a *watch* (``watch`` request): the gateway sends the list at once and again only
 when it changes (a VM came, left, is leaving, or this VM moved), and a daemon thread blocked
 on that socket stores it and wakes the residency watch through an eventfd (``fileno``).
-When the watch ends (the gateway closed it, said this VM moved, or is gone) the directory
-goes back to asking, which follows the redirect, and opens a new watch at the new gateway.
+When the watch ends (the gateway closed it, said this VM moved, or is gone, or sent nothing for
+15 s: it repeats the list every 5 s, so a host that vanished without a FIN is noticed too) the
+directory goes back to asking, which follows the redirect or redials the gateway fw_cfg names,
+and opens a new watch at the new gateway.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ class GuestWatch:
         try:
             while True:
                 guests = self._agent.next_push()
-                self._guests = guests
-                self.version += 1
-                self._wake()
+                if guests != self._guests:  # not the gateway's keepalive repeat
+                    self._guests = guests
+                    self.version += 1
+                    self._wake()
         except (AgentUnavailable, SlotRefused, OSError):
             pass
         self._guests = None

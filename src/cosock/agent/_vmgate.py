@@ -39,6 +39,7 @@ import select
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ log = logging.getLogger("cosock.agent.vm")
 PORT = 7071
 #: How often a watch (``watch`` request) checks whether its guest list changed.
 WATCH_PERIOD_S = 0.2
+#: A watch gets its list again after this long without a change: the guest's sign that the
+#: gateway is still there (a host that vanished sends no FIN; see ``_vmwatch``).
+WATCH_KEEPALIVE_S = 5.0
 #: Longest request line (a census report of 1000 connections is about 400 KB).
 MAX_LINE = 1 << 20
 
@@ -418,14 +422,17 @@ class _Handler(socketserver.StreamRequestHandler):
     def _watch(self, token: str, who: tuple[str, str]) -> None:
         """This connection is a watch now: push the guest list as ``who`` sees it at once and
         whenever it changes (the guests file is checked every ``WATCH_PERIOD_S``: one
-        ``stat``); end with the redirect when the guest moves, and when the peer hangs up."""
+        ``stat``), and at least every ``WATCH_KEEPALIVE_S``; end with the redirect when the
+        guest moves, and when the peer hangs up."""
         sent: dict[str, str] | None = None
+        sent_at = 0.0
         while True:
             self._still_here(token, who)  # NotHere: the caller sends the redirect
             view = self.server.guests.addresses(who[0])
-            if view != sent:
+            now = time.monotonic()
+            if view != sent or now - sent_at >= WATCH_KEEPALIVE_S:
                 self._send({"ok": True, "guests": view})
-                sent = view
+                sent, sent_at = view, now
             ready, _, _ = select.select([self.connection], [], [], WATCH_PERIOD_S)
             if ready and not self.connection.recv(4096):
                 return  # the guest closed its watch
