@@ -428,6 +428,8 @@ def test_a_switch_is_judged_on_a_fresh_guest_list_not_the_cached_one(
     for key, value in world.env["g2"].items():
         if key.startswith("COSOCK_VM") or key == "COSOCK_IVSHMEM":
             monkeypatch.setenv(key, value)
+    # The asking path (a pushed list is current anyway: test_vmwatch.py).
+    monkeypatch.setenv("COSOCK_VM_WATCH", "0")
     guests = tmp_path / "vm-guests.json"
     doc = json.loads(guests.read_text())
 

@@ -16,6 +16,10 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
                                  after the first, {"path", "t"} at every later change of
                                  path (t: this VM's monotonic clock), then a report with
                                  every path the connection took, in order
+    hold-client HOST PORT N STOP  echo N bytes (checked), print {"held"}, then hold the
+                                 connection idle until the file STOP exists; each time the
+                                 file STOP.more appears, remove it, echo N bytes more and
+                                 print {"more"}
 
 Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
 length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
@@ -263,6 +267,31 @@ def soak_client(host: str, port: int, seconds: float, stop: str | None = None) -
     print(json.dumps({**report, "paths": paths, "errors": errors}), flush=True)
 
 
+def hold_client(host: str, port: int, n: int, stop: str) -> None:
+    def echo(salt: int) -> None:
+        msg = pattern(n, salt)
+        for i in range(0, n, 16384):  # in pieces: the echo server answers as it reads
+            c.sendall(msg[i : i + 16384])
+            if recv_exact(c, len(msg[i : i + 16384])) != msg[i : i + 16384]:
+                raise SystemExit("echo differs")
+
+    with connect(host, port) as c:
+        echo(0)
+        print(json.dumps({"held": n, "local_port": c.getsockname()[1], **info(c)}), flush=True)
+        deadline = time.monotonic() + 600
+        rounds = 0
+        while not os.path.exists(stop) and time.monotonic() < deadline:
+            if os.path.exists(stop + ".more"):
+                os.unlink(stop + ".more")
+                rounds += 1
+                echo(rounds)
+                print(json.dumps({"more": n, **info(c)}), flush=True)
+            time.sleep(0.2)
+        c.shutdown(socket.SHUT_WR)
+        tail = c.recv(1)
+    print(json.dumps({"done": tail == b""}), flush=True)
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "server":
@@ -279,6 +308,8 @@ def main() -> None:
         urlget(args[0])
     elif mode == "echo-server":
         echo_server(args[0], int(args[1]))
+    elif mode == "hold-client":
+        hold_client(args[0], int(args[1]), int(args[2]), args[3])
     elif mode == "soak-client":
         soak_client(args[0], int(args[1]), float(args[2]), *args[3:4])
     else:

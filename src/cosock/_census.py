@@ -280,6 +280,11 @@ def snapshot_is_empty() -> bool:
 
 
 def _run() -> None:
+    from . import _vmchannel
+
+    in_vm = _vmchannel.active()
+    if in_vm:
+        from . import _vmcensus
     last: tuple[Path, str] | None = None
     idle_since: float | None = None
     while True:
@@ -289,16 +294,19 @@ def _run() -> None:
             if not doc["connections"] and not doc["listeners"]:
                 idle_since = idle_since or now
                 if now - idle_since >= _RETIRE_S and _retire():
+                    if in_vm:
+                        _vmcensus.clear()
                     return
             else:
                 idle_since = None
             directory = _directory()
-            if directory is not None:
-                key = json.dumps(doc, sort_keys=True)
-                if last != (directory, key):
-                    doc["updated"] = time.time()
-                    if _write(directory, doc) is not None:
-                        last = (directory, key)
+            key = json.dumps(doc, sort_keys=True)
+            if directory is not None and last != (directory, key):
+                doc["updated"] = time.time()
+                if _write(directory, doc) is not None:
+                    last = (directory, key)
+            if in_vm:  # the host's `cosock status` learns it from the VM gateway
+                _vmcensus.report(doc, key)
         except Exception:  # never let a status file take a process down
             log.debug("census failed", exc_info=True)
         time.sleep(_PERIOD_S)
@@ -310,6 +318,9 @@ def _after_fork_in_child() -> None:
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()
+    vmcensus = sys.modules.get("cosock._vmcensus")
+    if vmcensus is not None:
+        vmcensus._after_fork_in_child()  # the parent's report is the parent's
     # A forked child (socketserver.ForkingMixIn, multiprocessing) inherits the parent's
     # accelerated connections but not its threads: restart the residency thread (it
     # services path switches the peer starts) and this one, or ``cosock status`` would not

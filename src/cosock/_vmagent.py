@@ -29,6 +29,10 @@ ENV_GATEWAY_FILE = "COSOCK_VM_GATEWAY_FILE"
 GATEWAY_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw")
 
 Key = tuple[str, int, str, int]
+#: Longest reply line read from the gateway.
+MAX_REPLY = 1 << 16
+#: A watch with no push for this long is dead (the gateway repeats its list every 5 s).
+WATCH_TIMEOUT_S = 15.0
 
 
 class SlotRefused(CosockError):
@@ -136,12 +140,20 @@ class VmAgent:
             with self._lock:
                 self._file.write(json.dumps(req).encode() + b"\n")
                 self._file.flush()
-                line = self._file.readline(1 << 16)
+                line = self._file.readline(MAX_REPLY)
         except (OSError, ValueError) as exc:  # ValueError: closed by another thread
             raise AgentUnavailable(f"VM gateway: {exc}") from None
+        return self._reply(line)
+
+    def _reply(self, line: bytes) -> dict[str, Any]:
         if not line:
             raise AgentUnavailable("VM gateway closed the connection")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise AgentUnavailable("VM gateway: a reply that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise AgentUnavailable("VM gateway: a reply that is not an object")
         if not reply.get("ok"):
             if reply.get("moved"):
                 self.close()  # the old gateway hangs up after saying so
@@ -181,6 +193,34 @@ class VmAgent:
 
     def free_slot(self, slot: int, generation: int, pool: str = "") -> None:
         self._call({"op": "free_slot", "slot": slot, "generation": generation, "pool": pool})
+
+    def census(self, doc: dict[str, Any] | None) -> None:
+        """This process's census for the host's ``cosock status`` (None: nothing to list);
+        it lasts as long as this connection. Raises SlotRefused if the gateway refuses it."""
+        self._call({"op": "census", "census": doc})
+
+    def watch(self) -> dict[str, str]:
+        """Turn this connection into a watch: the gateway answers with the guest list (as
+        :meth:`guests`) and pushes it again whenever it changes (:meth:`next_push`); no other
+        request may be sent on it afterwards."""
+        guests = dict(self._call({"op": "watch"})["guests"])
+        # The gateway repeats the list every few seconds: silence this long means it (or
+        # its host) is gone without a word, as after a migration away from a vanished host.
+        self._sock.settimeout(WATCH_TIMEOUT_S)
+        return guests
+
+    def next_push(self) -> dict[str, str]:
+        """Block until the gateway pushes the guest list again.
+
+        Raises:
+            AgentUnavailable: the connection closed (GatewayMoved: this VM migrated).
+            SlotRefused: the gateway sent an error.
+        """
+        try:
+            line = self._file.readline(MAX_REPLY)
+        except (OSError, ValueError) as exc:
+            raise AgentUnavailable(f"VM gateway watch: {exc}") from None
+        return dict(self._reply(line)["guests"])
 
     #### CoSocket offers (see cosock._vmchannel)
 

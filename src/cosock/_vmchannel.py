@@ -18,8 +18,9 @@ when the process's gateway connection drops. A mapping shared by ``fork`` is not
 by either process (one of them may still use it); it goes back when they exit.
 
 The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (the same
-attribute names), so ``_socket.py`` needs only a few branches. The residency watch polls the
-gateway's guest list (no pushes): before a VM migrates, the lab marks it leaving, the gateway
+attribute names), so ``_socket.py`` needs only a few branches. The residency watch gets the
+gateway's guest list pushed on a change (``_vmwatch``; asked once a second without a watch):
+before a VM migrates, the lab marks it leaving, the gateway
 then lists no neighbours to it and omits it from the others' lists, and the watches on both
 sides switch their connections to TCP at the exact offset and give their slots back. After the
 move the old gateway redirects the VM to its new host's gateway (or, if the old host is gone,
@@ -46,6 +47,7 @@ from ._ivshmem import ENV_IVSHMEM, Pool, PoolError, PoolLayout, find_device
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
 from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
+from ._vmwatch import GuestWatch
 
 #: ``ListenerInfo.rendezvous`` of a listener in another VM: the offer goes to the gateway.
 RENDEZVOUS_PREFIX = "ivshmem:"
@@ -63,6 +65,10 @@ _MAX_HOPS = 3
 PLUG_WAIT_S = 5.0
 _RESCAN_AFTER_S = 1.0
 PCI_RESCAN = Path("/sys/bus/pci/rescan")
+#: After a watch could not be opened (or ended), how long until one is tried again.
+_WATCH_RETRY_S = 2.0
+#: ``0``: no watch, ask the gateway for its guest list once a second (as before pushes).
+ENV_WATCH = "COSOCK_VM_WATCH"
 
 
 def active() -> bool:
@@ -140,6 +146,10 @@ class VmDirectory:
         self.moves = 0
         #: The gateway's (or the device search's) words for the last refused offer.
         self.last_refusal = ""
+        #: The gateway's pushes of the guest list (``_vmwatch``), when it has them.
+        self._watch: GuestWatch | None = None
+        self._watch_lock = threading.Lock()
+        self._watch_at = 0.0
 
     #### The gateway connection
 
@@ -186,6 +196,11 @@ class VmDirectory:
             self._gate, self.me = gate, _Guest(gate.guest)
             return gate
 
+    @property
+    def connection(self) -> VmAgent | None:
+        """The current gateway connection, if any (a new one means a new gateway session)."""
+        return self._gate
+
     def _moved_locked(self) -> None:
         """Another host's gateway: forget the old host's pool and guest list."""
         pools, self._pools = self._pools, {}
@@ -218,6 +233,10 @@ class VmDirectory:
         keeper = self._keeper
         if keeper is not None and keeper is not threading.current_thread():
             keeper.join(5.0)
+        with self._watch_lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
         with self._lock:
             gate, self._gate = self._gate, None
             pools, self._pools = self._pools, {}
@@ -232,22 +251,34 @@ class VmDirectory:
         self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
         self._listeners.clear()
         self._keeper = None
+        self._watch_lock = threading.Lock()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.forget()
 
     #### What AgentClient offers CoSocket
 
     @property
     def available(self) -> bool:
-        """Connected to the gateway: the residency watch may judge (it polls ``guests``,
-        cached for a second, instead of receiving pushes)."""
+        """Connected to the gateway: the residency watch may judge (with the pushed list, or
+        asking ``guests`` cached for a second)."""
         return self.self_guest is not None
 
     def poll(self) -> None:
-        pass
+        watch = self._watch
+        if watch is not None:
+            watch.drain()
 
     def wait_fileno(self) -> int | None:
-        return None
+        """Readable when the gateway pushed a new guest list (the residency watch wakes)."""
+        watch = self._watch
+        return None if watch is None else watch.fileno()
 
-    version = 0
+    @property
+    def version(self) -> int:
+        """Changes with each pushed list (the residency watch then judges at once)."""
+        watch = self._watch
+        return 0 if watch is None else watch.version
 
     @property
     def self_guest(self) -> _Guest | None:
@@ -314,11 +345,47 @@ class VmDirectory:
         return VmListenerInfo(owner, norm, port, RENDEZVOUS_PREFIX + owner), ""
 
     def _coresident(self) -> dict[str, str]:
+        watch = self._watched()
+        pushed = None if watch is None else watch.current()
+        if pushed is not None:  # the gateway pushes changes: nothing to ask
+            self._guests = pushed
+            return pushed
         now = time.monotonic()
         if now - self._guests_at >= _GUESTS_TTL:
             self._guests = self._call("guests")
             self._guests_at = now
         return self._guests
+
+    def _watched(self) -> GuestWatch | None:
+        """The live watch on the current gateway, opened if there is none (at most once in
+        ``_WATCH_RETRY_S``); None while there is none: ask (once a second, cached)."""
+        watch = self._watch
+        address = self._gate_addr
+        if watch is not None and watch.current() is not None and watch.gateway == address:
+            return watch
+        if address is None or self._closing.is_set() or os.environ.get(ENV_WATCH) == "0":
+            return None
+        if not self._watch_lock.acquire(False):
+            return None
+        try:
+            now = time.monotonic()
+            if self._watch is not None:  # ended, or another host's: ask, and open anew
+                self._watch.close()
+                self._watch = None
+                self._watch_at = now  # let the next request follow a redirect first
+            if now - self._watch_at < _WATCH_RETRY_S and self._watch_at:
+                return None
+            self._watch_at = now
+            try:
+                self._watch = GuestWatch(address)
+            except SlotRefused:  # a gateway without pushes: ask, and try again in a minute
+                self._watch_at = now + 60.0
+                return None
+            except (AgentUnavailable, OSError):
+                return None
+            return self._watch
+        finally:
+            self._watch_lock.release()
 
     def listen(self, addr: str, port: int, rendezvous: str = "") -> None:
         """Publish a listener to the gateway.
@@ -341,7 +408,8 @@ class VmDirectory:
                 self._keeper.start()
 
     def _keep(self) -> None:
-        """While listeners are published, ask the gateway for its guest list once a second.
+        """While listeners are published, look at the guest list once a second (a request
+        only without a watch: with one the old gateway's redirect ends it).
 
         A process that only listens makes no gateway request of its own until a connection
         arrives. After a live migration its gateway connection is the old host's, so its

@@ -63,12 +63,16 @@ def render(state: dict[str, Any], path: Path) -> RenderableType:
         guests.add_column(col)
     for g in state.get("guests", []):
         guests.add_row(g["name"], str(g["netns"]), ", ".join(g["addresses"]))
+    for g in state.get("vm_guests", []):  # QEMU guests of this agent's VM gateway
+        guests.add_row(g["name"], "vm (leaving)" if g["leaving"] else "vm", g["address"])
     parts.append(guests)
     listeners = Table(title="listeners")
     for col in ("guest", "address", "port", "pid"):
         listeners.add_column(col)
     for item in state.get("listeners", []):
         listeners.add_row(item["guest"], item["addr"], str(item["port"]), str(item["pid"]))
+    for item in state.get("vm_listeners", []):  # a VM's pids are its own: not shown here
+        listeners.add_row(item["guest"], item["addr"], str(item["port"]), "vm")
     parts.append(listeners)
 
     procs = state.get("processes", [])
@@ -110,6 +114,9 @@ def render(state: dict[str, Any], path: Path) -> RenderableType:
             c["fallback_reason"],
         )
     parts.append(conns)
+    cut = sum(proc.get("truncated", 0) for proc in procs)
+    if cut:
+        parts.append(Text(f"{cut} more connections inside VMs not listed"))
     if state.get("unmanaged_truncated"):
         parts.append(Text(f"{state['unmanaged_truncated']} more plain TCP connections not listed"))
     if plain_listeners:
@@ -126,6 +133,10 @@ def render(state: dict[str, Any], path: Path) -> RenderableType:
     if fallbacks:
         summary = ", ".join(f"{r} {n}" for r, n in sorted(fallbacks.items()))
         parts.append(Text(f"fallbacks since the processes started: {summary}"))
+    rejected = state.get("vm_census_rejected") or {}
+    if rejected:
+        summary = ", ".join(f"{g} {n}" for g, n in sorted(rejected.items()))
+        parts.append(Text(f"census reports refused by the VM gateway: {summary}", style="red"))
     if "processes_error" in state:
         parts.append(Text(f"connections unavailable: {state['processes_error']}", style="red"))
     return Group(*parts)

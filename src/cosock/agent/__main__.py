@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
     )
     try:
+        gate = None
         if args.vm_gateway:
             from . import _vmgate
 
-            _vmgate.start(
+            gate = _vmgate.start(
                 _vmgate.parse_bind(args.vm_gateway),
                 args.vm_pool,
                 args.vm_guests,
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             auto_guests=args.auto,
             verify_listeners=not args.trust_listeners,
             metrics_port=args.metrics_port,
+            vm_gateway=gate,
         )
     except (CosockError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

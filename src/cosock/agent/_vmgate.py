@@ -15,8 +15,11 @@ false, "moved": "ADDR:PORT"}`` (its new host's gateway) and the connection is cl
 guest's library follows it (``cosock._vmchannel``); a guest that is neither here nor moved gets
 ``gone`` and is hung up on. Requests: ``hello {token}`` first, then ``guests``, ``alloc_slot
 {peer, key}``, ``claim_slot {slot, generation, key}``, ``free_slot {slot, generation}``,
-``grants`` (how many slots the caller's connections hold); ``key`` is the connection's 4-tuple
-``[client ip, port, server ip, port]``.
+``grants`` (how many slots the caller's connections hold), ``watch`` (the connection
+becomes a push channel: the guest list now and whenever it changes, ``cosock._vmwatch``),
+``census {census}`` (the sending
+process's connections for the host's ``cosock status``: ``agent/_vmcensus.py``); ``key`` is the
+connection's 4-tuple ``[client ip, port, server ip, port]``.
 
 Two pool modes. Shared: one pool file per host, every VM maps all of it (one tenant per host).
 Per pair (``pair_prefix``; ``agent/_pairpool.py``): a grant names its pool (``"pool"``: the
@@ -34,25 +37,35 @@ client's in-band HELLO must repeat).
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import logging
+import select
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .._errors import CosockError
 from .._ivshmem import Pool, PoolError, SlotTable
 from ._pairpool import PairPool, PairPools, PlugError
+from ._vmcensus import VmCensus
 
 log = logging.getLogger("cosock.agent.vm")
 
 PORT = 7071
-MAX_LINE = 1 << 16
 #: Size of a per-pair pool (a power of two: a PCI BAR): 7 channels of 1 MiB rings.
 PAIR_POOL_SIZE = 16 << 20
+#: How often a watch (``watch`` request) checks whether its guest list changed.
+WATCH_PERIOD_S = 0.2
+#: A watch gets its list again after this long without a change: the guest's sign that the
+#: gateway is still there (a host that vanished sends no FIN; see ``_vmwatch``).
+WATCH_KEEPALIVE_S = 5.0
+#: Longest request line (a census report of 1000 connections is about 400 KB).
+MAX_LINE = 1 << 20
 
 Key = tuple[str, int, str, int]
 
@@ -140,6 +153,17 @@ class _Guests:
             return {}
         return {g: a for g, a in self._by_token.values() if g not in self.leaving}
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every VM of this host, leaving ones marked (the host's ``cosock status``)."""
+        self._reload()
+        return sorted(
+            (
+                {"name": g, "address": a, "leaving": g in self.leaving}
+                for g, a in self._by_token.values()
+            ),
+            key=lambda x: str(x["name"]),
+        )
+
     def _reload(self) -> None:
         try:
             mtime = self.path.stat().st_mtime
@@ -210,6 +234,10 @@ class VmGateway(socketserver.ThreadingTCPServer):
         self.lock = threading.Lock()
         #: (guest, addr, port) -> how many gateway connections registered that listener.
         self.listeners: dict[tuple[str, str, int], int] = {}
+        #: The census reports of the VMs' processes (listed by the host agent).
+        self.census = VmCensus()
+        #: Requests served, by (guest, op) (``cosock status --json``: ``vm_requests``).
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         super().__init__(bind, _Handler, bind_and_activate=False)
         # FREEBIND: the agent may start before the lab gives the bridge its address.
         self.socket.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
@@ -232,6 +260,7 @@ class VmGateway(socketserver.ThreadingTCPServer):
     def forget_gone(self) -> None:
         """Release every slot of a guest that left this host (its grants die with it)."""
         for guest in self.guests.take_gone():
+            self.census.drop_guest(guest)
             with self.lock:
                 dropped: list[Any] = self.table.drop_guest(guest)
                 if self.pairs is not None:
@@ -422,6 +451,9 @@ class _Handler(socketserver.StreamRequestHandler):
         listening: list[tuple[str, str, int]] = []
         try:
             while line := self.rfile.readline(MAX_LINE):
+                if len(line) == MAX_LINE and not line.endswith(b"\n"):
+                    self._send({"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                    return  # the rest of it cannot be told from a next request
                 self.server.forget_gone()
                 try:
                     req = json.loads(line)
@@ -430,6 +462,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     op = req.get("op")
                     if who is not None and op != "hello":
                         self._still_here(token, who)
+                        self.server.requests[who[0], str(op)[:16]] += 1
                     if op == "hello":
                         token = str(req.get("token", ""))
                         who = self.server.guests.lookup(token)
@@ -470,6 +503,18 @@ class _Handler(socketserver.StreamRequestHandler):
                             listening.remove(entry)
                             self.server.unlisten(entry)
                         reply = {}
+                    elif op == "watch":
+                        self._watch(token, who)
+                        return
+                    elif op == "census":
+                        self.server.census.report(
+                            id(self),
+                            who[0],
+                            who[1],
+                            req.get("census"),
+                            self.server.guests.addresses(),
+                        )
+                        reply = {}
                     elif op == "free_slot":
                         reply = self.server.free(who[0], req)
                         held.discard(_held(req))
@@ -485,6 +530,7 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
         finally:
             # A process that vanished frees what it held (as a closed channel would).
+            self.server.census.drop(id(self))
             for entry in listening:
                 self.server.unlisten(entry)
             if who is not None:
@@ -495,6 +541,26 @@ class _Handler(socketserver.StreamRequestHandler):
                         continue  # that pair's pool is gone already
                     with self.server.lock:
                         table.free(slot, generation, who[0])
+
+    def _watch(self, token: str, who: tuple[str, str]) -> None:
+        """This connection is a watch now: push the guest list as ``who`` sees it at once and
+        whenever it changes (the guests file is checked every ``WATCH_PERIOD_S``: one
+        ``stat``), and at least every ``WATCH_KEEPALIVE_S``; end with the redirect when the
+        guest moves, and when the peer hangs up."""
+        sent: dict[str, str] | None = None
+        sent_at = 0.0
+        while True:
+            self._still_here(token, who)  # NotHere: the caller sends the redirect
+            view = self.server.guests.addresses(who[0])
+            now = time.monotonic()
+            if view != sent or now - sent_at >= WATCH_KEEPALIVE_S:
+                self._send({"ok": True, "guests": view})
+                sent, sent_at = view, now
+            ready, _, _ = select.select([self.connection], [], [], WATCH_PERIOD_S)
+            if ready and not self.connection.recv(4096):
+                return  # the guest closed its watch
+            if self.server.socket.fileno() == -1:
+                return  # the gateway is shutting down
 
     def _send(self, msg: dict[str, Any]) -> None:
         self.wfile.write(json.dumps(msg).encode() + b"\n")

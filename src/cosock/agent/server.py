@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._config import ENV_ENABLE
 from .._errors import AgentUnavailable, CosockError
@@ -43,6 +43,9 @@ from ._registry import Registry, RequestError, check_name
 from ._unmanaged import Scan, Tuple4, normalize, scan
 from ._version import VERSION, version_path
 from ._wire import LineReader, LineTooLong, WireError, decode, encode
+
+if TYPE_CHECKING:
+    from ._vmgate import VmGateway
 
 log = logging.getLogger("cosock.agent")
 
@@ -155,6 +158,8 @@ class AgentServer:
             and the socket and rendezvous directories are private (0700).
         verify_listeners: accept a ``listen`` only from a process that holds a listening
             socket on that address and port (see ``_owner``); off only for registry tests.
+        vm_gateway: the VM gateway this agent runs (``--vm-gateway``): its VMs, their
+            cosock listeners and their processes' census are listed too.
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
@@ -162,9 +167,15 @@ class AgentServer:
     """
 
     def __init__(
-        self, path: Path, host: str, auto_guests: bool = False, verify_listeners: bool = True
+        self,
+        path: Path,
+        host: str,
+        auto_guests: bool = False,
+        verify_listeners: bool = True,
+        vm_gateway: VmGateway | None = None,
     ) -> None:
         check_name(host, "host")
+        self.vm_gateway = vm_gateway
         self.verify_listeners = verify_listeners
         self.path = Path(path)
         self.host = host
@@ -595,7 +606,29 @@ class AgentServer:
             "subscribers": subscribers,
             "counters": dict(self._counters),
             "uptime": round(time.monotonic() - self._started, 3),
+            **self._vm_status(),
         }
+
+    def _vm_status(self) -> dict[str, Any]:
+        """The VM gateway's guests and published listeners (none without a gateway)."""
+        gate = self.vm_gateway
+        if gate is None:
+            return {}
+        with gate.lock:
+            published = sorted(gate.listeners)
+        requests: dict[str, dict[str, int]] = {}
+        for (guest, op), n in list(gate.requests.items()):
+            requests.setdefault(guest, {})[op] = n
+        return {
+            "vm_guests": gate.guests.listing(),
+            "vm_listeners": [{"guest": g, "addr": a, "port": p} for g, a, p in published],
+            "vm_census_rejected": dict(gate.census.rejected),
+            "vm_requests": requests,
+        }
+
+    def _vm_census(self) -> list[dict[str, Any]]:
+        """The processes inside this agent's VMs, as they reported to its gateway."""
+        return [] if self.vm_gateway is None else self.vm_gateway.census.processes()
 
     def _census(self) -> list[dict[str, Any]]:
         def guest_of(pid: int) -> str | None:
@@ -610,7 +643,9 @@ class AgentServer:
         in the request skips those)."""
         census = processes = self._census()
         admin = conn.uid in (0, os.geteuid())
-        if not admin:
+        if admin:  # a VM's user ids are not the host's: only an admin sees its processes
+            processes = census + self._vm_census()
+        else:
             processes = [p for p in census if p["uid"] == conn.uid]
         reply: dict[str, Any] = {"host": self.host, "processes": processes}
         if req.get("unmanaged", True) is not False:
@@ -639,7 +674,7 @@ class AgentServer:
 
     def _op_metrics(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any]:
         """Counters in Prometheus text format, for a scraper on the agent's socket."""
-        return {"text": prometheus_text(self.host, self._census())}
+        return {"text": prometheus_text(self.host, self._census() + self._vm_census())}
 
 
 _OPS: dict[str, _Handler] = {
@@ -663,12 +698,14 @@ def serve(
     auto_guests: bool = False,
     verify_listeners: bool = True,
     metrics_port: int | None = None,
+    vm_gateway: VmGateway | None = None,
 ) -> None:
     """Run an agent on ``path`` until SIGTERM/SIGINT (or :meth:`AgentServer.stop`).
 
     Args:
         metrics_port: also serve ``GET /metrics`` (Prometheus text) on 127.0.0.1 at this
             port (0: any free port, logged); None: no HTTP at all.
+        vm_gateway: the VM gateway started beside it (see :class:`AgentServer`).
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
@@ -695,7 +732,7 @@ def serve(
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, on_signal)
-        server = AgentServer(path, host, auto_guests, verify_listeners)
+        server = AgentServer(path, host, auto_guests, verify_listeners, vm_gateway)
         if metrics_port is not None:
             endpoint = MetricsEndpoint(metrics_port, server.path)
         if not stop_requested:
