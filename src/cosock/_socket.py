@@ -1388,6 +1388,46 @@ class CoSocket(socket.socket):
                 return False  # another thread ended the channel while we waited: the
             return self._pump_locked(ch)  # queued bytes are plain data now, not ours
 
+    def _pump_upto(self, ch: _Channel, bells: int) -> None:
+        """Read the queued control frames like ``_pump``, but stop at the first doorbell
+        younger than ``bells`` (the writer's count before we found the ring empty): it
+        announces bytes published since, which our read may not take whole -- consumed
+        here, it would leave them in the ring with the raw fd unreadable.  It is drained
+        with the read that empties the ring (``_drain_stale_bells``)."""
+        with ch.rx_lock:
+            if self._co is not ch:
+                return
+            if ch.ctl_out:
+                self._flush_ctl(ch)
+            want = bells - ch.proto.bells_received
+            try:
+                peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._pump_locked(ch)  # records the error
+                return
+            young = None
+            if peeked and ch.phase is _SHM:  # (else EOF, or data frames may follow)
+                pending, _ = ch.proto.trailing_data
+                data = pending + peeked
+                pos = 0
+                while pos < len(data):
+                    kind = data[pos]
+                    size = FRAME_SIZES.get(kind)
+                    if size is None or kind == T_DATA or pos + size > len(data):
+                        break
+                    if kind == T_BELL:
+                        if want <= 0:
+                            young = pos - len(pending)
+                            break
+                        want -= 1
+                    pos += size
+            if young is None:
+                self._pump_locked(ch)
+            else:
+                self._take_parsed(ch, young)
+
     def _pump_locked(self, ch: _Channel) -> bool:
         progressed = False
         if ch.ctl_out:
@@ -1848,9 +1888,8 @@ class CoSocket(socket.socket):
             # A non-blocking caller returns to its event loop, which waits on the fd:
             # every publish into the ring it has caught up with must ring the doorbell.
             return self._recv_loop(view, nbytes, flags)
-        # While a blocking caller is inside recv the writer need not ring: we look at the
-        # ring again before we block (the flag is cleared, fenced and re-checked in arm).
-        rx.set_spinning(True)
+        # While a blocking caller spins the writer need not ring for what it will take (see
+        # _recv_loop); a spin left by an exception is ended here.
         try:
             return self._recv_loop(view, nbytes, flags)
         except ValueError:
@@ -1920,9 +1959,13 @@ class CoSocket(socket.socket):
             rx = ch.rx
             try:
                 if ch.phase is _SHM and rx is not None:
+                    # While we spin the writer need not ring for what this call will take:
+                    # we look at the ring again before we block (the flag is cleared,
+                    # fenced and re-checked in arm), and the read that ends the spin
+                    # clears it first (begin_read).  A peek takes nothing.
+                    if not peek:
+                        rx.set_spinning(True, nbytes - got)
                     self._sleep(ch, deadline, rx.available, rx.arm)
-                    if self._co is ch and ch.rx is rx and deadline != 0.0:
-                        rx.set_spinning(True)
                 else:
                     self._sleep(ch, deadline)
             except TimeoutError:
@@ -1950,7 +1993,7 @@ class CoSocket(socket.socket):
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
                 ch.bell_mark = rx.bells_sent()
-                self._pump(ch)
+                self._pump_upto(ch, bells)
                 if self._co is not ch or ch.rx is None:
                     return 0
                 bells = rx.bells_sent()
