@@ -149,32 +149,41 @@ def joined(target: Callable[[], Any]) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=False,  # timing-dependent: may pass by luck; see module docstring
-    reason="KNOWN LIMIT (README: raw select sees 'most, not all' readiness): bytes "
-    "written before the verdict are belled only when the client next calls into its "
-    "socket (it rings on processing ACCEPT); until then a raw-select/epoll server "
-    "(uvloop, trio, twisted) sees an unreadable fd while its ring holds the request",
-)
-def test_request_sent_before_verdict_makes_server_fd_readable():
-    srv = listener()
-    cli = CoSocket()
-    cli.settimeout(5)
-    try:
-        cli.connect(srv.getsockname())
-        cli.sendall(b"GET / HTTP/1.0\r\n\r\n")  # client is still in the handshake: no bell
-        time.sleep(0.1)
-        conn, _ = srv.accept()  # HELLO already queued: verdict settled inside accept()
+def test_request_sent_before_verdict_makes_server_fd_readable(monkeypatch):
+    """Bytes the client writes before the verdict are rung for when the client takes the
+    ACCEPT: at its next call into the socket, or by its residency watch (which serves
+    handshakes).  The watch may be in its idle sleep, which began before this connection
+    (here: an idle accelerated connection is open, and the idle sleep is made 30 s long):
+    it used to take the ACCEPT only when that sleep ended (up to 1 s later by default),
+    and meanwhile a raw-select server saw an unreadable fd with the request in its ring.
+    The client now wakes its watch when a write cannot ring before the verdict."""
+    from cosock import _residency
+
+    monkeypatch.setattr(_residency, "_IDLE_MS", 30_000)
+    with pair() as (a, b):
+        settle(a, b)  # an idle accelerated connection: the watch sleeps _IDLE_MS
+        srv = listener()  # (its registration reaches the agent, which wakes the watch)
+        cli = CoSocket()
+        cli.settimeout(5)
         try:
-            assert conn.cosock_path == "shm"
-            assert ring_available(conn) == 18  # the request is there ...
-            # ... and a select()-driven server must be told so (plain TCP: readable).
-            assert readable(conn, 2.0), "request in ring, fd never readable: lost wake-up"
+            time.sleep(0.3)
+            _residency.wake()  # the watch plans again, then sleeps _IDLE_MS on the pair
+            time.sleep(0.3)
+            cli.connect(srv.getsockname())
+            cli.sendall(b"GET / HTTP/1.0\r\n\r\n")  # still in the handshake: no bell
+            conn, _ = srv.accept()  # HELLO already queued: verdict settled inside accept()
+            try:
+                assert conn.cosock_path == "shm"
+                assert ring_available(conn) == 18  # the request is there ...
+                # ... and a select()-driven server must be told so (plain TCP: readable).
+                assert readable(conn, 5.0), "request in ring, fd never readable: lost wake-up"
+                conn.setblocking(False)
+                assert conn.recv(100) == b"GET / HTTP/1.0\r\n\r\n"
+            finally:
+                conn.close()
         finally:
-            conn.close()
-    finally:
-        cli.close()
-        srv.close()
+            cli.close()
+            srv.close()
 
 
 @pytest.mark.timeout(60)

@@ -260,6 +260,7 @@ class _Channel:
         "tx_out",
         "upgrade",
         "waiting",
+        "watch_asked",
         "wr_shut",
         "yield_mask",
     )
@@ -328,6 +329,8 @@ class _Channel:
         self.fork_cell: _forkshare.Cell | None = None
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
+        #: We woke the residency watch to take the verdict for bytes written before it.
+        self.watch_asked = False
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
         self.yield_mask = YIELD_MASK  # 0 while our CPU is shared with the peer (_sleep)
@@ -1687,7 +1690,16 @@ class CoSocket(socket.socket):
         assert ch.tx is not None
         if ch.phase is _HANDSHAKE:
             self._pump(ch)  # has the verdict arrived?  Before it, the peer reads no ring.
-            if self._co is not ch or ch.phase is _HANDSHAKE:
+            if self._co is not ch:
+                return
+            if ch.phase is _HANDSHAKE:
+                if not ch.watch_asked:
+                    # Our bytes wait unannounced until the ACCEPT, which rings for them
+                    # (_handle_events) -- when we next call in, or when the residency
+                    # watch takes it (it serves handshakes, but may be in a 1 s idle
+                    # sleep that began before this connection): wake it to look now.
+                    ch.watch_asked = True
+                    _residency.wake()
                 return
         if ch.ctl_out and not ch.tcp_eof:
             self._flush_ctl(ch)
