@@ -283,18 +283,58 @@ def test_bytes_left_in_ring_by_a_spinning_recv_keep_the_fd_readable(monkeypatch)
         assert not readable(cli, 0.1), "ring empty, the doorbell is still queued"
 
 
+@pytest.mark.timeout(30)
+def test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on(monkeypatch):
+    """The cause of the long-drain test's CI failure (the batch's first doorbell never
+    came).  A blocking recv that began before the verdict (the client's HELLO was not
+    queued when accept() returned: a slow child on a fresh clone) had no ring at entry;
+    it slept after the verdict, which flagged the ring ``spinning``, and returned without
+    clearing the flag (only a recv that had a ring at entry did).  The peer then never
+    rang again: a raw-select reader waited for ever.  The recv's end now clears the flag
+    on the ring the channel has then.  Fails on the old code every run."""
+    # The client's HELLO stays unsent until we ask (the watch would flush it).
+    monkeypatch.setattr(CoSocket, "_cosock_needs_service", lambda self: False)
+    srv = listener()
+    cli = CoSocket()
+    cli.setblocking(False)
+    conn = None
+    try:
+        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
+        assert select.select([], [cli], [], 5)[1]
+        conn, _ = srv.accept()
+        assert conn.cosock_path == "handshake"  # no HELLO yet
+        conn.settimeout(10)
+        with joined(lambda: conn.recv(1)) as box:  # begins in the handshake
+            time.sleep(0.3)
+            assert cli.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # sends HELLO
+            time.sleep(0.3)  # the server accepted; its recv sleeps on the empty ring
+            cli.settimeout(10)
+            cli.sendall(b"?")
+        assert box.get("result") == b"?", box
+        conn.setblocking(False)
+        with pytest.raises(BlockingIOError):  # read until EAGAIN, as an event loop does
+            conn.recv(1)
+        cli.sendall(b"x")
+        assert readable(conn, 2.0), f"{ring_available(conn)} bytes in the ring, fd unreadable"
+        assert conn.recv(10) == b"x"
+    finally:
+        cli.close()
+        if conn is not None:
+            conn.close()
+        srv.close()
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (narrowed): the trickle written during the drain now rings (READING mark), "
-    "but one fresh-clone CI run saw the batch's own first bell not make the fd readable "
-    "within 10 s (seen once on the old code too); cause not found yet",
-)
 def test_raw_select_reader_sees_writes_made_during_a_long_drain(monkeypatch):
     """A raw-select reader drains a whole batch in one recv while a trickle goes on: the
     trickle's writes land while it copies (tail < their start, so the old rule rang no
     doorbell) and its drain consumes only the batch's doorbell.  The writer now rings once
-    per such read (the READING mark), so the fd stays readable.  Stalled for ever before."""
+    per such read (the READING mark), so the fd stays readable.  Stalled for ever before.
+
+    (Was a non-strict xfail after that fix: a fresh-clone CI run saw the batch's first
+    doorbell never come.  The cause: our recv(1) of "?" began before the child's HELLO
+    was queued, slept after the verdict and left the ring flagged ``spinning``, so the
+    child never rang again -- test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on.)"""
     monkeypatch.setenv("COSOCK_RING_SIZE", str(64 * MIB))
     srv = listener()
     port = srv.getsockname()[1]

@@ -458,6 +458,11 @@ class RingReader(_RingEnd):
             self._hdr[_SPINNING] = 0
             fence()
 
+    def end_spin(self) -> None:
+        """A blocking recv is over: end a spin it left (never a ring-aware selector's)."""
+        if self._spin and self._spin != SPIN_ALL:
+            self.set_spinning(False)
+
     def arm(self) -> int:
         """About to block: stop suppressing doorbells, then re-check (after the fence)."""
         self._spin = 0

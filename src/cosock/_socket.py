@@ -27,6 +27,7 @@ Intentionally not overridden: ``sendto``/``recvfrom*`` beyond the connected-TCP 
 from __future__ import annotations
 
 import _socket
+import contextlib
 import errno
 import fcntl
 import functools
@@ -1895,13 +1896,15 @@ class CoSocket(socket.socket):
         if ch is not None and ch.phase is _FORKED:
             _forkshare.claim(self, ch)
             ch = self._co
-        rx = None if ch is None or ch.phase is not _SHM else ch.rx
-        if rx is None or self._deadline(flags) == 0.0:
+        if ch is None or self._deadline(flags) == 0.0:
             # A non-blocking caller returns to its event loop, which waits on the fd:
             # every publish into the ring it has caught up with must ring the doorbell.
             return self._recv_loop(view, nbytes, flags)
         # While a blocking caller spins the writer need not ring for what it will take (see
-        # _recv_loop); a spin left by an exception is ended here.
+        # _recv_loop).  A spin left by an exception or a path change ends here, on the ring
+        # the channel has *now*: a recv begun in the handshake had none at entry, and used
+        # to leave the flag set for good (no doorbell ever again while the peer's writes
+        # fit: test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on).
         try:
             return self._recv_loop(view, nbytes, flags)
         except ValueError:
@@ -1909,8 +1912,11 @@ class CoSocket(socket.socket):
                 raise
             raise OSError(errno.EBADF, "Bad file descriptor: closed during recv") from None
         finally:
-            if ch is not None and self._co is ch and ch.rx is rx:
-                rx.set_spinning(False)
+            now = self._co
+            rx = None if now is None else now.rx
+            if rx is not None:
+                with contextlib.suppress(ValueError):  # released by a close meanwhile
+                    rx.end_spin()
 
     def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
