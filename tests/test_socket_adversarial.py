@@ -1298,9 +1298,12 @@ class _Model:
             yield "run"
             yield from self._consumed(n, avail, bells)
             return
-        woke = False  # _recv_into, blocking: _recv_loop
+        rx.set_spinning(True, bufsize)  # _recv_into, blocking
+        yield "run"
+        woke = False  # _recv_loop
         while True:
-            bells = rx.begin_read()  # _shm_read
+            # _shm_read: a spin that saw bytes claims them first
+            bells = rx.end_spin_read() if woke and rx.recv_spin else rx.begin_read()
             avail = rx.available()
             yield "run"
             if not avail and (woke or rx.bells_sent() != self.bell_mark):
@@ -1310,12 +1313,16 @@ class _Model:
                 bells = rx.bells_sent()
                 avail = rx.available()
                 yield "run"
+            if avail and rx.recv_spin:
+                bells = rx.end_spin_read()  # claimed before the snapshot we copy from
+                avail = rx.available()
+                yield "run"
             if avail:
                 n = min(avail, bufsize)
                 self._take(n)
                 yield "run"
                 yield from self._consumed(n, avail, bells)
-                rx.set_spinning(False)  # _recv_into's finally
+                rx.end_spin()  # _recv_into's finally
                 yield "run"
                 return
             rx.set_spinning(True, bufsize)  # _sleep: spin ...
@@ -1327,6 +1334,7 @@ class _Model:
                     break
                 yield "run"
             if found:
+                woke = True
                 continue
             if rx.arm():  # ... then arm
                 yield "run"

@@ -317,7 +317,15 @@ class RingWriter(_RingEnd):
         spin = hdr[_SPINNING]
         if spin:
             # (the peer's tail, unchecked here: a hostile value only costs it doorbells)
-            return self._head - hdr[_TAIL] > spin
+            if self._head - hdr[_TAIL] <= spin:
+                return False
+            # Once per spin: the consumer takes no doorbell before the read that ends it,
+            # whose mark changes ``reading``.
+            reading = hdr[_READING]
+            if reading != self._rung_read:
+                self._rung_read = reading
+                return True
+            return False
         if self.consumed() >= old_head:
             return True
         reading = hdr[_READING]
@@ -352,7 +360,7 @@ class RingWriter(_RingEnd):
 class RingReader(_RingEnd):
     """Consumer end: validates ``head``, copies bytes out, publishes ``tail``."""
 
-    __slots__ = ("_head", "_reads", "_spin", "_tail")
+    __slots__ = ("_head", "_reads", "_spin", "_tail", "recv_spin")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
         super().__init__(mm, index, capacity)
@@ -360,27 +368,42 @@ class RingReader(_RingEnd):
         self._tail = 0
         self._reads = 0  # reads announced by begin_read (twice the count: even)
         self._spin = 0  # what we last stored in ``spinning`` (never read back)
+        #: A blocking recv spins (``spinning`` holds what it will take): bytes it finds
+        #: must be claimed with ``end_spin_read`` before they are copied.
+        self.recv_spin = False
 
     def begin_read(self) -> int:
-        """About to look at the ring and consume: say so to the producer (fenced), so that
-        a write landing during our copy rings once (see ``RingWriter.needs_bell``).
-        Returns the producer's doorbell count, read after that: the doorbells a drain
-        after this read may consume.
-
-        A blocking recv's spin ends here too (``spinning`` cleared in the same fenced
-        step): from our snapshot on, the producer's writes follow the rules of a reader
-        that may leave bytes behind and return to a raw select() -- a write that landed
-        after the snapshot would otherwise stay unannounced in the ring.  Only a
-        ring-aware selector's flag (``SPIN_ALL``) stays: it sees what we leave."""
+        """About to look at the ring and consume: unless we spin (doorbells are off then),
+        say so to the producer (fenced), so that a write landing during our copy rings
+        once (see ``RingWriter.needs_bell``).  Returns the producer's doorbell count: the
+        doorbells a drain after this read may consume (their bytes are in the snapshot
+        taken next)."""
         hdr = self._hdr
-        if self._spin != SPIN_ALL:
+        # Read before the mark: a doorbell rung because the producer saw this read's mark
+        # is then younger than what we return, so our drain leaves it queued.
+        bells = int(hdr[_BELLS])
+        if not self._spin:
             self._reads += 2
             hdr[_READING] = self._reads | 1
-            if self._spin:  # after the mark: a producer that sees the spin over sees it
-                self._spin = 0
-                hdr[_SPINNING] = 0
             fence()
-        return int(hdr[_BELLS])
+        return bells
+
+    def end_spin_read(self) -> int:
+        """A blocking recv's spin found bytes: end the spin before taking the snapshot to
+        copy from (``begin_read`` in the same fenced step: the mark first, so a producer
+        that sees the spin over sees the mark).  From here on the producer's writes
+        follow the rules of a reader that may leave bytes behind and return to a raw
+        select(): a write that landed after our snapshot, or more than we take, would
+        otherwise stay unannounced in the ring.  Returns what ``begin_read`` returns."""
+        hdr = self._hdr
+        bells = int(hdr[_BELLS])
+        self._reads += 2
+        hdr[_READING] = self._reads | 1
+        self._spin = 0
+        self.recv_spin = False
+        hdr[_SPINNING] = 0
+        fence()
+        return bells
 
     def end_read(self) -> None:
         """The read is over (after the drain of its doorbells): no more bells for it."""
@@ -448,24 +471,28 @@ class RingReader(_RingEnd):
 
     def set_spinning(self, on: bool, upto: int = SPIN_ALL) -> None:
         """Spin-poll the ring (``on``): the producer need not ring for writes that leave at
-        most ``upto`` bytes unread (a blocking recv takes up to its buffer size; a
-        ring-aware selector, ``SPIN_ALL``, everything).  Off: fenced, doorbells back."""
+        most ``upto`` bytes unread (a blocking recv: what it will take, ``recv_spin``; a
+        ring-aware selector, ``SPIN_ALL``: everything, it sees what is left).  Off:
+        fenced, doorbells back."""
         if on:
             self._spin = upto
+            self.recv_spin = upto != SPIN_ALL
             self._hdr[_SPINNING] = upto
         elif self._spin:
             self._spin = 0
+            self.recv_spin = False
             self._hdr[_SPINNING] = 0
             fence()
 
     def end_spin(self) -> None:
         """A blocking recv is over: end a spin it left (never a ring-aware selector's)."""
-        if self._spin and self._spin != SPIN_ALL:
+        if self.recv_spin:
             self.set_spinning(False)
 
     def arm(self) -> int:
         """About to block: stop suppressing doorbells, then re-check (after the fence)."""
         self._spin = 0
+        self.recv_spin = False
         self._hdr[_SPINNING] = 0
         fence()
         return self.available()

@@ -27,7 +27,6 @@ Intentionally not overridden: ``sendto``/``recvfrom*`` beyond the connected-TCP 
 from __future__ import annotations
 
 import _socket
-import contextlib
 import errno
 import fcntl
 import functools
@@ -1816,6 +1815,9 @@ class CoSocket(socket.socket):
             # (bytes framed before an upgrade wait in _rxb: the slow path serves them first)
             bells = ch.rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = ch.rx.available()
+            if avail and ch.rx.recv_spin:  # another thread's blocking recv spins on it
+                bells = ch.rx.end_spin_read()
+                avail = ch.rx.available()
             if avail and ch.fin is None and not self._rxb:  # fast path: one copy
                 n = min(avail, bufsize)
                 ch.rx_busy = True
@@ -1840,6 +1842,9 @@ class CoSocket(socket.socket):
             assert rx is not None
             bells = rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = rx.available()
+            if avail and rx.recv_spin:  # another thread's blocking recv spins on it
+                bells = rx.end_spin_read()
+                avail = rx.available()
             if avail:  # fast path: data is there, take it
                 view = buffer if type(buffer) is memoryview else memoryview(buffer)
                 if view.format != "B" or view.ndim != 1:
@@ -1900,11 +1905,17 @@ class CoSocket(socket.socket):
             # A non-blocking caller returns to its event loop, which waits on the fd:
             # every publish into the ring it has caught up with must ring the doorbell.
             return self._recv_loop(view, nbytes, flags)
-        # While a blocking caller spins the writer need not ring for what it will take (see
-        # _recv_loop).  A spin left by an exception or a path change ends here, on the ring
-        # the channel has *now*: a recv begun in the handshake had none at entry, and used
-        # to leave the flag set for good (no doorbell ever again while the peer's writes
-        # fit: test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on).
+        # While a blocking caller is inside recv the writer need not ring for what it will
+        # take: we look at the ring again before we block (the flag is cleared, fenced and
+        # re-checked in arm), and bytes found while flagged are claimed before they are
+        # copied (end_spin_read, see _shm_read).  A peek takes nothing; bytes already
+        # taken off TCP (_rxb) may end the call before the ring is looked at.
+        if ch.phase is _SHM and ch.rx is not None and not flags & _MSG_PEEK and not self._rxb:
+            ch.rx.set_spinning(True, nbytes)
+        # A spin left by an exception, an early return or a path change ends here, on the
+        # ring the channel has *now*: a recv begun in the handshake had none at entry, and
+        # used to leave the flag set for good (no doorbell ever again while the peer's
+        # writes fit: test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on).
         try:
             return self._recv_loop(view, nbytes, flags)
         except ValueError:
@@ -1914,9 +1925,11 @@ class CoSocket(socket.socket):
         finally:
             now = self._co
             rx = None if now is None else now.rx
-            if rx is not None:
-                with contextlib.suppress(ValueError):  # released by a close meanwhile
+            if rx is not None and rx.recv_spin:
+                try:
                     rx.end_spin()
+                except ValueError:
+                    pass  # released by a close meanwhile: nobody to ring for
 
     def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
@@ -1977,12 +1990,8 @@ class CoSocket(socket.socket):
             rx = ch.rx
             try:
                 if ch.phase is _SHM and rx is not None:
-                    # While we spin the writer need not ring for what this call will take:
-                    # we look at the ring again before we block (the flag is cleared,
-                    # fenced and re-checked in arm), and the read that ends the spin
-                    # clears it first (begin_read).  A peek takes nothing.
-                    if not peek:
-                        rx.set_spinning(True, nbytes - got)
+                    if not peek and (got or not rx.recv_spin):  # (see _recv_into): what
+                        rx.set_spinning(True, nbytes - got)  # is left for this call to take
                     self._sleep(ch, deadline, rx.available, rx.arm)
                 else:
                     self._sleep(ch, deadline)
@@ -2007,7 +2016,11 @@ class CoSocket(socket.socket):
             woke = False
         rx = ch.rx
         if ch.phase is _SHM and rx is not None:  # after SHUT_RD too, like Linux
-            bells = rx.begin_read()  # before the ring: see _drain_stale_bells
+            # Before the ring: see _drain_stale_bells.  If our spin saw bytes (a sleep in
+            # the kernel would have ended it), claim them before the snapshot we copy
+            # from (end_spin_read).
+            spun = woke and rx.recv_spin and not peek
+            bells = rx.end_spin_read() if spun else rx.begin_read()
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
                 ch.bell_mark = rx.bells_sent()
@@ -2015,6 +2028,9 @@ class CoSocket(socket.socket):
                 if self._co is not ch or ch.rx is None:
                     return 0
                 bells = rx.bells_sent()
+                avail = rx.available()
+            if avail and rx.recv_spin and not peek:  # (arrived before our spin began)
+                bells = rx.end_spin_read()
                 avail = rx.available()
             if ch.fin is not None:
                 _check_fin(ch.fin, ch.rx_base, rx, avail)
