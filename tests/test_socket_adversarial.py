@@ -179,6 +179,7 @@ def test_request_sent_before_verdict_makes_server_fd_readable(monkeypatch):
                 assert readable(conn, 5.0), "request in ring, fd never readable: lost wake-up"
                 conn.setblocking(False)
                 assert conn.recv(100) == b"GET / HTTP/1.0\r\n\r\n"
+                assert not readable(conn, 0.2), "ring empty, a doorbell still queued"
             finally:
                 conn.close()
         finally:

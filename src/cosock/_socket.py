@@ -1692,15 +1692,16 @@ class CoSocket(socket.socket):
             self._pump(ch)  # has the verdict arrived?  Before it, the peer reads no ring.
             if self._co is not ch:
                 return
-            if ch.phase is _HANDSHAKE:
-                if not ch.watch_asked:
-                    # Our bytes wait unannounced until the ACCEPT, which rings for them
-                    # (_handle_events) -- when we next call in, or when the residency
-                    # watch takes it (it serves handshakes, but may be in a 1 s idle
-                    # sleep that began before this connection): wake it to look now.
-                    ch.watch_asked = True
-                    _residency.wake()
-                return
+            if ch.phase is not _HANDSHAKE:
+                return  # the ACCEPT we took rang for every ring byte, ours included
+            if not ch.watch_asked:
+                # Our bytes wait unannounced until the ACCEPT, which rings for them
+                # (_handle_events) -- when we next call in, or when the residency watch
+                # takes it (it serves handshakes, but may be in a 1 s idle sleep that
+                # began before this connection): wake it to look now.
+                ch.watch_asked = True
+                _residency.wake()
+            return
         if ch.ctl_out and not ch.tcp_eof:
             self._flush_ctl(ch)
             if ch.ctl_out:
