@@ -39,6 +39,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -1669,6 +1670,8 @@ class CoSocket(socket.socket):
                 self._owe_app(leftover.data)
             leftover = ch.proto.next_event()
         self._reason = reason
+        if ch.forked or ch.refs > 1:
+            _shared_fds.add(self)  # plain from here, but not this fd's alone
         self._detach_channel()
         self._txb = owed
         self._shut_after_flush = ch.wr_shut
@@ -1678,6 +1681,7 @@ class CoSocket(socket.socket):
         if data:
             if self._rxb is None:
                 self._rxb = bytearray()
+                _rxb_holders.add(self)  # a fork() makes their fds shared (_reset_plain)
             self._rxb += data
 
     def _send_fin(self, ch: _Channel) -> None:
@@ -2443,15 +2447,20 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and self._may_reset(ch) and self._queue_may_hold_data(ch):
             self._read_queued(ch)  # DATA frames, a verdict: then we know what is unread
-        if not self._lingering and self._owes() and not self._hand_over():
-            # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
-            try:
-                self._cosock_finish_owed(time.monotonic() + _CLOSE_LINGER)
-            except (OSError, ProtocolError, ValueError, RingCorrupted):
-                pass
+        handed = False
+        if not self._lingering and self._owes():
+            handed = self._hand_over()
+            if not handed:
+                # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
+                try:
+                    self._cosock_finish_owed(time.monotonic() + _CLOSE_LINGER)
+                except (OSError, ProtocolError, ValueError, RingCorrupted):
+                    pass
         ch = self._co
         if ch is not None and self._may_reset(ch) and self._unread(ch):
             self._reset(ch)
+        elif ch is None and self._rxb and not handed and self not in _shared_fds:
+            self._reset_plain()
         # No FIN frame here: close() ends only this fd, which a forked child may share
         # (socketserver.ForkingMixIn).  The peer learns of the close from TCP itself and
         # reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
@@ -2531,6 +2540,19 @@ class CoSocket(socket.socket):
                 super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
+
+    def _reset_plain(self) -> None:
+        """Close with bytes unread that we took off TCP before a fallback or downgrade
+        (``_rxb``): the kernel sees an empty queue and would send FIN; TCP sends RST.  On
+        plain TCP the kernel's RST says it all (the peer is plain now too).  Only once our
+        queue has left (an RST discards it), and never on an fd known to be shared (a
+        ``dup()``, a ``fork()``): SO_LINGER belongs to the kernel socket."""
+        try:
+            (unsent,) = struct.unpack("i", fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, bytes(4)))
+            if unsent == 0:
+                super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, ValueError):
+            pass  # (ValueError: closed already)
 
     def _owes(self) -> bool:
         """Does closing now leave the peer short of bytes that only we can still send?"""
@@ -2639,6 +2661,8 @@ class CoSocket(socket.socket):
     def dup(self) -> CoSocket:
         sock = super().dup()
         assert isinstance(sock, CoSocket)
+        _shared_fds.add(self)
+        _shared_fds.add(sock)
         ch = self._co
         if ch is not None:
             ch.refs += 1
@@ -2651,12 +2675,19 @@ class CoSocket(socket.socket):
 
 
 _fork_held: list[_Channel] = []
+#: Sockets whose kernel socket another fd is known to share (``dup()``, ``fork()``): their
+#: close never sets SO_LINGER (``_reset_plain``).
+_shared_fds: weakref.WeakSet[CoSocket] = weakref.WeakSet()
+#: Sockets that took bytes off TCP for the application (``_rxb``), marked shared at a fork.
+_rxb_holders: weakref.WeakSet[CoSocket] = weakref.WeakSet()
 
 
 def _channels_before_fork() -> None:
     """Hold every channel's pump lock across the fork: a residency watch half way through
     a peek-then-take (the HELLO, say) finishes first, so parent and child never both act
     on one frame of their shared TCP stream."""
+    for holder in list(_rxb_holders):
+        _shared_fds.add(holder)
     for ref in list(_tracked.values()):
         sock = ref()
         ch = None if sock is None else sock._co
