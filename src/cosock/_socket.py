@@ -1749,8 +1749,13 @@ class CoSocket(socket.socket):
                 while time.perf_counter_ns() < end:
                     if ch.phase is not entry:
                         return  # switched paths: the ring is not to be looked at again
-                    if ready():
-                        return
+                    try:
+                        if ready():
+                            return
+                    except ValueError:
+                        if self._co is ch and not ch.released:
+                            raise
+                        return  # released under us (a downgrade, a close): look again
                     spins += 1
                     # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
                     # would hold it until the next tick (4 ms at HZ=250); see yield_cpu.
@@ -1768,7 +1773,15 @@ class CoSocket(socket.socket):
         kicker = self._take_kick(ch)
         kick = None if kicker is None or kicker.closed else kicker.fileno()
         try:
-            if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
+            try:
+                if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
+                    return
+            except ValueError:
+                if self._co is ch and not ch.released:
+                    raise
+                # The ring was released under us by another thread (a downgrade or a
+                # close after the phase we read): the caller looks again (it used to
+                # report EBADF, "closed during recv", for a downgrade).
                 return
             if deadline is None:
                 timeout = _MAX_SLEEP_MS
