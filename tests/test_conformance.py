@@ -948,6 +948,77 @@ def test_reset_before_the_verdict(mode: str) -> None:
         srv.close()
 
 
+def test_reset_after_a_fallback_with_bytes_taken_off_tcp(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client closes with the server's bytes unread after cosock fell back to TCP,
+    having taken those bytes off the kernel's queue together with the REJECT: they waited
+    in its own buffer, so the kernel saw nothing unread and sent FIN (the peer read EOF).
+    TCP sends RST."""
+    if mode == "cosock":  # the server rejects the offer (as for a forged one)
+        monkeypatch.setattr(CoSocket, "_sender_owns", lambda *args: False)
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname(), timeout=10)
+    conn = None
+    try:
+        conn, _ = srv.accept()  # cosock: REJECT at once
+        conn.settimeout(10)
+        conn.sendall(b"unread")  # behind the REJECT in the client's queue
+        time.sleep(0.05)
+        cli.sendall(b"x")  # cosock: takes the REJECT, and b"unread" with it, off TCP
+        if isinstance(cli, CoSocket):
+            assert cli.cosock_path == "tcp"
+            assert cli.cosock_fallback_reason is cosock.FallbackReason.OFFER_INVALID
+            assert cli._rxb == b"unread"  # the case under test
+        assert recv_all(conn, 1) == b"x"
+        cli.close()
+        time.sleep(0.05)
+        assert outcome(lambda: conn.recv(10)) == ECONNRESET
+        assert conn.recv(10) == b""
+        assert outcome(lambda: conn.send(b"y")) == EPIPE
+    finally:
+        cli.close()
+        if conn is not None:
+            conn.close()
+        srv.close()
+
+
+def test_close_after_a_fallback_with_a_dup_alive_does_not_reset(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but a ``dup()`` of the client holds the connection: closing one fd sends
+    nothing, and the peer can still send (cosock never sets SO_LINGER on an fd known to be
+    shared: a forked child that read everything would otherwise reset at its own close).
+    Not compared: what the twin reads, or sends at its close -- the bytes taken off TCP
+    belong to the closed socket object (a limit, docs/transparency.md)."""
+    if mode == "cosock":
+        monkeypatch.setattr(CoSocket, "_sender_owns", lambda *args: False)
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname(), timeout=10)
+    conn = twin = None
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        conn.sendall(b"unread")
+        time.sleep(0.05)
+        cli.sendall(b"x")
+        if isinstance(cli, CoSocket):
+            assert cli.cosock_path == "tcp" and cli._rxb == b"unread"
+        assert recv_all(conn, 1) == b"x"
+        twin = cli.dup()
+        cli.close()
+        time.sleep(0.05)
+        assert not select.select([conn], [], [], 0.1)[0]  # neither FIN nor RST
+        assert outcome(lambda: conn.send(b"y")) == ("ok", 1)
+    finally:
+        cli.close()
+        if twin is not None:
+            twin.close()
+        if conn is not None:
+            conn.close()
+        srv.close()
+
+
 def test_reset_after_a_path_switch(make_pair: Pair, mode: str) -> None:
     """The same on framed TCP (cosock: both ends switched to TCP first)."""
     cli, conn = make_pair()

@@ -6,7 +6,9 @@ Layout of a channel (two rings, one per direction)::
 
 A ring header holds 64-bit counters, each on its own cache line so the two processes do
 not false-share: ``head`` (bytes ever written, producer-owned), ``tail`` (bytes ever read,
-consumer-owned), ``spinning`` (consumer is spin-polling: producer need not ring),
+consumer-owned), ``spinning`` (consumer is spin-polling and will take up to that many
+bytes: producer need not ring for writes that fit; ``SPIN_ALL``: a ring-aware selector
+that reads readiness from the ring itself),
 ``bells`` (doorbells the producer has sent), ``space_wait`` / ``space_rung`` (a blocked
 producer's request for a SPACE wake-up and the consumer's answer).
 
@@ -44,6 +46,9 @@ _SPACE_RUNG = 48
 #: Odd while a consumer that is not spinning copies out of the ring (``begin_read``).
 _READING = 56
 _U64 = (1 << 64) - 1
+#: ``spinning`` of a consumer that answers readiness from the ring (the cosock selectors):
+#: bytes it leaves unread are still seen, so no write needs a doorbell.
+SPIN_ALL: Final = _U64
 
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -294,8 +299,12 @@ class RingWriter(_RingEnd):
     def needs_bell(self, old_head: int) -> bool:
         """After a write that started at ``old_head``: must we send a BELL?
 
-        Not while the consumer spins inside recv (it re-checks before it blocks).
-        Otherwise if it has consumed everything that preceded this write: then it may have
+        Not while the consumer spins and the unread bytes fit what it will take (a blocking
+        recv's buffer: it re-checks before it blocks, and a spin that finds bytes ends in
+        ``begin_read``; a ring-aware selector's ``SPIN_ALL``: it sees whatever is left);
+        more than that, and its recv returns with bytes unread that it may then wait for
+        on the raw fd.  Otherwise if it has consumed everything that preceded this write:
+        then it may have
         seen the ring empty at some step of our (pipelined) publication and gone to sleep.
         And once per read of a consumer that does not spin (``begin_read``: an event loop
         on the raw fd) when older bytes are unread: it may be copying them now, and it
@@ -305,7 +314,17 @@ class RingWriter(_RingEnd):
         """
         fence()
         hdr = self._hdr
-        if hdr[_SPINNING]:
+        spin = hdr[_SPINNING]
+        if spin:
+            # (the peer's tail, unchecked here: a hostile value only costs it doorbells)
+            if self._head - hdr[_TAIL] <= spin:
+                return False
+            # Once per spin: the consumer takes no doorbell before the read that ends it,
+            # whose mark changes ``reading``.
+            reading = hdr[_READING]
+            if reading != self._rung_read:
+                self._rung_read = reading
+                return True
             return False
         if self.consumed() >= old_head:
             return True
@@ -341,25 +360,50 @@ class RingWriter(_RingEnd):
 class RingReader(_RingEnd):
     """Consumer end: validates ``head``, copies bytes out, publishes ``tail``."""
 
-    __slots__ = ("_head", "_reads", "_tail")
+    __slots__ = ("_head", "_reads", "_spin", "_tail", "recv_spin")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
         super().__init__(mm, index, capacity)
         self._head = 0
         self._tail = 0
         self._reads = 0  # reads announced by begin_read (twice the count: even)
+        self._spin = 0  # what we last stored in ``spinning`` (never read back)
+        #: A blocking recv spins (``spinning`` holds what it will take): bytes it finds
+        #: must be claimed with ``end_spin_read`` before they are copied.
+        self.recv_spin = False
 
     def begin_read(self) -> int:
         """About to look at the ring and consume: unless we spin (doorbells are off then),
         say so to the producer (fenced), so that a write landing during our copy rings
-        once (see ``RingWriter.needs_bell``).  Returns the producer's doorbell count, read
-        after that: the doorbells a drain after this read may consume."""
+        once (see ``RingWriter.needs_bell``).  Returns the producer's doorbell count: the
+        doorbells a drain after this read may consume (their bytes are in the snapshot
+        taken next)."""
         hdr = self._hdr
-        if not hdr[_SPINNING]:
+        # Read before the mark: a doorbell rung because the producer saw this read's mark
+        # is then younger than what we return, so our drain leaves it queued.
+        bells = int(hdr[_BELLS])
+        if not self._spin:
             self._reads += 2
             hdr[_READING] = self._reads | 1
             fence()
-        return int(hdr[_BELLS])
+        return bells
+
+    def end_spin_read(self) -> int:
+        """A blocking recv's spin found bytes: end the spin before taking the snapshot to
+        copy from (``begin_read`` in the same fenced step: the mark first, so a producer
+        that sees the spin over sees the mark).  From here on the producer's writes
+        follow the rules of a reader that may leave bytes behind and return to a raw
+        select(): a write that landed after our snapshot, or more than we take, would
+        otherwise stay unannounced in the ring.  Returns what ``begin_read`` returns."""
+        hdr = self._hdr
+        bells = int(hdr[_BELLS])
+        self._reads += 2
+        hdr[_READING] = self._reads | 1
+        self._spin = 0
+        self.recv_spin = False
+        hdr[_SPINNING] = 0
+        fence()
+        return bells
 
     def end_read(self) -> None:
         """The read is over (after the drain of its doorbells): no more bells for it."""
@@ -425,13 +469,30 @@ class RingReader(_RingEnd):
         self._hdr[_TAIL] = self._tail
         return data
 
-    def set_spinning(self, on: bool) -> None:
-        self._hdr[_SPINNING] = 1 if on else 0
-        if not on:
+    def set_spinning(self, on: bool, upto: int = SPIN_ALL) -> None:
+        """Spin-poll the ring (``on``): the producer need not ring for writes that leave at
+        most ``upto`` bytes unread (a blocking recv: what it will take, ``recv_spin``; a
+        ring-aware selector, ``SPIN_ALL``: everything, it sees what is left).  Off:
+        fenced, doorbells back."""
+        if on:
+            self._spin = upto
+            self.recv_spin = upto != SPIN_ALL
+            self._hdr[_SPINNING] = upto
+        elif self._spin:
+            self._spin = 0
+            self.recv_spin = False
+            self._hdr[_SPINNING] = 0
             fence()
+
+    def end_spin(self) -> None:
+        """A blocking recv is over: end a spin it left (never a ring-aware selector's)."""
+        if self.recv_spin:
+            self.set_spinning(False)
 
     def arm(self) -> int:
         """About to block: stop suppressing doorbells, then re-check (after the fence)."""
+        self._spin = 0
+        self.recv_spin = False
         self._hdr[_SPINNING] = 0
         fence()
         return self.available()

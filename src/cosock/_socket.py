@@ -39,6 +39,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -269,6 +270,7 @@ class _Channel:
         "tx_out",
         "upgrade",
         "waiting",
+        "watch_asked",
         "wr_shut",
         "yield_mask",
     )
@@ -337,6 +339,8 @@ class _Channel:
         self.fork_cell: _forkshare.Cell | None = None
         self.peer_ip: str | None = None
         self.reject: FallbackReason | None = None
+        #: We woke the residency watch to take the verdict for bytes written before it.
+        self.watch_asked = False
         self.spin_ns = self.spin_min = _config.spin_ns()
         self.spin_max = _config.spin_max_ns()
         self.yield_mask = YIELD_MASK  # 0 while our CPU is shared with the peer (_sleep)
@@ -1397,6 +1401,46 @@ class CoSocket(socket.socket):
                 return False  # another thread ended the channel while we waited: the
             return self._pump_locked(ch)  # queued bytes are plain data now, not ours
 
+    def _pump_upto(self, ch: _Channel, bells: int) -> None:
+        """Read the queued control frames like ``_pump``, but stop at the first doorbell
+        younger than ``bells`` (the writer's count before we found the ring empty): it
+        announces bytes published since, which our read may not take whole -- consumed
+        here, it would leave them in the ring with the raw fd unreadable.  It is drained
+        with the read that empties the ring (``_drain_stale_bells``)."""
+        with ch.rx_lock:
+            if self._co is not ch:
+                return
+            if ch.ctl_out:
+                self._flush_ctl(ch)
+            want = bells - ch.proto.bells_received
+            try:
+                peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._pump_locked(ch)  # records the error
+                return
+            young = None
+            if peeked and ch.phase is _SHM:  # (else EOF, or data frames may follow)
+                pending, _ = ch.proto.trailing_data
+                data = pending + peeked
+                pos = 0
+                while pos < len(data):
+                    kind = data[pos]
+                    size = FRAME_SIZES.get(kind)
+                    if size is None or kind == T_DATA or pos + size > len(data):
+                        break
+                    if kind == T_BELL:
+                        if want <= 0:
+                            young = pos - len(pending)
+                            break
+                        want -= 1
+                    pos += size
+            if young is None:
+                self._pump_locked(ch)
+            else:
+                self._take_parsed(ch, young)
+
     def _pump_locked(self, ch: _Channel) -> bool:
         progressed = False
         if ch.ctl_out:
@@ -1635,6 +1679,8 @@ class CoSocket(socket.socket):
                 self._owe_app(leftover.data)
             leftover = ch.proto.next_event()
         self._reason = reason
+        if ch.forked or ch.refs > 1:
+            _shared_fds.add(self)  # plain from here, but not this fd's alone
         self._detach_channel()
         self._txb = owed
         self._shut_after_flush = ch.wr_shut
@@ -1644,6 +1690,7 @@ class CoSocket(socket.socket):
         if data:
             if self._rxb is None:
                 self._rxb = bytearray()
+                _rxb_holders.add(self)  # a fork() makes their fds shared (_reset_plain)
             self._rxb += data
 
     def _send_fin(self, ch: _Channel) -> None:
@@ -1656,8 +1703,18 @@ class CoSocket(socket.socket):
         assert ch.tx is not None
         if ch.phase is _HANDSHAKE:
             self._pump(ch)  # has the verdict arrived?  Before it, the peer reads no ring.
-            if self._co is not ch or ch.phase is _HANDSHAKE:
+            if self._co is not ch:
                 return
+            if ch.phase is not _HANDSHAKE:
+                return  # the ACCEPT we took rang for every ring byte, ours included
+            if not ch.watch_asked:
+                # Our bytes wait unannounced until the ACCEPT, which rings for them
+                # (_handle_events) -- when we next call in, or when the residency watch
+                # takes it (it serves handshakes, but may be in a 1 s idle sleep that
+                # began before this connection): wake it to look now.
+                ch.watch_asked = True
+                _residency.wake()
+            return
         if ch.ctl_out and not ch.tcp_eof:
             self._flush_ctl(ch)
             if ch.ctl_out:
@@ -1701,8 +1758,13 @@ class CoSocket(socket.socket):
                 while time.perf_counter_ns() < end:
                     if ch.phase is not entry:
                         return  # switched paths: the ring is not to be looked at again
-                    if ready():
-                        return
+                    try:
+                        if ready():
+                            return
+                    except ValueError:
+                        if self._co is ch and not ch.released:
+                            raise
+                        return  # released under us (a downgrade, a close): look again
                     spins += 1
                     # On time-shared vCPUs the peer may wait for *our* CPU: a pure spin
                     # would hold it until the next tick (4 ms at HZ=250); see yield_cpu.
@@ -1720,7 +1782,15 @@ class CoSocket(socket.socket):
         kicker = self._take_kick(ch)
         kick = None if kicker is None or kicker.closed else kicker.fileno()
         try:
-            if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
+            try:
+                if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
+                    return
+            except ValueError:
+                if self._co is ch and not ch.released:
+                    raise
+                # The ring was released under us by another thread (a downgrade or a
+                # close after the phase we read): the caller looks again (it used to
+                # report EBADF, "closed during recv", for a downgrade).
                 return
             if deadline is None:
                 timeout = _MAX_SLEEP_MS
@@ -1772,6 +1842,9 @@ class CoSocket(socket.socket):
             # (bytes framed before an upgrade wait in _rxb: the slow path serves them first)
             bells = ch.rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = ch.rx.available()
+            if avail and ch.rx.recv_spin:  # another thread's blocking recv spins on it
+                bells = ch.rx.end_spin_read()
+                avail = ch.rx.available()
             if avail and ch.fin is None and not self._rxb:  # fast path: one copy
                 n = min(avail, bufsize)
                 ch.rx_busy = True
@@ -1796,6 +1869,9 @@ class CoSocket(socket.socket):
             assert rx is not None
             bells = rx.begin_read()  # before the ring: see _drain_stale_bells
             avail = rx.available()
+            if avail and rx.recv_spin:  # another thread's blocking recv spins on it
+                bells = rx.end_spin_read()
+                avail = rx.available()
             if avail:  # fast path: data is there, take it
                 view = buffer if type(buffer) is memoryview else memoryview(buffer)
                 if view.format != "B" or view.ndim != 1:
@@ -1852,14 +1928,21 @@ class CoSocket(socket.socket):
         if ch is not None and ch.phase is _FORKED:
             _forkshare.claim(self, ch)
             ch = self._co
-        rx = None if ch is None or ch.phase is not _SHM else ch.rx
-        if rx is None or self._deadline(flags) == 0.0:
+        if ch is None or self._deadline(flags) == 0.0:
             # A non-blocking caller returns to its event loop, which waits on the fd:
             # every publish into the ring it has caught up with must ring the doorbell.
             return self._recv_loop(view, nbytes, flags)
-        # While a blocking caller is inside recv the writer need not ring: we look at the
-        # ring again before we block (the flag is cleared, fenced and re-checked in arm).
-        rx.set_spinning(True)
+        # While a blocking caller is inside recv the writer need not ring for what it will
+        # take: we look at the ring again before we block (the flag is cleared, fenced and
+        # re-checked in arm), and bytes found while flagged are claimed before they are
+        # copied (end_spin_read, see _shm_read).  A peek takes nothing; bytes already
+        # taken off TCP (_rxb) may end the call before the ring is looked at.
+        if ch.phase is _SHM and ch.rx is not None and not flags & _MSG_PEEK and not self._rxb:
+            ch.rx.set_spinning(True, nbytes)
+        # A spin left by an exception, an early return or a path change ends here, on the
+        # ring the channel has *now*: a recv begun in the handshake had none at entry, and
+        # used to leave the flag set for good (no doorbell ever again while the peer's
+        # writes fit: test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on).
         try:
             return self._recv_loop(view, nbytes, flags)
         except ValueError:
@@ -1867,8 +1950,13 @@ class CoSocket(socket.socket):
                 raise
             raise OSError(errno.EBADF, "Bad file descriptor: closed during recv") from None
         finally:
-            if ch is not None and self._co is ch and ch.rx is rx:
-                rx.set_spinning(False)
+            now = self._co
+            rx = None if now is None else now.rx
+            if rx is not None and rx.recv_spin:
+                try:
+                    rx.end_spin()
+                except ValueError:
+                    pass  # released by a close meanwhile: nobody to ring for
 
     def _recv_loop(self, view: memoryview, nbytes: int, flags: int) -> int:
         peek = bool(flags & _MSG_PEEK)
@@ -1929,9 +2017,9 @@ class CoSocket(socket.socket):
             rx = ch.rx
             try:
                 if ch.phase is _SHM and rx is not None:
+                    if not peek and (got or not rx.recv_spin):  # (see _recv_into): what
+                        rx.set_spinning(True, nbytes - got)  # is left for this call to take
                     self._sleep(ch, deadline, rx.available, rx.arm)
-                    if self._co is ch and ch.rx is rx and deadline != 0.0:
-                        rx.set_spinning(True)
                 else:
                     self._sleep(ch, deadline)
             except TimeoutError:
@@ -1955,14 +2043,21 @@ class CoSocket(socket.socket):
             woke = False
         rx = ch.rx
         if ch.phase is _SHM and rx is not None:  # after SHUT_RD too, like Linux
-            bells = rx.begin_read()  # before the ring: see _drain_stale_bells
+            # Before the ring: see _drain_stale_bells.  If our spin saw bytes (a sleep in
+            # the kernel would have ended it), claim them before the snapshot we copy
+            # from (end_spin_read).
+            spun = woke and rx.recv_spin and not peek
+            bells = rx.end_spin_read() if spun else rx.begin_read()
             avail = rx.available()
             if not avail and (woke or rx.bells_sent() != ch.bell_mark):
                 ch.bell_mark = rx.bells_sent()
-                self._pump(ch)
+                self._pump_upto(ch, bells)
                 if self._co is not ch or ch.rx is None:
                     return 0
                 bells = rx.bells_sent()
+                avail = rx.available()
+            if avail and rx.recv_spin and not peek:  # (arrived before our spin began)
+                bells = rx.end_spin_read()
                 avail = rx.available()
             if ch.fin is not None:
                 _check_fin(ch.fin, ch.rx_base, rx, avail)
@@ -2374,15 +2469,20 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is not None and self._may_reset(ch) and self._queue_may_hold_data(ch):
             self._read_queued(ch)  # DATA frames, a verdict: then we know what is unread
-        if not self._lingering and self._owes() and not self._hand_over():
-            # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
-            try:
-                self._cosock_finish_owed(time.monotonic() + _CLOSE_LINGER)
-            except (OSError, ProtocolError, ValueError, RingCorrupted):
-                pass
+        handed = False
+        if not self._lingering and self._owes():
+            handed = self._hand_over()
+            if not handed:
+                # No descriptor for a lingering copy: finish here, briefly (like SO_LINGER).
+                try:
+                    self._cosock_finish_owed(time.monotonic() + _CLOSE_LINGER)
+                except (OSError, ProtocolError, ValueError, RingCorrupted):
+                    pass
         ch = self._co
         if ch is not None and self._may_reset(ch) and self._unread(ch):
             self._reset(ch)
+        elif ch is None and self._rxb and not handed and self not in _shared_fds:
+            self._reset_plain()
         # No FIN frame here: close() ends only this fd, which a forked child may share
         # (socketserver.ForkingMixIn).  The peer learns of the close from TCP itself and
         # reads EOF after the ring's bytes; shutdown() sends FIN explicitly.
@@ -2462,6 +2562,19 @@ class CoSocket(socket.socket):
                 super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:
             pass
+
+    def _reset_plain(self) -> None:
+        """Close with bytes unread that we took off TCP before a fallback or downgrade
+        (``_rxb``): the kernel sees an empty queue and would send FIN; TCP sends RST.  On
+        plain TCP the kernel's RST says it all (the peer is plain now too).  Only once our
+        queue has left (an RST discards it), and never on an fd known to be shared (a
+        ``dup()``, a ``fork()``): SO_LINGER belongs to the kernel socket."""
+        try:
+            (unsent,) = struct.unpack("i", fcntl.ioctl(self.fileno(), _SIOCOUTQNSD, bytes(4)))
+            if unsent == 0:
+                super().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, ValueError):
+            pass  # (ValueError: closed already)
 
     def _owes(self) -> bool:
         """Does closing now leave the peer short of bytes that only we can still send?"""
@@ -2570,6 +2683,8 @@ class CoSocket(socket.socket):
     def dup(self) -> CoSocket:
         sock = super().dup()
         assert isinstance(sock, CoSocket)
+        _shared_fds.add(self)
+        _shared_fds.add(sock)
         ch = self._co
         if ch is not None:
             ch.refs += 1
@@ -2582,12 +2697,19 @@ class CoSocket(socket.socket):
 
 
 _fork_held: list[_Channel] = []
+#: Sockets whose kernel socket another fd is known to share (``dup()``, ``fork()``): their
+#: close never sets SO_LINGER (``_reset_plain``).
+_shared_fds: weakref.WeakSet[CoSocket] = weakref.WeakSet()
+#: Sockets that took bytes off TCP for the application (``_rxb``), marked shared at a fork.
+_rxb_holders: weakref.WeakSet[CoSocket] = weakref.WeakSet()
 
 
 def _channels_before_fork() -> None:
     """Hold every channel's pump lock across the fork: a residency watch half way through
     a peek-then-take (the HELLO, say) finishes first, so parent and child never both act
     on one frame of their shared TCP stream."""
+    for holder in list(_rxb_holders):
+        _shared_fds.add(holder)
     for ref in list(_tracked.values()):
         sock = ref()
         ch = None if sock is None else sock._co
