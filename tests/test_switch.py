@@ -493,3 +493,46 @@ def test_upgrade_without_a_listener_is_refused_and_stays_on_tcp() -> None:
         assert recv_all(cli, 4) == b"fine"
         assert conn.cosock_info()["upgrades_refused"] == 1
         assert cli.cosock_path == conn.cosock_path == "tcp"
+
+
+def test_doorbells_after_an_upgrade_are_counted_from_the_new_ring(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new ring's writer counts its doorbells from 0, while the protocol counts every BELL
+    of the connection.  Compared unadjusted, a reader that found the new ring empty took a
+    queued BELL for one younger than its look and stopped reading the control stream before
+    it, so the FIN behind it was never parsed: recv() spun for ever instead of returning
+    EOF (two VM tests hung at the end of a connection that had come back to shm)."""
+    monkeypatch.setenv("COSOCK_SPIN_US", "0")  # every blocked read needs a doorbell
+    monkeypatch.setenv("COSOCK_SPIN_MAX_US", "0")
+    with pair() as (cli, conn):
+        conn.settimeout(10)
+        for i in range(5):  # doorbells before the switch: the protocol's count grows
+            with _blocked_recv(conn, 1) as got:
+                time.sleep(0.05)
+                cli.sendall(bytes([i]))
+            assert got == [bytes([i])]
+        assert conn._co is not None and conn._co.proto.bells_received >= 5
+        cli.cosock_switch()
+        _wait_path(cli, conn)
+        _upgrade(cli, conn)
+        with _blocked_recv(conn, 1) as got:
+            time.sleep(0.05)
+            cli.sendall(b"x")  # the new ring's first doorbell
+        assert got == [b"x"]
+        with _blocked_recv(conn, 1) as got:
+            time.sleep(0.05)
+            cli.shutdown(socket.SHUT_WR)  # a FIN frame queued behind a doorbell
+        assert got == [b""]
+
+
+@contextlib.contextmanager
+def _blocked_recv(sock: CoSocket, n: int) -> Iterator[list[bytes]]:
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(sock.recv(n)), daemon=True)
+    t.start()
+    try:
+        yield got
+    finally:
+        t.join(15)
+        assert not t.is_alive(), "recv() never returned"

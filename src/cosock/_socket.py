@@ -227,6 +227,7 @@ class _Channel:
 
     __slots__ = (
         "bell_mark",
+        "bells_base",
         "counters",
         "ctl_lock",
         "ctl_out",
@@ -289,6 +290,8 @@ class _Channel:
         self.phase = _HANDSHAKE
         self.nodelay = 0
         self.bell_mark = 0
+        #: BELL frames parsed before the current ring (its writer counts from 0).
+        self.bells_base = 0
         self.ctl_out = bytearray()
         # Server writes before the nonce is verified stay here, never in the ring: the
         # memfd came from whoever sent the offer, who must not read what we meant for the
@@ -355,6 +358,10 @@ class _Channel:
             "upgrades": 0,
             "upgrades_refused": 0,
         }
+
+    def bells_parsed(self) -> int:
+        """BELL frames parsed for the current ring: comparable with its writer's count."""
+        return self.proto.bells_received - self.bells_base
 
     def release(self) -> None:
         with self.ctl_lock:  # a thread about to sleep must not make a kick fd after this
@@ -1309,6 +1316,9 @@ class CoSocket(socket.socket):
         if old[2] is not None:
             old[2].close()
         ch.bell_mark = 0
+        # The new ring's doorbell count starts at 0; every BELL of the old one came before
+        # the frame we install on (Upgrade, Accept) in the TCP stream and is parsed already.
+        ch.bells_base = ch.proto.bells_received
 
     def _answer_upgrade(self, ch: _Channel) -> None:
         """Server: verify the client's new offer like a first one (sender's guest, nonce
@@ -1412,7 +1422,7 @@ class CoSocket(socket.socket):
                 return
             if ch.ctl_out:
                 self._flush_ctl(ch)
-            want = bells - ch.proto.bells_received
+            want = bells - ch.bells_parsed()
             try:
                 peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
             except (BlockingIOError, InterruptedError):
@@ -2101,7 +2111,7 @@ class CoSocket(socket.socket):
         if rx.space_wanted():
             self._control(ch, Space())
             ch.counters["spaces_sent"] += 1
-        if n == avail and bells_before != ch.proto.bells_received:
+        if n == avail and bells_before != ch.bells_parsed():
             self._drain_stale_bells(ch, bells_before)
         rx.end_read()
 
@@ -2121,7 +2131,7 @@ class CoSocket(socket.socket):
                 self._drain_stale_bells_locked(ch, upto)
 
     def _drain_stale_bells_locked(self, ch: _Channel, upto: int) -> None:
-        want = upto - ch.proto.bells_received
+        want = upto - ch.bells_parsed()
         if want <= 0:
             return
         try:
