@@ -51,12 +51,36 @@ def read_until(proc: GuestPopen, want: bytes, timeout: float = 10.0) -> bytes:
     deadline = time.monotonic() + timeout
     while want not in buf:
         remaining = deadline - time.monotonic()
-        assert remaining > 0 and select.select([fd], [], [], remaining)[0], buf
+        assert remaining > 0 and select.select([fd], [], [], remaining)[0], (buf, _state(proc))
         data = os.read(fd, 65536)
         if not data:
             break
         buf += data
     return buf
+
+
+def _state(proc: GuestPopen) -> str:
+    """What a stuck child is doing (for the failure message)."""
+    out = []
+    for task in Path(f"/proc/{proc.pid}").glob("task/*"):
+        try:
+            stat = (task / "stat").read_text().rpartition(")")[2].split()[0]
+            out.append(f"{task.name} {stat} {(task / 'wchan').read_text()}")
+        except OSError:
+            pass
+    kids = [c for p in Path("/proc").glob("[0-9]*") if (c := _ppid_child(p, proc.pid))]
+    return f"child {proc.pid}: {out or 'gone'}; its children {kids}"
+
+
+def _ppid_child(p: Path, ppid: int) -> str:
+    try:
+        stat = (p / "stat").read_text()
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == ppid:
+            return f"{p.name} {fields[0]} {(p / 'cmdline').read_bytes()!r}"
+    except (OSError, ValueError, IndexError):
+        pass
+    return ""
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
@@ -165,3 +189,23 @@ def test_a_dropped_connection_kills_the_child_and_its_session(server: int) -> No
 def test_an_unreachable_server_is_a_clear_error(server: int) -> None:
     with pytest.raises(GuestCommandError, match=r"command server of guest at 127\.0\.0\.1"):
         popen(OWN_NETNS, "127.0.0.1", TOKEN, ["true"], stdin=False, stdout=False, port=1)
+
+
+def test_output_that_came_with_the_reply_line_is_delivered_at_once() -> None:
+    """The child's first output and even its status can arrive in the same read as the reply
+    line; nothing more may come (it waits for a command): it must be delivered anyway."""
+    import socket
+
+    from cosock.lab.qemu._guestd import frame
+
+    ours, theirs = socket.socketpair()
+    early = frame(b"o", b'{"listening": 1}\n')
+    proc = GuestPopen(ours, ["peer"], 42, early, stdin=True, out=True)
+    try:
+        assert read_until(proc, b"\n", timeout=5) == b'{"listening": 1}\n'
+        assert proc.poll() is None
+        theirs.sendall(frame(b"x", b"0"))
+        assert proc.wait(5) == 0
+    finally:
+        theirs.close()
+        close(proc)

@@ -170,7 +170,7 @@ class GuestPopen:
         """Frames in, output into the pipe, status recorded; ends with the connection (and
         with the output delivered, or its reader gone)."""
         out = bytearray()
-        sock_open = True
+        sock_open = self._take(buf, out)  # frames that came with the reply line
         try:
             while sock_open or out:
                 rlist = [sock] if sock_open and len(out) < MAX_BUFFERED else []
@@ -202,17 +202,7 @@ class GuestPopen:
                         self._exit(LOST)
                     continue
                 buf += data
-                try:
-                    for kind, payload in frames(buf):
-                        if kind == b"o" and self._out_w >= 0:
-                            out += payload
-                        elif kind == b"x":
-                            self._exit(int(payload))
-                except ValueError as exc:
-                    self.lost = f"garbled stream from the command server: {exc}"
-                    self._drop()
-                    self._exit(LOST)
-                    sock_open = False
+                sock_open = self._take(buf, out)
         finally:
             if self.returncode is None:
                 self.lost = self.lost or "pump ended"
@@ -221,6 +211,22 @@ class GuestPopen:
                 os.close(self._out_w)
                 self._out_w = -1
             sock.close()
+
+    def _take(self, buf: bytearray, out: bytearray) -> bool:
+        """The complete frames in ``buf``: output onto ``out``, the exit status recorded.
+        False when the stream is garbled (then the connection is dropped)."""
+        try:
+            for kind, payload in frames(buf):
+                if kind == b"o" and self._out_w >= 0:
+                    out += payload
+                elif kind == b"x":
+                    self._exit(int(payload))
+        except ValueError as exc:
+            self.lost = f"garbled stream from the command server: {exc}"
+            self._drop()
+            self._exit(LOST)
+            return False
+        return True
 
     def _exit(self, rc: int) -> None:
         if self.returncode is None:
