@@ -246,6 +246,26 @@ QEMU_MARKS = [
 BACKENDS = ["netns", pytest.param("qemu", marks=QEMU_MARKS)]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """QEMU variants marked ``vm_full`` are left out of a run without ``-m`` (``make test``,
+    CI: TCG makes the whole set too slow, see docs/vm-backend.md); ``pytest -m vm`` runs them."""
+    if config.option.markexpr:
+        return
+    keep, left_out = [], []
+    for item in items:
+        full = item.get_closest_marker("vm") and item.get_closest_marker("vm_full")
+        (left_out if full else keep).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = keep
+
+
+def skip_on_qemu(lab: Any, reason: str) -> None:
+    """Skip a both-backends test's QEMU variant, with the reason it cannot run there."""
+    if getattr(lab, "backend", "netns") == "qemu":
+        pytest.skip(f"QEMU: {reason}")
+
+
 def qemu_unavailable() -> str | None:
     """Why this machine cannot boot a QEMU lab (None: it can)."""
     if not IS_ROOT:
