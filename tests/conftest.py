@@ -230,3 +230,123 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     with leaks_checked():
         yield
+
+
+#### The same tests on both backends (issue 8, item 4)
+
+#: Marks of a test's QEMU variant: VMs, one worker for the module's shared VM lab, checked for
+#: leaks by that lab's fixture (a migration starts a new QEMU: a new child), TCG-sized timeout.
+QEMU_MARKS = [
+    pytest.mark.vm,
+    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.leaks_checked_by_module,
+    pytest.mark.timeout(900),
+]
+#: ``@pytest.fixture(params=BACKENDS)``: each test once on namespaces, once on QEMU VMs.
+BACKENDS = ["netns", pytest.param("qemu", marks=QEMU_MARKS)]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """QEMU variants marked ``vm_full`` are left out of a run without ``-m`` (``make test``,
+    CI: TCG makes the whole set too slow, see docs/vm-backend.md); ``pytest -m vm`` runs them."""
+    if config.option.markexpr:
+        return
+    keep, left_out = [], []
+    for item in items:
+        full = item.get_closest_marker("vm") and item.get_closest_marker("vm_full")
+        (left_out if full else keep).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = keep
+
+
+def skip_on_qemu(lab: Any, reason: str) -> None:
+    """Skip a both-backends test's QEMU variant, with the reason it cannot run there."""
+    if getattr(lab, "backend", "netns") == "qemu":
+        pytest.skip(f"QEMU: {reason}")
+
+
+def qemu_unavailable() -> str | None:
+    """Why this machine cannot boot a QEMU lab (None: it can)."""
+    if not IS_ROOT:
+        return "needs root: the QEMU lab creates namespaces, taps and /dev/shm pools"
+    from cosock.lab.qemu import _packages
+
+    absent = _packages.missing()
+    if absent:
+        return f"needs the packages {', '.join(absent)} (.ci/run installs them)"
+    return None
+
+
+class SharedQemuLab:
+    """One QEMU lab (2 hosts x 2 VMs, migratable ``image`` root) for a module's tests: boots
+    take a minute under TCG, so tests share it. Before each test every guest is moved back
+    to its own host; a lab with a dead QEMU or agent (a test killed it) is replaced."""
+
+    def __init__(self) -> None:
+        self.lab: Any = None
+        self.boots = 0
+
+    def fresh(self) -> Any:
+        from cosock.lab import _netns
+        from cosock.lab.qemu import _vm
+
+        lab = self.lab
+        if lab is not None:
+            dead = [g.name for g in lab.guests if not _vm.is_qemu(g.pid)]
+            dead += [h["name"] for h in lab.hosts() if not _netns.alive(int(h["agent_pid"]))]
+            if dead:
+                self.close()
+        if self.lab is None:
+            self.lab = self._up()
+        for g in self.lab.guests:
+            home = g.name.partition("g")[0]  # h1g2 -> h1
+            if g.host != home:
+                self.lab.migrate(g.name, home)
+        return self.lab
+
+    def _up(self) -> Any:
+        from cosock.lab import LabExists, down
+        from cosock.lab.qemu import QemuLab
+
+        for _ in range(5):  # a stale lab from a killed session may hold a name
+            name = unique_lab_name()
+            try:
+                lab = QemuLab.up(name, hosts=2, guests=2, root="image")
+            except LabExists:
+                continue
+            except BaseException:
+                down(name)
+                raise
+            self.boots += 1
+            return lab
+        raise RuntimeError("could not find a free lab name")
+
+    def close(self) -> None:
+        if self.lab is not None:
+            lab, self.lab = self.lab, None
+            lab.down()
+
+
+@pytest.fixture(scope="module")
+def shared_qemu_lab() -> Iterator[SharedQemuLab]:
+    """The module's :class:`SharedQemuLab` (booted by its first test), downed at the end and
+    checked for leaks as a whole."""
+    reason = qemu_unavailable()
+    if reason:
+        pytest.skip(reason)
+    shared = SharedQemuLab()
+    with leaks_checked():
+        try:
+            yield shared
+        finally:
+            shared.close()
+
+
+def backend_lab(request: pytest.FixtureRequest) -> Any:
+    """For a fixture parametrized with :data:`BACKENDS`: a fresh 2x2 namespace lab, or the
+    module's shared QEMU lab with every guest at home."""
+    if request.param == "netns":
+        return request.getfixturevalue("lab_factory")(2, 2)
+    shared: SharedQemuLab = request.getfixturevalue("shared_qemu_lab")
+    return shared.fresh()

@@ -1,4 +1,7 @@
-"""A program from migrate_peers.py running inside a lab guest, driven by JSON lines."""
+"""A program from migrate_peers.py running inside a lab guest, driven by JSON lines.
+
+The guest is a namespace (``Lab.popen``: a local child) or a QEMU VM (``QemuLab.popen``: a child
+of the VM's command server, its stdin/stdout relayed); the tests cannot tell them apart."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cosock.lab import Lab
+
+if TYPE_CHECKING:
+    from cosock.lab.qemu import QemuLab
 
 PEERS = str(Path(__file__).with_name("migrate_peers.py"))
 ROOT = str(Path(__file__).resolve().parents[1] / "src")
@@ -20,7 +26,7 @@ ROOT = str(Path(__file__).resolve().parents[1] / "src")
 class Peer:
     """A program from migrate_peers.py running in a guest, asked questions as JSON lines."""
 
-    def __init__(self, lab: Lab, guest: str, *args: str) -> None:
+    def __init__(self, lab: Lab | QemuLab, guest: str, *args: str) -> None:
         env = {"PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
         if "COSOCK_TRACE" in os.environ:  # diagnostics: the peers append to the same file
             env["COSOCK_TRACE"] = os.environ["COSOCK_TRACE"]
@@ -32,10 +38,13 @@ class Peer:
             env=env,
         )
         self._buf = b""
+        #: The lab's scale for waits (QEMU under TCG: longer); what is checked stays the same.
+        self.factor = float(lab.timeout_factor)
 
     def read(self, timeout: float = 20.0) -> dict[str, Any]:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
+        timeout *= self.factor
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
@@ -70,7 +79,7 @@ class Peer:
 def stream_phase(client: Peer, server: Peer, want: int = 2 << 20) -> int:
     """Let the stream run until ``want`` more bytes arrived at the two ends together."""
     start = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30 * client.factor
     while True:
         time.sleep(0.2)
         c, s = client.ask(op="progress"), server.ask(op="progress")

@@ -63,6 +63,9 @@ WIRE_IFINDEX_BASE = 1000
 class Lab:
     """A running lab, built by :meth:`up` or read back by :meth:`load`."""
 
+    #: Scale for a test's waits; the QEMU lab's is larger under TCG (same tests, both labs).
+    timeout_factor = 1.0
+
     def __init__(self, state: _state.State) -> None:
         self.name: str = state["name"]
         self._state = state

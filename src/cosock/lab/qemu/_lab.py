@@ -40,6 +40,7 @@ from .._model import (
     LabExists,
     LabNotFound,
     UnknownGuest,
+    UnknownHost,
     bridge_address,
     guest_address,
     guest_name,
@@ -64,9 +65,13 @@ from ._model import (
     pool_path,
     tap_ifname,
 )
+from ._popen import GuestPopen
 
 BACKEND = "qemu"
 TAP_TIMEOUT = 15.0
+#: How much longer than on namespaces a test waits for the same thing under TCG (emulated
+#: vCPUs on a shared 2-core machine: Python start-up, rings and wake-ups 10-30x slower).
+TCG_TIMEOUT_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,18 @@ class VmGuest:
     @property
     def netns_path(self) -> Path:
         return Path("/run/netns") / self.netns
+
+
+@dataclass(frozen=True)
+class VmHost:
+    """A host of a QEMU lab: its namespace, bridge address and agent (the VM gateway)."""
+
+    name: str
+    netns: str
+    address: str
+    agent_pid: int
+    agent_socket: Path
+    pool: Path
 
 
 def _guest_dir(lab: str, guest: str) -> Path:
@@ -130,6 +147,11 @@ class QemuLab:
     @property
     def boot_seconds(self) -> dict[str, float]:
         return dict(self._state.get("boot_seconds", {}))
+
+    @property
+    def timeout_factor(self) -> float:
+        """Scale for a test's waits (not for what it checks): TCG is slow, KVM is not."""
+        return TCG_TIMEOUT_FACTOR if self.accel == "tcg" else 1.0
 
     def __repr__(self) -> str:
         return f"<QemuLab {self.name!r} accel={self.accel} guests={len(self.guests)}>"
@@ -300,6 +322,20 @@ class QemuLab:
     def hosts(self) -> builtins.list[dict[str, Any]]:
         return [dict(h) for h in self._state.get("hosts", [])]
 
+    def host(self, name: str) -> VmHost:
+        """One host, as the namespace lab's ``host()`` gives it (its agent's pid included)."""
+        for h in self._state.get("hosts", []):
+            if h["name"] == name:
+                return VmHost(
+                    name=h["name"],
+                    netns=h["netns"],
+                    address=h["address"],
+                    agent_pid=int(h.get("agent_pid") or 0),
+                    agent_socket=Path(h["agent_socket"]),
+                    pool=Path(h["pool"]),
+                )
+        raise UnknownHost(f"lab {self.name!r} has no host {name!r}")
+
     def pool(self, host: str) -> Path:
         """The host's ivshmem pool file (what every VM of that host sees as BAR2)."""
         for h in self._state.get("hosts", []):
@@ -366,6 +402,49 @@ class QemuLab:
         )
         return int(result.stdout)
 
+    def popen(self, guest: str | VmGuest, argv: Sequence[str], **kwargs: Any) -> GuestPopen:
+        """Start ``argv`` in the VM with pipes, like the namespace lab's ``popen``: a
+        :class:`GuestPopen` whose ``stdout`` is a real pipe (select + os.read work), whose
+        ``stdin`` takes write/flush/close, and whose child dies with it. Keywords: ``stdin``
+        and ``stdout`` (PIPE, DEVNULL or None), ``stderr`` (None: the VM's console, or
+        STDOUT), ``env`` (added to the command server's), ``cwd``. A missing program is a
+        finished process with status 127. The connection stays made from the host the guest
+        ran on at the start: after a migration it crosses the lab's wire (a few bytes per
+        exchange, counted by :meth:`wire_bytes`).
+
+        Raises:
+            ValueError: a keyword this backend does not support (named).
+            GuestCommandError: the command server is unreachable or refused.
+        """
+        from ._popen import popen
+
+        g = self.guest(guest)
+        require_root("running a command in a lab VM")
+        self._require_running(g)
+        flags = {}
+        for key in ("stdin", "stdout"):
+            value = kwargs.pop(key, None)
+            if value not in (None, subprocess.PIPE, subprocess.DEVNULL):
+                raise ValueError(f"QemuLab.popen: {key}={value!r}: only PIPE, DEVNULL or None")
+            flags[key] = value == subprocess.PIPE
+        stderr = kwargs.pop("stderr", None)
+        if stderr not in (None, subprocess.STDOUT):
+            raise ValueError(f"QemuLab.popen: stderr={stderr!r}: only None (console) or STDOUT")
+        env, cwd = kwargs.pop("env", None), kwargs.pop("cwd", None)
+        if kwargs:
+            raise ValueError(f"QemuLab.popen: unsupported arguments {sorted(kwargs)}")
+        return popen(
+            g.netns_path,
+            g.address,
+            self._token(g),
+            argv,
+            stdin=flags["stdin"],
+            stdout=flags["stdout"],
+            stderr_to_stdout=stderr == subprocess.STDOUT and flags["stdout"],
+            env=env,
+            cwd=cwd,
+        )
+
     #### Migration
 
     def migrate(self, guest: str | VmGuest, to_host: str) -> dict[str, Any]:
@@ -396,6 +475,24 @@ class QemuLab:
         return _qmp.command(self.guest(guest).qmp, command, **args)
 
     #### Views
+
+    def wire_bytes(self) -> int:
+        """Bytes (rx + tx, headers included) that crossed the inter-host wires so far, each
+        counted once at the first host's end, as the namespace lab counts them: the hosts'
+        bridges are joined by the same veth wires, so a guest's traffic to a guest on another
+        host crosses them (and traffic through a shared pool does not)."""
+        from .._migrate import wire_ends
+
+        require_root("reading the lab's wire counters")
+        hosts = self._state.get("hosts", [])
+        hub = hosts[0]["netns"] if hosts else ""
+        with _state.lab_lock(self.name):
+            nl = _netns.lab_netlinks(self.name)
+            return sum(
+                sum(_netns.link_bytes(nl, ns, ifname))
+                for ns, ifname in wire_ends(self._state)
+                if ns == hub
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {
