@@ -236,8 +236,13 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 #: Marks of a test's QEMU variant: VMs, one worker for the module's shared VM lab, checked for
 #: leaks by that lab's fixture (a migration starts a new QEMU: a new child), TCG-sized timeout.
+#: All of them ``vm_full`` for now: ``make test`` (CI) runs none, ``pytest -m vm`` all. Two of
+#: the four that passed in the helper's runs (idle, half-close) failed in the lead's run at
+#: their first migration (the target QEMU went away: docs/vm-backend.md, section 6); a CI run
+#: must not depend on that until it is understood.
 QEMU_MARKS = [
     pytest.mark.vm,
+    pytest.mark.vm_full,
     pytest.mark.xdist_group("qemu-lab"),
     pytest.mark.leaks_checked_by_module,
     pytest.mark.timeout(900),
