@@ -678,6 +678,13 @@ class CoSocket(socket.socket):
         through (``_TAKE``, ``_LAST``: this one and no more, ``_STOP``: not this one), and
         act on them; ``peeked`` is what MSG_PEEK showed of the kernel's queue.  DATA frames
         and anything incomplete stay queued."""
+        self._take_parsed(ch, self._walk_frames(ch, peeked, admit)[0])
+
+    @staticmethod
+    def _walk_frames(ch: _Channel, peeked: bytes, admit: Callable[[int], int]) -> tuple[int, bool]:
+        """How many bytes of ``peeked`` the whole control frames at the front of the stream
+        that ``admit`` lets through span, and whether ``admit`` stopped the walk (else a
+        DATA frame, an unknown or incomplete one, or the end did)."""
         pending, _ = ch.proto.trailing_data
         data = pending + peeked
         pos = 0
@@ -688,11 +695,11 @@ class CoSocket(socket.socket):
                 break
             verdict = admit(kind)
             if verdict == _STOP:
-                break
+                return pos - len(pending), True
             pos += size
             if verdict == _LAST:
                 break
-        self._take_parsed(ch, pos - len(pending))
+        return pos - len(pending), False
 
     def _take_parsed(self, ch: _Channel, take: int) -> None:
         """Take ``take`` bytes of whole frames off the kernel's queue and act on them."""
@@ -1430,26 +1437,23 @@ class CoSocket(socket.socket):
             except OSError:
                 self._pump_locked(ch)  # records the error
                 return
-            young = None
+
+            def admit(kind: int) -> int:
+                nonlocal want
+                if kind != T_BELL:
+                    return _TAKE
+                if want <= 0:
+                    return _STOP  # the first young doorbell: not ours to consume
+                want -= 1
+                return _TAKE
+
+            young, stopped = 0, False
             if peeked and ch.phase is _SHM:  # (else EOF, or data frames may follow)
-                pending, _ = ch.proto.trailing_data
-                data = pending + peeked
-                pos = 0
-                while pos < len(data):
-                    kind = data[pos]
-                    size = FRAME_SIZES.get(kind)
-                    if size is None or kind == T_DATA or pos + size > len(data):
-                        break
-                    if kind == T_BELL:
-                        if want <= 0:
-                            young = pos - len(pending)
-                            break
-                        want -= 1
-                    pos += size
-            if young is None:
-                self._pump_locked(ch)
-            else:
+                young, stopped = self._walk_frames(ch, peeked, admit)
+            if stopped:
                 self._take_parsed(ch, young)
+            else:
+                self._pump_locked(ch)
 
     def _pump_locked(self, ch: _Channel) -> bool:
         progressed = False
