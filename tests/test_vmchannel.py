@@ -8,6 +8,7 @@ The same programs run between real QEMU guests in test_vm_cosock.py (marker ``vm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -179,6 +180,39 @@ def test_a_peer_that_is_not_a_vm_of_this_host_gets_tcp(world: World, free_port: 
     assert _finish(srv)[0]["path"] == "tcp"
 
 
+@contextlib.contextmanager
+def _two_hosts(tmp_path: Path) -> Iterator[tuple[list[Path], list[_vmgate.VmGateway], list[Path]]]:
+    """Two hosts' gateways with pools of their own: g1 and g2 on the first, g3 on the
+    second (their guests files, to be rewritten by a test's "migration")."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    docs = (
+        {"g1": {"token": "tok-1", "address": A}, "g2": {"token": "tok-2", "address": B}},
+        {"g3": {"token": "tok-3", "address": C}},
+    )
+    pools: list[Path] = []
+    gates: list[_vmgate.VmGateway] = []
+    files: list[Path] = []
+    try:
+        for i, doc in enumerate(docs):
+            pool = base / f"cosock-vmmove-{os.getpid()}-{time.monotonic_ns()}-{i}.ivshmem"
+            with open(pool, "wb") as f:
+                f.truncate(1 << 20)
+            pools.append(pool)
+            with Pool(pool) as p:
+                p.format(64 << 10)
+            files.append(tmp_path / f"vm-guests-{i}.json")
+            files[i].write_text(json.dumps({"guests": doc}))
+            gates.append(_vmgate.start(("127.0.0.1", 0), pool, files[i]))
+        yield pools, gates, files
+    finally:
+        for gate in gates:
+            gate.shutdown()
+            gate.server_close()
+        for pool in pools:
+            pool.unlink()
+
+
 def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,31 +226,7 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
     from cosock._errors import AgentUnavailable, FallbackReason
     from cosock._vmchannel import VmDirectory
 
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    pools, gates, files = [], [], []
-    try:
-        for i in (1, 2):
-            pool = base / f"cosock-vmmove-{os.getpid()}-{time.monotonic_ns()}-{i}.ivshmem"
-            with open(pool, "wb") as f:
-                f.truncate(1 << 20)
-            with Pool(pool) as p:
-                p.format(64 << 10)
-            pools.append(pool)
-            files.append(tmp_path / f"vm-guests-{i}.json")
-        files[0].write_text(
-            json.dumps(
-                {
-                    "guests": {
-                        "g1": {"token": "tok-1", "address": A},
-                        "g2": {"token": "tok-2", "address": B},
-                    }
-                }
-            )
-        )
-        files[1].write_text(json.dumps({"guests": {"g3": {"token": "tok-3", "address": C}}}))
-        for i in (0, 1):
-            gates.append(_vmgate.start(("127.0.0.1", 0), pools[i], files[i]))
+    with _two_hosts(tmp_path) as (pools, gates, files):
         device = tmp_path / "resource2"
         device.symlink_to(pools[0])
         token = tmp_path / "token"
@@ -229,7 +239,7 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
         try:
             d.listen("0.0.0.0", 9000)
             assert d.lookup(A, 9000)[0] is not None  # g1 is a neighbour
-            pool, _ = d._open_pool()
+            d._open_pool()  # the old host's pool is open when the move comes
             assert ("g2", "0.0.0.0", 9000) in gates[0].listeners
             # The move: g2 runs on the second host now; its pool device is the second file.
             second = f"127.0.0.1:{gates[1].server_address[1]}"
@@ -305,12 +315,6 @@ def test_a_migrated_guest_follows_the_redirect_reopens_the_pool_and_republishes(
                 d._call("guests")  # within the retry second: the kept reason, no wait
         finally:
             d.close()
-    finally:
-        for gate in gates:
-            gate.shutdown()
-            gate.server_close()
-        for pool in pools:
-            pool.unlink()
 
 
 class VmAgentFor:
@@ -339,29 +343,11 @@ def test_a_moved_guest_whose_old_gateway_cannot_redirect_asks_the_one_fw_cfg_nam
     fw_cfg) names the second host, where it re-publishes its listener and finds g3."""
     from cosock._vmchannel import VmDirectory
 
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    pools, gates, files = [], [], []
     token = tmp_path / "token"
     token.write_text("tok-2")
     token.chmod(0o600)
     fw_cfg = tmp_path / "gateway"
-    try:
-        for i, doc in enumerate(
-            (
-                {"g1": {"token": "tok-1", "address": A}, "g2": {"token": "tok-2", "address": B}},
-                {"g3": {"token": "tok-3", "address": C}},
-            )
-        ):
-            pool = base / f"cosock-vmfwcfg-{os.getpid()}-{time.monotonic_ns()}-{i}.ivshmem"
-            with open(pool, "wb") as f:
-                f.truncate(1 << 20)
-            with Pool(pool) as p:
-                p.format(64 << 10)
-            pools.append(pool)
-            files.append(tmp_path / f"vm-guests-{i}.json")
-            files[i].write_text(json.dumps({"guests": doc}))
-            gates.append(_vmgate.start(("127.0.0.1", 0), pool, files[i]))
+    with _two_hosts(tmp_path) as (pools, gates, files):
         first, second = (f"127.0.0.1:{g.server_address[1]}" for g in gates)
         fw_cfg.write_text(first.ljust(64))  # padded, as the lab passes it
         monkeypatch.setenv("COSOCK_VM_GATEWAY", "127.0.0.1:9")  # boot-time: never asked
@@ -409,12 +395,6 @@ def test_a_moved_guest_whose_old_gateway_cannot_redirect_asks_the_one_fw_cfg_nam
                 gateway_address()
         finally:
             d.close()
-    finally:
-        for gate in gates:
-            gate.shutdown()
-            gate.server_close()
-        for pool in pools:
-            pool.unlink()
 
 
 def test_a_switch_is_judged_on_a_fresh_guest_list_not_the_cached_one(
