@@ -73,11 +73,10 @@ def gateway_address() -> tuple[str, int]:
         raw = ""
     if raw:
         return parse_address(raw)
-    raw = os.environ.get(ENV_GATEWAY, "")
-    host, _, port = raw.rpartition(":")
-    if not host or not port.isdigit():
-        raise AgentUnavailable(f"{ENV_GATEWAY} is not set to ADDR:PORT (not a lab VM?)")
-    return host, int(port)
+    try:
+        return parse_address(os.environ.get(ENV_GATEWAY, ""))
+    except AgentUnavailable:
+        raise AgentUnavailable(f"{ENV_GATEWAY} is not set to ADDR:PORT (not a lab VM?)") from None
 
 
 def read_token(path: Path | None = None) -> str:
