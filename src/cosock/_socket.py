@@ -1347,7 +1347,9 @@ class CoSocket(socket.socket):
             reason = FallbackReason.NO_OFFER
         else:
             mm, reason = self._map_offer(pending, key[0], rv)
-            if reason is None and not ch.proto.verify_upgrade(pending.offer.nonce):
+            with ch.ctl_lock:  # the protocol object is the writers' too (_handle_events)
+                verified = reason is None and ch.proto.verify_upgrade(pending.offer.nonce)
+            if reason is None and not verified:
                 reason = FallbackReason.OFFER_INVALID
         if reason is not None or mm is None or pending is None:
             if mm is not None:
@@ -1608,7 +1610,13 @@ class CoSocket(socket.socket):
     def _handle_events(self, ch: _Channel) -> None:
         while self._co is ch:
             try:
-                event = ch.proto.next_event()
+                # Under ctl_lock, as every send() is: a writer thread's send() reads the
+                # state, builds its frame, then stores the state it computed -- over ours,
+                # were an UPGRADE (or its answer) parsed meanwhile: our ACCEPT then "cannot
+                # be sent in state FRAMED" and the upgrade hung (the CI run after
+                # migration #10).  The protocol object is not thread-safe by design.
+                with ch.ctl_lock:
+                    event = ch.proto.next_event()
             except ProtocolError as exc:
                 self._poison(ch, exc)
                 return
