@@ -203,8 +203,9 @@ def _plan() -> tuple[list[tuple[int, int]], int]:
                 watched[want] = select.POLLIN
         except (OSError, ValueError):
             continue
-    # A switched connection may be upgraded (and a refused upgrade retried) soon.
-    framed = any(s.cosock_path == "tcp" for s in socks)
+    # A switched connection may be upgraded (and a refused upgrade retried) soon; one in
+    # the middle of an upgrade is looked at each round (_serve).
+    framed = any(s.cosock_path in ("tcp", "upgrading") for s in socks)
     return list(watched.items()), _BUSY_MS if busy else _RECHECK_MS if framed else _IDLE_MS
 
 
@@ -246,5 +247,5 @@ def _judge(agent: Any, seen: int | None, checked: float) -> tuple[int | None, fl
 def _serve() -> None:
     """Let the connections that are mid-switch or mid-upgrade move on."""
     for sock in _live():
-        if sock._cosock_needs_service():
+        if sock._cosock_needs_service() or sock._cosock_upgrade_waits():
             sock._cosock_service()

@@ -78,12 +78,16 @@ from ._protocol import (
     FRAME_SIZES,
     HELLO_MAGIC,
     HELLO_SIZE,
+    T_ACCEPT,
     T_BELL,
     T_DATA,
     T_FIN,
     T_PLAIN,
+    T_REJECT,
+    T_RINGMARK,
     T_SPACE,
     T_SWITCH,
+    T_UPGRADE,
     Connection,
     Role,
     State,
@@ -124,6 +128,11 @@ _ACCEPT: Final = b"\x02"  # the ACCEPT frame
 _WAKE_FRAMES: Final = frozenset({T_BELL, T_SPACE, T_FIN})
 #: The peer's path markers: what follows them may be DATA frames or plain bytes.
 _MARKERS: Final = frozenset({T_SWITCH, T_PLAIN})
+#: An upgrade's own frames, which the residency watch takes for an idle application
+#: (``_pump_upgrade_only``), and how much of the queue it peeks at for them (UPGRADE, the
+#: largest, is 17 bytes; the walk stops at the first frame of another kind).
+_UPGRADE_FRAMES: Final = frozenset({T_UPGRADE, T_ACCEPT, T_REJECT, T_RINGMARK})
+_UPGRADE_PEEK: Final = 64
 #: Upper bound of one blocking sleep: a safety net only; wake-ups come from doorbells.
 _MAX_SLEEP_MS: Final = 5000
 #: A doorbell within this time of blocking means the peer is busy with us: spin longer.
@@ -567,7 +576,21 @@ class CoSocket(socket.socket):
             ch.phase is _SWITCHING
             or ch.phase is _HANDSHAKE  # the verdict, for an application that does not read
             or (ch.phase is _FRAMED and bool(ch.tx_out or ch.ctl_out))
+            # e.g. the DATA frames and the RINGMARK (ACCEPT) an upgrade queued behind them
+            or ((ch.phase is _SHM or ch.phase is _UPGRADING) and bool(ch.ctl_out))
         )
+
+    def _cosock_upgrade_waits(self) -> bool:
+        """Residency watch: may an upgrade wait for a frame this end has to read -- an
+        UPGRADE to answer, the answer to ours, the client's RINGMARK?  An application that
+        is not calling in never reads it: the watch looks each round (``_cosock_service``).
+        Not a poll for POLLIN: unread DATA in front would make that fd ready for good."""
+        ch = self._co
+        if ch is None or ch.tcp_eof or ch.error is not None or ch.forked:
+            return False
+        if ch.phase is _UPGRADING:
+            return True
+        return ch.phase is _FRAMED and (ch.role is Role.SERVER or ch.upgrade is not None)
 
     def _cosock_pokeable(self) -> bool:
         """Residency watch: may the peer ask this connection to downgrade (watch POLLPRI)?"""
@@ -593,14 +616,16 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is None:
             return 0
-        if ch.phase is _HANDSHAKE and ch.ctl_out:
-            return select.POLLIN | select.POLLOUT  # a non-blocking connect's HELLO
-        return select.POLLOUT if ch.phase is _FRAMED else select.POLLIN
+        if ch.phase is _HANDSHAKE or ch.phase is _SWITCHING:
+            # The peer's answer; and a non-blocking connect's HELLO, or our SWITCH, to send.
+            return select.POLLIN | (select.POLLOUT if ch.ctl_out else 0)
+        return select.POLLOUT  # framed bytes or queued frames (never POLLIN: see above)
 
     def _cosock_service(self) -> None:
-        """Residency watch: move an unfinished switch on for an application that is not
-        calling into this socket.  An app thread asleep on the fd reads for itself, but
-        frames queued after it fell asleep are sent from here: it may watch POLLIN only."""
+        """Residency watch: move an unfinished switch or upgrade on for an application
+        that is not calling into this socket.  An app thread asleep on the fd reads for
+        itself, but frames queued after it fell asleep are sent from here: it may watch
+        POLLIN only."""
         ch = self._co
         if ch is None:
             return
@@ -615,8 +640,14 @@ class CoSocket(socket.socket):
                 self._pump_accept_only(ch)
             elif ch.phase is _SWITCHING:
                 self._pump_control_only(ch)
-            if ch.phase is _FRAMED and self._co is ch:
+            elif ch.phase is _FRAMED or ch.phase is _UPGRADING:
+                self._pump_upgrade_only(ch)
+            if self._co is not ch:
+                return
+            if ch.phase is _FRAMED:
                 self._flush_framed(ch)
+            elif ch.ctl_out and ch.phase is not _HANDSHAKE:
+                self._flush_ctl(ch)
         except (RingCorrupted, ProtocolError, ValueError) as exc:
             self._poison(ch, exc)
         except OSError:
@@ -672,6 +703,23 @@ class CoSocket(socket.socket):
                 self._pump_locked(ch)  # EOF: the ordinary path handles a peer that left
                 return
             self._take_frames(ch, peeked, lambda kind: _LAST if kind in _MARKERS else _TAKE)
+
+    def _pump_upgrade_only(self, ch: _Channel) -> None:
+        """Take an upgrade's own frames (UPGRADE, ACCEPT or REJECT, RINGMARK) off the front
+        of the stream and act on them.  Whatever stands in front of them (DATA, a FIN) is
+        the application's, and so stays the fd's readiness: the upgrade then goes on when
+        the application reads."""
+        with ch.rx_lock:
+            if self._co is not ch or (ch.phase is not _FRAMED and ch.phase is not _UPGRADING):
+                return
+            try:
+                peeked = super().recv(_UPGRADE_PEEK, _MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            if peeked:  # (EOF: the application's to find)
+                self._take_frames(
+                    ch, peeked, lambda kind: _TAKE if kind in _UPGRADE_FRAMES else _STOP
+                )
 
     def _take_frames(self, ch: _Channel, peeked: bytes, admit: Callable[[int], int]) -> None:
         """Consume the whole control frames at the front of the stream that ``admit`` lets
