@@ -136,6 +136,44 @@ def test_idle_connection_switches_without_the_application(
     assert client.ask(op="read", n=200_000) == {"read": 200_000, "sha": s_sent["sha"]}
 
 
+def test_idle_connection_returns_to_shm_without_the_application(
+    lab: Lab, peers: Callable[..., Peer]
+) -> None:
+    """Away and back while neither application touches its socket (nothing queued either
+    way): the residency watches alone complete the upgrade -- the server's answers the
+    UPGRADE, the client's acts on the ACCEPT.  They used to leave it pending for good."""
+    server = peers(lab, "h1g2", "idle-server", "7302", "--cosock")
+    assert server.read() == {"listening": 7302}
+    client = peers(lab, "h1g1", "idle-client", lab.guest("h1g2").address, "7302", "--cosock")
+    assert client.read() == {"connected": True}
+    _until(lab, lambda: client.ask(op="info")["path"] == "shm", "the verdict", 30, client, server)
+    lab.migrate("h1g1", "h2")
+    _until(
+        lab,
+        lambda: _paths(client, server) == ("tcp", "tcp"),
+        "both ends to switch to TCP",
+        30.0,
+        client,
+        server,
+    )
+    lab.migrate("h1g1", "h1")
+    _until(
+        lab,
+        lambda: _paths(client, server) == ("shm", "shm"),
+        "both ends to return to shared memory",
+        30.0,
+        client,
+        server,
+    )
+    c_sent = client.ask(op="send", n=300_000, seed=5)
+    s_sent = server.ask(op="send", n=200_000, seed=6)
+    assert server.ask(op="read", n=300_000) == {"read": 300_000, "sha": c_sent["sha"]}
+    assert client.ask(op="read", n=200_000) == {"read": 200_000, "sha": s_sent["sha"]}
+    for end in (client, server):
+        info = end.ask(op="info")
+        assert (info["path"], info["switches"], info["upgrades"]) == ("shm", 1, 1), info
+
+
 #### Many migrations, and faults during a switch
 
 
