@@ -5,9 +5,11 @@ One daemon thread per process, started with the first accelerated connection. It
 on the agent client's wake-up fd (every pushed snapshot, every reconnect to another agent
 makes it readable), and when the agent's table changed it asks each connection whether
 its peer is still on this host; those whose peer left switch to TCP (``CoSocket``'s path
-switch). Until a switch is complete it also finishes it for idle applications: it reads
-the peer's SWITCH (and only control frames: data stays in the kernel, so the
-application's own readiness is untouched) and hands the resend to the kernel.
+switch), clients whose peer is back ask for an upgrade. Until a switch or an upgrade is
+complete it also finishes it for idle applications: it reads the peer's SWITCH, or the
+upgrade's UPGRADE, ACCEPT/REJECT and RINGMARK (only control frames: data stays in the
+kernel, so the application's own readiness is untouched) and hands what they queued to
+the kernel.
 
 The agent is never on the data path: when it is unreachable nothing is decided, and live
 connections carry on as they are.
