@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from cosock import CoSocket
-from cosock._errors import RingCorrupted
+from cosock._errors import LocalProtocolError, RingCorrupted
 from cosock._events import Data, Switch
 from cosock._protocol import Connection, State
 from cosock._selectors import REPLACEMENTS
@@ -715,3 +715,23 @@ def test_an_upgrade_sent_while_a_reader_parses_data_is_not_forgotten() -> None:
         assert recv_all(cli, 1004) == b"d" * 1000 + b"RING"
         assert recv_all(conn, 4) == b"ring"
         assert cli.cosock_info()["upgrades"] == conn.cosock_info()["upgrades"] == 1
+
+
+def test_a_frame_we_cannot_answer_fails_recv_with_an_oserror(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should answering a frame ever break the protocol's rules (the race above did), the
+    reading application gets ConnectionResetError -- an OSError, as from TCP -- not the
+    LocalProtocolError, which no socket application catches: it ended the stream test's
+    reader thread, and the pair hung with the client's upgrade unanswered."""
+    with pair() as (cli, conn):
+        cli.cosock_switch()
+        _wait_path(cli, conn)
+
+        def broken_answer(self: CoSocket, ch: object) -> None:
+            raise LocalProtocolError("Accept cannot be sent by the server in state FRAMED")
+
+        monkeypatch.setattr(CoSocket, "_answer_upgrade", broken_answer)
+        assert cli.cosock_upgrade()
+        with pytest.raises(ConnectionResetError, match="cannot be sent"):
+            conn.recv(10)

@@ -1648,9 +1648,16 @@ class CoSocket(socket.socket):
 
     def _events(self, ch: _Channel) -> None:
         """Act on what the protocol parsed; then wake threads of ours asleep on this
-        channel: the frames we took may have been their doorbell, or their data."""
+        channel: the frames we took may have been their doorbell, or their data.
+
+        A frame we could not answer (our own send refused by the protocol) fails the
+        connection like a reset: raised from recv(), a ProtocolError is no OSError, and
+        ended the reading thread of an application that catches OSError only (CI's
+        twenty-migration stall), leaving the peer waiting for the answer for ever."""
         try:
             self._handle_events(ch)
+        except ProtocolError as exc:
+            self._poison(ch, exc)
         finally:
             if ch.sleepers:
                 self._kick(ch)
