@@ -735,3 +735,40 @@ def test_a_frame_we_cannot_answer_fails_recv_with_an_oserror(
         assert cli.cosock_upgrade()
         with pytest.raises(ConnectionResetError, match="cannot be sent"):
             conn.recv(10)
+
+
+def test_a_shutdown_while_a_reader_syncs_the_ring_offsets_counts_each_byte_once() -> None:
+    """A reader thread brings the protocol's offsets up to the rings (``_sync_offsets``:
+    compute how far the ring moved, then record it) while another thread's shutdown() does
+    the same before its FIN.  Both recorded the same bytes: the reader's late record came
+    after the FIN (a LocalProtocolError, the connection poisoned) or counted them twice.
+    Not an upgrade, but the same rule: the protocol object moves under ``ctl_lock`` only."""
+    with pair() as (cli, conn):
+        ch = cli._co
+        assert ch is not None
+        cli.sendall(b"p" * 5000)  # in the ring; the protocol's count lags until a sync
+        paused, go = threading.Event(), threading.Event()
+        code = Connection.data_sent.__code__
+
+        def tracer(frame: FrameType, event: str, arg: object) -> Any:
+            if event == "call" and frame.f_code is code and not paused.is_set():
+                paused.set()
+                go.wait(10)
+            return None
+
+        errors: list[BaseException] = []
+        reader = _in_thread(errors, lambda: cli._sync_offsets(ch), tracer)
+        assert paused.wait(10), "the reader never recorded the ring's bytes"
+        closer = _in_thread(errors, lambda: cli.shutdown(socket.SHUT_WR))
+        closer.join(0.5)  # unfixed, the FIN goes out now; fixed, it waits for the reader
+        go.set()
+        reader.join(10)
+        closer.join(10)
+        assert not reader.is_alive() and not closer.is_alive()
+        assert errors == []
+        assert recv_all(conn, 6000) == b"p" * 5000  # then EOF
+        assert ch.proto.sent_offset == 5001  # (+1: the byte settle() exchanged)
+        cli._sync_offsets(ch)
+        conn.sendall(b"still open")
+        assert recv_all(cli, 10) == b"still open"
+        assert cli.cosock_info()["error"] is None

@@ -1242,18 +1242,24 @@ class CoSocket(socket.socket):
         self._flush_ctl(ch)
 
     def _sync_offsets(self, ch: _Channel, leaving: bool = False) -> None:
-        """Tell the protocol how far the rings have moved (it checks FIN against it)."""
+        """Tell the protocol how far the rings have moved (it checks FIN against it).
+
+        Under ``ctl_lock``, like every change of the protocol object: a reader thread and a
+        shutdown() both computed the same bytes as new and recorded them twice (or the
+        reader's record came after the FIN: "data_sent() after FIN", the connection reset).
+        """
         proto = ch.proto
         rx, tx = ch.rx, ch.tx
-        # A direction in DATA frames is counted by the protocol itself.
-        if not proto.rx_framed and (ch.phase is _SHM or leaving) and rx is not None:
-            offset = ch.rx_base + rx.tail
-            if offset != proto.received_offset:
-                proto.data_received(offset - proto.received_offset)
-        if not proto.tx_framed and tx is not None and not proto.fin_sent:
-            offset = ch.tx_base + tx.head
-            if offset != proto.sent_offset:
-                proto.data_sent(offset - proto.sent_offset)
+        with ch.ctl_lock:
+            # A direction in DATA frames is counted by the protocol itself.
+            if not proto.rx_framed and (ch.phase is _SHM or leaving) and rx is not None:
+                offset = ch.rx_base + rx.tail
+                if offset != proto.received_offset:
+                    proto.data_received(offset - proto.received_offset)
+            if not proto.tx_framed and tx is not None and not proto.fin_sent:
+                offset = ch.tx_base + tx.head
+                if offset != proto.sent_offset:
+                    proto.data_sent(offset - proto.sent_offset)
 
     # ------------------------------------------------------------------ path switch
 
