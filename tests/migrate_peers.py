@@ -165,6 +165,8 @@ def _diagnostics(sock: socket.socket) -> dict[str, Any]:
     return {
         "phase": None if ch is None else str(ch.phase),
         "upgrade_pending": ch is not None and ch.upgrade is not None,
+        "proto_state": None if ch is None else ch.proto.state.value,
+        "ctl_out": None if ch is None else len(ch.ctl_out),
         "watch_alive": any(t.name == "cosock-residency" for t in threading.enumerate()),
         "agent": None if agent is None else agent.unavailable_reason,
         "self_guest": None if guest is None else guest.name,

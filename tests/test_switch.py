@@ -27,7 +27,7 @@ import pytest
 
 from cosock import CoSocket
 from cosock._errors import LocalProtocolError, RingCorrupted
-from cosock._events import Data, Switch
+from cosock._events import Data, Switch, Upgrade
 from cosock._protocol import Connection, State
 from cosock._selectors import REPLACEMENTS
 from sockutil import accelerated_pair, listener, recv_all, settle
@@ -772,3 +772,30 @@ def test_a_shutdown_while_a_reader_syncs_the_ring_offsets_counts_each_byte_once(
         conn.sendall(b"still open")
         assert recv_all(cli, 10) == b"still open"
         assert cli.cosock_info()["error"] is None
+
+
+def test_an_upgrade_that_could_not_be_asked_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The offer was made and noted as pending, then the UPGRADE itself could not be queued
+    (an error in ``_control``): nothing was asked, so nothing will answer.  Left noted as
+    pending, the residency watch never offered again -- the pair stayed on TCP for good
+    with ``upgrade_pending`` True (seen in the lab's twenty-migration test: the client's
+    UPGRADE never reached the server).  Undone, the next offer goes through."""
+    with pair() as (cli, conn):
+        cli.cosock_switch()
+        _wait_path(cli, conn)
+        real_control = CoSocket._control
+
+        def upgrade_fails(self: CoSocket, ch: Any, event: object) -> None:
+            if isinstance(event, Upgrade):
+                raise LocalProtocolError("Upgrade cannot be sent by the client in state X")
+            real_control(self, ch, event)
+
+        monkeypatch.setattr(CoSocket, "_control", upgrade_fails)
+        assert not cli.cosock_upgrade()
+        monkeypatch.undo()
+        assert cli._co is not None and cli._co.upgrade is None
+        _upgrade(cli, conn)
+        cli.sendall(b"ring")
+        assert recv_all(conn, 4) == b"ring"

@@ -243,7 +243,19 @@ def _judge(agent: Any, seen: int | None, checked: float) -> tuple[int | None, fl
                 sock._cosock_check_residency(agent)
     except Exception:
         log.debug("residency check failed", exc_info=True)
+        _trace_failure("residency check failed")
     return seen, checked
+
+
+def _trace_failure(what: str) -> None:
+    """``COSOCK_TRACE=PATH`` (see ``_socket``): a failure the watch swallows (it must go on
+    watching the other connections) still leaves its traceback there."""
+    path = os.environ.get("COSOCK_TRACE")
+    if path:
+        import traceback
+
+        with open(path, "a") as f:
+            f.write(f"{time.monotonic():.6f} {os.getpid()} watch: {what}: {traceback.format_exc()}")
 
 
 def _serve() -> None:

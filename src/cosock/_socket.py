@@ -1349,8 +1349,17 @@ class CoSocket(socket.socket):
             return  # stay on TCP; the watch asks again
         nonce, mm, capacity = made
         ch.rv_path = path
-        ch.upgrade = (mm, capacity)
-        self._control(ch, Upgrade(nonce))
+        ch.upgrade = (mm, capacity)  # before the UPGRADE: another thread may read the answer
+        try:
+            self._control(ch, Upgrade(nonce))
+        except BaseException as exc:
+            # Not asked after all: a pending upgrade nobody asked for was never retried
+            # (the watch offers again only once ``upgrade`` is None again).
+            if ch.upgrade is not None and ch.upgrade[0] is mm:
+                ch.upgrade = None
+            mm.close()
+            _trace(f"upgrade-not-sent {exc!r}", ch)
+            raise
         _trace("upgrade-offered", ch)
 
     def _frame_all_locked(self, ch: _Channel) -> None:
