@@ -799,3 +799,30 @@ def test_an_upgrade_that_could_not_be_asked_is_asked_again(
         _upgrade(cli, conn)
         cli.sendall(b"ring")
         assert recv_all(conn, 4) == b"ring"
+
+
+def test_cosock_upgrade_says_asked_even_when_the_answer_came_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread may read the ACCEPT and finish the upgrade before cosock_upgrade()
+    returns (seen under load: the reader's into-ring trace before the asker's
+    upgrade-offered); it asked all the same, so it says True, not "nothing pending"."""
+    with pair() as (cli, conn):
+        cli.cosock_switch()
+        _wait_path(cli, conn)
+        real_control = CoSocket._control
+
+        def answered_at_once(self: CoSocket, ch: Any, event: object) -> None:
+            real_control(self, ch, event)
+            if self is cli and isinstance(event, Upgrade):
+                deadline = time.monotonic() + 10
+                while cli.cosock_path != "shm":  # what a reader thread would do meanwhile
+                    assert time.monotonic() < deadline
+                    conn._cosock_pump()
+                    cli._cosock_pump()
+                    time.sleep(0.001)
+
+        monkeypatch.setattr(CoSocket, "_control", answered_at_once)
+        assert cli.cosock_upgrade()
+        monkeypatch.undo()
+        assert cli.cosock_info()["upgrades"] == 1

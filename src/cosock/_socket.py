@@ -510,15 +510,16 @@ class CoSocket(socket.socket):
         the client (connect()ing) side asks; the server verifies the new offer like a
         first one. Returns False when there is nothing to upgrade or no offer could be
         made; the answer arrives in-band (the path becomes ``"shm"`` when accepted).
+        True says the UPGRADE went out: its answer may be acted on before we return (another
+        thread reading), so whether one is still pending says nothing.
         """
         ch = self._co
         if ch is None or ch.phase is not _FRAMED or ch.role is not Role.CLIENT:
             return False
         try:
-            self._start_upgrade(ch, _agent())
+            return self._start_upgrade(ch, _agent())
         except Exception:
             return False
-        return ch.upgrade is not None
 
     def _cosock_pump(self) -> None:
         """Consume queued control frames (the selector saw the TCP fd readable)."""
@@ -1330,37 +1331,43 @@ class CoSocket(socket.socket):
 
     # ------------------------------------------------------------------ upgrade
 
-    def _start_upgrade(self, ch: _Channel, agent: Any) -> None:
+    def _start_upgrade(self, ch: _Channel, agent: Any) -> bool:
         """Client, on TCP after a switch, co-resident again: offer a fresh channel to the
-        server's listener and ask for it in-band (UPGRADE with the new nonce)."""
-        if ch.upgrade is not None or ch.peer_ip is None or ch.wr_shut:
-            return
+        server's listener and ask for it in-band (UPGRADE with the new nonce).  True if an
+        UPGRADE is out (now, or still unanswered from before)."""
+        if ch.upgrade is not None:
+            return True
+        if ch.peer_ip is None or ch.wr_shut:
+            return False
         try:
             peer_port = super().getpeername()[1]
             local = super().getsockname()
         except OSError:
-            return
+            return False
         listener, _why = agent.lookup(ch.peer_ip, peer_port)
         path = ch.rv_path if listener is None else listener.rendezvous
         if path is None:
-            return  # no way to reach the server's process: stay on TCP
+            return False  # no way to reach the server's process: stay on TCP
         made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port))
         if isinstance(made, FallbackReason):
-            return  # stay on TCP; the watch asks again
+            return False  # stay on TCP; the watch asks again
         nonce, mm, capacity = made
         ch.rv_path = path
         ch.upgrade = (mm, capacity)  # before the UPGRADE: another thread may read the answer
         try:
             self._control(ch, Upgrade(nonce))
         except BaseException as exc:
-            # Not asked after all: a pending upgrade nobody asked for was never retried
-            # (the watch offers again only once ``upgrade`` is None again).
-            if ch.upgrade is not None and ch.upgrade[0] is mm:
+            # Not asked after all (the protocol did not take the UPGRADE): a pending upgrade
+            # nobody asked for was never retried (the watch offers again only once
+            # ``upgrade`` is None again).  Once taken, the answer will come: keep it.
+            pending = ch.upgrade
+            if ch.proto.state is not State.UPGRADE_SENT and pending and pending[0] is mm:
                 ch.upgrade = None
-            mm.close()
+                mm.close()
             _trace(f"upgrade-not-sent {exc!r}", ch)
             raise
         _trace("upgrade-offered", ch)
+        return True
 
     def _frame_all_locked(self, ch: _Channel) -> None:
         """Put every queued byte (and a pending FIN) into frames: what follows in the
