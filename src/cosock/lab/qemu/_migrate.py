@@ -25,6 +25,7 @@ MAC after the switch, so the bridges relearn where it is.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import json
 import time
 from pathlib import Path
@@ -85,6 +86,32 @@ def unplug_pair_pools(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
                 pass  # deleted by the gateway meanwhile
 
 
+def wait_pool_ram_released(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
+    """Wait until QEMU has freed the RAM blocks of every unplugged pool.
+
+    ``device_del`` and ``object-del`` return before QEMU frees a block (after an RCU grace
+    period); a migration begun in that window sends the block (``0000:00:04.0/pool``), which
+    the target has not got: it exits with "Unknown ramblock", the source sees a broken pipe.
+
+    Raises:
+        MigrationError: still held after ``timeout``.
+    """
+    from ...agent import _pairpool
+
+    def is_pool(block: str) -> bool:
+        last = block.rsplit("/", 1)[-1]
+        return last == _vm.POOL_OBJECT or last.startswith(_pairpool.object_id(""))
+
+    deadline = time.monotonic() + timeout
+    while held := [b for b in _qmp.ramblocks(qmp) if is_pool(b)]:
+        if time.monotonic() > deadline:
+            raise MigrationError(
+                f"migration step 'unplug the pools': QEMU still holds the RAM of {held}"
+                f" after {timeout:g} s"
+            )
+        time.sleep(0.05)
+
+
 def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
     """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
     _qmp.command(
@@ -122,6 +149,22 @@ def _plug_tap(netns: str, tap: str, proc: Any, log: Path, deadline: float) -> No
             time.sleep(0.02)
         index = ipr.link_lookup(ifname=tap)[0]
         ipr.link("set", index=index, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
+def _target_said(proc: Any, log: Path) -> str:
+    """How the target QEMU ended (or that it still runs) and its last log lines: a failed
+    migration is usually the target's doing, and the source only sees a broken pipe."""
+    try:
+        code = proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        state = "the target QEMU still runs"
+    else:
+        state = (
+            f"the target QEMU was killed by signal {-code}"
+            if code < 0
+            else f"the target QEMU exited with status {code}"
+        )
+    return f"{state} ({_vm.tail(log) or 'no output'})"
 
 
 def _wait_migrated(src_qmp: Path, timeout: float) -> dict[str, Any]:
@@ -254,6 +297,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             unplug_pool(src_qmp)
         else:  # new pair pools are plugged on the destination by its gateway, on demand
             unplug_pair_pools(src_qmp)
+        wait_pool_ram_released(src_qmp)
     except BaseException:
         write_vm_guests(state)  # it stays: no longer leaving
         raise
@@ -282,7 +326,10 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             _qmp.command(src_qmp, "migrate", uri=uri)
         except _qmp.QmpError as exc:
             raise MigrationError(f"migration step 'migrate': {exc}") from None
-        info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
+        try:
+            info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
+        except MigrationError as exc:
+            raise MigrationError(f"{exc}; {_target_said(proc, log)}") from None
         steps["migrate_s"] = time.monotonic() - t
     except BaseException:
         _vm.stop([proc.pid])
