@@ -25,8 +25,8 @@ MAC after the switch, so the bridges relearn where it is.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -87,33 +87,31 @@ def unplug_pair_pools(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
 
 
 def wait_pool_ram_released(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
-    """Wait until QEMU has freed the RAM blocks of every unplugged pool.
-
-    ``device_del`` and ``object-del`` return before QEMU frees a block (after an RCU grace
-    period); a migration begun in that window sends the block (``0000:00:04.0/pool``), which
-    the target has not got: it exits with "Unknown ramblock", the source sees a broken pipe.
+    """Wait until QEMU has freed the RAM of every pool unplugged from the guest (see
+    ``_qmp.ram_released``: a migration begun before sends blocks the target has not got).
 
     Raises:
         MigrationError: still held after ``timeout``.
     """
     from ...agent import _pairpool
 
-    def is_pool(block: str) -> bool:
-        last = block.rsplit("/", 1)[-1]
-        return last == _vm.POOL_OBJECT or last.startswith(_pairpool.object_id(""))
-
-    deadline = time.monotonic() + timeout
-    while held := [b for b in _qmp.ramblocks(qmp) if is_pool(b)]:
-        if time.monotonic() > deadline:
+    pools = {_vm.POOL_OBJECT} | {
+        b.rsplit("/", 1)[-1]
+        for b in _qmp.ramblocks(qmp)
+        if b.rsplit("/", 1)[-1].startswith(_pairpool.object_id(""))
+    }
+    for owner in sorted(pools):
+        if held := _qmp.ram_released(qmp, owner, timeout):
             raise MigrationError(
                 f"migration step 'unplug the pools': QEMU still holds the RAM of {held}"
                 f" after {timeout:g} s"
             )
-        time.sleep(0.05)
 
 
 def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
     """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
+    if held := _qmp.ram_released(qmp, _vm.POOL_OBJECT, UNPLUG_TIMEOUT):
+        raise MigrationError(f"hot-plug of the pool: QEMU still holds the RAM of {held}")
     _qmp.command(
         qmp,
         "object-add",

@@ -93,6 +93,23 @@ def ramblocks(path: Path) -> list[str]:
     return [ln[0] for ln in lines if ln]
 
 
+def ram_released(path: Path, owner: str, timeout: float) -> list[str]:
+    """Wait until no RAM block of the memory backend ``owner`` is left; the ones still held
+    after ``timeout`` (empty: released).
+
+    ``device_del`` and ``object-del`` return before QEMU frees a block (after an RCU grace
+    period). Until then a migration sends it (the target, which has not got it, exits with
+    "Unknown ramblock") and a device plugged at the same PCI address with the same backend id
+    aborts QEMU ("RAMBlock ... already registered, abort!").
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [b for b in ramblocks(path) if b.rsplit("/", 1)[-1] == owner]
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
+
+
 def status(path: Path) -> str:
     """The VM's run state (``running``, ``paused``, ``inmigrate``, ...)."""
     return str(command(path, "query-status").get("status", "unknown"))
