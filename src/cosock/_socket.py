@@ -966,13 +966,15 @@ class CoSocket(socket.socket):
         return ch, address  # listener be gone by then
 
     def _send_channel_offer(
-        self, path: str, local: Any, server: tuple[str, int]
+        self, path: str, local: Any, server: tuple[str, int], upgrade: bool = False
     ) -> tuple[bytes, Any, int] | FallbackReason:
         """Offer a fresh channel (memfd + nonce + 4-tuple) to a listener's rendezvous, for
         a first connect or an upgrade: ``(nonce, mapping, capacity)``, or why not."""
         if path.startswith(_vmchannel.RENDEZVOUS_PREFIX):  # another VM: a slot, not a memfd
             vm = _vmchannel.directory()
-            return FallbackReason.AGENT_UNREACHABLE if vm is None else vm.offer(local, server)
+            if vm is None:
+                return FallbackReason.AGENT_UNREACHABLE
+            return vm.offer(local, server, upgrade)
         capacity = _config.ring_size()
         try:
             fd, mm = take_channel(capacity)  # fresh, never offered to anyone
@@ -1290,8 +1292,10 @@ class CoSocket(socket.socket):
         path = ch.rv_path if listener is None else listener.rendezvous
         if path is None:
             return  # no way to reach the server's process: stay on TCP
-        made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port))
+        made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port), upgrade=True)
         if isinstance(made, FallbackReason):
+            vm = _vmchannel.directory()
+            _trace(f"upgrade-not-offered {made.value} {vm and vm.last_refusal!r}", ch)
             return  # stay on TCP; the watch asks again
         nonce, mm, capacity = made
         ch.rv_path = path
