@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -178,6 +179,62 @@ def test_a_selector_spin_that_ends_as_the_answer_lands_loses_no_wake_up(monkeypa
     _ping_pong(cli, conn, 3000)
     for s in (cli, conn, srv):
         s.close()
+
+
+def _late_look_then_write(cli: CoSocket, old: int, box: dict[str, bool]) -> None:
+    """The writer's doorbell check for a write it published at ``old``, made late (the
+    reader is asleep in select(), armed, by then); then a real write."""
+    ch = cli._co
+    assert ch is not None and ch.tx is not None
+    time.sleep(0.2)
+    box["rang"] = ch.tx.needs_bell(old)
+    if box["rang"]:
+        cli._bell(ch)  # what send() does after its write
+    time.sleep(0.2)
+    cli.sendall(b"late")
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_a_stale_doorbell_does_not_end_select_early(name, monkeypatch):
+    """A writer publishes, and looks at the spinning flag only after the loop has taken its
+    bytes and gone to sleep (armed): it rings for bytes already read.  That wake-up is no
+    answer: select() sleeps on and reports the next write.  It used to return [] at once,
+    which a caller takes for its timeout -- with the writer's next bytes landing in the ring
+    just after (the selector stall test's failure under the parallel suite)."""
+    monkeypatch.setenv("COSOCK_SPIN_US", "0")  # sleep at once: the late look lands in it
+    srv, cli, conn = make_pair()
+    conn.setblocking(False)
+    sel = REPLACEMENTS[name]()
+    sel.register(conn, selectors.EVENT_READ)
+    ch = cli._co
+    assert ch is not None and ch.tx is not None
+    tx = ch.tx
+    rang = False
+    try:
+        for _ in range(5):  # bounded: the late look must land while select() sleeps
+            assert sel.select(0.01) == []  # the loop runs on: the ring is flagged awake
+            old = tx.head
+            assert tx.write(memoryview(b"m" * 100), tx.free()) == 100  # no look at the flag yet
+            assert [ev for _, ev in sel.select(5)] == [selectors.EVENT_READ]
+            assert conn.recv(300) == b"m" * 100  # the loop takes the bytes, and sleeps next
+            box: dict[str, bool] = {}
+            thread = threading.Thread(target=_late_look_then_write, args=(cli, old, box))
+            thread.start()
+            try:
+                events = sel.select(5)
+            finally:
+                thread.join(10)
+            assert [ev for _, ev in events] == [selectors.EVENT_READ], "woken by a stale bell"
+            assert conn.recv(300) == b"late"
+            if box["rang"]:
+                rang = True
+                break
+        assert rang, "the late doorbell never landed in the sleep (loaded machine?)"
+        assert conn.cosock_info()["safety_timeouts"] == 0
+    finally:
+        sel.close()
+        for s in (cli, conn, srv):
+            s.close()
 
 
 async def _echo_hash(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
