@@ -183,64 +183,57 @@ class CoSelector(selectors.BaseSelector):
             self._kernel[fd] = kernel
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
-        while True:
-            ready, stale = self._select_once(timeout)
-            if ready or not stale:
-                return ready
-            # Only doorbells for bytes already read woke us (a writer that looked at the
-            # spinning flag after we took its bytes and armed): their frames are consumed.
-            # That is no answer and no timeout: sleep on for what is left, as co_select
-            # does.  (Returning [] here looked like a timeout with bytes landing in the ring
-            # right after, test_a_stale_doorbell_does_not_end_select_early.)
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    return ready
-
-    def _select_once(
-        self, timeout: float | None
-    ) -> tuple[list[tuple[selectors.SelectorKey, int]], bool]:
-        """One look at the rings and the kernel (sleeping if nothing is ready); the ready
-        keys, and whether the kernel woke us only for control frames that made nothing
-        ready (stale doorbells, consumed now: the caller may sleep again)."""
         sleepy = timeout is None or timeout > 0  # may sleep: arm the peers' wake-ups
-        ready, watched = self._ring_ready(sleepy)
-        readers = [] if ready or not sleepy else list(watched.values())
-        t0 = time.perf_counter_ns()
-        answered = False  # a ring we wait on became readable during this call
-        if readers and self._spin_ok() and self._spin(readers, timeout):
-            ready, watched = self._ring_ready(True)
-            answered = bool(ready)
-        kernel = self._inner.select(0 if ready else timeout)
-        stale = sleepy and bool(kernel)
-        for kkey, kevents in kernel:
-            fd = kkey.fd
-            mine = self._keys.get(fd)
-            if mine is None:
-                stale = False
-                continue
-            sock = channel_socket(fd) if fd in self._co_fds else None
-            if sock is not None:
-                if not sock._cosock_pump():
-                    stale = False  # no frame taken: a wait now could spin on the fd
-                # Not armed: we return now, and the next select() arms before it sleeps.
-                events = sock._cosock_events(mine.events, False) if sock._co is not None else 0
-                if sock._co is None:  # fell back while pumping: the kernel is right again
-                    self._sync(fd, mine.events)
-                    events = mine.events & (EVENT_READ | EVENT_WRITE)
-                answered = answered or bool(events & EVENT_READ)
-            else:
-                events = kevents & mine.events
-                stale = False
-            if events:
-                ready[fd] = ready.get(fd, 0) | events
-        if readers and (answered or not kernel):  # an answer, or nothing at all: learn
-            self._learn(time.perf_counter_ns() - t0)
-        if sleepy:
-            self._stay_awake(watched)  # (without sleeping, the flags were left as they were)
-        keys = self._keys
-        return [(keys[fd], ev) for fd, ev in ready.items() if fd in keys], stale and not ready
+        end = None  # perf_counter_ns() deadline, computed once a wake-up proved stale
+        while True:
+            ready, watched = self._ring_ready(sleepy)
+            readers = [] if ready or not sleepy else list(watched.values())
+            t0 = time.perf_counter_ns()
+            answered = False  # a ring we wait on became readable during this call
+            if readers and self._spin_ok() and self._spin(readers, timeout):
+                ready, watched = self._ring_ready(True)
+                answered = bool(ready)
+            kernel = self._inner.select(0 if ready else timeout)
+            stale = sleepy and bool(kernel)  # only frames that make nothing ready woke us
+            for kkey, kevents in kernel:
+                fd = kkey.fd
+                mine = self._keys.get(fd)
+                if mine is None:
+                    stale = False
+                    continue
+                sock = channel_socket(fd) if fd in self._co_fds else None
+                if sock is not None:
+                    if not sock._cosock_pump():
+                        stale = False  # nothing taken: sleeping again could spin on the fd
+                    # Not armed: we return now, and the next select() arms before it sleeps.
+                    events = sock._cosock_events(mine.events, False) if sock._co is not None else 0
+                    if sock._co is None:  # fell back while pumping: the kernel is right again
+                        self._sync(fd, mine.events)
+                        events = mine.events & (EVENT_READ | EVENT_WRITE)
+                    answered = answered or bool(events & EVENT_READ)
+                else:
+                    events = kevents & mine.events
+                    stale = False
+                if events:
+                    ready[fd] = ready.get(fd, 0) | events
+            if readers and (answered or not kernel):  # an answer, or nothing at all: learn
+                self._learn(time.perf_counter_ns() - t0)
+            if sleepy:
+                self._stay_awake(watched)  # (without sleeping, the flags were left as they were)
+            if ready or not stale:
+                return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
+            # Only doorbells for bytes already read woke us (a writer that looked at the
+            # spinning flag after we had taken its bytes and armed); their frames are
+            # consumed now.  That is neither an answer nor the timeout: sleep on for what is
+            # left, as co_select does.  (Returning [] looked like a timeout, with the
+            # writer's next bytes landing in the ring just after:
+            # test_a_stale_doorbell_does_not_end_select_early.)
+            if timeout is not None:
+                if end is None:
+                    end = t0 + int(timeout * 1e9)
+                timeout = (end - time.perf_counter_ns()) / 1e9
+                if timeout <= 0:
+                    return []
 
     def _channel_fds(self) -> set[int]:
         if self._generation != _generation:  # a socket got a channel: is it one of ours?
