@@ -6,8 +6,10 @@ readable, and the TCP fd is writable even when the ring is full.  These selector
 readiness for accelerated sockets from the rings themselves and use the kernel only to
 sleep: such a socket is registered for EVENT_READ, which every doorbell, SPACE, verdict
 and EOF frame triggers; on a kernel event its control frames are consumed, then its
-readiness is computed again.  Other file objects (plain sockets, pipes, timers, and
-CoSockets on the TCP path) pass straight through to the wrapped kernel selector.
+readiness is computed again (a wake-up that turns out to carry no readiness, a stale
+doorbell, does not end the call early: it waits on until the caller's timeout).  Other
+file objects (plain sockets, pipes, timers, and CoSockets on the TCP path) pass straight
+through to the wrapped kernel selector.
 
 asyncio's selector loop and ``socketserver`` create ``selectors.DefaultSelector()`` at
 run time, so ``cosock.enable()`` replacing the module attributes reaches them.
