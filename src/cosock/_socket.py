@@ -511,24 +511,28 @@ class CoSocket(socket.socket):
             return False
         return ch.upgrade is not None
 
-    def _cosock_pump(self) -> None:
-        """Consume queued control frames (the selector saw the TCP fd readable)."""
+    def _cosock_pump(self) -> bool:
+        """Consume queued control frames (the selector saw the TCP fd readable); True if
+        any arrived (the kernel's readiness was taken: a selector may sleep again)."""
         ch = self._co
         if ch is not None and ch.phase is _FORKED:
             try:
                 _forkshare.claim(self, ch)
             except OSError:
-                return  # the application's next call raises it
+                return False  # the application's next call raises it
             ch = self._co
-        if ch is not None:
-            try:
-                if ch.rx is not None:
-                    ch.bell_mark = ch.rx.bells_sent()
-                self._pump(ch)
-                if ch.phase is _FRAMED:
-                    self._flush_framed(ch)
-            except (RingCorrupted, ProtocolError, ValueError) as exc:
-                self._poison(ch, exc)
+        if ch is None:
+            return False
+        try:
+            if ch.rx is not None:
+                ch.bell_mark = ch.rx.bells_sent()
+            took = self._pump(ch)
+            if ch.phase is _FRAMED:
+                self._flush_framed(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+            return False
+        return took
 
     def _cosock_check_residency(self, agent: Any) -> None:
         """Residency watch: switch to TCP if the agent says the peer left this host.
