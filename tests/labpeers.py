@@ -52,7 +52,10 @@ class Peer:
                 raise TimeoutError(f"no answer from {self.proc.args} within {timeout} s")
             data = os.read(fd, 65536)
             if not data:
-                raise EOFError(f"{self.proc.args} exited with {self.proc.wait(5)}")
+                status = self.proc.wait(5)
+                lost = getattr(self.proc, "lost", None)  # a VM's command server connection
+                why = f" ({lost})" if lost else ""
+                raise EOFError(f"{self.proc.args} exited with {status}{why}")
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         result: dict[str, Any] = json.loads(line)

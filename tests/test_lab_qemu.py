@@ -250,6 +250,36 @@ def test_qmp_reports_running(vmlab: object) -> None:
         assert vmlab.qmp(g, "query-status")["status"] == "running"
 
 
+def test_a_pool_replugged_at_once_waits_for_qemu_to_free_the_old_one(vmlab: object) -> None:
+    """QEMU frees an unplugged pool's RAM block only after an RCU grace period; plugging the
+    pool again before that aborts QEMU ("RAMBlock ... already registered") and a migration
+    begun before sends a block the target has not got ("Unknown ramblock": the CI's broken
+    pipe). Unplug and re-plug five times without a pause: QEMU keeps running, after each
+    unplug no pool block is left, after each plug exactly one, and the guest sees the device."""
+    from cosock.lab.qemu import QemuLab, _migrate, _qmp
+
+    assert isinstance(vmlab, QemuLab)
+    g = vmlab.guest("h1g3")
+    pool, size_mb = vmlab.pool(g.host), int(vmlab._state["pool_mb"])
+
+    def pool_blocks() -> list[str]:
+        return [b for b in _qmp.ramblocks(g.qmp) if b.endswith("/pool")]
+
+    for _ in range(5):
+        _migrate.unplug_pool(g.qmp)
+        _migrate.wait_pool_ram_released(g.qmp)
+        assert pool_blocks() == []
+        _migrate.plug_pool(g.qmp, pool, size_mb)
+        assert len(pool_blocks()) == 1
+        assert vmlab.qmp(g, "query-status")["status"] == "running"
+    out = vmlab.run(g, ["sh", "-c", "cat /sys/bus/pci/devices/*/device"], timeout=60).stdout
+    deadline = time.monotonic() + 30
+    while b"0x1110" not in out and time.monotonic() < deadline:  # the guest's rescan
+        time.sleep(0.5)
+        out = vmlab.run(g, ["sh", "-c", "cat /sys/bus/pci/devices/*/device"], timeout=60).stdout
+    assert b"0x1110" in out
+
+
 ECHO_CLIENT = """
 import json, socket, sys, time
 c = socket.create_connection((sys.argv[1], 5010), timeout=30)

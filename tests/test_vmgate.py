@@ -156,6 +156,24 @@ def test_listeners_only_on_the_guests_own_address_and_only_while_connected(
             pytest.fail("a listener outlived its gateway connection")
 
 
+def test_an_upgrade_needs_no_listener_but_still_a_coresident_peer(
+    gateway: tuple[tuple[str, int], Path],
+) -> None:
+    """A server that accepted once and closed its listening socket still speaks cosock on
+    the connection: after a migration back, its client's upgrade must get a slot (it was
+    refused with no-listener: the pair stayed on TCP for good), which the server claims by
+    the connection's key. A first connect without a listener is still refused."""
+    addr, _ = gateway
+    with VmAgent(addr, token="tok-a") as a, VmAgent(addr, token="tok-b") as b:
+        key = (A, 40000, B, 8000)
+        with pytest.raises(SlotRefused, match="no-listener"):
+            a.offer_in(key, NONCE)
+        slot, gen, _cap, _pool = a.offer_in(key, NONCE, upgrade=True)
+        assert b.claim_offer(key)[:3] == (slot, gen, NONCE)
+        with pytest.raises(SlotRefused, match="not-coresident"):
+            a.offer_in((A, 40001, "10.77.2.11", 8000), NONCE, upgrade=True)
+
+
 def test_an_offer_is_for_the_clients_own_connection_to_another_vm(
     gateway: tuple[tuple[str, int], Path],
 ) -> None:

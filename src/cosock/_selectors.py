@@ -6,8 +6,10 @@ readable, and the TCP fd is writable even when the ring is full.  These selector
 readiness for accelerated sockets from the rings themselves and use the kernel only to
 sleep: such a socket is registered for EVENT_READ, which every doorbell, SPACE, verdict
 and EOF frame triggers; on a kernel event its control frames are consumed, then its
-readiness is computed again.  Other file objects (plain sockets, pipes, timers, and
-CoSockets on the TCP path) pass straight through to the wrapped kernel selector.
+readiness is computed again (a wake-up that turns out to carry no readiness, a stale
+doorbell, does not end the call early: it waits on until the caller's timeout).  Other
+file objects (plain sockets, pipes, timers, and CoSockets on the TCP path) pass straight
+through to the wrapped kernel selector.
 
 asyncio's selector loop and ``socketserver`` create ``selectors.DefaultSelector()`` at
 run time, so ``cosock.enable()`` replacing the module attributes reaches them.
@@ -184,37 +186,56 @@ class CoSelector(selectors.BaseSelector):
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         sleepy = timeout is None or timeout > 0  # may sleep: arm the peers' wake-ups
-        ready, watched = self._ring_ready(sleepy)
-        readers = [] if ready or not sleepy else list(watched.values())
-        t0 = time.perf_counter_ns()
-        answered = False  # a ring we wait on became readable during this call
-        if readers and self._spin_ok() and self._spin(readers, timeout):
-            ready, watched = self._ring_ready(True)
-            answered = bool(ready)
-        kernel = self._inner.select(0 if ready else timeout)
-        for kkey, kevents in kernel:
-            fd = kkey.fd
-            mine = self._keys.get(fd)
-            if mine is None:
-                continue
-            sock = channel_socket(fd) if fd in self._co_fds else None
-            if sock is not None:
-                sock._cosock_pump()
-                # Not armed: we return now, and the next select() arms before it sleeps.
-                events = sock._cosock_events(mine.events, False) if sock._co is not None else 0
-                if sock._co is None:  # fell back while pumping: the kernel is right again
-                    self._sync(fd, mine.events)
-                    events = mine.events & (EVENT_READ | EVENT_WRITE)
-                answered = answered or bool(events & EVENT_READ)
-            else:
-                events = kevents & mine.events
-            if events:
-                ready[fd] = ready.get(fd, 0) | events
-        if readers and (answered or not kernel):  # an answer, or nothing at all: learn
-            self._learn(time.perf_counter_ns() - t0)
-        if sleepy:
-            self._stay_awake(watched)  # (without sleeping, the flags were left as they were)
-        return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
+        end = None  # perf_counter_ns() deadline, computed once a wake-up proved stale
+        while True:
+            ready, watched = self._ring_ready(sleepy)
+            readers = [] if ready or not sleepy else list(watched.values())
+            t0 = time.perf_counter_ns()
+            answered = False  # a ring we wait on became readable during this call
+            if readers and self._spin_ok() and self._spin(readers, timeout):
+                ready, watched = self._ring_ready(True)
+                answered = bool(ready)
+            kernel = self._inner.select(0 if ready else timeout)
+            stale = sleepy and bool(kernel)  # only frames that make nothing ready woke us
+            for kkey, kevents in kernel:
+                fd = kkey.fd
+                mine = self._keys.get(fd)
+                if mine is None:
+                    stale = False
+                    continue
+                sock = channel_socket(fd) if fd in self._co_fds else None
+                if sock is not None:
+                    if not sock._cosock_pump():
+                        stale = False  # nothing taken: sleeping again could spin on the fd
+                    # Not armed: we return now, and the next select() arms before it sleeps.
+                    events = sock._cosock_events(mine.events, False) if sock._co is not None else 0
+                    if sock._co is None:  # fell back while pumping: the kernel is right again
+                        self._sync(fd, mine.events)
+                        events = mine.events & (EVENT_READ | EVENT_WRITE)
+                    answered = answered or bool(events & EVENT_READ)
+                else:
+                    events = kevents & mine.events
+                    stale = False
+                if events:
+                    ready[fd] = ready.get(fd, 0) | events
+            if readers and (answered or not kernel):  # an answer, or nothing at all: learn
+                self._learn(time.perf_counter_ns() - t0)
+            if sleepy:
+                self._stay_awake(watched)  # (without sleeping, the flags were left as they were)
+            if ready or not stale:
+                return [(self._keys[fd], ev) for fd, ev in ready.items() if fd in self._keys]
+            # Only doorbells for bytes already read woke us (a writer that looked at the
+            # spinning flag after we had taken its bytes and armed); their frames are
+            # consumed now.  That is neither an answer nor the timeout: sleep on for what is
+            # left, as co_select does.  (Returning [] looked like a timeout, with the
+            # writer's next bytes landing in the ring just after:
+            # test_a_stale_doorbell_does_not_end_select_early.)
+            if timeout is not None:
+                if end is None:
+                    end = t0 + int(timeout * 1e9)
+                timeout = (end - time.perf_counter_ns()) / 1e9
+                if timeout <= 0:
+                    return []
 
     def _channel_fds(self) -> set[int]:
         if self._generation != _generation:  # a socket got a channel: is it one of ours?

@@ -521,24 +521,28 @@ class CoSocket(socket.socket):
         except Exception:
             return False
 
-    def _cosock_pump(self) -> None:
-        """Consume queued control frames (the selector saw the TCP fd readable)."""
+    def _cosock_pump(self) -> bool:
+        """Consume queued control frames (the selector saw the TCP fd readable); True if
+        any arrived (the kernel's readiness was taken: a selector may sleep again)."""
         ch = self._co
         if ch is not None and ch.phase is _FORKED:
             try:
                 _forkshare.claim(self, ch)
             except OSError:
-                return  # the application's next call raises it
+                return False  # the application's next call raises it
             ch = self._co
-        if ch is not None:
-            try:
-                if ch.rx is not None:
-                    ch.bell_mark = ch.rx.bells_sent()
-                self._pump(ch)
-                if ch.phase is _FRAMED:
-                    self._flush_framed(ch)
-            except (RingCorrupted, ProtocolError, ValueError) as exc:
-                self._poison(ch, exc)
+        if ch is None:
+            return False
+        try:
+            if ch.rx is not None:
+                ch.bell_mark = ch.rx.bells_sent()
+            took = self._pump(ch)
+            if ch.phase is _FRAMED:
+                self._flush_framed(ch)
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            self._poison(ch, exc)
+            return False
+        return took
 
     def _cosock_check_residency(self, agent: Any) -> None:
         """Residency watch: switch to TCP if the agent says the peer left this host.
@@ -1015,13 +1019,15 @@ class CoSocket(socket.socket):
         return ch, address  # listener be gone by then
 
     def _send_channel_offer(
-        self, path: str, local: Any, server: tuple[str, int]
+        self, path: str, local: Any, server: tuple[str, int], upgrade: bool = False
     ) -> tuple[bytes, Any, int] | FallbackReason:
         """Offer a fresh channel (memfd + nonce + 4-tuple) to a listener's rendezvous, for
         a first connect or an upgrade: ``(nonce, mapping, capacity)``, or why not."""
         if path.startswith(_vmchannel.RENDEZVOUS_PREFIX):  # another VM: a slot, not a memfd
             vm = _vmchannel.directory()
-            return FallbackReason.AGENT_UNREACHABLE if vm is None else vm.offer(local, server)
+            if vm is None:
+                return FallbackReason.AGENT_UNREACHABLE
+            return vm.offer(local, server, upgrade)
         capacity = _config.ring_size()
         try:
             fd, mm = take_channel(capacity)  # fresh, never offered to anyone
@@ -1348,8 +1354,10 @@ class CoSocket(socket.socket):
         path = ch.rv_path if listener is None else listener.rendezvous
         if path is None:
             return False  # no way to reach the server's process: stay on TCP
-        made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port))
+        made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port), upgrade=True)
         if isinstance(made, FallbackReason):
+            vm = _vmchannel.directory()
+            _trace(f"upgrade-not-offered {made.value} {vm and vm.last_refusal!r}", ch)
             return False  # stay on TCP; the watch asks again
         nonce, mm, capacity = made
         ch.rv_path = path

@@ -235,9 +235,13 @@ class VmAgent:
         generation, capacity). Raises SlotRefused (reason first: "no-listener: ...")."""
         return self.offer_in(key, nonce)[:3]
 
-    def offer_in(self, key: Key, nonce: bytes) -> tuple[int, int, int, str]:
-        """As :meth:`offer`, with the pool the slot is in (hex pool id, "" if shared)."""
-        r = self._call({"op": "offer", "key": list(key), "nonce": nonce.hex()})
+    def offer_in(self, key: Key, nonce: bytes, upgrade: bool = False) -> tuple[int, int, int, str]:
+        """As :meth:`offer`, with the pool the slot is in (hex pool id, "" if shared).
+        ``upgrade``: for a live connection back on TCP (its listener may be closed)."""
+        req: dict[str, Any] = {"op": "offer", "key": list(key), "nonce": nonce.hex()}
+        if upgrade:
+            req["upgrade"] = True
+        r = self._call(req)
         return int(r["slot"]), int(r["generation"]), int(r["capacity"]), str(r.get("pool") or "")
 
     def claim_offer(self, key: Key) -> tuple[int, int, bytes, int]:

@@ -526,10 +526,12 @@ class VmDirectory:
             pass  # the gateway frees it when our connection drops
 
     def offer(
-        self, local: tuple[str, int], server: tuple[str, int]
+        self, local: tuple[str, int], server: tuple[str, int], upgrade: bool = False
     ) -> tuple[bytes, SlotMapping, int] | FallbackReason:
         """Client: a slot for our connection to a listener on another VM of this host,
-        mapped: ``(nonce, mapping, capacity)``, or why the connection stays on TCP."""
+        mapped: ``(nonce, mapping, capacity)``, or why the connection stays on TCP.
+        ``upgrade``: the connection exists (on TCP) and its server may have closed the
+        listener it came through since."""
         try:
             shared = self._gateway().pools == "shared"
             if shared:  # no device, no need to ask (per pair: it is plugged on demand)
@@ -541,7 +543,7 @@ class VmDirectory:
         key: Key = (normalise_host(local[0]), int(local[1]), server[0], server[1])
         nonce = os.urandom(16)
         try:
-            slot, generation, capacity, pool_id = self._call("offer_in", key, nonce)
+            slot, generation, capacity, pool_id = self._call("offer_in", key, nonce, upgrade)
         except AgentUnavailable:
             return FallbackReason.AGENT_UNREACHABLE
         except SlotRefused as exc:

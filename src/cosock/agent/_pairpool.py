@@ -60,6 +60,10 @@ class Qmp:
 
         obj, dev = object_id(peer), device_id(peer)
         try:
+            # The pair's previous pool (same backend id, likely the same PCI slot) may not be
+            # freed yet: plugging over it aborts QEMU.
+            if held := _qmp.ram_released(qmp, obj, UNPLUG_TIMEOUT_S):
+                raise PlugError(f"QEMU still holds the RAM of {held}")
             _qmp.command(
                 qmp,
                 "object-add",

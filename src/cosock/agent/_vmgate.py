@@ -358,7 +358,14 @@ class VmGateway(socketserver.ThreadingTCPServer):
 
     def offer(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
         """A slot for the client's connection ``key`` to a cosock listener on another VM of
-        this host, with the client's nonce (checked against the in-band HELLO)."""
+        this host, with the client's nonce (checked against the in-band HELLO).
+
+        An ``upgrade`` (a live connection back on TCP asking for shared memory again) needs
+        no listener: a server that accepted once and closed its listening socket still
+        speaks cosock on the connection, and it claims the slot by the connection's key
+        (``claim_offer``) or rejects the upgrade in-band. The peer must still be a VM of
+        this host, and the slot limits still apply.
+        """
         key = _key(req)
         nonce = str(req.get("nonce", ""))
         if len(nonce) != 32 or not all(c in "0123456789abcdef" for c in nonce):
@@ -373,7 +380,8 @@ class VmGateway(socketserver.ThreadingTCPServer):
         if guest in self.guests.leaving:
             raise GatewayError("not-coresident: this VM is leaving the host")
         with self.lock:
-            if not any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)):
+            listening = any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS))
+            if not listening and not req.get("upgrade"):
                 raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
         return self._grant(guest, peer, key, nonce)
 

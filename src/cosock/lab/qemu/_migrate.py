@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,32 @@ def unplug_pair_pools(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
                 pass  # deleted by the gateway meanwhile
 
 
+def wait_pool_ram_released(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
+    """Wait until QEMU has freed the RAM of every pool unplugged from the guest (see
+    ``_qmp.ram_released``: a migration begun before sends blocks the target has not got).
+
+    Raises:
+        MigrationError: still held after ``timeout``.
+    """
+    from ...agent import _pairpool
+
+    pools = {_vm.POOL_OBJECT} | {
+        b.rsplit("/", 1)[-1]
+        for b in _qmp.ramblocks(qmp)
+        if b.rsplit("/", 1)[-1].startswith(_pairpool.object_id(""))
+    }
+    for owner in sorted(pools):
+        if held := _qmp.ram_released(qmp, owner, timeout):
+            raise MigrationError(
+                f"migration step 'unplug the pools': QEMU still holds the RAM of {held}"
+                f" after {timeout:g} s"
+            )
+
+
 def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
     """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
+    if held := _qmp.ram_released(qmp, _vm.POOL_OBJECT, UNPLUG_TIMEOUT):
+        raise MigrationError(f"hot-plug of the pool: QEMU still holds the RAM of {held}")
     _qmp.command(
         qmp,
         "object-add",
@@ -122,6 +147,22 @@ def _plug_tap(netns: str, tap: str, proc: Any, log: Path, deadline: float) -> No
             time.sleep(0.02)
         index = ipr.link_lookup(ifname=tap)[0]
         ipr.link("set", index=index, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
+def _target_said(proc: Any, log: Path) -> str:
+    """How the target QEMU ended (or that it still runs) and its last log lines: a failed
+    migration is usually the target's doing, and the source only sees a broken pipe."""
+    try:
+        code = proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        state = "the target QEMU still runs"
+    else:
+        state = (
+            f"the target QEMU was killed by signal {-code}"
+            if code < 0
+            else f"the target QEMU exited with status {code}"
+        )
+    return f"{state} ({_vm.tail(log) or 'no output'})"
 
 
 def _wait_migrated(src_qmp: Path, timeout: float) -> dict[str, Any]:
@@ -254,6 +295,7 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             unplug_pool(src_qmp)
         else:  # new pair pools are plugged on the destination by its gateway, on demand
             unplug_pair_pools(src_qmp)
+        wait_pool_ram_released(src_qmp)
     except BaseException:
         write_vm_guests(state)  # it stays: no longer leaving
         raise
@@ -282,7 +324,10 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             _qmp.command(src_qmp, "migrate", uri=uri)
         except _qmp.QmpError as exc:
             raise MigrationError(f"migration step 'migrate': {exc}") from None
-        info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
+        try:
+            info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
+        except MigrationError as exc:
+            raise MigrationError(f"{exc}; {_target_said(proc, log)}") from None
         steps["migrate_s"] = time.monotonic() - t
     except BaseException:
         _vm.stop([proc.pid])

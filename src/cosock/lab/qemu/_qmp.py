@@ -10,6 +10,7 @@ client at a time, so each call opens, negotiates, talks and closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,10 @@ def session(path: Path, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
         try:
             yield qmp
         finally:
-            qmp.close()
+            # A QEMU that died under us makes close() re-raise the reader's EOFError; the
+            # command's own error (``Disconnected``) already says so.
+            with contextlib.suppress(EOFError, OSError, QMPError):
+                qmp.close()
     finally:
         if owned:  # its epoll and self-pipe would outlive us (one set per thread)
             loop = getattr(asyncio.get_event_loop_policy(), "_local", None)
@@ -79,6 +83,31 @@ def command(path: Path, name: str, /, **args: Any) -> Any:
             return qmp.cmd(name, **args)
         except QMPError as exc:
             raise QmpError(f"QMP {name} on {path.name}: {exc}") from None
+
+
+def ramblocks(path: Path) -> list[str]:
+    """The names of the VM's RAM blocks (HMP ``info ramblock``: QMP has no query for them),
+    which is what a migration stream carries and the target must have too."""
+    text = str(command(path, "human-monitor-command", **{"command-line": "info ramblock"}))
+    lines = [ln.split() for ln in text.splitlines()[1:]]
+    return [ln[0] for ln in lines if ln]
+
+
+def ram_released(path: Path, owner: str, timeout: float) -> list[str]:
+    """Wait until no RAM block of the memory backend ``owner`` is left; the ones still held
+    after ``timeout`` (empty: released).
+
+    ``device_del`` and ``object-del`` return before QEMU frees a block (after an RCU grace
+    period). Until then a migration sends it (the target, which has not got it, exits with
+    "Unknown ramblock") and a device plugged at the same PCI address with the same backend id
+    aborts QEMU ("RAMBlock ... already registered, abort!").
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [b for b in ramblocks(path) if b.rsplit("/", 1)[-1] == owner]
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
 
 
 def status(path: Path) -> str:
