@@ -465,3 +465,32 @@ def test_loopback_in_a_vm_takes_a_memfd_through_its_own_agent(
     assert other == {"answer": "3", "path": "shm", "reason": None}
     assert [x["path"] for x in _finish(srv)] == ["shm", "shm"]
     assert _slots_back(world)
+
+
+def test_loopback_in_a_vm_still_takes_a_memfd_while_the_gateway_is_down(
+    world: World, cosock_agent: Path
+) -> None:
+    """The VM's own agent is up, its host's gateway is not (a closed port): a loopback
+    listener is still published to the local agent, so a loopback connection takes a memfd;
+    it used to stay on TCP (``agent-unreachable``: the listener asked the gateway who we are)."""
+    import socket
+
+    env = world.env["g2"]
+    env["COSOCK_AGENT"] = str(cosock_agent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    env["COSOCK_VM_GATEWAY"] = f"127.0.0.1:{dead}"  # nobody listens there now
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        lo_port = s.getsockname()[1]
+    srv = world.start("g2", "server", "127.0.0.1", str(lo_port), "3")
+    try:
+        report = world.run("g2", "client", "127.0.0.1", str(lo_port))
+        assert report["stream"] == {"up_ok": True, "down_ok": True, "path": "shm", "reason": None}
+        assert report["rr"]["ok"] and report["rr"]["path"] == "shm"
+        assert [x["path"] for x in _finish(srv)] == ["shm"] * 3
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.communicate()

@@ -51,7 +51,12 @@ class VmWithLoopback:
 
     @property
     def self_guest(self) -> Any:
-        return self.vm.self_guest
+        """Ours per the gateway; per the VM's own agent while the gateway is unreachable
+        (a loopback listener needs only that one: ``_socket`` asks before it registers)."""
+        me = self.vm.self_guest
+        if me is None and self._local_up():
+            return self.local.self_guest
+        return me
 
     @property
     def last_self_guest(self) -> Any:
@@ -59,7 +64,10 @@ class VmWithLoopback:
 
     @property
     def rendezvous_dir(self) -> Path | None:
-        return self.vm.rendezvous_dir
+        found = self.vm.rendezvous_dir
+        if found is None and self._local_up():
+            return self.local.rendezvous_dir  # type: ignore[no-any-return]
+        return found
 
     def _local_up(self) -> bool:
         try:
