@@ -465,14 +465,7 @@ def test_many_switches_and_upgrades_under_load_both_ways() -> None:
                         # (an idle application answers at its next call).  Read for them.
                         conn._cosock_pump()
                         cli._cosock_pump()
-                    assert time.monotonic() < deadline, (
-                        cli.cosock_path,
-                        conn.cosock_path,
-                        cli._co and cli._co.proto.state,
-                        conn._co and conn._co.proto.state,
-                        cli.cosock_info(),
-                        conn.cosock_info(),
-                    )
+                    assert time.monotonic() < deadline, _both_states(cli, conn)
                     time.sleep(0.001)
                 cycles += 1
 
@@ -551,15 +544,20 @@ def _until_paths(cli: CoSocket, conn: CoSocket, path: str, timeout: float = 15.0
     watch may move them."""
     deadline = time.monotonic() + timeout
     while not (cli.cosock_path == conn.cosock_path == path):
-        assert time.monotonic() < deadline, (
-            cli.cosock_path,
-            conn.cosock_path,
-            cli._co and cli._co.proto.state,
-            conn._co and conn._co.proto.state,
-            cli.cosock_info(),
-            conn.cosock_info(),
-        )
+        assert time.monotonic() < deadline, _both_states(cli, conn)
         time.sleep(0.01)
+
+
+def _both_states(cli: CoSocket, conn: CoSocket) -> tuple[Any, ...]:
+    """What a timed-out wait for a path shows of both ends."""
+    return (
+        cli.cosock_path,
+        conn.cosock_path,
+        cli._co and cli._co.proto.state,
+        conn._co and conn._co.proto.state,
+        cli.cosock_info(),
+        conn.cosock_info(),
+    )
 
 
 def test_an_idle_pair_completes_an_upgrade_through_the_residency_watch() -> None:
