@@ -462,6 +462,11 @@ def _co_located(lab: object, guests: dict[str, str]) -> None:
             lab.migrate(name, host)
 
 
+# Not in CI (``pytest -m vm`` runs it): two migrations while two soak connections run, and under
+# TCG a guest migrated while it moves traffic sometimes has its kernel memory corrupted (a CI run
+# lost h1g2 to "list_del corruption" right after its move; plain TCP does it too:
+# docs/vm-backend.md, section 6).
+@pytest.mark.vm_full
 def test_a_moved_vm_upgrades_to_its_new_neighbours_and_keeps_its_old_ones_on_tcp(
     vmlab: object,
 ) -> None:

@@ -100,6 +100,12 @@ def _ends(lab: Any, port: int = PORT) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _echoed(ends: dict[str, dict[str, Any]], size: int = 1000) -> dict[str, dict[str, Any]]:
+    """``ends`` once both are listed and each has sent the ``size`` bytes echo; else empty."""
+    done = len(ends) == 2 and all(e["bytes_sent"] == size for e in ends.values())
+    return ends if done else {}
+
+
 def test_the_hosts_status_lists_both_ends_in_the_vms_across_a_switch_and_back(
     vmlab: Any,
 ) -> None:
@@ -204,7 +210,9 @@ def test_a_vm_reporting_garbage_or_too_much_is_refused_and_disturbs_nothing(
     )
     try:
         _until(lambda: _lines(vmlab, CLIENT_VM, cli_log), "the client's echo")
-        before = _until(lambda: len(_ends(vmlab, port)) == 2 and _ends(vmlab, port), "both ends")
+        # Both ends listed with the echo counted (a process reports at most every 0.5 s:
+        # the server's row may still say 0 bytes sent when it first shows).
+        before = _until(lambda: _echoed(_ends(vmlab, port)), "both ends to report the echo")
         gateway = f"{vmlab.hosts()[0]['address']}:7071"
         r = vmlab.run(CLIENT_VM, [PY, "-c", BAD_REPORTER, gateway, server_addr], timeout=300)
         assert r.returncode == 0, r.stderr.decode()[-3000:]
