@@ -62,7 +62,7 @@ class Qmp:
         try:
             # The pair's previous pool (same backend id, likely the same PCI slot) may not be
             # freed yet: plugging over it aborts QEMU.
-            if held := _qmp.ram_released(qmp, obj, UNPLUG_TIMEOUT_S):
+            if held := _qmp.ram_released(qmp, lambda b: b == obj, UNPLUG_TIMEOUT_S):
                 raise PlugError(f"QEMU still holds the RAM of {held}")
             _qmp.command(
                 qmp,

@@ -95,22 +95,19 @@ def wait_pool_ram_released(qmp: Path, timeout: float = UNPLUG_TIMEOUT) -> None:
     """
     from ...agent import _pairpool
 
-    pools = {_vm.POOL_OBJECT} | {
-        b.rsplit("/", 1)[-1]
-        for b in _qmp.ramblocks(qmp)
-        if b.rsplit("/", 1)[-1].startswith(_pairpool.object_id(""))
-    }
-    for owner in sorted(pools):
-        if held := _qmp.ram_released(qmp, owner, timeout):
-            raise MigrationError(
-                f"migration step 'unplug the pools': QEMU still holds the RAM of {held}"
-                f" after {timeout:g} s"
-            )
+    def is_pool(backend: str) -> bool:
+        return backend == _vm.POOL_OBJECT or backend.startswith(_pairpool.object_id(""))
+
+    if held := _qmp.ram_released(qmp, is_pool, timeout):
+        raise MigrationError(
+            f"migration step 'unplug the pools': QEMU still holds the RAM of {held}"
+            f" after {timeout:g} s"
+        )
 
 
 def plug_pool(qmp: Path, pool: Path, size_mb: int) -> None:
     """Hot-plug a host's pool into a running guest (the guest's PCI hot-plug rescans)."""
-    if held := _qmp.ram_released(qmp, _vm.POOL_OBJECT, UNPLUG_TIMEOUT):
+    if held := _qmp.ram_released(qmp, lambda b: b == _vm.POOL_OBJECT, UNPLUG_TIMEOUT):
         raise MigrationError(f"hot-plug of the pool: QEMU still holds the RAM of {held}")
     _qmp.command(
         qmp,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,9 +93,9 @@ def ramblocks(path: Path) -> list[str]:
     return [ln[0] for ln in lines if ln]
 
 
-def ram_released(path: Path, owner: str, timeout: float) -> list[str]:
-    """Wait until no RAM block of the memory backend ``owner`` is left; the ones still held
-    after ``timeout`` (empty: released).
+def ram_released(path: Path, owned: Callable[[str], bool], timeout: float) -> list[str]:
+    """Wait until no RAM block of a memory backend whose id ``owned`` accepts is left; the
+    ones still held after ``timeout`` (empty: released).
 
     ``device_del`` and ``object-del`` return before QEMU frees a block (after an RCU grace
     period). Until then a migration sends it (the target, which has not got it, exits with
@@ -104,7 +104,7 @@ def ram_released(path: Path, owner: str, timeout: float) -> list[str]:
     """
     deadline = time.monotonic() + timeout
     while True:
-        held = [b for b in ramblocks(path) if b.rsplit("/", 1)[-1] == owner]
+        held = [b for b in ramblocks(path) if owned(b.rsplit("/", 1)[-1])]
         if not held or time.monotonic() > deadline:
             return held
         time.sleep(0.05)
