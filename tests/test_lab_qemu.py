@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import IS_ROOT, unique_lab_name
+from conftest import qemu_unavailable, unique_lab_name
 
 pytestmark = [
     pytest.mark.vm,
@@ -83,22 +83,11 @@ print(reply, time.perf_counter() - t)
 """
 
 
-def _why_skip() -> str | None:
-    if not IS_ROOT:
-        return "needs root: the QEMU lab creates namespaces, taps and /dev/shm pools"
-    from cosock.lab.qemu import _packages
-
-    absent = _packages.missing()
-    if absent:
-        return f"needs the packages {', '.join(absent)} (.ci/run installs them)"
-    return None
-
-
 @contextlib.contextmanager
 def running_lab(**up: Any) -> Iterator[Any]:
     """A QEMU lab for one module (``QemuLab.up(name, **up)``), skipped with the reason when
     this machine cannot run one; downed however the module ends, its leaks checked."""
-    reason = _why_skip()
+    reason = qemu_unavailable()
     if reason:
         pytest.skip(reason)
     from conftest import leaks_checked
@@ -648,7 +637,7 @@ def _assert_nothing_left(name: str) -> None:
 
 
 def test_unknown_kernel_package_is_a_clear_error() -> None:
-    reason = _why_skip()
+    reason = qemu_unavailable()
     if reason:
         pytest.skip(reason)
     from cosock.lab.qemu import KernelError, QemuLab
@@ -663,7 +652,7 @@ def test_unknown_kernel_package_is_a_clear_error() -> None:
 
 
 def test_boot_timeout_is_a_clear_error_and_stops_everything() -> None:
-    reason = _why_skip()
+    reason = qemu_unavailable()
     if reason:
         pytest.skip(reason)
     from cosock.lab import _netns
@@ -718,7 +707,7 @@ def test_a_9p_root_guest_sees_host_files_and_a_refused_migration_rolls_back() ->
     """The default guest root is the host's root over 9p (any host file is visible), which
     QEMU refuses to migrate: the error names the step, the target QEMU started in h2 is
     stopped, and the guest runs on in h1 with its ivshmem pool plugged back."""
-    reason = _why_skip()
+    reason = qemu_unavailable()
     if reason:
         pytest.skip(reason)
     from cosock.lab import MigrationError, _netns, down
