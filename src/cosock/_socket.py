@@ -1356,8 +1356,9 @@ class CoSocket(socket.socket):
             return False  # no way to reach the server's process: stay on TCP
         made = self._send_channel_offer(path, local, (ch.peer_ip, peer_port), upgrade=True)
         if isinstance(made, FallbackReason):
-            vm = _vmchannel.directory()
-            _trace(f"upgrade-not-offered {made.value} {vm and vm.last_refusal!r}", ch)
+            if _TRACE:  # the gateway's words are worth a look only when tracing
+                vm = _vmchannel.directory()
+                _trace(f"upgrade-not-offered {made.value} {vm and vm.last_refusal!r}", ch)
             return False  # stay on TCP; the watch asks again
         nonce, mm, capacity = made
         ch.rv_path = path
