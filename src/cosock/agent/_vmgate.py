@@ -380,8 +380,9 @@ class VmGateway(socketserver.ThreadingTCPServer):
         if guest in self.guests.leaving:
             raise GatewayError("not-coresident: this VM is leaving the host")
         with self.lock:
-            listening = any((peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS))
-            if not listening and not req.get("upgrade"):
+            if not req.get("upgrade") and not any(
+                (peer, a, key[3]) in self.listeners for a in (key[2], *_WILDCARDS)
+            ):
                 raise GatewayError(f"no-listener: no cosock listener on {key[2]}:{key[3]}")
         return self._grant(guest, peer, key, nonce)
 
