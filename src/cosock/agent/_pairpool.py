@@ -144,6 +144,10 @@ class PairPool:
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False  # unplugged and removed: a new pool is made for the next connection
 
+    def other(self, guest: str) -> str:
+        """The member that is not ``guest``."""
+        return self.members[1] if guest == self.members[0] else self.members[0]
+
 
 class PairPools:
     """The gateway's per-pair pools (created on demand, reaped when idle).
@@ -242,15 +246,13 @@ class PairPools:
         for guest in pair.members:
             if guest in pair.plugged:
                 continue
-            peer = pair.members[1] if guest == pair.members[0] else pair.members[0]
+            peer = pair.other(guest)
             qmp = self._qmp_of(guest)
             if qmp is None:
                 raise PlugError(f"{guest} has no QMP socket on this host")
             try:
                 self._qmp.plug(qmp, pair.path, self.size, peer)
-            except PlugError as exc:
-                raise PlugError(f"hot-plug into {guest}: {exc}") from None
-            except Exception as exc:  # QMP socket gone, QEMU died mid-command
+            except Exception as exc:  # refused; or the QMP socket gone, QEMU died mid-command
                 raise PlugError(f"hot-plug into {guest}: {exc}") from None
             pair.plugged.add(guest)
         self.plugs += 1
@@ -263,7 +265,7 @@ class PairPools:
         """Unplug from whoever still has it, drop the file (pair lock held)."""
         for guest in sorted(pair.plugged):
             qmp = self._qmp_of(guest)
-            peer = pair.members[1] if guest == pair.members[0] else pair.members[0]
+            peer = pair.other(guest)
             if qmp is not None:
                 try:
                     self._qmp.unplug(qmp, peer)
