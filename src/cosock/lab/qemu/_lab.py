@@ -338,10 +338,7 @@ class QemuLab:
 
     def pool(self, host: str) -> Path:
         """The host's ivshmem pool file (what every VM of that host sees as BAR2)."""
-        for h in self._state.get("hosts", []):
-            if h["name"] == host:
-                return Path(h["pool"])
-        raise UnknownGuest(f"lab {self.name!r} has no host {host!r}")
+        return self.host(host).pool
 
     def _token(self, guest: VmGuest) -> str:
         return (_guest_dir(self.name, guest.name) / "token").read_text().strip()
