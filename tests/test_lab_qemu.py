@@ -679,6 +679,23 @@ def test_missing_packages_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         _packages.check()
 
 
+def test_the_qemu_version_is_read_and_an_old_one_is_named_before_migrating_under_tcg() -> None:
+    reason = qemu_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from cosock.lab.qemu import _packages
+
+    binary = _packages.qemu_binary()
+    version = _packages.qemu_version(binary)
+    said = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    assert said.stdout.startswith("QEMU emulator version " + ".".join(map(str, version)))
+    assert _packages.qemu_version("/bin/true") == (0, 0, 0)  # says nothing: no version
+    old = _packages.migration_warning((7, 2, 22), "tcg")
+    assert old is not None and "QEMU 7.2.22 under TCG" in old and "bookworm-backports" in old
+    assert _packages.migration_warning((7, 2, 22), "kvm") is None
+    assert _packages.migration_warning((10, 0, 2), "tcg") is None
+
+
 def test_cli_rejects_an_unknown_backend() -> None:
     r = subprocess.run(
         [COSOCK, "lab", "up", "--backend", "xen", "--name", "zz"], capture_output=True, timeout=60

@@ -94,9 +94,11 @@ def _print_vm_lab(lab: QemuLab) -> None:
     console = Console()
     info = lab.to_json()
     console.print(
-        f"lab {lab.name}: QEMU guests, accelerator {lab.accel} ({lab.accel_reason}),"
-        f" guest root {info['root']}, ivshmem pools {info['pool']}"
+        f"lab {lab.name}: QEMU {lab.qemu_version or '?'} guests, accelerator {lab.accel}"
+        f" ({lab.accel_reason}), guest root {info['root']}, ivshmem pools {info['pool']}"
     )
+    if lab.migration_warning:
+        console.print(f"[yellow]warning:[/] {lab.migration_warning}")
     hosts = Table(title=f"lab {lab.name}: hosts")
     for col in ("host", "netns", "agent pid", "ivshmem pool"):
         hosts.add_column(col)
@@ -326,6 +328,8 @@ def migrate_guest(name: str, guest: str, to: str, delay_ms: str | None, as_json:
             if delay is not None:
                 raise InvalidLabSpec("--delay-ms is not supported for QEMU labs")
             before = any_lab.guest(guest).host
+            if any_lab.migration_warning:
+                typer.echo(f"warning: {any_lab.migration_warning}", err=True)
             figures = any_lab.migrate(guest, to)
             if as_json:
                 _print_json({"lab": name, "guest": guest, "from": before, "to": to, **figures})

@@ -113,6 +113,7 @@ def run(lab: QemuLab, stream_bytes: int = 64 << 20, round_trips: int = 2000) -> 
         results: dict[str, Any] = {
             "accel": lab.accel,
             "accel_reason": lab.accel_reason,
+            "qemu_version": lab.qemu_version,
             "between": [server, client],
             "ring_capacity": layout.capacity,
         }
@@ -140,6 +141,7 @@ def show(results: dict[str, Any], console: Any, lab: str) -> None:
 
     table = Table(
         title=f"lab {lab}: {results['between'][0]} <-> {results['between'][1]},"
+        f" QEMU {results.get('qemu_version') or '?'},"
         f" accelerator {results['accel']} ({results['accel_reason']})"
     )
     for col in ("transport", "stream MB/s", "2nd half MB/s", "rr p50 µs", "rr p99 µs"):

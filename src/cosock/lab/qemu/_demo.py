@@ -70,11 +70,17 @@ def run(lab_name: str = "demovm", quiet: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {
         "accel": lab.accel,
         "accel_reason": lab.accel_reason,
+        "qemu_version": lab.qemu_version,
         "boot_seconds": lab.boot_seconds,
         "up_seconds": round(time.monotonic() - t, 1),
     }
     try:
-        out.print(f"up in {result['up_seconds']} s, accelerator {lab.accel} ({lab.accel_reason})")
+        out.print(
+            f"up in {result['up_seconds']} s, QEMU {lab.qemu_version},"
+            f" accelerator {lab.accel} ({lab.accel_reason})"
+        )
+        if lab.migration_warning:
+            out.print(f"warning: {lab.migration_warning}")
         bench = _bench.run(lab, stream_bytes=16 << 20, round_trips=300)
         result["bench"] = bench
         _bench.show(bench, out, lab.name)

@@ -126,6 +126,8 @@ class QemuLab:
         self._state = state
         self.accel: str = str(state.get("accel", "?"))
         self.accel_reason: str = str(state.get("accel_reason", ""))
+        #: "10.0.2"; "" for a lab made before the version was recorded.
+        self.qemu_version: str = str(state.get("qemu_version", ""))
         self.guests: list[VmGuest] = [
             VmGuest(
                 name=g["name"],
@@ -147,6 +149,14 @@ class QemuLab:
     @property
     def boot_seconds(self) -> dict[str, float]:
         return dict(self._state.get("boot_seconds", {}))
+
+    @property
+    def migration_warning(self) -> str | None:
+        """Why a live migration of a guest that moves traffic may crash it on this QEMU."""
+        if not self.qemu_version:
+            return None
+        version = tuple(int(x) for x in self.qemu_version.split("."))
+        return _packages.migration_warning(version, self.accel)
 
     @property
     def timeout_factor(self) -> float:
@@ -208,6 +218,7 @@ class QemuLab:
             qemu = _packages.qemu_binary()
             accel = _accel.choose(qemu, kernel.vmlinuz, initramfs)
             state = _plan(name, hosts, guests, kernel, initramfs, accel, spare_hosts)
+            state["qemu_version"] = ".".join(map(str, _packages.qemu_version(qemu)))
             state["pool_mode"] = pool
             if root == "image":
                 from . import _rootfs
@@ -497,6 +508,8 @@ class QemuLab:
             "backend": BACKEND,
             "accel": self.accel,
             "accel_reason": self.accel_reason,
+            "qemu_version": self.qemu_version,
+            "migration_warning": self.migration_warning,
             "kernel": self._state.get("kernel", ""),
             "root": "image" if self._state.get("root_image") else "9p",
             "pool": pool_mode(self._state),
