@@ -325,6 +325,12 @@ def migrate(state: _state.State, guest: str, to_host: str, qemu: str) -> dict[st
             info = _wait_migrated(src_qmp, MIGRATE_TIMEOUT)
         except MigrationError as exc:
             raise MigrationError(f"{exc}; {_target_said(proc, log)}") from None
+        except _qmp.QmpError as exc:  # the source QEMU died mid-migration: say what it said
+            raise MigrationError(
+                f"migration step 'migrate': the source QEMU stopped answering ({exc});"
+                f" its log: {_vm.tail(Path(g['log'])) or 'no output'};"
+                f" {_target_said(proc, log)}"
+            ) from None
         steps["migrate_s"] = time.monotonic() - t
     except BaseException:
         _vm.stop([proc.pid])

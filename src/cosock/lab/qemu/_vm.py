@@ -31,6 +31,8 @@ from ._model import (
     BootError,
 )
 
+#: The guest RAM's memory backend (on the command line before the pool's: see argv()).
+RAM_OBJECT = "ram"
 #: QOM ids of the ivshmem pool's memory backend and device (for QMP hot-(un)plug).
 POOL_OBJECT = "pool"
 POOL_DEVICE = "pool0"
@@ -68,8 +70,14 @@ class VmSpec:
             self.name,
             "-nodefaults",
             "-no-user-config",
+            # Guest RAM is a backend of its own, made before the pool's: QEMU 10 creates
+            # -object memory backends before the machine's RAM, so the pool would get RAM
+            # offset 0, and a migration after it is unplugged aborts the source QEMU ("Bad ram
+            # offset 0"; docs/vm-backend.md, section 5).
+            "-object",
+            f"memory-backend-ram,id={RAM_OBJECT},size={self.mem_mb}M",
             "-machine",
-            "pc",
+            f"pc,memory-backend={RAM_OBJECT}",
             "-accel",
             self.accel,
             "-m",
