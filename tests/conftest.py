@@ -236,34 +236,16 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 #: Marks of a test's QEMU variant: VMs, one worker for the module's shared VM lab, checked for
 #: leaks by that lab's fixture (a migration starts a new QEMU: a new child), TCG-sized timeout.
-#: All of them ``vm_full`` for now: ``make test`` (CI) runs none, ``pytest -m vm`` all. The
-#: target QEMU that went away was a migration begun before QEMU freed the unplugged pool's RAM
-#: (fixed), but under TCG a guest migrated while it moves traffic sometimes has its kernel
-#: memory corrupted, also with plain TCP and no cosock in it (docs/vm-backend.md, section 6):
-#: a CI run must not depend on that.
+#: They run in ``make test`` (CI) with QEMU >= 10; under TCG, QEMU 7.2 corrupts a guest migrated
+#: while it moves traffic (docs/vm-backend.md, section 6), and ``.ci/run`` installs 10.0.
 QEMU_MARKS = [
     pytest.mark.vm,
-    pytest.mark.vm_full,
     pytest.mark.xdist_group("qemu-lab"),
     pytest.mark.leaks_checked_by_module,
     pytest.mark.timeout(900),
 ]
 #: ``@pytest.fixture(params=BACKENDS)``: each test once on namespaces, once on QEMU VMs.
 BACKENDS = ["netns", pytest.param("qemu", marks=QEMU_MARKS)]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """QEMU variants marked ``vm_full`` are left out of a run without ``-m`` (``make test``,
-    CI: TCG makes the whole set too slow, see docs/vm-backend.md); ``pytest -m vm`` runs them."""
-    if config.option.markexpr:
-        return
-    keep, left_out = [], []
-    for item in items:
-        full = item.get_closest_marker("vm") and item.get_closest_marker("vm_full")
-        (left_out if full else keep).append(item)
-    if left_out:
-        config.hook.pytest_deselected(items=left_out)
-        items[:] = keep
 
 
 def skip_on_qemu(lab: Any, reason: str) -> None:

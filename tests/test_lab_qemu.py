@@ -451,11 +451,6 @@ def _co_located(lab: object, guests: dict[str, str]) -> None:
             lab.migrate(name, host)
 
 
-# Not in CI (``pytest -m vm`` runs it): two migrations while two soak connections run, and under
-# TCG a guest migrated while it moves traffic sometimes has its kernel memory corrupted (a CI run
-# lost h1g2 to "list_del corruption" right after its move; plain TCP does it too:
-# docs/vm-backend.md, section 6).
-@pytest.mark.vm_full
 def test_a_moved_vm_upgrades_to_its_new_neighbours_and_keeps_its_old_ones_on_tcp(
     vmlab: object,
 ) -> None:
@@ -536,10 +531,6 @@ def test_a_moved_vm_upgrades_to_its_new_neighbours_and_keeps_its_old_ones_on_tcp
     )
 
 
-# Not in CI (``pytest -m vm`` runs it): it migrates h1g1 while a soak runs. In one CI run
-# (session 7) the soak client in the moved VM never printed its end after the stop (the VM
-# still answered; cause not found: the TCG corruption of docs/vm-backend.md, section 6, or ours).
-@pytest.mark.vm_full
 def test_a_vm_moved_to_a_host_without_a_gateway_stays_on_tcp_with_a_reason(
     vmlab: object,
 ) -> None:

@@ -25,13 +25,6 @@ from labpeers import Peer, stream_phase
 pytestmark = [requires_root, pytest.mark.timeout(240)]
 
 
-#: The QEMU variants of the streaming tests (all QEMU variants are vm_full for now: QEMU_MARKS).
-#: Under TCG a guest migrated while it streams has its kernel memory corrupted in about one run
-#: of three (list_del corruption, bad page state; also with plain TCP and no cosock in the
-#: guest): docs/vm-backend.md, section 6.
-vm_full = pytest.mark.vm_full
-
-
 @pytest.fixture(params=BACKENDS)
 def lab(request: pytest.FixtureRequest) -> Lab:
     """2 hosts x 2 guests: network namespaces, or QEMU VMs (marked ``vm``; one shared lab,
@@ -63,7 +56,6 @@ def _finish(client: Peer, server: Peer) -> tuple[dict[str, Any], dict[str, Any]]
     return c_end, s_end
 
 
-@vm_full
 @pytest.mark.parametrize("mover", ["h1g1", "h1g2"])
 def test_cosock_stream_survives_migration_byte_exact(
     lab: Lab, peers: Callable[..., Peer], mover: str
@@ -193,7 +185,6 @@ def _paths(client: Peer, server: Peer) -> tuple[str, str]:
     return client.ask(op="info")["path"], server.ask(op="info")["path"]
 
 
-@vm_full
 def test_twenty_migrations_back_and_forth_byte_exact(lab: Lab, peers: Callable[..., Peer]) -> None:
     client, server = _pair(lab, peers, 7310)
     stream_phase(client, server, want=1 << 20)
@@ -225,7 +216,6 @@ def test_two_migrations_in_quick_succession(lab: Lab, peers: Callable[..., Peer]
     _finish(client, server)
 
 
-@vm_full
 def test_both_guests_move_and_meet_again_on_the_new_host(
     lab: Lab, peers: Callable[..., Peer]
 ) -> None:

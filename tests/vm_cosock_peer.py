@@ -235,6 +235,10 @@ def echo_server(host: str, port: int) -> None:
     srv.close()
 
 
+#: States a connection passes through between paths (a sampled one may catch them).
+TRANSIENT_PATHS = frozenset({"handshake", "switching", "upgrading"})
+
+
 def soak_client(host: str, port: int, seconds: float, stop: str | None = None) -> None:
     paths: list[str] = []
     errors: list[str] = []
@@ -255,7 +259,8 @@ def soak_client(host: str, port: int, seconds: float, stop: str | None = None) -
             total += size
             rounds += 1
             path = info(c)["path"]
-            if not paths or paths[-1] != path:
+            # A switch or upgrade under way is not listed: the report says where it settled.
+            if path not in TRANSIENT_PATHS and (not paths or paths[-1] != path):
                 paths.append(path)
                 if rounds > 1:
                     print(json.dumps({"path": path, "t": time.monotonic()}), flush=True)
