@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from .. import _config
 from .._errors import CosockError
+from ._pairpool import ENV_PAIR_MAX_POOLS, MAX_POOLS, MAX_POOLS_LIMIT
 from .server import serve
 
 PROG = "python -m cosock.agent"
@@ -59,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         " into A and B only (QMP sockets from --vm-guests)",
     )
     parser.add_argument(
+        "--vm-pair-max-pools",
+        type=int,
+        metavar="N",
+        default=None,
+        help="with --vm-pair-pools: a pair of VMs gets up to N pools of 7 channels each, one"
+        " more each time its pools are full (default: $COSOCK_VM_PAIR_MAX_POOLS or"
+        f" {MAX_POOLS}); beyond that its connections stay on TCP",
+    )
+    parser.add_argument(
         "--vm-guests", type=Path, default=None, help="JSON file of the VMs' tokens and addresses"
     )
     args = parser.parse_args(argv)
@@ -70,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vm-gateway needs --vm-pool (or --vm-pair-pools) and --vm-guests")
     if args.vm_pool and args.vm_pair_pools:
         parser.error("--vm-pool and --vm-pair-pools exclude each other")
+    max_pools = args.vm_pair_max_pools
+    if max_pools is None:
+        raw = os.environ.get(ENV_PAIR_MAX_POOLS, "") or str(MAX_POOLS)
+        if not raw.isdigit():
+            parser.error(f"{ENV_PAIR_MAX_POOLS} must be a whole number, not {raw!r}")
+        max_pools = int(raw)
+    if not 1 <= max_pools <= MAX_POOLS_LIMIT:
+        parser.error(f"--vm-pair-max-pools must be 1..{MAX_POOLS_LIMIT}, not {max_pools}")
     path: Path = args.socket if args.socket is not None else _config.agent_path()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
@@ -84,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.vm_pool,
                 args.vm_guests,
                 pair_prefix=args.vm_pair_pools,
+                pair_max_pools=max_pools,
             )
         serve(
             path,

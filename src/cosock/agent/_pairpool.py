@@ -9,6 +9,13 @@ machine). Every A<->B connection is a slot of it. When the pair holds no slot fo
 :data:`LINGER_S` (or at once when one of them is leaving or left the host), the pool is
 unplugged from both and its file removed. See docs/vm-backend.md, section 4.
 
+A pair whose pool is full gets another one (``<prefix>A-B.2.ivshmem``, ...), up to
+``max_pools`` per pair (:data:`MAX_POOLS`, the agent's ``--vm-pair-max-pools``); only then is a
+connection refused (``resource``). Each extra pool is a device of its own, reaped on its own.
+QOM ids carry the pool's id (``cpair-B-<8 hex>``), so they never repeat: a restarted agent
+plugs a pair afresh although its crashed predecessor left devices plugged, and it unplugs
+those (:meth:`PairPools.sweep`: every device and object of ours it did not make).
+
 QMP is reached through each guest's monitor socket, whose path the lab writes into the guests
 file; a refused ``object-add``/``device_add`` undoes what was plugged and removes the file, and
 the connection stays on TCP with the reason (``resource: hot-plug ...``).
@@ -37,33 +44,41 @@ REAP_EVERY_S = 0.25
 #: How long a guest may take to release a hot-unplugged device (ACPI eject).
 UNPLUG_TIMEOUT_S = 20.0
 IVSHMEM_DEVICE_ID = 0x1110
+#: Pools one pair may have at once by default (each 16 MiB, 7 channels, one PCI slot in both
+#: VMs): 28 connections per pair.
+MAX_POOLS = 4
+#: The most the agent accepts: a VM has up to 3 neighbours in a lab, and 3 x 8 pool devices
+#: plus its own few stay within the 32 slots of the ``pc`` machine's PCI bus 0.
+MAX_POOLS_LIMIT = 8
+#: The agent's default for ``--vm-pair-max-pools``.
+ENV_PAIR_MAX_POOLS = "COSOCK_VM_PAIR_MAX_POOLS"
+#: The QOM id prefixes of pair pools (memory backend, device): ours, whichever agent made them.
+OBJECT_PREFIX, DEVICE_PREFIX = "cpair-", "cpaird-"
 
 
 class PlugError(Exception):
     """QEMU refused (or could not be asked for) a hot-plug; the message says which step."""
 
 
-def object_id(peer: str) -> str:
-    """QOM id of the memory backend of the pool shared with ``peer`` (in this VM's QEMU)."""
-    return f"cpair-{peer}"
+def object_id(peer: str, tag: str = "") -> str:
+    """QOM id of the memory backend of the pool ``tag`` (its id's first 8 hex digits) shared
+    with ``peer``, in this VM's QEMU; ``object_id("")`` is the prefix of them all."""
+    return f"{OBJECT_PREFIX}{peer}" + (f"-{tag}" if tag else "")
 
 
-def device_id(peer: str) -> str:
-    return f"cpaird-{peer}"
+def device_id(peer: str, tag: str = "") -> str:
+    return f"{DEVICE_PREFIX}{peer}" + (f"-{tag}" if tag else "")
 
 
 class Qmp:
     """The QMP side: plug or unplug a pair's pool in one VM's QEMU (``lab.qemu._qmp``)."""
 
-    def plug(self, qmp: Path, pool: Path, size: int, peer: str) -> None:
+    def plug(self, qmp: Path, pool: Path, size: int, obj: str, dev: str) -> None:
+        """``object-add`` + ``device_add``; ids are new for every pool, so no RAM block of an
+        earlier pool (freed after an RCU grace period) can clash with this one."""
         from ..lab.qemu import _qmp
 
-        obj, dev = object_id(peer), device_id(peer)
         try:
-            # The pair's previous pool (same backend id, likely the same PCI slot) may not be
-            # freed yet: plugging over it aborts QEMU.
-            if held := _qmp.ram_released(qmp, lambda b: b == obj, UNPLUG_TIMEOUT_S):
-                raise PlugError(f"QEMU still holds the RAM of {held}")
             _qmp.command(
                 qmp,
                 "object-add",
@@ -84,16 +99,30 @@ class Qmp:
                 _qmp.command(qmp, "object-del", id=obj)
             raise PlugError(f"device_add {dev}: {exc}") from None
 
-    def unplug(self, qmp: Path, peer: str, timeout: float = UNPLUG_TIMEOUT_S) -> None:
+    def unplug(
+        self, qmp: Path, devs: set[str], objs: set[str], timeout: float = UNPLUG_TIMEOUT_S
+    ) -> None:
         """``device_del`` (the guest acks the ACPI eject) then ``object-del``; either may
         already be gone (the lab unplugs a migrating VM's pools itself)."""
         from ..lab.qemu import _qmp
 
-        unplug_devices(qmp, {device_id(peer)}, timeout)
+        unplug_devices(qmp, devs, timeout)
         objects = {o.get("name") for o in _qmp.command(qmp, "qom-list", path="/objects")}
-        if object_id(peer) in objects:
+        for obj in objs & objects:
             with contextlib.suppress(_qmp.QmpError):
-                _qmp.command(qmp, "object-del", id=object_id(peer))
+                _qmp.command(qmp, "object-del", id=obj)
+
+    def ours(self, qmp: Path) -> tuple[set[str], set[str]]:
+        """The pair-pool devices and memory backends plugged into a VM (by our id prefixes)."""
+        from ..lab.qemu import _qmp
+
+        devs = {d for d in ivshmem_qdev_ids(qmp) if d.startswith(DEVICE_PREFIX)}
+        objs = {
+            str(o.get("name", ""))
+            for o in _qmp.command(qmp, "qom-list", path="/objects")
+            if str(o.get("name", "")).startswith(OBJECT_PREFIX)
+        }
+        return devs, objs
 
 
 def ivshmem_qdev_ids(qmp: Path) -> set[str]:
@@ -131,9 +160,10 @@ def unplug_devices(qmp: Path, ids: set[str], timeout: float) -> None:
 
 @dataclass(eq=False)
 class PairPool:
-    """One pair's pool: its file, layout, slots, and whom it is plugged into."""
+    """One pool of a pair: its file, layout, slots, and whom it is plugged into."""
 
     members: tuple[str, str]  # sorted guest names
+    index: int  # 1, 2, ...: the pair's first, second, ... pool (its file name says which)
     path: Path
     pool: Pool
     layout: PoolLayout
@@ -144,16 +174,27 @@ class PairPool:
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False  # unplugged and removed: a new pool is made for the next connection
 
+    @property
+    def tag(self) -> str:
+        """What makes its QOM ids unique: the first 8 hex digits of its random id."""
+        return self.pool_id.hex()[:8]
+
     def other(self, guest: str) -> str:
         """The member that is not ``guest``."""
         return self.members[1] if guest == self.members[0] else self.members[0]
+
+    def ids_in(self, guest: str) -> tuple[str, str]:
+        """(memory backend, device) QOM ids of this pool in ``guest``'s QEMU."""
+        peer = self.other(guest)
+        return object_id(peer, self.tag), device_id(peer, self.tag)
 
 
 class PairPools:
     """The gateway's per-pair pools (created on demand, reaped when idle).
 
     ``qmp_of(guest)``: the guest's QMP socket if it runs on this host (None: it left);
-    ``status_of(guest)``: "here", "leaving" or "gone".
+    ``status_of(guest)``: "here", "leaving" or "gone"; ``guests()``: the VMs of the host
+    now (whose QEMUs :meth:`sweep` clears of a previous agent's devices).
     """
 
     def __init__(
@@ -164,50 +205,80 @@ class PairPools:
         qmp_of: Callable[[str], Path | None],
         status_of: Callable[[str], str],
         qmp: Qmp | None = None,
+        max_pools: int = MAX_POOLS,
+        guests: Callable[[], set[str]] | None = None,
     ) -> None:
+        if max_pools < 1:
+            raise ValueError(f"a pair needs at least one pool, not {max_pools}")
         self.prefix = prefix
         self.size = size
         self.capacity = capacity
+        self.max_pools = max_pools
         self._qmp_of = qmp_of
         self._status_of = status_of
+        self._guests = guests or (lambda: set())
         self._qmp = qmp or Qmp()
         self._lock = threading.Lock()
-        self._pairs: dict[tuple[str, str], PairPool] = {}
+        self._pairs: dict[tuple[str, str], list[PairPool]] = {}
+        #: VMs whose QEMU was swept (by QMP socket: a VM that migrated in has a new one).
+        self._swept: set[Path] = set()
+        self._sweep_warned: set[Path] = set()
         self._closing = threading.Event()
+        #: Figures for people and tests: hot-plugs done, their last duration, devices of an
+        #: earlier agent unplugged.
+        self.plugs = 0
+        self.last_plug_s = 0.0
+        self.swept: list[str] = []
         self._reaper = threading.Thread(target=self._reap_loop, name="cosock-pair-reaper")
         self._reaper.daemon = True
         self._reaper.start()
-        #: Figures for people and tests: hot-plugs done, their last duration.
-        self.plugs = 0
-        self.last_plug_s = 0.0
 
-    def path_of(self, a: str, b: str) -> Path:
+    def path_of(self, a: str, b: str, index: int = 1) -> Path:
         x, y = sorted((a, b))
-        return Path(f"{self.prefix}{x}-{y}.ivshmem")
+        return Path(f"{self.prefix}{x}-{y}{'' if index == 1 else f'.{index}'}.ivshmem")
 
     #### Finding and making pools
 
     def acquire(self, a: str, b: str) -> PairPool:
-        """The live pool of pair {a, b}, made and plugged into both if there is none; its
-        ``lock`` is held on return (the caller allocates a slot, then releases it), so the
-        reaper cannot unplug it in between.
+        """A live pool of pair {a, b} with a free slot, plugged into both: the first one that
+        has room, else a new one (made and plugged) while the pair has fewer than
+        ``max_pools``. Its ``lock`` is held on return (the caller allocates a slot, then
+        releases it), so neither the reaper nor another connection takes it in between.
 
         Raises:
             PlugError: the file could not be made or QEMU refused the hot-plug (nothing of
                 the attempt is left: plugged halves unplugged, file removed).
+            PoolError: every one of the pair's ``max_pools`` pools is full.
         """
         members: tuple[str, str] = tuple(sorted((a, b)))  # type: ignore[assignment]
-        while True:
+        for _ in range(4 * self.max_pools + 4):  # bounded: each round sees a pool come or go
             with self._lock:
-                pair = self._pairs.get(members)
-                if pair is None:
-                    pair = self._make(members)
-                    self._pairs[members] = pair
-            pair.lock.acquire()
-            if not pair.gone:
-                break
-            pair.lock.release()  # reaped meanwhile: make a new one
-        if pair.plugged == set(members):
+                pools = list(self._pairs.get(members, ()))
+            for pair in pools:
+                pair.lock.acquire()
+                if not pair.gone and pair.table.free_count:
+                    return self._plugged(pair)
+                pair.lock.release()
+            with self._lock:
+                now = [p for p in self._pairs.get(members, ()) if not p.gone]
+                if [p for p in now if p not in pools]:
+                    continue  # another connection made one meanwhile: look at it
+                if len(now) >= self.max_pools:
+                    raise PoolError(
+                        f"all {self.max_pools} pools of the pair {members[0]}-{members[1]} are"
+                        f" full ({sum(p.layout.slot_count for p in now)} channels)"
+                    )
+                used = {p.index for p in now}
+                index = next(i for i in range(1, self.max_pools + 1) if i not in used)
+                pair = self._make(members, index)
+                self._pairs[members] = [*now, pair]
+                pair.lock.acquire()
+            return self._plugged(pair)
+        raise PoolError(f"no pool of the pair {members[0]}-{members[1]} settled")
+
+    def _plugged(self, pair: PairPool) -> PairPool:
+        """``pair`` (lock held) plugged into both members; on failure removed, lock released."""
+        if pair.plugged == set(pair.members):
             return pair
         try:
             self._plug(pair)
@@ -217,8 +288,8 @@ class PairPools:
             raise
         return pair
 
-    def _make(self, members: tuple[str, str]) -> PairPool:
-        path = self.path_of(*members)
+    def _make(self, members: tuple[str, str], index: int) -> PairPool:
+        path = self.path_of(*members, index)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale file of a crashed agent: never reused
         try:
@@ -239,19 +310,19 @@ class PairPools:
             pool.close()
             path.unlink()
             raise
-        return PairPool(members, path, pool, layout, SlotTable(layout.slot_count), pool_id)
+        table = SlotTable(layout.slot_count)
+        return PairPool(members, index, path, pool, layout, table, pool_id)
 
     def _plug(self, pair: PairPool) -> None:
         t = time.monotonic()
         for guest in pair.members:
             if guest in pair.plugged:
                 continue
-            peer = pair.other(guest)
             qmp = self._qmp_of(guest)
             if qmp is None:
                 raise PlugError(f"{guest} has no QMP socket on this host")
             try:
-                self._qmp.plug(qmp, pair.path, self.size, peer)
+                self._qmp.plug(qmp, pair.path, self.size, *pair.ids_in(guest))
             except Exception as exc:  # refused; or the QMP socket gone, QEMU died mid-command
                 raise PlugError(f"hot-plug into {guest}: {exc}") from None
             pair.plugged.add(guest)
@@ -265,10 +336,10 @@ class PairPools:
         """Unplug from whoever still has it, drop the file (pair lock held)."""
         for guest in sorted(pair.plugged):
             qmp = self._qmp_of(guest)
-            peer = pair.other(guest)
             if qmp is not None:
+                obj, dev = pair.ids_in(guest)
                 try:
-                    self._qmp.unplug(qmp, peer)
+                    self._qmp.unplug(qmp, {dev}, {obj})
                 except Exception as exc:  # a guest that does not ack: say so, go on
                     log.warning("unplugging %s from %s: %s", pair.path.name, guest, exc)
             pair.plugged.discard(guest)
@@ -277,29 +348,33 @@ class PairPools:
         with contextlib.suppress(FileNotFoundError):
             pair.path.unlink()
         with self._lock:
-            if self._pairs.get(pair.members) is pair:
-                del self._pairs[pair.members]
+            pools = self._pairs.get(pair.members, [])
+            if pair in pools:
+                pools.remove(pair)
+            if not pools:
+                self._pairs.pop(pair.members, None)
 
     #### Slots
 
-    def find(self, pool_id: bytes) -> PairPool | None:
+    def _all(self) -> list[PairPool]:
         with self._lock:
-            return next((p for p in self._pairs.values() if p.pool_id == pool_id), None)
+            return [p for pools in self._pairs.values() for p in pools]
 
-    def of(self, a: str, b: str) -> PairPool | None:
+    def find(self, pool_id: bytes) -> PairPool | None:
+        return next((p for p in self._all() if p.pool_id == pool_id), None)
+
+    def of(self, a: str, b: str) -> list[PairPool]:
+        """The pair's pools now (first made first)."""
         with self._lock:
-            return self._pairs.get(tuple(sorted((a, b))))  # type: ignore[arg-type]
+            return list(self._pairs.get(tuple(sorted((a, b))), ()))  # type: ignore[arg-type]
 
     def count_of(self, guest: str) -> int:
-        with self._lock:
-            pairs = list(self._pairs.values())
-        return sum(p.table.count_of(guest) for p in pairs if guest in p.members)
+        return sum(p.table.count_of(guest) for p in self._all() if guest in p.members)
 
     def drop_guest(self, guest: str) -> list[tuple[str, int]]:
         """A guest left the host: its slots in every pair are released (the reaper then
         unplugs those pools from the other member)."""
-        with self._lock:
-            pairs = [p for p in self._pairs.values() if guest in p.members]
+        pairs = [p for p in self._all() if guest in p.members]
         dropped = []
         for p in pairs:
             dropped += [(p.path.name, s) for s in p.table.drop_guest(guest)]
@@ -310,23 +385,54 @@ class PairPools:
         if pair.table.held == 0 and pair.idle_since is None:
             pair.idle_since = time.monotonic()
 
+    #### What an earlier agent left
+
+    def sweep(self) -> list[str]:
+        """Unplug from each VM of the host, once per QEMU, the pair-pool devices and memory
+        backends of ours that this gateway did not make: a crashed agent's (their files are
+        gone or stale, and their slots' owners with it). Returns ``"guest:id"`` of each.
+
+        A QEMU that does not answer is tried again at the next sweep."""
+        removed = []
+        for guest in sorted(self._guests()):
+            qmp = self._qmp_of(guest)
+            if qmp is None or qmp in self._swept:
+                continue
+            try:
+                devs, objs = self._qmp.ours(qmp)
+                mine = {x for p in self._all() if guest in p.members for x in p.ids_in(guest)}
+                devs, objs = devs - mine, objs - mine
+                if devs or objs:
+                    self._qmp.unplug(qmp, devs, objs)
+            except Exception as exc:  # QEMU not up yet, busy or gone: next time
+                if qmp not in self._sweep_warned:  # once: a booting VM fails for seconds
+                    self._sweep_warned.add(qmp)
+                    log.info("not yet swept %s's QEMU of old pair pools: %s", guest, exc)
+                continue
+            self._swept.add(qmp)
+            for x in sorted(devs | objs):
+                log.info("removed %s from %s: left by an earlier agent", x, guest)
+                removed.append(f"{guest}:{x}")
+        self.swept += removed
+        return removed
+
     #### The reaper
 
     def _reap_loop(self) -> None:
         while not self._closing.wait(REAP_EVERY_S):
             try:
+                self.sweep()
                 self.reap()
             except Exception:  # never let the reaper die: log and go on
                 log.exception("pair pool reaper")
 
     def reap(self, now: float | None = None) -> list[str]:
         """Unplug and remove idle pools: no slot held for LINGER_S, or at once when one of
-        the pair is leaving or gone. Returns the files removed."""
+        the pair is leaving or gone. Each of a pair's pools goes on its own. Returns the
+        files removed."""
         now = time.monotonic() if now is None else now
-        with self._lock:
-            pairs = list(self._pairs.values())
         removed = []
-        for pair in pairs:
+        for pair in self._all():
             if pair.table.held:
                 pair.idle_since = None
                 continue
@@ -352,16 +458,19 @@ class PairPools:
         self._closing.set()
         if self._reaper is not threading.current_thread():
             self._reaper.join(5.0)
-        with self._lock:
-            pairs = list(self._pairs.values())
-        for pair in pairs:
+        for pair in self._all():
             with pair.lock:
                 if not pair.gone:
                     self._remove(pair)
 
 
 __all__ = [
+    "DEVICE_PREFIX",
+    "ENV_PAIR_MAX_POOLS",
     "LINGER_S",
+    "MAX_POOLS",
+    "MAX_POOLS_LIMIT",
+    "OBJECT_PREFIX",
     "PairPool",
     "PairPools",
     "PlugError",

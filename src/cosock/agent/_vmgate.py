@@ -51,7 +51,7 @@ from typing import Any
 
 from .._errors import CosockError
 from .._ivshmem import Pool, PoolError, SlotTable
-from ._pairpool import PairPool, PairPools, PlugError
+from ._pairpool import MAX_POOLS, PairPool, PairPools, PlugError, Qmp
 from ._vmcensus import VmCensus
 
 log = logging.getLogger("cosock.agent.vm")
@@ -108,6 +108,11 @@ class _Guests:
         self._reload()
         here = any(g == guest for g, _ in self._by_token.values())
         return self._qmp.get(guest) if here else None
+
+    def names(self) -> set[str]:
+        """The VMs running on this host now."""
+        self._reload()
+        return {g for g, _ in self._by_token.values()}
 
     def status_of(self, guest: str) -> str:
         """ "here", "leaving" or "gone" (not a VM of this host now)."""
@@ -209,9 +214,13 @@ class VmGateway(socketserver.ThreadingTCPServer):
         pair_prefix: str | None = None,
         pair_size: int = PAIR_POOL_SIZE,
         capacity: int | None = None,
+        pair_max_pools: int = MAX_POOLS,
+        qmp: Qmp | None = None,
     ) -> None:
         """``pool_path``: the host's pool shared by all its VMs; or ``pair_prefix``: per-pair
-        pools ``<prefix>A-B.ivshmem`` hot-plugged into A and B only (docs/vm-backend.md, 4)."""
+        pools ``<prefix>A-B.ivshmem`` hot-plugged into A and B only, more of them
+        (``A-B.2.ivshmem``, ...) while a pair's are full, up to ``pair_max_pools``
+        (docs/vm-backend.md, 4). ``qmp``: how QEMU is asked (tests give their own)."""
         from .._config import ring_size
 
         if (pool_path is None) == (pair_prefix is None):
@@ -230,6 +239,9 @@ class VmGateway(socketserver.ThreadingTCPServer):
                 capacity or ring_size(),
                 self.guests.qmp_of,
                 self.guests.status_of,
+                qmp,
+                pair_max_pools,
+                self.guests.names,
             )
         self.lock = threading.Lock()
         #: (guest, addr, port) -> how many gateway connections registered that listener.
@@ -298,9 +310,11 @@ class VmGateway(socketserver.ThreadingTCPServer):
             }
         try:
             pair = self.pairs.acquire(guest, peer)
-        except (PlugError, PoolError) as exc:
+        except PlugError as exc:
             log.warning("pair pool %s-%s: %s", guest, peer, exc)
             raise GatewayError(f"resource: hot-plug of the {guest}-{peer} pool: {exc}") from None
+        except PoolError as exc:  # the pair has its maximum of pools, all full
+            raise GatewayError(f"resource: {exc}") from None
         try:
             with self.lock:
                 try:
@@ -391,12 +405,16 @@ class VmGateway(socketserver.ThreadingTCPServer):
         if key[2] != address:
             raise GatewayError(f"server address {key[2]} is not {guest}'s")
         client = self.guests.owner_of(key[0])
-        pair = self.pairs.of(guest, client) if self.pairs and client else None
+        pools = self.pairs.of(guest, client) if self.pairs and client else []
+        pair: PairPool | None = None
         with self.lock:
             if self.pairs is None:
                 found = self.table.claim_key(guest, key)
             else:
-                found = pair.table.claim_key(guest, key) if pair is not None else None
+                found = None
+                for pair in pools:  # the grant is in one of the pair's pools
+                    if (found := pair.table.claim_key(guest, key)) is not None:
+                        break
         if found is None:
             raise GatewayError("no-offer: no grant for this connection")
         slot, generation, nonce = found
@@ -581,10 +599,15 @@ def start(
     guests_path: Path,
     pair_prefix: str | None = None,
     pair_size: int = PAIR_POOL_SIZE,
+    pair_max_pools: int = MAX_POOLS,
+    qmp: Qmp | None = None,
+    capacity: int | None = None,
 ) -> VmGateway:
     """Serve in a daemon thread; returns the server (``shutdown()`` + ``server_close()``).
     ``pool_path``: one pool shared by the host's VMs; ``pair_prefix``: per-pair pools."""
-    gate = VmGateway(bind, pool_path, guests_path, pair_prefix, pair_size)
+    gate = VmGateway(
+        bind, pool_path, guests_path, pair_prefix, pair_size, capacity, pair_max_pools, qmp
+    )
     threading.Thread(target=gate.serve_forever, name="cosock-vm-gateway", daemon=True).start()
     where = pool_path if pair_prefix is None else f"per pair: {pair_prefix}A-B.ivshmem"
     log.info("VM gateway on %s:%d, pool %s", *bind, where)

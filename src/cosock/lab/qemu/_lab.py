@@ -263,19 +263,7 @@ class QemuLab:
         started = []
         for h in state["hosts"]:
             sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
-            pools = (
-                ["--vm-pool", h["pool"]]
-                if pool_mode(state) == "shared"
-                else ["--vm-pair-pools", pair_pool_prefix(name, h["name"])]
-            )
-            gateway = [
-                "--vm-gateway",
-                f"{h['address']}:{GATEWAY_PORT}",
-                *pools,
-                "--vm-guests",
-                h["vm_guests"],
-            ]
-            proc = _agents.start(h["name"], h["netns"], sock, log, extra=gateway)
+            proc = _agents.start(h["name"], h["netns"], sock, log, extra=_gateway_args(state, h))
             h["agent_pid"] = proc.pid
             started.append((h["name"], proc, sock, log))
         _state.write(name, state)
@@ -346,6 +334,25 @@ class QemuLab:
                     pool=Path(h["pool"]),
                 )
         raise UnknownHost(f"lab {self.name!r} has no host {name!r}")
+
+    def restart_agent(self, host: str) -> int:
+        """Start the host's agent (and VM gateway) again, with its options: after a crash,
+        or stopped here first if it still runs (SIGTERM: it removes its pair pools). The
+        new gateway unplugs the pair pools a crashed one left in the VMs. Returns its pid.
+
+        Raises:
+            UnknownHost: no such host. AgentStartError: the new agent did not come up.
+        """
+        h = next((h for h in self._state.get("hosts", []) if h["name"] == host), None)
+        if h is None:
+            raise UnknownHost(f"lab {self.name!r} has no host {host!r}")
+        _agents.stop([int(h.get("agent_pid") or 0)])
+        sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
+        proc = _agents.start(h["name"], h["netns"], sock, log, extra=_gateway_args(self._state, h))
+        h["agent_pid"] = proc.pid
+        _state.write(self.name, self._state)
+        _agents.wait_ready([(h["name"], proc, sock, log)])
+        return proc.pid
 
     def pool(self, host: str) -> Path:
         """The host's ivshmem pool file (what every VM of that host sees as BAR2)."""
@@ -540,6 +547,22 @@ class QemuLab:
 
 
 #### Building blocks
+
+
+def _gateway_args(state: Mapping[str, Any], h: Mapping[str, Any]) -> builtins.list[str]:
+    """The agent options that make a host's agent the VM gateway of its guests."""
+    pools = (
+        ["--vm-pool", h["pool"]]
+        if pool_mode(state) == "shared"
+        else ["--vm-pair-pools", pair_pool_prefix(state["name"], h["name"])]
+    )
+    return [
+        "--vm-gateway",
+        f"{h['address']}:{GATEWAY_PORT}",
+        *pools,
+        "--vm-guests",
+        h["vm_guests"],
+    ]
 
 
 def pool_mode(state: Mapping[str, Any]) -> str:

@@ -1,0 +1,294 @@
+"""Per-pair pools in the gateway without VMs: a pair's capacity grows by extra pools up to its
+maximum, each extra pool is reaped on its own, and a new gateway unplugs what a crashed one
+left plugged.
+
+A real gateway, real pool files and real guests' requests (``VmAgent`` over TCP); the QEMU side
+is :class:`FakeQemu`, which keeps each VM's devices and memory backends by QOM id and refuses a
+duplicate id as QEMU does (``Duplicate ID``). The same behaviour against real QEMU guests is in
+test_vm_pairpool.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cosock._ivshmem import Pool
+from cosock._vmagent import SlotRefused, VmAgent
+from cosock.agent import _pairpool, _vmgate
+
+A, B, C = "10.77.1.11", "10.77.1.12", "10.77.1.13"
+NONCE = b"\x02" * 16
+#: 1 MiB pools of 64 KiB rings: a few slots each, so that a pair fills its pools quickly.
+SIZE, CAPACITY = 1 << 20, 64 << 10
+
+
+class FakeQemu(_pairpool.Qmp):
+    """The VMs' QEMUs as the gateway sees them through QMP: ids of devices and backends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.devs: dict[Path, set[str]] = {}
+        self.objs: dict[Path, set[str]] = {}
+        self.files: dict[tuple[Path, str], Path] = {}  # (VM, backend) -> the file it maps
+        self.calls: list[tuple[str, str, str]] = []  # (op, VM's QMP socket name, id)
+
+    def plug(self, qmp: Path, pool: Path, size: int, obj: str, dev: str) -> None:
+        with self.lock:
+            if obj in self.objs.setdefault(qmp, set()):
+                raise _pairpool.PlugError(f"object-add {obj}: Duplicate ID '{obj}' for object")
+            if dev in self.devs.setdefault(qmp, set()):
+                raise _pairpool.PlugError(f"device_add {dev}: Duplicate ID '{dev}' for device")
+            self.objs[qmp].add(obj)
+            self.devs[qmp].add(dev)
+            self.files[qmp, obj] = pool
+            self.calls.append(("plug", qmp.name, dev))
+
+    def unplug(self, qmp: Path, devs: set[str], objs: set[str], timeout: float = 1.0) -> None:
+        with self.lock:
+            for dev in devs & self.devs.get(qmp, set()):
+                self.devs[qmp].discard(dev)
+                self.calls.append(("unplug", qmp.name, dev))
+            for obj in objs & self.objs.get(qmp, set()):
+                self.objs[qmp].discard(obj)
+                self.files.pop((qmp, obj), None)
+
+    def ours(self, qmp: Path) -> tuple[set[str], set[str]]:
+        with self.lock:
+            devs = {d for d in self.devs.get(qmp, set()) if d.startswith("cpaird-")}
+            objs = {o for o in self.objs.get(qmp, set()) if o.startswith("cpair-")}
+            return devs, objs
+
+    def plugged(self, qmp: Path) -> set[str]:
+        with self.lock:
+            return set(self.devs.get(qmp, set()))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Path, FakeQemu, str]]:
+    guests = tmp_path / "vm-guests.json"
+    guests.write_text(
+        json.dumps(
+            {
+                "guests": {
+                    name: {"token": f"tok-{name}", "address": addr, "qmp": str(tmp_path / name)}
+                    for name, addr in (("h1g1", A), ("h1g2", B), ("h1g3", C))
+                }
+            }
+        )
+    )
+    yield guests, FakeQemu(), str(tmp_path / "cosock-grow-")
+
+
+def _start(guests: Path, qemu: FakeQemu, prefix: str, max_pools: int = 2) -> _vmgate.VmGateway:
+    return _vmgate.start(
+        ("127.0.0.1", 0),
+        None,
+        guests,
+        pair_prefix=prefix,
+        pair_size=SIZE,
+        pair_max_pools=max_pools,
+        qmp=qemu,
+        capacity=CAPACITY,
+    )
+
+
+def _stop(gate: _vmgate.VmGateway) -> None:
+    gate.shutdown()
+    gate.server_close()
+
+
+def _until(what: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not after {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def test_a_full_pair_gets_another_pool_up_to_its_maximum_then_tcp(
+    setup: tuple[Path, FakeQemu, str],
+) -> None:
+    guests, qemu, prefix = setup
+    qa, qb, qc = (guests.parent / g for g in ("h1g1", "h1g2", "h1g3"))
+    gate = _start(guests, qemu, prefix, max_pools=2)
+    try:
+        addr = gate.server_address[:2]
+        with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+            b.listen(B, 8000)
+            grants = []
+            port = 40000
+            while True:  # bounded by the refusal below: 2 pools of a few slots
+                assert port < 40100
+                key = (A, port, B, 8000)
+                try:
+                    slot, gen, _, pool = a.offer_in(key, NONCE)
+                except SlotRefused as exc:
+                    refusal = str(exc)
+                    break
+                got = b.claim_offer_in(key)
+                assert (got[0], got[1], got[4]) == (slot, gen, pool)  # the same pool's grant
+                grants.append((slot, gen, pool, key))
+                port += 1
+            pools = sorted({g[2] for g in grants}, key=[g[2] for g in grants].index)
+            first = gate.pairs.of("h1g1", "h1g2") if gate.pairs else []
+            per_pool = first[0].layout.slot_count
+            assert len(pools) == 2 and len(grants) == 2 * per_pool, (pools, grants)
+            assert refusal == (
+                f"resource: all 2 pools of the pair h1g1-h1g2 are full ({2 * per_pool} channels)"
+            )
+            files = {Path(f"{prefix}h1g1-h1g2.ivshmem"), Path(f"{prefix}h1g1-h1g2.2.ivshmem")}
+            assert set(Path(prefix).parent.glob("cosock-grow-*")) == files
+            for path, pool in zip(sorted(files, key=lambda f: len(f.name)), pools, strict=True):
+                with Pool(path) as p:  # the first file is the first pool, the .2 the second
+                    assert p.identity() == (bytes.fromhex(pool), "h1g1-h1g2")
+            # Two devices in A and in B, each named after the peer and its pool; none in C.
+            tags = [p[:8] for p in pools]
+            assert qemu.plugged(qa) == {f"cpaird-h1g2-{t}" for t in tags}
+            assert qemu.plugged(qb) == {f"cpaird-h1g1-{t}" for t in tags}
+            assert qemu.plugged(qc) == set()
+            # The second pool's connections close: it is unplugged on its own, the first stays.
+            for slot, gen, pool, _ in grants:
+                if pool == pools[1]:
+                    a.free_slot(slot, gen, pool)
+                    b.free_slot(slot, gen, pool)
+            _until(lambda: qemu.plugged(qa) == {f"cpaird-h1g2-{tags[0]}"}, 10)
+            assert qemu.plugged(qb) == {f"cpaird-h1g1-{tags[0]}"}
+            assert not Path(f"{prefix}h1g1-h1g2.2.ivshmem").exists()
+            # A connection now gets a third pool (a new id) in the second's place.
+            slot, gen, _, pool = a.offer_in((A, 41000, B, 8000), NONCE)
+            assert pool not in pools
+            assert Path(f"{prefix}h1g1-h1g2.2.ivshmem").exists()
+            assert qemu.plugged(qa) == {f"cpaird-h1g2-{tags[0]}", f"cpaird-h1g2-{pool[:8]}"}
+    finally:
+        _stop(gate)
+    # The gateway going away removes every pool.
+    assert qemu.plugged(qa) == qemu.plugged(qb) == set()
+    assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
+
+
+def test_concurrent_connections_of_a_full_pair_make_one_extra_pool_not_many(
+    setup: tuple[Path, FakeQemu, str],
+) -> None:
+    """A pool's worth of connections at once, one slot short: one more pool, not one each."""
+    guests, qemu, prefix = setup
+    gate = _start(guests, qemu, prefix, max_pools=4)
+    assert gate.pairs is not None
+    addr = gate.server_address[:2]
+    agents: list[VmAgent] = []
+    try:
+        b = VmAgent(addr, token="tok-h1g2")
+        agents.append(b)
+        b.listen(B, 8000)
+        first = VmAgent(addr, token="tok-h1g1")
+        agents.append(first)
+        results = [first.offer_in((A, 40000, B, 8000), NONCE)[3]]
+        per_pool = gate.pairs.of("h1g1", "h1g2")[0].layout.slot_count
+        clients = [VmAgent(addr, token="tok-h1g1") for _ in range(per_pool)]
+        agents += clients  # each holds its grant while its gateway connection is open
+
+        def connect(a: VmAgent, port: int) -> None:
+            try:
+                results.append(a.offer_in((A, port, B, 8000), NONCE)[3])
+            except SlotRefused as exc:
+                results.append(f"refused: {exc}")
+
+        threads = [
+            threading.Thread(target=connect, args=(a, 40001 + i)) for i, a in enumerate(clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not [t for t in threads if t.is_alive()]
+        # per_pool + 1 grants: the first pool full, one in a second pool; no third.
+        assert not [r for r in results if r.startswith("refused")], results
+        assert len(results) == per_pool + 1 and len(set(results)) == 2
+        assert len(gate.pairs.of("h1g1", "h1g2")) == 2
+    finally:
+        for a in agents:
+            a.close()
+        _stop(gate)
+
+
+def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_and_plugs_afresh(
+    setup: tuple[Path, FakeQemu, str],
+) -> None:
+    """The first gateway 'crashes' (stops without removing its pools: the devices stay in
+    the QEMUs, as after a SIGKILL); the next one finds them by our id prefix and unplugs them,
+    leaves devices that are not ours alone, and the pair's next connection gets a new pool."""
+    guests, qemu, prefix = setup
+    qa, qb = guests.parent / "h1g1", guests.parent / "h1g2"
+    old = _start(guests, qemu, prefix)
+    assert old.pairs is not None
+    addr = old.server_address[:2]
+    with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+        b.listen(B, 8000)
+        old_pool = a.offer_in((A, 40000, B, 8000), NONCE)[3]
+    old.pairs._closing.set()  # the crash: its reaper stops, nothing is unplugged
+    old.pairs._reaper.join(5)
+    for pair in old.pairs.of("h1g1", "h1g2"):
+        pair.pool.close()  # a dead process's mappings go with it; its file stays
+    old.pairs._pairs.clear()
+    _stop(old)
+    left_a, left_b = qemu.plugged(qa), qemu.plugged(qb)
+    assert left_a == {f"cpaird-h1g2-{old_pool[:8]}"} and left_b == {f"cpaird-h1g1-{old_pool[:8]}"}
+    qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
+    gate = _start(guests, qemu, prefix)
+    try:
+        _until(lambda: qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set())
+        assert gate.pairs is not None
+        assert sorted(gate.pairs.swept) == sorted(
+            [
+                f"h1g1:cpaird-h1g2-{old_pool[:8]}",
+                f"h1g1:cpair-h1g2-{old_pool[:8]}",
+                f"h1g2:cpaird-h1g1-{old_pool[:8]}",
+                f"h1g2:cpair-h1g1-{old_pool[:8]}",
+            ]
+        )
+        addr = gate.server_address[:2]
+        with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+            b.listen(B, 8000)
+            pool = a.offer_in((A, 40001, B, 8000), NONCE)[3]
+            assert pool != old_pool
+            assert qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{pool[:8]}"}
+            with Pool(Path(f"{prefix}h1g1-h1g2.ivshmem")) as p:
+                assert p.identity()[0].hex() == pool
+    finally:
+        _stop(gate)
+
+
+def test_the_pools_per_pair_must_be_at_least_one(setup: tuple[Path, FakeQemu, str]) -> None:
+    guests, qemu, prefix = setup
+    with pytest.raises(ValueError, match="at least one pool, not 0"):
+        _vmgate.VmGateway(
+            ("127.0.0.1", 0), None, guests, pair_prefix=prefix, pair_max_pools=0, qmp=qemu
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--vm-pair-max-pools", "0"], "", "--vm-pair-max-pools must be 1..8, not 0"),
+        (["--vm-pair-max-pools", "9"], "", "--vm-pair-max-pools must be 1..8, not 9"),
+        ([], "lots", "COSOCK_VM_PAIR_MAX_POOLS must be a whole number, not 'lots'"),
+    ],
+)
+def test_the_agent_refuses_a_bad_maximum_with_a_reason(
+    argv: list[str],
+    env: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cosock.agent.__main__ import main
+
+    monkeypatch.setenv("COSOCK_VM_PAIR_MAX_POOLS", env)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--socket", "/nonexistent/x.sock", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
