@@ -58,10 +58,14 @@ class FakeQemu(_pairpool.Qmp):
                 self.objs[qmp].discard(obj)
                 self.files.pop((qmp, obj), None)
 
-    def ours(self, qmp: Path) -> tuple[set[str], set[str]]:
+    def ours(self, qmp: Path) -> tuple[set[str], dict[str, str]]:
         with self.lock:
             devs = {d for d in self.devs.get(qmp, set()) if d.startswith("cpaird-")}
-            objs = {o for o in self.objs.get(qmp, set()) if o.startswith("cpair-")}
+            objs = {
+                o: str(self.files.get((qmp, o), ""))
+                for o in self.objs.get(qmp, set())
+                if o.startswith("cpair-")
+            }
             return devs, objs
 
     def plugged(self, qmp: Path) -> set[str]:
@@ -215,51 +219,75 @@ def test_concurrent_connections_of_a_full_pair_make_one_extra_pool_not_many(
         _stop(gate)
 
 
-def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_and_plugs_afresh(
+def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plugs_afresh(
     setup: tuple[Path, FakeQemu, str],
 ) -> None:
     """The first gateway 'crashes' (stops without removing its pools: the devices stay in
-    the QEMUs, as after a SIGKILL); the next one finds them by our id prefix and unplugs them,
-    leaves devices that are not ours alone, and the pair's next connection gets a new pool."""
+    the QEMUs and the file on disk, as after a SIGKILL) while a connection has its slot
+    mapped. The next gateway finds the devices by our id prefix, leaves devices that are not
+    ours alone, gives the pair a new pool at once (new ids, another file), and unplugs the
+    old pool only once its slot is marked released (``mark_use``, as the guests' library
+    does on close), then removes its file."""
+    from cosock._ivshmem import CLIENT, MAPPED, RELEASED, SERVER, mark_use
+
     guests, qemu, prefix = setup
     qa, qb = guests.parent / "h1g1", guests.parent / "h1g2"
+    first_file = Path(f"{prefix}h1g1-h1g2.ivshmem")
     old = _start(guests, qemu, prefix)
     assert old.pairs is not None
     addr = old.server_address[:2]
     with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
         b.listen(B, 8000)
-        old_pool = a.offer_in((A, 40000, B, 8000), NONCE)[3]
-    old.pairs._closing.set()  # the crash: its reaper stops, nothing is unplugged
-    old.pairs._reaper.join(5)
+        slot, _, _, old_pool = a.offer_in((A, 40000, B, 8000), NONCE)
+    with Pool(first_file) as p:  # both ends of the connection map the slot
+        live = p.map_slot(p.layout(), slot)
+    mark_use(live, CLIENT, MAPPED)
+    mark_use(live, SERVER, MAPPED)
     for pair in old.pairs.of("h1g1", "h1g2"):
-        pair.pool.close()  # a dead process's mappings go with it; its file stays
+        pair.pool.close()  # the crash: a dead process's mappings go with it, its file stays
+    old.pairs._closing.set()  # and its reaper stops; nothing is unplugged or removed
+    old.pairs._reaper.join(5)
     old.pairs._pairs.clear()
     _stop(old)
-    left_a, left_b = qemu.plugged(qa), qemu.plugged(qb)
-    assert left_a == {f"cpaird-h1g2-{old_pool[:8]}"} and left_b == {f"cpaird-h1g1-{old_pool[:8]}"}
+    tag = old_pool[:8]
+    left = {f"cpaird-h1g2-{tag}"}, {f"cpaird-h1g1-{tag}"}
+    assert (qemu.plugged(qa), qemu.plugged(qb)) == left
     qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
     gate = _start(guests, qemu, prefix)
     try:
-        _until(lambda: qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set())
         assert gate.pairs is not None
-        assert sorted(gate.pairs.swept) == sorted(
-            [
-                f"h1g1:cpaird-h1g2-{old_pool[:8]}",
-                f"h1g1:cpair-h1g2-{old_pool[:8]}",
-                f"h1g2:cpaird-h1g1-{old_pool[:8]}",
-                f"h1g2:cpair-h1g1-{old_pool[:8]}",
-            ]
-        )
         addr = gate.server_address[:2]
         with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
             b.listen(B, 8000)
             pool = a.offer_in((A, 40001, B, 8000), NONCE)[3]
             assert pool != old_pool
-            assert qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{pool[:8]}"}
-            with Pool(Path(f"{prefix}h1g1-h1g2.ivshmem")) as p:
+            assert qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{tag}", f"cpaird-h1g2-{pool[:8]}"}
+            assert first_file.exists()  # the old pool's file: not reused, not removed
+            with Pool(Path(f"{prefix}h1g1-h1g2.2.ivshmem")) as p:
                 assert p.identity()[0].hex() == pool
+            time.sleep(1.0)  # sweeps every 0.25 s: the old pool is in use, it stays
+            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa) and gate.pairs.swept == []
+            mark_use(live, CLIENT, RELEASED)
+            time.sleep(0.6)
+            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa)  # the server still has it
+            mark_use(live, SERVER, RELEASED)
+            live.close()
+            _until(lambda: qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{pool[:8]}"})
+            _until(lambda: qemu.plugged(qb) == {f"cpaird-h1g1-{pool[:8]}"})
+            _until(lambda: not first_file.exists())
+            assert sorted(gate.pairs.swept) == [
+                f"h1g1:cpair-h1g2-{tag}",
+                f"h1g1:cpaird-h1g2-{tag}",
+                f"h1g2:cpair-h1g1-{tag}",
+                f"h1g2:cpaird-h1g1-{tag}",
+            ]
+            assert qemu.objs[qa] == {f"cpair-h1g2-{pool[:8]}"}
     finally:
+        if not live.closed:
+            live.close()
         _stop(gate)
+    assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set()
+    assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
 
 
 def test_the_pools_per_pair_must_be_at_least_one(setup: tuple[Path, FakeQemu, str]) -> None:

@@ -128,6 +128,14 @@ def test_stream_rr_and_eof_go_through_a_slot_byte_exact(world: World, free_port:
     assert [s["path"] for s in served] == ["shm", "shm", "shm"]
     assert _slots_back(world), "every slot is given back when its connections close"
     assert world.gate.listeners == {}  # the listener left with its process
+    # Each end marked its slot in the slot itself: mapped, then released (what a gateway
+    # restarted after a crash reads before it unplugs a pool it did not make).
+    from cosock._ivshmem import RELEASED
+
+    pool, layout = world.gate.pool, world.gate.layout
+    assert pool is not None
+    uses = [pool.slot_use(layout, s) for s in range(layout.slot_count)]
+    assert (RELEASED, RELEASED) in uses and pool.slots_in_use(layout) == [], uses
 
 
 def test_asyncio_echo_goes_through_a_slot(world: World, free_port: int) -> None:

@@ -215,6 +215,36 @@ class Pool:
         with self.map_slot(layout, slot) as mm:
             return channel_headers_ok(mm, layout.capacity)
 
+    def slot_use(self, layout: PoolLayout, slot: int) -> tuple[int, int]:
+        """The client's and the server's :func:`mark_use` of a slot (0: never mapped)."""
+        with self.map_slot(layout, slot) as mm:
+            return _use(mm, CLIENT), _use(mm, SERVER)
+
+    def slots_in_use(self, layout: PoolLayout) -> list[int]:
+        """Slots a party has mapped and not given back (:func:`mark_use`): what a gateway
+        that did not hand them out (its predecessor crashed) must not pull from under them."""
+        return [s for s in range(layout.slot_count) if MAPPED in self.slot_use(layout, s)]
+
+
+#### Use marks: who still has a slot mapped (read only by a gateway after a crash)
+
+#: A party's mark, in a word of the slot's first ring header that the rings never touch
+#: (they use its first 8 cache lines); :meth:`Pool.format_slot` zeroes both.
+CLIENT, SERVER = 0, 1
+MAPPED, RELEASED = 1, 2
+_USE_WORD = (64 * 8, 72 * 8)
+
+
+def mark_use(mm: mmap.mmap, side: int, state: int) -> None:
+    """``side`` (CLIENT or SERVER) has mapped the slot (MAPPED) or is done with it for good
+    (RELEASED). A gateway that lost its slot table (a crash) unplugs a pool left plugged only
+    when no slot of it is MAPPED."""
+    mm[_USE_WORD[side] : _USE_WORD[side] + 8] = state.to_bytes(8, "little")
+
+
+def _use(mm: mmap.mmap, side: int) -> int:
+    return int.from_bytes(mm[_USE_WORD[side] : _USE_WORD[side] + 8], "little")
+
 
 #### The agent's bookkeeping
 
@@ -327,11 +357,16 @@ class SlotTable:
 
 
 __all__ = [
+    "CLIENT",
+    "MAPPED",
+    "RELEASED",
+    "SERVER",
     "Pool",
     "PoolError",
     "PoolLayout",
     "SlotTable",
     "find_device",
     "ivshmem_devices",
+    "mark_use",
     "plan",
 ]

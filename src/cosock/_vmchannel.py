@@ -43,7 +43,18 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import AgentUnavailable, FallbackReason
-from ._ivshmem import ENV_IVSHMEM, Pool, PoolError, PoolLayout, find_device
+from ._ivshmem import (
+    CLIENT,
+    ENV_IVSHMEM,
+    MAPPED,
+    RELEASED,
+    SERVER,
+    Pool,
+    PoolError,
+    PoolLayout,
+    find_device,
+    mark_use,
+)
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
 from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
@@ -100,13 +111,24 @@ class SlotMapping(mmap.mmap):
     def give_back(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
+            self._released()
             owner[1].free(owner[2], owner[3], owner[5], owner[6])
 
     def close(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
+        mine = owner is not None and owner[0] == os.getpid() and not owner[4]
+        if mine and not self.closed:
+            self._released()
         super().close()
-        if owner is not None and owner[0] == os.getpid() and not owner[4]:
+        if owner is not None and mine:
             owner[1].free(owner[2], owner[3], owner[5], owner[6])
+
+    def _released(self) -> None:
+        """Mark the slot done with in its own memory (a restarted gateway reads it)."""
+        side = self.__dict__.get("_side")
+        if side is not None:
+            with contextlib.suppress(ValueError, OSError):
+                mark_use(self, side, RELEASED)
 
 
 def switched(mm: object) -> None:
@@ -495,8 +517,11 @@ class VmDirectory:
                 pool.close()
                 del self._pools[key]
 
-    def _map(self, slot: int, generation: int, pool_id: str = "") -> SlotMapping:
-        """Map one slot, checked; it is given back when the mapping closes.
+    def _map(
+        self, slot: int, generation: int, pool_id: str = "", side: int = CLIENT
+    ) -> SlotMapping:
+        """Map one slot, checked, and mark it MAPPED by ``side``; it is given back (and
+        marked RELEASED) when the mapping closes.
 
         Raises:
             PoolError, OSError: the slot cannot be mapped or its headers are wrong.
@@ -510,6 +535,8 @@ class VmDirectory:
         if not channel_headers_ok(mm, layout.capacity):
             mm.close()
             raise PoolError(f"slot {slot} does not hold a channel of {layout.capacity}")
+        mark_use(mm, side, MAPPED)
+        mm._side = side  # type: ignore[attr-defined]
         owner = (os.getpid(), self, slot, generation, False, self.epoch, pool_id)
         mm._give_back = owner  # type: ignore[attr-defined]
         _mappings.add(mm)
@@ -635,7 +662,8 @@ class VmPending:
 
     def map(self) -> tuple[SlotMapping | None, FallbackReason | None]:
         try:
-            return self.directory._map(self.slot, self.generation, self.pool_id), None
+            mm = self.directory._map(self.slot, self.generation, self.pool_id, SERVER)
+            return mm, None
         except (PoolError, OSError):
             self.directory.free(self.slot, self.generation, None, self.pool_id)
             return None, FallbackReason.RESOURCE

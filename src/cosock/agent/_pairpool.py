@@ -112,16 +112,23 @@ class Qmp:
             with contextlib.suppress(_qmp.QmpError):
                 _qmp.command(qmp, "object-del", id=obj)
 
-    def ours(self, qmp: Path) -> tuple[set[str], set[str]]:
-        """The pair-pool devices and memory backends plugged into a VM (by our id prefixes)."""
+    def ours(self, qmp: Path) -> tuple[set[str], dict[str, str]]:
+        """The pair-pool devices plugged into a VM and its pair-pool memory backends with
+        their files (``mem-path``), by our id prefixes, whichever agent plugged them."""
         from ..lab.qemu import _qmp
 
         devs = {d for d in ivshmem_qdev_ids(qmp) if d.startswith(DEVICE_PREFIX)}
-        objs = {
-            str(o.get("name", ""))
-            for o in _qmp.command(qmp, "qom-list", path="/objects")
-            if str(o.get("name", "")).startswith(OBJECT_PREFIX)
-        }
+        objs = {}
+        for o in _qmp.command(qmp, "qom-list", path="/objects"):
+            name = str(o.get("name", ""))
+            if name.startswith(OBJECT_PREFIX):
+                try:
+                    path = _qmp.command(
+                        qmp, "qom-get", path=f"/objects/{name}", property="mem-path"
+                    )
+                except _qmp.QmpError:
+                    path = ""  # deleted meanwhile
+                objs[name] = str(path or "")
         return devs, objs
 
 
@@ -156,6 +163,31 @@ def unplug_devices(qmp: Path, ids: set[str], timeout: float) -> None:
             raise PlugError(f"the guest did not release {sorted(present)} within {timeout:g} s")
         if present:
             time.sleep(0.05)
+
+
+def _busy(path: Path, tag: str) -> bool:
+    """Whether the old pool in ``path`` (its id starting with ``tag``) has a slot a guest
+    still has mapped; a file that is gone or holds another pool cannot say: not busy."""
+    try:
+        pool = Pool(path)
+    except (OSError, PoolError):
+        return False
+    with pool:
+        try:
+            if pool.identity()[0].hex()[: len(tag)] != tag:
+                return False
+            return bool(pool.slots_in_use(pool.layout()))
+        except (OSError, PoolError, ValueError):
+            return False
+
+
+@dataclass(eq=False)
+class _Leftovers:
+    """Pair-pool devices and backends (with their files) an earlier agent left in a VM."""
+
+    guest: str
+    devs: set[str]
+    objs: dict[str, str]
 
 
 @dataclass(eq=False)
@@ -220,9 +252,13 @@ class PairPools:
         self._qmp = qmp or Qmp()
         self._lock = threading.Lock()
         self._pairs: dict[tuple[str, str], list[PairPool]] = {}
-        #: VMs whose QEMU was swept (by QMP socket: a VM that migrated in has a new one).
-        self._swept: set[Path] = set()
+        #: VMs whose QEMU was looked at (by QMP socket: a VM that migrated in has a new one).
+        self._discovered: set[Path] = set()
         self._sweep_warned: set[Path] = set()
+        self._busy_noted: set[tuple[Path, str]] = set()
+        #: What an earlier agent left plugged, by VM QMP socket; the files of those pools.
+        self._left: dict[Path, _Leftovers] = {}
+        self._stale_paths: set[Path] = set()
         self._closing = threading.Event()
         #: Figures for people and tests: hot-plugs done, their last duration, devices of an
         #: earlier agent unplugged.
@@ -251,6 +287,8 @@ class PairPools:
             PoolError: every one of the pair's ``max_pools`` pools is full.
         """
         members: tuple[str, str] = tuple(sorted((a, b)))  # type: ignore[assignment]
+        for guest in members:  # before any file is made: an old pool's must not be reused
+            self._discover(guest)
         for _ in range(4 * self.max_pools + 4):  # bounded: each round sees a pool come or go
             with self._lock:
                 pools = list(self._pairs.get(members, ()))
@@ -269,7 +307,11 @@ class PairPools:
                         f" full ({sum(p.layout.slot_count for p in now)} channels)"
                     )
                 used = {p.index for p in now}
-                index = next(i for i in range(1, self.max_pools + 1) if i not in used)
+                index = next(
+                    i
+                    for i in range(1, self.max_pools + len(self._stale_paths) + 1)
+                    if i not in used and self.path_of(*members, i) not in self._stale_paths
+                )
                 pair = self._make(members, index)
                 self._pairs[members] = [*now, pair]
                 pair.lock.acquire()
@@ -387,34 +429,100 @@ class PairPools:
 
     #### What an earlier agent left
 
-    def sweep(self) -> list[str]:
-        """Unplug from each VM of the host, once per QEMU, the pair-pool devices and memory
-        backends of ours that this gateway did not make: a crashed agent's (their files are
-        gone or stale, and their slots' owners with it). Returns ``"guest:id"`` of each.
+    def _discover(self, guest: str) -> None:
+        """Once per QEMU: note the pair-pool devices and backends of ours in ``guest`` that
+        this gateway did not make (a crashed agent's), and keep their files' names from
+        being reused before :meth:`sweep` could read whether a slot of theirs is in use."""
+        qmp = self._qmp_of(guest)
+        if qmp is None or qmp in self._discovered:
+            return
+        try:
+            devs, objs = self._qmp.ours(qmp)
+        except Exception as exc:  # QEMU not up yet, busy or gone: next time
+            if qmp not in self._sweep_warned:  # once: a booting VM fails for seconds
+                self._sweep_warned.add(qmp)
+                log.info("not yet looked for old pair pools in %s's QEMU: %s", guest, exc)
+            return
+        with self._lock:
+            if qmp in self._discovered:
+                return
+            mine = {
+                x
+                for pools in self._pairs.values()
+                for p in pools
+                if guest in p.members
+                for x in p.ids_in(guest)
+            }
+            left = _Leftovers(guest, devs - mine, {o: f for o, f in objs.items() if o not in mine})
+            self._discovered.add(qmp)
+            if left.devs or left.objs:
+                self._left[qmp] = left
+                self._stale_paths |= {Path(f) for f in left.objs.values() if f}
+                found = sorted(left.devs | set(left.objs))
+                log.info("%s: pair pools left by an earlier agent: %s", guest, found)
 
-        A QEMU that does not answer is tried again at the next sweep."""
-        removed = []
+    def sweep(self) -> list[str]:
+        """Unplug what an earlier agent left in the VMs of this host (found by
+        :meth:`_discover`): each of its pools as soon as no slot of it is MAPPED (the
+        guests mark their use in the slot itself, ``_ivshmem.mark_use``), so a connection
+        still running on it is never pulled from under; then its file is removed. A QEMU
+        that does not answer is tried again at the next sweep. Returns ``"guest:id"`` of
+        each device and backend removed."""
         for guest in sorted(self._guests()):
-            qmp = self._qmp_of(guest)
-            if qmp is None or qmp in self._swept:
-                continue
-            try:
-                devs, objs = self._qmp.ours(qmp)
-                mine = {x for p in self._all() if guest in p.members for x in p.ids_in(guest)}
-                devs, objs = devs - mine, objs - mine
-                if devs or objs:
-                    self._qmp.unplug(qmp, devs, objs)
-            except Exception as exc:  # QEMU not up yet, busy or gone: next time
-                if qmp not in self._sweep_warned:  # once: a booting VM fails for seconds
-                    self._sweep_warned.add(qmp)
-                    log.info("not yet swept %s's QEMU of old pair pools: %s", guest, exc)
-                continue
-            self._swept.add(qmp)
-            for x in sorted(devs | objs):
-                log.info("removed %s from %s: left by an earlier agent", x, guest)
-                removed.append(f"{guest}:{x}")
+            self._discover(guest)
+        removed = []
+        with self._lock:
+            left_now = list(self._left.items())
+        for qmp, left in left_now:
+            for obj, file in sorted(left.objs.items()):
+                tag = obj[len(OBJECT_PREFIX) :]
+                dev = DEVICE_PREFIX + tag
+                ident = tag.rpartition("-")[2]  # the pool id's first 8 hex digits
+                if len(ident) != 8 or not all(c in "0123456789abcdef" for c in ident):
+                    ident = ""  # an id without a tag (an agent before tags): any pool
+                if file and _busy(Path(file), ident):
+                    if (qmp, obj) not in self._busy_noted:
+                        self._busy_noted.add((qmp, obj))
+                        log.info("%s: %s still has a connection: kept for now", left.guest, obj)
+                    continue
+                try:
+                    self._qmp.unplug(qmp, {dev} & left.devs, {obj})
+                except Exception as exc:
+                    log.warning("unplugging %s from %s: %s", obj, left.guest, exc)
+                    continue
+                removed += [f"{left.guest}:{x}" for x in sorted({dev} & left.devs)]
+                removed.append(f"{left.guest}:{obj}")
+                left.devs.discard(dev)
+                del left.objs[obj]
+            lone = {
+                d for d in left.devs if OBJECT_PREFIX + d[len(DEVICE_PREFIX) :] not in left.objs
+            }
+            if lone:  # a device whose backend is not listed: nothing to read, unplug it
+                try:
+                    self._qmp.unplug(qmp, lone, set())
+                    removed += [f"{left.guest}:{d}" for d in sorted(lone)]
+                    left.devs -= lone
+                except Exception as exc:
+                    log.warning("unplugging %s from %s: %s", sorted(lone), left.guest, exc)
+            with self._lock:
+                if not left.devs and not left.objs:
+                    self._left.pop(qmp, None)
+        if removed:
+            self._drop_stale_files()
+            for x in removed:
+                log.info("removed %s: left by an earlier agent", x)
         self.swept += removed
         return removed
+
+    def _drop_stale_files(self) -> None:
+        """Remove the files of old pools that no VM maps any more."""
+        with self._lock:
+            still = {Path(f) for left in self._left.values() for f in left.objs.values() if f}
+            done = {p for p in self._stale_paths - still if str(p).startswith(self.prefix)}
+            self._stale_paths -= done
+        for path in done:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     #### The reaper
 
