@@ -568,6 +568,8 @@ def test_cli_exec_runs_in_the_guest_and_returns_its_status(lab: Lab) -> None:
         (["exec", "--name", "zz9zz9", "h1g1", "--", "true"], "no lab named"),
         (["exec", "h1g1"], "no command given"),
         (["exec", "h1g1", "--"], "no command given"),
+        (["restart-agent", "h1", "--name", "zz9zz9"], "no lab named"),
+        (["restart-agent", "h1", "--name", "Bad!"], "invalid lab name"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], message: str) -> None:

@@ -13,6 +13,8 @@ Programs are ``tests/vm_cosock_peer.py`` under ``cosock run`` (unmodified stdlib
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,9 +158,9 @@ def test_a_pair_has_its_own_pool_that_a_third_vm_cannot_see(vmlab: Any) -> None:
 
         with Pool(ab) as pool:
             assert pool.identity()[1] == f"{A}-{B}"
-        # QEMU's view: the pool is plugged into A and B only.
-        assert _plugged(vmlab, A) == {f"cpaird-{B}"}
-        assert _plugged(vmlab, B) == {f"cpaird-{A}"}
+        # QEMU's view: the pool is plugged into A and B only (ids: the peer and the pool).
+        assert _plugged(vmlab, A) == {f"cpaird-{B}-{ab_id[:8]}"}
+        assert _plugged(vmlab, B) == {f"cpaird-{A}-{ab_id[:8]}"}
         assert _plugged(vmlab, C) == set()
         # The guests' view: every ivshmem BAR's header.
         assert _scan(vmlab, A) == [ab_id] and _scan(vmlab, B) == [ab_id]
@@ -172,9 +174,9 @@ def test_a_pair_has_its_own_pool_that_a_third_vm_cannot_see(vmlab: Any) -> None:
         ac = _pair_file(vmlab, "h1", A, C)
         ac_id = _pool_id(ac)
         assert ac_id != ab_id
-        assert _plugged(vmlab, A) == {f"cpaird-{B}", f"cpaird-{C}"}
-        assert _plugged(vmlab, B) == {f"cpaird-{A}"}
-        assert _plugged(vmlab, C) == {f"cpaird-{A}"}
+        assert _plugged(vmlab, A) == {f"cpaird-{B}-{ab_id[:8]}", f"cpaird-{C}-{ac_id[:8]}"}
+        assert _plugged(vmlab, B) == {f"cpaird-{A}-{ab_id[:8]}"}
+        assert _plugged(vmlab, C) == {f"cpaird-{A}-{ac_id[:8]}"}
         assert _scan(vmlab, C) == [ac_id]
         assert _scan(vmlab, B) == [ab_id]
         assert _scan(vmlab, A) == sorted([ab_id, ac_id])
@@ -212,32 +214,117 @@ def test_the_first_connection_of_a_pair_waits_for_the_plug_and_takes_shm(vmlab: 
 
 
 def test_a_refused_hot_plug_leaves_tcp_with_a_reason_and_no_file(vmlab: Any) -> None:
-    """C's QEMU already holds an object with the id the gateway gives the B-C pool's memory
-    backend there, so QEMU refuses the ``object-add``: the half plugged into B is unplugged,
-    the file removed, the connection is TCP (``resource``) and nothing hangs; once the
-    obstacle is gone, the next connection gets the pool."""
-    from cosock.agent._pairpool import object_id
-
+    """C's QEMU cannot be asked (its QMP socket is moved away: what the gateway meets when a
+    QEMU is gone or hung), so the hot-plug into C fails after the half plugged into B: that
+    half is unplugged, the file removed, the connection is TCP (``resource``) and nothing
+    hangs; once C's QEMU answers again, the next connection gets the pool. (QEMU's own
+    refusal, a duplicate id, can no longer be provoked from outside: every pool's ids are
+    new. test_pairpool_gateway.py has it against a QEMU stand-in.)"""
     b = vmlab.guest(B).address
     bc = _pair_file(vmlab, "h1", B, C)
     served = _spawn(vmlab, B, "server", "0.0.0.0", "6104", "2")
     _wait_line(vmlab, B, served, "listening")
-    blocker = {"qom-type": "memory-backend-ram", "id": object_id(B), "size": 1 << 20}
-    vmlab.qmp(C, "object-add", **blocker)
+    qmp = Path(vmlab.guest(C).qmp)
+    hidden = qmp.with_name(qmp.name + ".hidden")
+    os.rename(qmp, hidden)
     try:
         refused = _client(vmlab, C, "plain-client", b, "6104")
         assert (refused["path"], refused["reason"], refused["answer"]) == ("tcp", "resource", "3")
         assert not bc.exists()
-        assert _plugged(vmlab, B) == set() and _plugged(vmlab, C) == set()
+        assert _plugged(vmlab, B) == set()
         log = _agent_log(vmlab)
-        assert f"hot-plug into {C}: object-add {object_id(B)}" in log, log[-2000:]
+        assert f"hot-plug into {C}: " in log, log[-2000:]
     finally:
-        vmlab.qmp(C, "object-del", id=object_id(B))
+        os.rename(hidden, qmp)
+    assert _plugged(vmlab, C) == set()
     again = _client(vmlab, C, "plain-client", b, "6104")
     assert (again["path"], again["reason"]) == ("shm", None), again
     assert [x["path"] for x in _lines(vmlab, B, served) if "cmd" in x] == ["tcp", "shm"]
     print(f"refused hot-plug: connect() {refused['connect_s']} s, then shm {again['connect_s']} s")
     _wait_unplugged(vmlab, [bc])
+
+
+def test_ten_connections_of_one_pair_get_a_second_pool_unplugged_after_they_close(
+    vmlab: Any,
+) -> None:
+    """A pool holds 7 channels: 10 concurrent A->B connections fill it and the gateway plugs
+    a second pool into A and B (only), so all 10 are on shm, byte-exact; both pools go
+    after the connections close."""
+    b = vmlab.guest(B).address
+    stop = f"/tmp/pp-stop-many-{time.time_ns()}"
+    served = _spawn(vmlab, B, "echo-many", "0.0.0.0", "6106", "10")
+    _wait_line(vmlab, B, served, "listening")
+    many = _spawn(vmlab, A, "many-client", b, "6106", "10", "200000", stop)
+    try:
+        held = _wait_line(vmlab, A, many, "held")
+        assert held["ok"] and held["paths"] == ["shm"] * 10, held
+        first, second = (
+            _pair_file(vmlab, "h1", A, B),
+            Path(str(_pair_file(vmlab, "h1", A, B)).replace(".ivshmem", ".2.ivshmem")),
+        )
+        ids = [_pool_id(first), _pool_id(second)]
+        assert ids[0] != ids[1]
+        assert _plugged(vmlab, A) == {f"cpaird-{B}-{i[:8]}" for i in ids}
+        assert _plugged(vmlab, B) == {f"cpaird-{A}-{i[:8]}" for i in ids}
+        assert _plugged(vmlab, C) == set()
+        assert _scan(vmlab, A) == sorted(ids) and _scan(vmlab, C) == []
+    finally:
+        vmlab.run(A, ["touch", stop], timeout=60)
+    done = _wait_line(vmlab, A, many, "done")
+    assert done == {"done": True, "bytes": 10 * 2 * 200000}, done
+    echoed = _wait_line(vmlab, B, served, "echoed")
+    assert echoed == {"echoed": [400000] * 10, "paths": ["shm"] * 10}, echoed
+    plugs = [ln for ln in _agent_log(vmlab).splitlines() if f"{A}-{B}.2.ivshmem plugged" in ln]
+    took = _wait_unplugged(vmlab, [first, second])
+    print(
+        f"connect() of the 10: {held['connect_s']} s (the 8th plugs the second pool);"
+        f" agent: {plugs[-1].split('plugged ')[-1]}; both unplugged {took:.2f} s after close"
+    )
+
+
+def test_a_killed_agent_is_restarted_and_the_pair_gets_a_fresh_pool(vmlab: Any) -> None:
+    """h1's agent is SIGKILLed while A holds a connection to B through their pool, so its
+    devices stay plugged. A new agent (``QemuLab.restart_agent``) gives the pair's next
+    connection a new pool (new QOM ids: no clash), and unplugs the old one once no slot of it
+    is in use any more (the ends mark their slot in it); then no old device is left."""
+    b = vmlab.guest(B).address
+    stop = f"/tmp/pp-stop-kill-{time.time_ns()}"
+    served = _spawn(vmlab, B, "echo-server", "0.0.0.0", "6107")
+    _wait_line(vmlab, B, served, "listening")
+    hold = _spawn(vmlab, A, "hold-client", b, "6107", "100000", stop)
+    try:
+        assert _wait_line(vmlab, A, hold, "held")["path"] == "shm"
+        old_file = _pair_file(vmlab, "h1", A, B)
+        old = _pool_id(old_file)[:8]
+        assert _plugged(vmlab, A) == {f"cpaird-{B}-{old}"}
+        os.kill(vmlab.host("h1").agent_pid, signal.SIGKILL)
+        t = time.monotonic()
+        vmlab.restart_agent("h1")
+        restart_s = time.monotonic() - t
+        assert f"cpaird-{B}-{old}" in _plugged(vmlab, A)  # the held connection may use it
+        served2 = _spawn(vmlab, B, "server", "0.0.0.0", "6108", "1")
+        _wait_line(vmlab, B, served2, "listening")
+        fresh = _client(vmlab, A, "plain-client", b, "6108")
+        assert (fresh["path"], fresh["reason"], fresh["answer"]) == ("shm", None, "3"), fresh
+        # The held connection carries on, byte-exact, on whichever path it is now.
+        vmlab.run(A, ["touch", stop + ".more"], timeout=60)
+        more = _wait_line(vmlab, A, hold, "more")
+        kept = f"cpaird-{B}-{old}" in _plugged(vmlab, A)
+        if more["path"] == "shm":  # still on the old pool: it must still be plugged
+            assert kept, (more, _plugged(vmlab, A))
+    finally:
+        vmlab.run(A, ["touch", stop], timeout=60)
+    assert _wait_line(vmlab, A, hold, "done") == {"done": True}
+    assert _wait_line(vmlab, B, served, "echoed")["echoed"] == 200000
+    new_files = [old_file, Path(str(old_file).replace(".ivshmem", ".2.ivshmem"))]
+    took = _wait_unplugged(vmlab, new_files)
+    log = _agent_log(vmlab)
+    assert "left by an earlier agent" in log, log[-3000:]
+    print(
+        f"agent restarted in {restart_s:.2f} s; fresh connection shm in {fresh['connect_s']} s;"
+        f" held connection after the restart: {more['path']}, old pool kept while held: {kept};"
+        f" all unplugged {took:.2f} s after the close"
+    )
 
 
 def test_migration_unplugs_the_pair_pools_and_the_new_host_plugs_its_own(vmlab: Any) -> None:
@@ -252,7 +339,7 @@ def test_migration_unplugs_the_pair_pools_and_the_new_host_plugs_its_own(vmlab: 
     try:
         assert _wait_line(vmlab, A, soak, "started") == {"started": "shm"}
         old = _pair_file(vmlab, "h1", A, B)
-        assert old.exists() and _plugged(vmlab, A) == {f"cpaird-{B}"}
+        assert old.exists() and _plugged(vmlab, A) == {f"cpaird-{B}-{_pool_id(old)[:8]}"}
         first = vmlab.migrate(B, "h2")
         _wait_unplugged(vmlab, [old], timeout=30)  # from A by h1's gateway, from B before
         deadline = time.monotonic() + 120

@@ -21,6 +21,14 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
                                  file STOP.more appears, remove it, echo N bytes more and
                                  print {"more"}
 
+    echo-many HOST PORT N        echo N concurrent connections (a thread each) to EOF;
+                                 one JSON line with each one's bytes and path
+    many-client HOST PORT N BYTES STOP
+                                 open N connections at once (all held), echo BYTES on
+                                 each (checked), print {"held"} with their paths,
+                                 reasons and connect() times; when the file STOP exists,
+                                 echo BYTES more on each, close, print {"done"}
+
 Server commands (first line of a connection): ``stream N M`` (read N bytes, answer their
 length and sha256, then send M pattern bytes and close), ``rr K`` (K echoes of 64 bytes),
 ``eof`` (read to EOF, answer the count, close).
@@ -235,6 +243,75 @@ def echo_server(host: str, port: int) -> None:
     srv.close()
 
 
+def echo_many(host: str, port: int, n: int) -> None:
+    import threading
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(n)
+    print(json.dumps({"listening": port}), flush=True)
+    done: list[dict[str, Any]] = []
+
+    def echo(conn: socket.socket) -> None:
+        total = 0
+        with conn:
+            while got := conn.recv(1 << 16):
+                conn.sendall(got)
+                total += len(got)
+            done.append({"echoed": total, **info(conn)})
+
+    threads = []
+    for _ in range(n):
+        conn, _ = srv.accept()
+        threads.append(threading.Thread(target=echo, args=(conn,)))
+        threads[-1].start()
+    srv.close()
+    for t in threads:
+        t.join(600)
+    print(json.dumps({"echoed": [d["echoed"] for d in done], "paths": [d["path"] for d in done]}))
+
+
+def many_client(host: str, port: int, n: int, size: int, stop: str) -> None:
+    def echo(c: socket.socket, salt: int) -> bool:
+        msg = pattern(size, salt)
+        ok = True
+        for i in range(0, size, 16384):  # in pieces: the echo server answers as it reads
+            c.sendall(msg[i : i + 16384])
+            ok = recv_exact(c, len(msg[i : i + 16384])) == msg[i : i + 16384] and ok
+        return ok
+
+    conns, took = [], []
+    for _ in range(n):
+        t = time.monotonic()
+        conns.append(connect(host, port))
+        took.append(round(time.monotonic() - t, 3))
+    ok = all([echo(c, i) for i, c in enumerate(conns)])
+    infos = [info(c) for c in conns]
+    print(
+        json.dumps(
+            {
+                "held": n,
+                "ok": ok,
+                "paths": [x["path"] for x in infos],
+                "reasons": [x["reason"] for x in infos],
+                "connect_s": took,
+            }
+        ),
+        flush=True,
+    )
+    deadline = time.monotonic() + 600
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ok = all([echo(c, 100 + i) for i, c in enumerate(conns)]) and ok
+    tails = []
+    for c in conns:
+        c.shutdown(socket.SHUT_WR)
+        tails.append(c.recv(1))
+        c.close()
+    print(json.dumps({"done": ok and tails == [b""] * n, "bytes": 2 * n * size}), flush=True)
+
+
 #: States a connection passes through between paths (a sampled one may catch them).
 TRANSIENT_PATHS = frozenset({"handshake", "switching", "upgrading"})
 
@@ -315,6 +392,10 @@ def main() -> None:
         echo_server(args[0], int(args[1]))
     elif mode == "hold-client":
         hold_client(args[0], int(args[1]), int(args[2]), args[3])
+    elif mode == "echo-many":
+        echo_many(args[0], int(args[1]), int(args[2]))
+    elif mode == "many-client":
+        many_client(args[0], int(args[1]), int(args[2]), int(args[3]), args[4])
     elif mode == "soak-client":
         soak_client(args[0], int(args[1]), float(args[2]), *args[3:4])
     else:

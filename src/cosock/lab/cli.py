@@ -414,6 +414,23 @@ def bench_(
     _bench.show(results, Console(), lab.name)
 
 
+@app.command("restart-agent")
+def restart_agent_(
+    host: Annotated[str, typer.Argument(help="The host whose agent to (re)start.")],
+    name: NameOpt = DEFAULT_NAME,
+) -> None:
+    """QEMU lab: start HOST's agent (its VM gateway) again, e.g. after it crashed; a running
+    one is stopped first. The new one unplugs the pair pools its predecessor left once unused."""
+    try:
+        from .qemu import QemuLab
+
+        lab = QemuLab.load(validate_name(name))
+        pid = lab.restart_agent(host)
+    except _expected_errors() as err:
+        _fail(err)
+    typer.echo(f"agent of {host} in lab {lab.name} running, pid {pid}")
+
+
 @app.command("down")
 def down_(name: NameOpt = DEFAULT_NAME) -> None:
     """Remove the lab: agents, processes in its guests, namespaces, state. Idempotent."""
