@@ -86,6 +86,8 @@ def setup(tmp_path: Path) -> Iterator[tuple[Path, FakeQemu, str]]:
             }
         )
     )
+    for name in ("h1g1", "h1g2", "h1g3"):
+        (tmp_path / name).touch()  # stands for the VM's QMP socket
     yield guests, FakeQemu(), str(tmp_path / "cosock-grow-")
 
 
@@ -288,6 +290,33 @@ def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plug
         _stop(gate)
     assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set()
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
+
+
+def test_a_vm_whose_qemu_is_gone_gets_no_pool_at_once_and_nothing_is_left(
+    setup: tuple[Path, FakeQemu, str],
+) -> None:
+    """B's QMP socket is gone (its QEMU exited): the half plugged into A is unplugged, no file
+    is left, and the offer is refused with the reason before the guest's request times out
+    (the QMP client would wait 10 s for a socket to appear)."""
+    guests, qemu, prefix = setup
+    (guests.parent / "h1g2").unlink()
+    gate = _start(guests, qemu, prefix)
+    try:
+        addr = gate.server_address[:2]
+        with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+            b.listen(B, 8000)
+            with pytest.raises(
+                SlotRefused,
+                match=r"^resource: hot-plug of the h1g1-h1g2 pool: hot-plug into h1g2: its QMP"
+                r" socket .*/h1g2 is gone",
+            ):
+                a.offer((A, 40000, B, 8000), NONCE)
+            assert a._call({"op": "grants"})["grants"] == 0
+        assert [c[0] for c in qemu.calls] == ["plug", "unplug"]  # A's half, undone
+        assert qemu.plugged(guests.parent / "h1g1") == set()
+        assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
+    finally:
+        _stop(gate)
 
 
 def test_the_pools_per_pair_must_be_at_least_one(setup: tuple[Path, FakeQemu, str]) -> None:

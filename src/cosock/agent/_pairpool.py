@@ -363,6 +363,8 @@ class PairPools:
             qmp = self._qmp_of(guest)
             if qmp is None:
                 raise PlugError(f"{guest} has no QMP socket on this host")
+            if not qmp.exists():  # its QEMU is gone: do not wait _qmp's 10 s for a new one
+                raise PlugError(f"hot-plug into {guest}: its QMP socket {qmp} is gone")
             try:
                 self._qmp.plug(qmp, pair.path, self.size, *pair.ids_in(guest))
             except Exception as exc:  # refused; or the QMP socket gone, QEMU died mid-command
