@@ -37,9 +37,12 @@ class FakeQemu(_pairpool.Qmp):
         self.objs: dict[Path, set[str]] = {}
         self.files: dict[tuple[Path, str], Path] = {}  # (VM, backend) -> the file it maps
         self.calls: list[tuple[str, str, str]] = []  # (op, VM's QMP socket name, id)
+        self.refuse: dict[Path, str] = {}  # VM -> QEMU's words refusing any hot-plug
 
     def plug(self, qmp: Path, pool: Path, size: int, obj: str, dev: str) -> None:
         with self.lock:
+            if qmp in self.refuse:
+                raise _pairpool.PlugError(f"object-add {obj}: {self.refuse[qmp]}")
             if obj in self.objs.setdefault(qmp, set()):
                 raise _pairpool.PlugError(f"object-add {obj}: Duplicate ID '{obj}' for object")
             if dev in self.devs.setdefault(qmp, set()):
@@ -292,14 +295,24 @@ def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plug
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
 
 
-def test_a_vm_whose_qemu_is_gone_gets_no_pool_at_once_and_nothing_is_left(
-    setup: tuple[Path, FakeQemu, str],
+@pytest.mark.parametrize(
+    ("how", "words"),
+    [
+        ("gone", r"its QMP socket .*/h1g2 is gone"),
+        ("refused", r"object-add cpair-h1g1-[0-9a-f]{8}: Out of PCI slots"),
+    ],
+)
+def test_a_refused_or_impossible_hot_plug_leaves_tcp_with_the_reason_and_nothing_behind(
+    setup: tuple[Path, FakeQemu, str], how: str, words: str
 ) -> None:
-    """B's QMP socket is gone (its QEMU exited): the half plugged into A is unplugged, no file
-    is left, and the offer is refused with the reason before the guest's request times out
-    (the QMP client would wait 10 s for a socket to appear)."""
+    """B's QEMU refuses the hot-plug, or is gone (its QMP socket removed: the offer is refused
+    at once, not after the QMP client's 10 s wait for a socket, which outlasts the guest's
+    request): the half plugged into A is unplugged, no file is left, the reason is sent."""
     guests, qemu, prefix = setup
-    (guests.parent / "h1g2").unlink()
+    if how == "gone":
+        (guests.parent / "h1g2").unlink()
+    else:
+        qemu.refuse[guests.parent / "h1g2"] = "Out of PCI slots"
     gate = _start(guests, qemu, prefix)
     try:
         addr = gate.server_address[:2]
@@ -307,8 +320,7 @@ def test_a_vm_whose_qemu_is_gone_gets_no_pool_at_once_and_nothing_is_left(
             b.listen(B, 8000)
             with pytest.raises(
                 SlotRefused,
-                match=r"^resource: hot-plug of the h1g1-h1g2 pool: hot-plug into h1g2: its QMP"
-                r" socket .*/h1g2 is gone",
+                match=r"^resource: hot-plug of the h1g1-h1g2 pool: hot-plug into h1g2: " + words,
             ):
                 a.offer((A, 40000, B, 8000), NONCE)
             assert a._call({"op": "grants"})["grants"] == 0
