@@ -476,6 +476,10 @@ class PairPools:
         with self._lock:
             left_now = list(self._left.items())
         for qmp, left in left_now:
+            if self._qmp_of(left.guest) != qmp:  # the VM left the host (or is another QEMU):
+                with self._lock:  # a migration unplugs all its pools, nothing is ours there
+                    self._left.pop(qmp, None)
+                continue
             for obj, file in sorted(left.objs.items()):
                 tag = obj[len(OBJECT_PREFIX) :]
                 dev = DEVICE_PREFIX + tag
@@ -489,8 +493,10 @@ class PairPools:
                     continue
                 try:
                     self._qmp.unplug(qmp, {dev} & left.devs, {obj})
-                except Exception as exc:
-                    log.warning("unplugging %s from %s: %s", obj, left.guest, exc)
+                except Exception as exc:  # tried again at the next sweep; said once
+                    if (qmp, "!" + obj) not in self._busy_noted:
+                        self._busy_noted.add((qmp, "!" + obj))
+                        log.warning("unplugging %s from %s: %s", obj, left.guest, exc)
                     continue
                 removed += [f"{left.guest}:{x}" for x in sorted({dev} & left.devs)]
                 removed.append(f"{left.guest}:{obj}")
