@@ -91,12 +91,14 @@ def test_a_vanished_client_frees_its_slots(gateway: tuple[tuple[str, int], Path]
     with VmAgent(addr, token="tok-a") as a:
         first = a.alloc_slot((A, 1, B, 2))
     with VmAgent(addr, token="tok-a") as a:
-        for _ in range(50):  # the handler thread frees on disconnect; it may lag a moment
-            again = a.alloc_slot((A, 3, B, 4))
-            if again[0] == first[0]:
+        # The handler thread frees on disconnect; it may lag a moment. Wait for that before
+        # allocating: a slot allocated and freed meanwhile would go back on the free list
+        # after the vanished client's and be handed out first (1 run in 10 failed so).
+        for _ in range(100):  # bounded: 5 s for a loaded machine's handler thread
+            if a._call({"op": "grants"})["grants"] == 0:
                 break
-            a.free_slot(*again)
-            time.sleep(0.05)  # bounded: 2.5 s for a loaded machine's handler thread
+            time.sleep(0.05)
+        again = a.alloc_slot((A, 3, B, 4))
         assert again[0] == first[0]
 
 
