@@ -82,7 +82,7 @@ def _distribution_files(names: tuple[str, ...] = GUEST_DISTRIBUTIONS) -> list[Pa
     files = []
     for dist in found.values():
         for f in dist.files or []:
-            path = Path(os.path.normpath(Path(dist.locate_file(f))))
+            path = Path(os.path.normpath(str(dist.locate_file(f))))
             if path.is_file():
                 files.append(path)
     return sorted(set(files))
