@@ -51,8 +51,9 @@ def test_wsgiref_server_and_urllib(world: World) -> None:
     _srv, prog, report = _run(world, "wsgiref", "urllib")
     assert report["bodies"] == expected()
     assert len(report["ports"]) == len(expected())  # HTTP/1.0: a connection per request
-    c, s = both_ends(world, int(report["held"]))  # the one held open mid-body
-    assert c["accelerated"] and s["accelerated"] and c["bytes_received"] >= 1000
+    # The one held open mid-body (its count waited for: a census report may lag behind).
+    c, s = both_ends(world, int(report["held"]), check=lambda c, s: c["bytes_received"] >= 1000)
+    assert c["accelerated"] and s["accelerated"]
     assert prog.finish() == [{"held": _digest(payload(HELD))}]
 
 
