@@ -303,12 +303,15 @@ def qemu_world(lab: Any, logs: Path) -> World:
             return f"(log /tmp/{log.name} in {place.guest} unreadable: {exc})"
         return str(got.stdout.decode(errors="replace") + got.stderr.decode(errors="replace"))
 
+    # The VM's command server does not pass this machine's environment on (the servers'
+    # "ready" lines are print()s: block-buffered into a pipe without this).
+    unbuffered = {"PYTHONUNBUFFERED": "1"}
     return World(
         "qemu",
         lab.guest("h1g1").address,
-        Place("server", "h1g1"),
-        Place("near", "h1g2"),
-        Place("far", "h2g1"),
+        Place("server", "h1g1", dict(unbuffered)),
+        Place("near", "h1g2", dict(unbuffered)),
+        Place("far", "h2g1", dict(unbuffered)),
         [lab.host("h1").agent_socket, lab.host("h2").agent_socket],
         logs,
         spawn,
