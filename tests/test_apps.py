@@ -3,7 +3,9 @@ httpx and requests, aiohttp server with aiohttp client, between two co-resident 
 (shared memory, checked in the agents' ``connections`` op) and between guests that are not
 (plain TCP) -- with byte-exact bodies: large, keep-alive, chunked/streamed, uploads.
 
-The loopback world needs no root; the lab world (real network namespaces) runs as root.
+The loopback world needs no root; the lab world (real network namespaces) runs as root, and
+so does the qemu world (the same places in real QEMU VMs: the module's shared lab, marked
+``vm``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from typing import Any
 import pytest
 
 from app_programs import expected
-from apprun import PROGS, PY, Client, World, lab_world, loopback_world, stopping, wait_rows
-from conftest import IS_ROOT
+from apprun import (
+    PROGS,
+    PY,
+    Client,
+    World,
+    lab_world,
+    loopback_world,
+    qemu_world,
+    stopping,
+    wait_rows,
+)
+from conftest import IS_ROOT, QEMU_MARKS, backend_lab
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
@@ -28,9 +40,11 @@ pytest.importorskip("requests")
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["loopback", "lab"])
+@pytest.fixture(params=["loopback", "lab", pytest.param("qemu", marks=QEMU_MARKS)])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    if request.param == "lab":
+    if request.param == "qemu":
+        made = qemu_world(backend_lab(request), tmp_path)
+    elif request.param == "lab":
         if not IS_ROOT:
             pytest.skip("needs root: the lab creates network namespaces")
         lab = request.getfixturevalue("lab")
@@ -110,7 +124,7 @@ def check_exchange(world: World, prog: Client, client: str, port: int, want_path
     else:
         assert not c["accelerated"] and not s["accelerated"]
         assert c["bytes_sent"] is None  # plain TCP: not counted
-        far_reason = "not-coresident" if world.mode == "lab" else "loopback-disabled"
+        far_reason = "loopback-disabled" if world.mode == "loopback" else "not-coresident"
         assert c["fallback_reason"] == far_reason
         assert s["fallback_reason"] == "no-offer"
     prog.finish()

@@ -93,6 +93,14 @@ def ensure_publishing() -> None:
     with _lock:
         if _started_pid == pid:
             return
+        # The thread's modules are imported here, not in the thread: a fork while the
+        # thread was still importing one (a ForkingMixIn server accepting its first
+        # connection; a QEMU guest under TCG takes seconds to import) left the child that
+        # module half initialized for good, and its fork hook failed on it.
+        from . import _vmchannel
+
+        if _vmchannel.active():
+            from . import _vmcensus  # noqa: F401
         threading.Thread(target=_run, name="cosock-census", daemon=True).start()
         _started_pid = pid
 
@@ -319,8 +327,10 @@ def _after_fork_in_child() -> None:
     _written = None  # the parent's file
     _fallbacks.clear()
     vmcensus = sys.modules.get("cosock._vmcensus")
-    if vmcensus is not None:
-        vmcensus._after_fork_in_child()  # the parent's report is the parent's
+    # (getattr: never let a half-imported module stop the restarts below)
+    reset = getattr(vmcensus, "_after_fork_in_child", None)
+    if reset is not None:
+        reset()  # the parent's report is the parent's
     # A forked child (socketserver.ForkingMixIn, multiprocessing) inherits the parent's
     # accelerated connections but not its threads: restart the residency thread (it
     # services path switches the peer starts) and this one, or ``cosock status`` would not

@@ -31,6 +31,8 @@ GATEWAY_PATH = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/cosock/gateway/raw")
 Key = tuple[str, int, str, int]
 #: Longest reply line read from the gateway.
 MAX_REPLY = 1 << 16
+#: File objects of gateway connections a forked child inherited (see VmAgent.abandon).
+_ABANDONED: list[Any] = []
 #: A watch with no push for this long is dead (the gateway repeats its list every 5 s).
 WATCH_TIMEOUT_S = 15.0
 
@@ -125,6 +127,16 @@ class VmAgent:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
+
+    def abandon(self) -> None:
+        """After fork, in the child: close this process's copy of the connection's fd without
+        touching the file object. A parent's thread may have held its buffer lock at the
+        fork (a watch always sits in ``readline``): closing it, or letting the collector
+        close it, would wait for that lock forever (a ForkingMixIn child hung so in a VM)."""
+        _ABANDONED.append(self._file)  # never collected, so never closed
+        fd = self._sock.detach()
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> VmAgent:
         return self

@@ -270,7 +270,9 @@ class VmDirectory:
     def _after_fork_in_child(self) -> None:
         """The parent's gateway connection is the parent's: never speak on it here."""
         self._lock = threading.Lock()
-        self._gate = None  # not closed: closing a shared fd is harmless, but keep it simple
+        gate, self._gate = self._gate, None
+        if gate is not None:  # a thread may have been mid-request: its fd only
+            gate.abandon()
         self._listeners.clear()
         self._keeper = None
         self._watch_lock = threading.Lock()

@@ -93,7 +93,7 @@ class GuestWatch:
         socket down (that would end the parent's too), only drop this process's fds."""
         self._closed = True
         self._guests = None
-        self._agent.close()  # close(), not shutdown(): the parent's socket stays open
+        self._agent.abandon()  # not shutdown(): the parent's socket stays open
         with contextlib.suppress(OSError):
             os.close(self._efd)
 

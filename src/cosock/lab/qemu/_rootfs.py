@@ -4,14 +4,16 @@ QEMU refuses to migrate a guest with a 9p export mounted, and the default guest 
 host's root over 9p. This image holds just what a guest runs, at the same absolute paths as on
 the host: the interpreter (binary, libpython, the stdlib without its tests, lib-dynload and
 every shared library they need), the virtualenv's ``pyvenv.cfg`` and ``bin``, the repository's
-``src`` and ``tests``, and busybox with its applets for the shell tools. It is attached
-read-only with virtio-blk (the same file on both hosts, so nothing of it is migrated), built
-with ``mkfs.ext4 -d`` (no mount, no loop device) and cached by content.
+``src`` and ``tests``, the installed files of :data:`GUEST_DISTRIBUTIONS` and what they require
+(the compat suites run those programs in VMs), and busybox with its applets for the shell
+tools. It is attached read-only with virtio-blk (the same file on both hosts, so nothing of it
+is migrated), built with ``mkfs.ext4 -d`` (no mount, no loop device) and cached by content.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import re
 import shutil
@@ -31,6 +33,10 @@ _SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "si
 #: Extension modules whose libraries (X11, Tcl/Tk, curses...) a guest never needs.
 _SKIP_PREFIXES = ("_tkinter", "_curses", "readline", "_dbm", "_gdbm")
 _LDD_RE = re.compile(r"(/\S+) \(0x")
+#: Third-party programs the compat suites (tests/test_apps.py) run unmodified in guests, if
+#: installed: their files and those of every distribution they require (extras left out).
+GUEST_DISTRIBUTIONS = ("uvicorn", "httpx", "aiohttp", "requests")
+_REQ_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class RootfsError(VmError):
@@ -51,6 +57,35 @@ def _sources() -> list[tuple[Path, Path]]:
     repo = _package_tree()
     items += [p for p in (repo / "src", repo / "tests") if p.is_dir()]
     return [(p, p) for p in items]
+
+
+def _distribution_files(names: tuple[str, ...] = GUEST_DISTRIBUTIONS) -> list[Path]:
+    """The installed files of the distributions ``names`` and of everything they require
+    (without extras; a requirement not installed, e.g. a backport for older Pythons, is left
+    out: the host's programs run without it too)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in found:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found[key] = dist
+        for req in dist.requires or []:
+            match = _REQ_NAME_RE.match(req)
+            if match and "extra" not in req.partition(";")[2]:
+                todo.append(match.group())
+    files = []
+    for dist in found.values():
+        for f in dist.files or []:
+            path = Path(os.path.normpath(str(dist.locate_file(f))))
+            if path.is_file():
+                files.append(path)
+    return sorted(set(files))
 
 
 def _link_chain(path: Path) -> list[Path]:
@@ -119,7 +154,7 @@ def build() -> Path:
     """
     if shutil.which("mkfs.ext4") is None:
         raise RootfsError("building the guest root image: mkfs.ext4 missing (e2fsprogs)")
-    files = [f for src, _ in _sources() for f in _walk(src)]
+    files = [f for src, _ in _sources() for f in _walk(src)] + _distribution_files()
     libs = _libraries(files) | _libraries([Path("/usr/bin/env")])
     files += sorted(libs | _dlopened(libs))
     files.append(Path("/usr/bin/env"))
