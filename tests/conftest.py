@@ -234,13 +234,19 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 #### The same tests on both backends (issue 8, item 4)
 
+#: The VM modules run in two xdist groups, one per worker of ``make test``'s ``-n 2``: each
+#: module's lab boots once, at most two labs run at once, and the ~25 min of TCG work is split
+#: (lab, exec, ivshmem, cosock between VMs, status | the suites on both backends, pair pools).
+QEMU_GROUP = "qemu-lab"
+QEMU_GROUP_2 = "qemu-lab-2"
+
 #: Marks of a test's QEMU variant: VMs, one worker for the module's shared VM lab, checked for
 #: leaks by that lab's fixture (a migration starts a new QEMU: a new child), TCG-sized timeout.
 #: They run in ``make test`` (CI) with QEMU >= 10; under TCG, QEMU 7.2 corrupts a guest migrated
 #: while it moves traffic (docs/vm-backend.md, section 6), and ``.ci/run`` installs 10.0.
 QEMU_MARKS = [
     pytest.mark.vm,
-    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.xdist_group(QEMU_GROUP_2),
     pytest.mark.leaks_checked_by_module,
     pytest.mark.timeout(900),
 ]

@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from conftest import QEMU_GROUP
 from test_lab_qemu import COSOCK, PY, running_lab
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.xdist_group(QEMU_GROUP),
     pytest.mark.timeout(600),
     pytest.mark.leaks_checked_by_module,
 ]

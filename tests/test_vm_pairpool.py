@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
+from conftest import QEMU_GROUP_2
 from test_lab_qemu import PY, running_lab
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.xdist_group("qemu-lab"),
+    pytest.mark.xdist_group(QEMU_GROUP_2),
     pytest.mark.timeout(900),
     pytest.mark.leaks_checked_by_module,
 ]
