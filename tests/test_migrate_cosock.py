@@ -70,7 +70,6 @@ def test_cosock_stream_survives_migration_byte_exact(
     infos = client.ask(op="info"), server.ask(op="info")
     assert infos[0]["path"] == infos[1]["path"] == "shm", infos
 
-    wire0 = lab.wire_bytes()
     lab.migrate(mover, "h2")
     # Each end learns from its own agent and leaves the rings by itself.
     _until(
@@ -80,9 +79,14 @@ def test_cosock_stream_survives_migration_byte_exact(
     )
     # Both ends have left the rings: from now on the shared memory must never be read.
     assert client.ask(op="scribble")["scribbled"] > 0
+    wire0 = lab.wire_bytes()
     got = stream_phase(client, server)
     assert got >= 2 << 20
-    assert lab.wire_bytes() - wire0 >= got  # the stream really crosses the wire now
+    # The stream really crosses the wire now (on shm it adds almost nothing: below). Not all
+    # of it: a phase also reads what sat in the receivers' kernel buffers when it began, sent
+    # earlier (under TCG a slow reader had ~0.9 of 4 MB so, in part still inside h1 before
+    # the move: the lab switches to TCP before it migrates).
+    assert lab.wire_bytes() - wire0 >= got // 2
     c_info, s_info = client.ask(op="info"), server.ask(op="info")
     assert c_info["switches"] == s_info["switches"] == 1
 
