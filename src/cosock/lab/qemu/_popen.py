@@ -170,7 +170,8 @@ class GuestPopen:
         """Frames in, output into the pipe, status recorded; ends with the connection (and
         with the output delivered, or its reader gone)."""
         out = bytearray()
-        sock_open = self._take(buf, out)  # frames that came with the reply line
+        # frames that came with the reply line
+        sock_open = self._take(buf, out) and self.returncode is None
         try:
             while sock_open or out:
                 rlist = [sock] if sock_open and len(out) < MAX_BUFFERED else []
@@ -202,7 +203,10 @@ class GuestPopen:
                         self._exit(LOST)
                     continue
                 buf += data
-                sock_open = self._take(buf, out)
+                # After the exit status nothing more comes: end with the output delivered, not
+                # when the guest gets round to closing (under TCG the pump, its socket and pipe
+                # outlived a test module so).
+                sock_open = self._take(buf, out) and self.returncode is None
         finally:
             if self.returncode is None:
                 self.lost = self.lost or "pump ended"
