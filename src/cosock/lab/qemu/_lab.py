@@ -323,16 +323,21 @@ class QemuLab:
 
     def host(self, name: str) -> VmHost:
         """One host, as the namespace lab's ``host()`` gives it (its agent's pid included)."""
+        h = self._host_state(name)
+        return VmHost(
+            name=h["name"],
+            netns=h["netns"],
+            address=h["address"],
+            agent_pid=int(h.get("agent_pid") or 0),
+            agent_socket=Path(h["agent_socket"]),
+            pool=Path(h["pool"]),
+        )
+
+    def _host_state(self, name: str) -> dict[str, Any]:
+        """The host's record in the lab state (mutable: restart_agent updates its pid)."""
         for h in self._state.get("hosts", []):
             if h["name"] == name:
-                return VmHost(
-                    name=h["name"],
-                    netns=h["netns"],
-                    address=h["address"],
-                    agent_pid=int(h.get("agent_pid") or 0),
-                    agent_socket=Path(h["agent_socket"]),
-                    pool=Path(h["pool"]),
-                )
+                return h  # type: ignore[no-any-return]
         raise UnknownHost(f"lab {self.name!r} has no host {name!r}")
 
     def restart_agent(self, host: str) -> int:
@@ -343,9 +348,7 @@ class QemuLab:
         Raises:
             UnknownHost: no such host. AgentStartError: the new agent did not come up.
         """
-        h = next((h for h in self._state.get("hosts", []) if h["name"] == host), None)
-        if h is None:
-            raise UnknownHost(f"lab {self.name!r} has no host {host!r}")
+        h = self._host_state(host)
         _agents.stop([int(h.get("agent_pid") or 0)])
         sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
         proc = _agents.start(h["name"], h["netns"], sock, log, extra=_gateway_args(self._state, h))
