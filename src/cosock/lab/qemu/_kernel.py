@@ -113,9 +113,10 @@ def validate_package(package: str) -> str:
 
 
 @contextlib.contextmanager
-def _cache_lock() -> Iterator[Path]:
-    """One fetcher at a time per machine (pytest workers and CLIs share the cache)."""
-    root = cache_dir()
+def cache_lock(folder: Path | None = None) -> Iterator[Path]:
+    """One builder at a time per cache folder (default: the whole cache): pytest workers and
+    CLIs share it, and one's pruning must not pull a file from under another."""
+    root = folder or cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -158,7 +159,7 @@ def fetch(package: str | None = None) -> Kernel:
     hit = _cached(name)
     if hit is not None:
         return hit
-    with _cache_lock() as root:
+    with cache_lock() as root:
         hit = _cached(name)  # another process may have fetched it while we waited
         if hit is not None:
             return hit

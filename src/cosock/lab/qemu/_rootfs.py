@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._initramfs import BUSYBOX, _applets
+from ._kernel import cache_lock
 from ._model import VmError, cache_dir
 
 #: Parts of the stdlib a guest never imports (a third of its size is ``test``).
@@ -163,43 +164,44 @@ def build() -> Path:
     # One folder per repository (worktrees differ), so pruning never touches another's image.
     repo = hashlib.sha256(str(_package_tree()).encode()).hexdigest()[:12]
     root = cache_dir() / "rootfs" / repo
-    root.mkdir(parents=True, exist_ok=True)
-    image = root / f"root-{_key(files)}.ext4"
-    if image.is_file():
-        os.utime(image)  # in use: keep it out of the pruning below
-        return image
-    for old in root.glob("root-*.ext4"):
-        # ~160 MB each, one per change of the code; an hour-old one serves no running lab
-        # that could still start a migration target from it.
-        if time.time() - old.stat().st_mtime > 3600:
-            old.unlink()
-    with tempfile.TemporaryDirectory(prefix="rootfs-", dir=root) as tmp:
-        stage = Path(tmp) / "stage"
-        for sub in ("bin", "proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt"):
-            (stage / sub).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            dest = stage / f.relative_to("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists() or dest.is_symlink():
-                continue
-            if f.is_symlink():
-                os.symlink(os.readlink(f), dest)
-            else:
-                shutil.copy2(f, dest, follow_symlinks=True)
-        shutil.copy2(BUSYBOX, stage / "bin" / "busybox")
-        for applet in _applets():
-            link = stage / "bin" / applet
-            if not link.exists() and not link.is_symlink():
-                os.symlink("busybox", link)
-        (stage / "etc" / "hostname").write_text("guest\n")
-        size_mb = sum(f.lstat().st_size for f in stage.rglob("*")) // (1 << 20)
-        partial = Path(tmp) / "image.ext4"
-        done = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-L", "cosockroot", "-O", "^has_journal,^metadata_csum",
-             "-d", str(stage), str(partial), f"{size_mb * 5 // 4 + 64}M"],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RootfsError(f"building the guest root image: mkfs.ext4 failed: {done.stderr}")
-        os.replace(partial, image)
+    # Locked: two pytest workers starting labs at once would both prune and both build.
+    with cache_lock(root):
+        image = root / f"root-{_key(files)}.ext4"
+        if image.is_file():
+            os.utime(image)  # in use: keep it out of the pruning below
+            return image
+        for old in root.glob("root-*.ext4"):
+            # ~160 MB each, one per change of the code; an hour-old one serves no running lab
+            # that could still start a migration target from it.
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="rootfs-", dir=root) as tmp:
+            stage = Path(tmp) / "stage"
+            for sub in ("bin", "proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt"):
+                (stage / sub).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                dest = stage / f.relative_to("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.exists() or dest.is_symlink():
+                    continue
+                if f.is_symlink():
+                    os.symlink(os.readlink(f), dest)
+                else:
+                    shutil.copy2(f, dest, follow_symlinks=True)
+            shutil.copy2(BUSYBOX, stage / "bin" / "busybox")
+            for applet in _applets():
+                link = stage / "bin" / applet
+                if not link.exists() and not link.is_symlink():
+                    os.symlink("busybox", link)
+            (stage / "etc" / "hostname").write_text("guest\n")
+            size_mb = sum(f.lstat().st_size for f in stage.rglob("*")) // (1 << 20)
+            partial = Path(tmp) / "image.ext4"
+            done = subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-L", "cosockroot", "-O", "^has_journal,^metadata_csum",
+                 "-d", str(stage), str(partial), f"{size_mb * 5 // 4 + 64}M"],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RootfsError(f"building the guest root image: mkfs.ext4 failed: {done.stderr}")
+            os.replace(partial, image)
     return image
