@@ -79,6 +79,13 @@ class Peer:
                 f.close()
 
 
+def in_flight(client: Peer, server: Peer) -> int:
+    """Bytes either end has sent and the other not yet received (socket buffers, the wire)."""
+    c, s = client.ask(op="progress"), server.ask(op="progress")
+    flying: int = c["sent"] + s["sent"] - c["received"] - s["received"]
+    return flying
+
+
 def stream_phase(client: Peer, server: Peer, want: int = 2 << 20) -> int:
     """Let the stream run until ``want`` more bytes arrived at the two ends together."""
     start = client.ask(op="progress")["received"] + server.ask(op="progress")["received"]
