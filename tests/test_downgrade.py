@@ -33,7 +33,7 @@ import cosock
 from cosock import CoSocket, FallbackReason
 from cosock._intercept import get_original
 from sockutil import accelerated_pair, listener, recv_all
-from test_switch import _pump_both_ways, _wait_path
+from test_switch import _in_thread, _pump_both_ways, _wait_path
 
 pytestmark = [pytest.mark.usefixtures("cosock_agent"), pytest.mark.timeout(120)]
 
@@ -92,6 +92,69 @@ def test_downgrade_mid_stream_both_ways_is_byte_exact(how: str) -> None:
         _wait_until(lambda: cli.cosock_path == conn.cosock_path == "tcp")
         _plain(cli, conn)
         assert cli.cosock_info()["path"] == "tcp"
+
+
+def _pause_on_call(code: Any, paused: threading.Event, go: threading.Event) -> Any:
+    """A trace function for one thread: stop it as it enters ``code``, once, until ``go``."""
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        if event == "call" and frame.f_code is code and not paused.is_set():
+            paused.set()
+            go.wait(10)
+        return None
+
+    return tracer
+
+
+@pytest.mark.parametrize("op", ["recv", "recv_into", "sendall"])
+def test_a_copy_made_just_before_a_downgrade_released_the_ring_is_kept(op: str) -> None:
+    """A thread has copied ring bytes (under the busy flag) and is about to do the ring's
+    bookkeeping (the producer's reading mark, the doorbell) when another thread's downgrade
+    completes and releases the ring.  Its call used to fail with "operation forbidden on
+    released memoryview object" although the bytes were moved (CI, 1 in ~100 mid-stream
+    downgrades under load); now it returns them, and the connection goes on as plain TCP,
+    byte-exact."""
+    from cosock._ring import RingWriter
+    from cosock._socket import CoSocket as Impl
+
+    with pair() as (cli, conn):
+        ch = conn._co
+        assert ch is not None
+        if op == "sendall":
+            after = RingWriter.needs_bell.__code__  # the doorbell check after a ring write
+            action: Any = lambda: conn.sendall(b"s" * 1000)  # noqa: E731
+        else:
+            cli.sendall(b"a" * 1000)
+            _wait_until(lambda: ch.rx is not None and ch.rx.available() == 1000)
+            after = Impl._consumed.__code__  # the reader's bookkeeping after its copy
+            buf = bytearray(1000)
+            action = (
+                (lambda: got.append(conn.recv(1000)))
+                if op == "recv"
+                else (lambda: got.append(bytes(buf[: conn.recv_into(buf)])))
+            )
+        got: list[bytes] = []
+        errors: list[BaseException] = []
+        paused, go = threading.Event(), threading.Event()
+        worker = _in_thread(errors, action, _pause_on_call(after, paused, go))
+        try:
+            assert paused.wait(10), "the copy never happened"
+            conn.cosock_downgrade(timeout=20)
+            assert ch.released and conn._co is None
+        finally:
+            go.set()
+            worker.join(10)
+        assert not worker.is_alive() and errors == [], errors
+        if op == "sendall":
+            assert recv_all(cli, 1000) == b"s" * 1000
+        else:
+            assert got == [b"a" * 1000]
+        cli.sendall(b"after")
+        assert recv_all(conn, 5) == b"after"
+        conn.sendall(b"back")
+        assert recv_all(cli, 4) == b"back"
+        _wait_path(cli, conn)
+        assert conn.cosock_path == cli.cosock_path == "tcp"
 
 
 def _wait_until(cond: Any, why: Any = lambda: None, timeout: float = 20.0) -> None:

@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -173,7 +174,8 @@ def _pump_both_ways(
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a stream hung"
-    assert not errors, errors
+    # With the tracebacks: a race in the data path names its line only there.
+    assert not errors, "\n".join("".join(traceback.format_exception(e)) for e in errors)
     return sent, got
 
 

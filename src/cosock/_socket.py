@@ -1946,23 +1946,28 @@ class CoSocket(socket.socket):
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
         ch = self._co
-        if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and ch.rx:
+        rx = None if ch is None else ch.rx
+        if ch is not None and ch.phase is _SHM and not flags and not ch.rd_shut and rx:
             # (bytes framed before an upgrade wait in _rxb: the slow path serves them first)
-            bells = ch.rx.begin_read()  # before the ring: see _drain_stale_bells
-            avail = ch.rx.available()
-            if avail and ch.rx.recv_spin:  # another thread's blocking recv spins on it
-                bells = ch.rx.end_spin_read()
-                avail = ch.rx.available()
-            if avail and ch.fin is None and not self._rxb:  # fast path: one copy
-                n = min(avail, bufsize)
-                ch.rx_busy = True
-                try:
-                    data = ch.rx.read_bytes(n) if ch.phase is _SHM else None
-                finally:
-                    ch.rx_busy = False
-                if data is not None:
-                    self._consumed(ch, n, avail, bells)
-                    return data
+            try:
+                bells = rx.begin_read()  # before the ring: see _drain_stale_bells
+                avail = rx.available()
+                if avail and rx.recv_spin:  # another thread's blocking recv spins on it
+                    bells = rx.end_spin_read()
+                    avail = rx.available()
+                if avail and ch.fin is None and not self._rxb:  # fast path: one copy
+                    n = min(avail, bufsize)
+                    ch.rx_busy = True
+                    try:
+                        data = rx.read_bytes(n) if ch.phase is _SHM else None
+                    finally:
+                        ch.rx_busy = False
+                    if data is not None:
+                        self._consumed(ch, n, avail, bells)
+                        return data
+            except ValueError:
+                if not self._released_under_us(ch):
+                    raise  # (the slow path below looks at the socket afresh)
         buf = bytearray(bufsize)
         n = self._recv_into(memoryview(buf), bufsize, flags)
         return bytes(buf) if n == bufsize else bytes(memoryview(buf)[:n])
@@ -1975,11 +1980,16 @@ class CoSocket(socket.socket):
         elif ch.phase is _SHM and not flags and ch.fin is None and not ch.rd_shut and not self._rxb:
             rx = ch.rx
             assert rx is not None
-            bells = rx.begin_read()  # before the ring: see _drain_stale_bells
-            avail = rx.available()
-            if avail and rx.recv_spin:  # another thread's blocking recv spins on it
-                bells = rx.end_spin_read()
+            try:
+                bells = rx.begin_read()  # before the ring: see _drain_stale_bells
                 avail = rx.available()
+                if avail and rx.recv_spin:  # another thread's blocking recv spins on it
+                    bells = rx.end_spin_read()
+                    avail = rx.available()
+            except ValueError:
+                if not self._released_under_us(ch):
+                    raise
+                avail = 0  # the slow path below looks at the socket afresh
             if avail:  # fast path: data is there, take it
                 view = buffer if type(buffer) is memoryview else memoryview(buffer)
                 if view.format != "B" or view.ndim != 1:
@@ -2045,8 +2055,13 @@ class CoSocket(socket.socket):
         # re-checked in arm), and bytes found while flagged are claimed before they are
         # copied (end_spin_read, see _shm_read).  A peek takes nothing; bytes already
         # taken off TCP (_rxb) may end the call before the ring is looked at.
-        if ch.phase is _SHM and ch.rx is not None and not flags & _MSG_PEEK and not self._rxb:
-            ch.rx.set_spinning(True, nbytes)
+        rx = ch.rx
+        if ch.phase is _SHM and rx is not None and not flags & _MSG_PEEK and not self._rxb:
+            try:
+                rx.set_spinning(True, nbytes)
+            except ValueError:
+                if not self._released_under_us(ch):
+                    raise  # (released under us: the loop looks at the socket afresh)
         # A spin left by an exception, an early return or a path change ends here, on the
         # ring the channel has *now*: a recv begun in the handshake had none at entry, and
         # used to leave the flag set for good (no doorbell ever again while the peer's
@@ -2094,7 +2109,12 @@ class CoSocket(socket.socket):
                 if self._txb:
                     self._flush_while_receiving(deadline)
                 return got + super().recv_into(view[got:], nbytes - got, flags)
-            n = self._shm_read(ch, view, got, nbytes, peek, woke)
+            try:
+                n = self._shm_read(ch, view, got, nbytes, peek, woke)
+            except ValueError:
+                if not self._released_under_us(ch):
+                    raise
+                continue  # released under us (a downgrade ended, a close): look afresh
             woke = deadline == 0.0
             if n:
                 got += n
@@ -2134,6 +2154,9 @@ class CoSocket(socket.socket):
                 if got:
                     return got  # bytes already taken from the ring are the caller's
                 raise
+            except ValueError:
+                if not self._released_under_us(ch):
+                    raise
             woke = True
 
     def _shm_read(
@@ -2205,13 +2228,22 @@ class CoSocket(socket.socket):
         control frames are parsed or sent: on the hot path the ring counters are the truth.
         """
         rx = ch.rx
-        assert rx is not None
-        if rx.space_wanted():
-            self._control(ch, Space())
-            ch.counters["spaces_sent"] += 1
-        if n == avail and bells_before != ch.bells_parsed():
-            self._drain_stale_bells(ch, bells_before)
-        rx.end_read()
+        try:
+            if rx is None:
+                raise ValueError("released")
+            if rx.space_wanted():
+                self._control(ch, Space())
+                ch.counters["spaces_sent"] += 1
+            if n == avail and bells_before != ch.bells_parsed():
+                self._drain_stale_bells(ch, bells_before)
+            rx.end_read()
+        except ValueError:
+            # The copy was done under rx_busy, so a downgrade's snapshot counts those bytes
+            # as ours; a close or that downgrade's end released the ring right after it:
+            # nothing is left to tell the producer (CI: a reader thread got this error
+            # for bytes it had already copied).
+            if not self._released_under_us(ch):
+                raise
 
     def _drain_stale_bells(self, ch: _Channel, upto: int) -> None:
         """We emptied the ring: consume the doorbells rung for what we took, so the raw fd
@@ -2271,7 +2303,12 @@ class CoSocket(socket.socket):
             or type(data) is not bytes
         ):
             return False
-        free = tx.free()
+        try:
+            free = tx.free()
+        except ValueError:
+            if not self._released_under_us(ch):
+                raise
+            return False  # the slow path looks at the socket afresh
         if len(data) > free or not data:
             return False
         old = tx.head
@@ -2282,9 +2319,26 @@ class CoSocket(socket.socket):
             tx.write(data, free)  # type: ignore[arg-type]
         finally:
             ch.tx_busy = False
-        if tx.needs_bell(old):
-            self._bell(ch)
+        self._wrote(ch, tx, old)
         return True
+
+    def _wrote(self, ch: _Channel, tx: RingWriter, old: int) -> None:
+        """After a ring write: ring if the reader may be asleep.  The write was made under
+        tx_busy, so a downgrade's snapshot holds its bytes; if that downgrade ended (or a
+        close came) right after it and released the ring, there is nobody to ring for."""
+        try:
+            needs = tx.needs_bell(old)
+        except ValueError:
+            if not self._released_under_us(ch):
+                raise
+            return
+        if needs:
+            self._bell(ch)
+
+    def _released_under_us(self, ch: _Channel) -> bool:
+        """A ValueError from a ring end means it was released by another thread (a close,
+        or the end of a downgrade) -- unless the channel is still ours and live."""
+        return ch.released or self._co is not ch
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         ch = self._co
@@ -2384,7 +2438,12 @@ class CoSocket(socket.socket):
                 free = 0
             else:
                 assert tx is not None
-                free = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
+                try:
+                    free = _handshake_room(ch) if ch.phase is _HANDSHAKE else tx.free()
+                except ValueError:
+                    if not self._released_under_us(ch):
+                        raise
+                    continue  # released under us: look at the socket afresh
             if free and sent < total:
                 assert tx is not None
                 old = tx.head
@@ -2396,8 +2455,7 @@ class CoSocket(socket.socket):
                 finally:
                     ch.tx_busy = False
                 sent += n
-                if tx.needs_bell(old):
-                    self._bell(ch)
+                self._wrote(ch, tx, old)
                 if sent == total or deadline == 0.0:
                     return sent
                 continue
