@@ -1,6 +1,6 @@
 """Per-pair pools in the gateway without VMs: a pair's capacity grows by extra pools up to its
-maximum, each extra pool is reaped on its own, and a new gateway unplugs what a crashed one
-left plugged.
+maximum, each extra pool is reaped on its own, a stopping gateway unplugs only the pools no
+connection uses, and a new gateway unplugs what a crashed or stopped one left plugged.
 
 A real gateway, real pool files and real guests' requests (``VmAgent`` over TCP); the QEMU side
 is :class:`FakeQemu`, which keeps each VM's devices and memory backends by QOM id and refuses a
@@ -10,6 +10,7 @@ test_vm_pairpool.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -173,9 +174,10 @@ def test_a_full_pair_gets_another_pool_up_to_its_maximum_then_tcp(
             assert pool not in pools
             assert Path(f"{prefix}h1g1-h1g2.2.ivshmem").exists()
             assert qemu.plugged(qa) == {f"cpaird-h1g2-{tags[0]}", f"cpaird-h1g2-{pool[:8]}"}
+        _until(lambda: gate.grants_of("h1g1") == 0)  # the closed agents' slots are freed
     finally:
         _stop(gate)
-    # The gateway going away removes every pool.
+    # The gateway going away removes every pool no connection uses: all of them here.
     assert qemu.plugged(qa) == qemu.plugged(qb) == set()
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
 
@@ -224,54 +226,84 @@ def test_concurrent_connections_of_a_full_pair_make_one_extra_pool_not_many(
         _stop(gate)
 
 
-def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plugs_afresh(
-    setup: tuple[Path, FakeQemu, str],
+@pytest.mark.parametrize("how", ["crash", "stop", "stop-marked"])
+def test_a_new_gateway_unplugs_the_pools_an_old_one_left_once_unused_and_plugs_afresh(
+    setup: tuple[Path, FakeQemu, str], how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first gateway 'crashes' (stops without removing its pools: the devices stay in
-    the QEMUs and the file on disk, as after a SIGKILL) while a connection has its slot
-    mapped. The next gateway finds the devices by our id prefix, leaves devices that are not
-    ours alone, gives the pair a new pool at once (new ids, another file), and unplugs the
-    old pool only once its slot is marked released (``mark_use``, as the guests' library
-    does on close), then removes its file."""
+    """The first gateway goes away while a connection has its slot mapped: it 'crashes'
+    (stops without removing its pools: the devices stay in the QEMUs and the file on disk,
+    as after a SIGKILL), or it stops (``close``, as on SIGTERM) and leaves that pool plugged
+    with its file because a slot of it is in use: granted in its table and marked mapped
+    (``stop``), or only marked mapped, its gateway connections closed (``stop-marked``);
+    an idle pool (A-C, its connection over) it unplugs and removes. The next gateway finds
+    the devices by our id prefix, leaves devices that are not ours alone, gives the pair a
+    new pool at once (new ids, another file), and unplugs the old pool only once its slot
+    is marked released (``mark_use``, as the guests' library does on close), then removes
+    its file."""
     from cosock._ivshmem import CLIENT, MAPPED, RELEASED, SERVER, mark_use
 
+    monkeypatch.setattr(_pairpool, "LINGER_S", 600.0)  # only close() removes an idle pool
     guests, qemu, prefix = setup
-    qa, qb = guests.parent / "h1g1", guests.parent / "h1g2"
-    first_file = Path(f"{prefix}h1g1-h1g2.ivshmem")
-    old = _start(guests, qemu, prefix)
-    assert old.pairs is not None
-    addr = old.server_address[:2]
-    with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+    qa, qb, qc = (guests.parent / g for g in ("h1g1", "h1g2", "h1g3"))
+    first_file, ac_file = Path(f"{prefix}h1g1-h1g2.ivshmem"), Path(f"{prefix}h1g1-h1g3.ivshmem")
+    with contextlib.ExitStack() as cleanup:  # what is left open also when a check fails
+        old = _start(guests, qemu, prefix)
+        cleanup.callback(_stop, old)
+        assert old.pairs is not None
+        addr = old.server_address[:2]
+        agents = cleanup.enter_context(contextlib.ExitStack())  # guests' connections to it
+        a = agents.enter_context(VmAgent(addr, token="tok-h1g1"))
+        b = agents.enter_context(VmAgent(addr, token="tok-h1g2"))
         b.listen(B, 8000)
-        slot, _, _, old_pool = a.offer_in((A, 40000, B, 8000), NONCE)
-    with Pool(first_file) as p:  # both ends of the connection map the slot
-        live = p.map_slot(p.layout(), slot)
-    mark_use(live, CLIENT, MAPPED)
-    mark_use(live, SERVER, MAPPED)
-    for pair in old.pairs.of("h1g1", "h1g2"):
-        pair.pool.close()  # the crash: a dead process's mappings go with it, its file stays
-    old.pairs._closing.set()  # and its reaper stops; nothing is unplugged or removed
-    old.pairs._reaper.join(5)
-    old.pairs._pairs.clear()
-    _stop(old)
-    tag = old_pool[:8]
-    left = {f"cpaird-h1g2-{tag}"}, {f"cpaird-h1g1-{tag}"}
-    assert (qemu.plugged(qa), qemu.plugged(qb)) == left
-    qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
-    gate = _start(guests, qemu, prefix)
-    try:
+        slot, gen, _, old_pool = a.offer_in((A, 40000, B, 8000), NONCE)
+        assert b.claim_offer_in((A, 40000, B, 8000))[:2] == (slot, gen)
+        c = agents.enter_context(VmAgent(addr, token="tok-h1g3"))
+        c.listen(C, 8000)
+        ac_slot, ac_gen, _, ac_pool = a.offer_in((A, 40002, C, 8000), NONCE)
+        a.free_slot(ac_slot, ac_gen, ac_pool)  # A-C's connection is over: its pool idle
+        assert qemu.plugged(qc) == {f"cpaird-h1g1-{ac_pool[:8]}"}
+        with Pool(first_file) as p:  # both ends of the A-B connection map the slot
+            live = p.map_slot(p.layout(), slot)
+        cleanup.callback(live.close)
+        mark_use(live, CLIENT, MAPPED)
+        mark_use(live, SERVER, MAPPED)
+        if how == "crash":
+            for pair in old.pairs._all():
+                pair.pool.close()  # a dead process's mappings go with it, its file stays
+            old.pairs._closing.set()  # and its reaper stops; nothing is unplugged or removed
+            old.pairs._reaper.join(5)
+            old.pairs._pairs.clear()
+        elif how == "stop-marked":  # the gateway connections end first: slots freed
+            agents.close()
+            _until(lambda: old.grants_of("h1g1") == old.grants_of("h1g2") == 0)
+        _stop(old)
+        agents.close()  # a gateway's connections end with its process
+        tag = old_pool[:8]
+        left = {f"cpaird-h1g2-{tag}"}, {f"cpaird-h1g1-{tag}"}
+        assert (qemu.plugged(qa) - {f"cpaird-h1g3-{ac_pool[:8]}"}, qemu.plugged(qb)) == left
+        assert first_file.exists()
+        if how != "crash":  # the idle A-C pool is gone from both VMs, with its file
+            assert qemu.plugged(qa) == left[0] and qemu.plugged(qc) == set()
+            assert not ac_file.exists()
+            with pytest.raises(_pairpool.PlugError, match="the gateway is stopping"):
+                old.pairs.acquire("h1g2", "h1g3")  # a request still being served gets TCP
+        qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
+        gate = _start(guests, qemu, prefix)
+        cleanup.callback(_stop, gate)
         assert gate.pairs is not None
         addr = gate.server_address[:2]
         with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
             b.listen(B, 8000)
             pool = a.offer_in((A, 40001, B, 8000), NONCE)[3]
             assert pool != old_pool
-            assert qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{tag}", f"cpaird-h1g2-{pool[:8]}"}
+            assert f"cpaird-h1g2-{pool[:8]}" in qemu.plugged(qa)
+            assert {"pool", f"cpaird-h1g2-{tag}"} <= qemu.plugged(qa)
             assert first_file.exists()  # the old pool's file: not reused, not removed
             with Pool(Path(f"{prefix}h1g1-h1g2.2.ivshmem")) as p:
                 assert p.identity()[0].hex() == pool
             time.sleep(1.0)  # sweeps every 0.25 s: the old pool is in use, it stays
-            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa) and gate.pairs.swept == []
+            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa)
+            assert [x for x in gate.pairs.swept if tag in x] == []
             mark_use(live, CLIENT, RELEASED)
             time.sleep(0.6)
             assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa)  # the server still has it
@@ -280,18 +312,20 @@ def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plug
             _until(lambda: qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{pool[:8]}"})
             _until(lambda: qemu.plugged(qb) == {f"cpaird-h1g1-{pool[:8]}"})
             _until(lambda: not first_file.exists())
-            assert sorted(gate.pairs.swept) == [
+            swept = [
                 f"h1g1:cpair-h1g2-{tag}",
                 f"h1g1:cpaird-h1g2-{tag}",
                 f"h1g2:cpair-h1g1-{tag}",
                 f"h1g2:cpaird-h1g1-{tag}",
             ]
+            if how == "crash":  # the crashed gateway's idle A-C pool goes at once
+                ac = ac_pool[:8]
+                swept += [f"h1g1:cpair-h1g3-{ac}", f"h1g1:cpaird-h1g3-{ac}"]
+                swept += [f"h1g3:cpair-h1g1-{ac}", f"h1g3:cpaird-h1g1-{ac}"]
+            _until(lambda: sorted(gate.pairs.swept) == sorted(swept))  # type: ignore[union-attr]
             assert qemu.objs[qa] == {f"cpair-h1g2-{pool[:8]}"}
-    finally:
-        if not live.closed:
-            live.close()
-        _stop(gate)
-    assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set()
+        _until(lambda: gate.grants_of("h1g1") == 0)
+    assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == qemu.plugged(qc) == set()
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
 
 
