@@ -571,7 +571,7 @@ class PairPools:
             if not pair.lock.acquire(blocking=False):
                 continue  # a connection is being set up on it
             try:
-                if pair.table.held or pair.gone:
+                if pair.table.held or pair.gone or pair.left:  # (a reaper close() outwaited)
                     continue
                 self._remove(pair)
                 removed.append(pair.path.name)
