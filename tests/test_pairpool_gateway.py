@@ -1,6 +1,6 @@
 """Per-pair pools in the gateway without VMs: a pair's capacity grows by extra pools up to its
-maximum, each extra pool is reaped on its own, and a new gateway unplugs what a crashed one
-left plugged.
+maximum, each extra pool is reaped on its own, a stopping gateway unplugs only the pools no
+connection uses, and a new gateway unplugs what a crashed or stopped one left plugged.
 
 A real gateway, real pool files and real guests' requests (``VmAgent`` over TCP); the QEMU side
 is :class:`FakeQemu`, which keeps each VM's devices and memory backends by QOM id and refuses a
@@ -10,11 +10,21 @@ test_vm_pairpool.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +84,95 @@ class FakeQemu(_pairpool.Qmp):
     def plugged(self, qmp: Path) -> set[str]:
         with self.lock:
             return set(self.devs.get(qmp, set()))
+
+
+class QmpSockets:
+    """A QMP socket per VM speaking QEMU's protocol (greeting, negotiation, one command per
+    JSON object) over a :class:`FakeQemu`'s ids, for an agent in another process, which
+    reaches it with the real QMP client (``qemu.qmp``). A ``device_del`` is done at once (a
+    guest acks it at once)."""
+
+    def __init__(self, qemu: FakeQemu, paths: list[Path]) -> None:
+        self.qemu = qemu
+        self.stop = threading.Event()
+        self.threads = []
+        for path in paths:
+            srv = socket.socket(socket.AF_UNIX)
+            srv.bind(str(path))
+            srv.listen()
+            thread = threading.Thread(target=self._serve, args=(srv, path))
+            thread.start()
+            self.threads.append(thread)
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+    def _serve(self, srv: socket.socket, qmp: Path) -> None:
+        with srv:
+            while not self.stop.is_set():
+                if select.select([srv], [], [], 0.1)[0]:
+                    conn, _ = srv.accept()
+                    with conn:
+                        self._session(conn, qmp)
+
+    def _session(self, conn: socket.socket, qmp: Path) -> None:
+        version = {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}
+        conn.sendall(json.dumps({"QMP": {"version": version, "capabilities": []}}).encode() + b"\n")
+        buf, decoder = "", json.JSONDecoder()
+        while not self.stop.is_set():  # the client sends JSON objects without separators
+            if not select.select([conn], [], [], 0.1)[0]:
+                continue
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    msg, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break  # the rest of the object is still on its way
+                buf = buf.lstrip()[end:]
+                reply = self._execute(qmp, str(msg["execute"]), msg.get("arguments") or {})
+                if "id" in msg:
+                    reply["id"] = msg["id"]
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _execute(self, qmp: Path, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        q = self.qemu
+        with q.lock:
+            devs, objs = q.devs.setdefault(qmp, set()), q.objs.setdefault(qmp, set())
+            if name == "qmp_capabilities":
+                return {"return": {}}
+            if name == "object-add":
+                objs.add(args["id"])
+                q.files[qmp, args["id"]] = Path(args["mem-path"])
+                return {"return": {}}
+            if name == "device_add":
+                devs.add(args["id"])
+                q.calls.append(("plug", qmp.name, args["id"]))
+                return {"return": {}}
+            if name == "device_del":
+                devs.discard(args["id"])
+                q.calls.append(("unplug", qmp.name, args["id"]))
+                return {"return": {}}
+            if name == "object-del":
+                objs.discard(args["id"])
+                q.files.pop((qmp, args["id"]), None)
+                return {"return": {}}
+            if name == "query-pci":
+                found = [
+                    {"qdev_id": d, "id": {"device": _pairpool.IVSHMEM_DEVICE_ID}} for d in devs
+                ]
+                return {"return": [{"bus": 0, "devices": found}]}
+            if name == "qom-list":
+                return {"return": [{"name": o, "type": "child<memory-backend-file>"} for o in objs]}
+            if name == "qom-get":
+                return {"return": str(q.files.get((qmp, args["path"].rpartition("/")[2]), ""))}
+        return {
+            "error": {"class": "CommandNotFound", "desc": f"The command {name} has not been found"}
+        }
 
 
 @pytest.fixture
@@ -173,9 +272,10 @@ def test_a_full_pair_gets_another_pool_up_to_its_maximum_then_tcp(
             assert pool not in pools
             assert Path(f"{prefix}h1g1-h1g2.2.ivshmem").exists()
             assert qemu.plugged(qa) == {f"cpaird-h1g2-{tags[0]}", f"cpaird-h1g2-{pool[:8]}"}
+        _until(lambda: gate.grants_of("h1g1") == 0)  # the closed agents' slots are freed
     finally:
         _stop(gate)
-    # The gateway going away removes every pool.
+    # The gateway going away removes every pool no connection uses: all of them here.
     assert qemu.plugged(qa) == qemu.plugged(qb) == set()
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
 
@@ -224,54 +324,84 @@ def test_concurrent_connections_of_a_full_pair_make_one_extra_pool_not_many(
         _stop(gate)
 
 
-def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plugs_afresh(
-    setup: tuple[Path, FakeQemu, str],
+@pytest.mark.parametrize("how", ["crash", "stop", "stop-marked"])
+def test_a_new_gateway_unplugs_the_pools_an_old_one_left_once_unused_and_plugs_afresh(
+    setup: tuple[Path, FakeQemu, str], how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first gateway 'crashes' (stops without removing its pools: the devices stay in
-    the QEMUs and the file on disk, as after a SIGKILL) while a connection has its slot
-    mapped. The next gateway finds the devices by our id prefix, leaves devices that are not
-    ours alone, gives the pair a new pool at once (new ids, another file), and unplugs the
-    old pool only once its slot is marked released (``mark_use``, as the guests' library
-    does on close), then removes its file."""
+    """The first gateway goes away while a connection has its slot mapped: it 'crashes'
+    (stops without removing its pools: the devices stay in the QEMUs and the file on disk,
+    as after a SIGKILL), or it stops (``close``, as on SIGTERM) and leaves that pool plugged
+    with its file because a slot of it is in use: granted in its table and marked mapped
+    (``stop``), or only marked mapped, its gateway connections closed (``stop-marked``);
+    an idle pool (A-C, its connection over) it unplugs and removes. The next gateway finds
+    the devices by our id prefix, leaves devices that are not ours alone, gives the pair a
+    new pool at once (new ids, another file), and unplugs the old pool only once its slot
+    is marked released (``mark_use``, as the guests' library does on close), then removes
+    its file."""
     from cosock._ivshmem import CLIENT, MAPPED, RELEASED, SERVER, mark_use
 
+    monkeypatch.setattr(_pairpool, "LINGER_S", 600.0)  # only close() removes an idle pool
     guests, qemu, prefix = setup
-    qa, qb = guests.parent / "h1g1", guests.parent / "h1g2"
-    first_file = Path(f"{prefix}h1g1-h1g2.ivshmem")
-    old = _start(guests, qemu, prefix)
-    assert old.pairs is not None
-    addr = old.server_address[:2]
-    with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
+    qa, qb, qc = (guests.parent / g for g in ("h1g1", "h1g2", "h1g3"))
+    first_file, ac_file = Path(f"{prefix}h1g1-h1g2.ivshmem"), Path(f"{prefix}h1g1-h1g3.ivshmem")
+    with contextlib.ExitStack() as cleanup:  # what is left open also when a check fails
+        old = _start(guests, qemu, prefix)
+        cleanup.callback(_stop, old)
+        assert old.pairs is not None
+        addr = old.server_address[:2]
+        agents = cleanup.enter_context(contextlib.ExitStack())  # guests' connections to it
+        a = agents.enter_context(VmAgent(addr, token="tok-h1g1"))
+        b = agents.enter_context(VmAgent(addr, token="tok-h1g2"))
         b.listen(B, 8000)
-        slot, _, _, old_pool = a.offer_in((A, 40000, B, 8000), NONCE)
-    with Pool(first_file) as p:  # both ends of the connection map the slot
-        live = p.map_slot(p.layout(), slot)
-    mark_use(live, CLIENT, MAPPED)
-    mark_use(live, SERVER, MAPPED)
-    for pair in old.pairs.of("h1g1", "h1g2"):
-        pair.pool.close()  # the crash: a dead process's mappings go with it, its file stays
-    old.pairs._closing.set()  # and its reaper stops; nothing is unplugged or removed
-    old.pairs._reaper.join(5)
-    old.pairs._pairs.clear()
-    _stop(old)
-    tag = old_pool[:8]
-    left = {f"cpaird-h1g2-{tag}"}, {f"cpaird-h1g1-{tag}"}
-    assert (qemu.plugged(qa), qemu.plugged(qb)) == left
-    qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
-    gate = _start(guests, qemu, prefix)
-    try:
+        slot, gen, _, old_pool = a.offer_in((A, 40000, B, 8000), NONCE)
+        assert b.claim_offer_in((A, 40000, B, 8000))[:2] == (slot, gen)
+        c = agents.enter_context(VmAgent(addr, token="tok-h1g3"))
+        c.listen(C, 8000)
+        ac_slot, ac_gen, _, ac_pool = a.offer_in((A, 40002, C, 8000), NONCE)
+        a.free_slot(ac_slot, ac_gen, ac_pool)  # A-C's connection is over: its pool idle
+        assert qemu.plugged(qc) == {f"cpaird-h1g1-{ac_pool[:8]}"}
+        with Pool(first_file) as p:  # both ends of the A-B connection map the slot
+            live = p.map_slot(p.layout(), slot)
+        cleanup.callback(live.close)
+        mark_use(live, CLIENT, MAPPED)
+        mark_use(live, SERVER, MAPPED)
+        if how == "crash":
+            for pair in old.pairs._all():
+                pair.pool.close()  # a dead process's mappings go with it, its file stays
+            old.pairs._closing.set()  # and its reaper stops; nothing is unplugged or removed
+            old.pairs._reaper.join(5)
+            old.pairs._pairs.clear()
+        elif how == "stop-marked":  # the gateway connections end first: slots freed
+            agents.close()
+            _until(lambda: old.grants_of("h1g1") == old.grants_of("h1g2") == 0)
+        _stop(old)
+        agents.close()  # a gateway's connections end with its process
+        tag = old_pool[:8]
+        left = {f"cpaird-h1g2-{tag}"}, {f"cpaird-h1g1-{tag}"}
+        assert (qemu.plugged(qa) - {f"cpaird-h1g3-{ac_pool[:8]}"}, qemu.plugged(qb)) == left
+        assert first_file.exists()
+        if how != "crash":  # the idle A-C pool is gone from both VMs, with its file
+            assert qemu.plugged(qa) == left[0] and qemu.plugged(qc) == set()
+            assert not ac_file.exists()
+            with pytest.raises(_pairpool.PlugError, match="the gateway is stopping"):
+                old.pairs.acquire("h1g2", "h1g3")  # a request still being served gets TCP
+        qemu.devs[qa].add("pool")  # a device of someone else (the lab's shared pool's id)
+        gate = _start(guests, qemu, prefix)
+        cleanup.callback(_stop, gate)
         assert gate.pairs is not None
         addr = gate.server_address[:2]
         with VmAgent(addr, token="tok-h1g1") as a, VmAgent(addr, token="tok-h1g2") as b:
             b.listen(B, 8000)
             pool = a.offer_in((A, 40001, B, 8000), NONCE)[3]
             assert pool != old_pool
-            assert qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{tag}", f"cpaird-h1g2-{pool[:8]}"}
+            assert f"cpaird-h1g2-{pool[:8]}" in qemu.plugged(qa)
+            assert {"pool", f"cpaird-h1g2-{tag}"} <= qemu.plugged(qa)
             assert first_file.exists()  # the old pool's file: not reused, not removed
             with Pool(Path(f"{prefix}h1g1-h1g2.2.ivshmem")) as p:
                 assert p.identity()[0].hex() == pool
             time.sleep(1.0)  # sweeps every 0.25 s: the old pool is in use, it stays
-            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa) and gate.pairs.swept == []
+            assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa)
+            assert [x for x in gate.pairs.swept if tag in x] == []
             mark_use(live, CLIENT, RELEASED)
             time.sleep(0.6)
             assert f"cpaird-h1g2-{tag}" in qemu.plugged(qa)  # the server still has it
@@ -280,19 +410,100 @@ def test_a_new_gateway_unplugs_the_pools_a_crashed_one_left_once_unused_and_plug
             _until(lambda: qemu.plugged(qa) == {"pool", f"cpaird-h1g2-{pool[:8]}"})
             _until(lambda: qemu.plugged(qb) == {f"cpaird-h1g1-{pool[:8]}"})
             _until(lambda: not first_file.exists())
-            assert sorted(gate.pairs.swept) == [
+            swept = [
                 f"h1g1:cpair-h1g2-{tag}",
                 f"h1g1:cpaird-h1g2-{tag}",
                 f"h1g2:cpair-h1g1-{tag}",
                 f"h1g2:cpaird-h1g1-{tag}",
             ]
+            if how == "crash":  # the crashed gateway's idle A-C pool goes at once
+                ac = ac_pool[:8]
+                swept += [f"h1g1:cpair-h1g3-{ac}", f"h1g1:cpaird-h1g3-{ac}"]
+                swept += [f"h1g3:cpair-h1g1-{ac}", f"h1g3:cpaird-h1g1-{ac}"]
+            _until(lambda: sorted(gate.pairs.swept) == sorted(swept))  # type: ignore[union-attr]
             assert qemu.objs[qa] == {f"cpair-h1g2-{pool[:8]}"}
-    finally:
-        if not live.closed:
-            live.close()
-        _stop(gate)
-    assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == set()
+        _until(lambda: gate.grants_of("h1g1") == 0)
+    assert qemu.plugged(qa) == {"pool"} and qemu.plugged(qb) == qemu.plugged(qc) == set()
     assert list(Path(prefix).parent.glob("cosock-grow-*")) == []
+
+
+def test_a_stopped_agent_process_leaves_the_pool_in_use_plugged_and_removes_the_idle_one(
+    tmp_path: Path,
+) -> None:
+    """``python -m cosock.agent`` with a per-pair VM gateway, SIGTERMed while A holds a
+    connection to B through their pool (granted, both ends' slot marked mapped) and A's
+    connection to C is over: it exits 0, and on the way unplugs and removes the A-C pool
+    and leaves the A-B pool plugged into both VMs with its file, saying so. (Before, the
+    agent exited without closing its gateway at all.) Its QEMUs are :class:`QmpSockets`."""
+    from cosock._ivshmem import CLIENT, MAPPED, SERVER, mark_use
+
+    short = Path(tempfile.mkdtemp(prefix="csq-", dir="/tmp"))  # Unix socket paths: 108 bytes
+    qemu = FakeQemu()
+    names = {"h1g1": A, "h1g2": B, "h1g3": C}
+    qmps = {name: short / name for name in names}
+    guests = tmp_path / "vm-guests.json"
+    guests.write_text(
+        json.dumps(
+            {
+                "guests": {
+                    n: {"token": f"tok-{n}", "address": addr, "qmp": str(qmps[n])}
+                    for n, addr in names.items()
+                }
+            }
+        )
+    )
+    prefix = str(short / "cosock-stop-")
+    with socket.socket() as probe:  # a free port for the gateway (bound again at once)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "agent.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSOCK_")}
+    argv = [sys.executable, "-m", "cosock.agent", "--socket", str(short / "agent.sock")]
+    argv += ["--host", "h1", "--vm-gateway", f"127.0.0.1:{port}", "--vm-pair-pools", prefix]
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, short, ignore_errors=True)
+        sockets = QmpSockets(qemu, list(qmps.values()))
+        cleanup.callback(sockets.close)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([*argv, "--vm-guests", str(guests)], stderr=out, env=env)
+        cleanup.callback(proc.wait)
+        cleanup.callback(lambda: proc.poll() is None and proc.kill())
+        addr = ("127.0.0.1", port)
+        deadline = time.monotonic() + 20
+        while True:  # the gateway listens before the agent's socket does
+            try:
+                a = cleanup.enter_context(VmAgent(addr, token="tok-h1g1"))
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        b = cleanup.enter_context(VmAgent(addr, token="tok-h1g2"))
+        c = cleanup.enter_context(VmAgent(addr, token="tok-h1g3"))
+        b.listen(B, 8000)
+        c.listen(C, 8000)
+        slot, gen, _, pool = a.offer_in((A, 40000, B, 8000), NONCE)
+        assert b.claim_offer_in((A, 40000, B, 8000))[:2] == (slot, gen)
+        ac_slot, ac_gen, _, ac_pool = a.offer_in((A, 40001, C, 8000), NONCE)
+        a.free_slot(ac_slot, ac_gen, ac_pool)
+        ab_file, ac_file = Path(f"{prefix}h1g1-h1g2.ivshmem"), Path(f"{prefix}h1g1-h1g3.ivshmem")
+        with Pool(ab_file) as p:
+            live = p.map_slot(p.layout(), slot)
+        cleanup.callback(live.close)
+        mark_use(live, CLIENT, MAPPED)
+        mark_use(live, SERVER, MAPPED)
+        qa, qb, qc = qmps.values()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        said = log.read_text()
+        assert f"pair pool {ab_file.name} left plugged: 1 slot(s) in use" in said, said
+        assert f"pair pool {ac_file.name} unplugged and removed" in said, said
+        assert qemu.plugged(qa) == {f"cpaird-h1g2-{pool[:8]}"}
+        assert qemu.plugged(qb) == {f"cpaird-h1g1-{pool[:8]}"}
+        assert qemu.plugged(qc) == set() and qemu.objs[qc] == set()
+        assert qemu.objs[qa] == {f"cpair-h1g2-{pool[:8]}"}
+        assert ab_file.exists() and not ac_file.exists()
+        with Pool(ab_file) as p:  # the connection's slot, as its ends left it
+            assert p.slot_use(p.layout(), slot) == (MAPPED, MAPPED)
 
 
 @pytest.mark.parametrize(

@@ -283,29 +283,43 @@ def test_ten_connections_of_one_pair_get_a_second_pool_unplugged_after_they_clos
     )
 
 
-def test_a_killed_agent_is_restarted_and_the_pair_gets_a_fresh_pool(vmlab: Any) -> None:
-    """h1's agent is SIGKILLed while A holds a connection to B through their pool, so its
-    devices stay plugged. A new agent (``QemuLab.restart_agent``) gives the pair's next
+@pytest.mark.parametrize(
+    ("sig", "port"), [(signal.SIGKILL, 6107), (signal.SIGTERM, 6117)], ids=["SIGKILL", "SIGTERM"]
+)
+def test_a_killed_agent_is_restarted_and_the_pair_gets_a_fresh_pool(
+    vmlab: Any, sig: signal.Signals, port: int
+) -> None:
+    """h1's agent is SIGKILLed, or stopped (SIGTERM), while A holds a connection to B through
+    their pool: its devices stay plugged (stopped, it says so and leaves that pool because a
+    slot of it is in use). A new agent (``QemuLab.restart_agent``) gives the pair's next
     connection a new pool (new QOM ids: no clash), and unplugs the old one once no slot of it
     is in use any more (the ends mark their slot in it); then no old device is left."""
+    from cosock.lab import _agents
+
     b = vmlab.guest(B).address
     stop = f"/tmp/pp-stop-kill-{time.time_ns()}"
-    served = _spawn(vmlab, B, "echo-server", "0.0.0.0", "6107")
+    served = _spawn(vmlab, B, "echo-server", "0.0.0.0", str(port))
     _wait_line(vmlab, B, served, "listening")
-    hold = _spawn(vmlab, A, "hold-client", b, "6107", "100000", stop)
+    hold = _spawn(vmlab, A, "hold-client", b, str(port), "100000", stop)
     try:
         assert _wait_line(vmlab, A, hold, "held")["path"] == "shm"
         old_file = _pair_file(vmlab, "h1", A, B)
         old = _pool_id(old_file)[:8]
         assert _plugged(vmlab, A) == {f"cpaird-{B}-{old}"}
-        os.kill(vmlab.host("h1").agent_pid, signal.SIGKILL)
+        pid, seen = vmlab.host("h1").agent_pid, len(_agent_log(vmlab))  # its log goes on
+        os.kill(pid, sig)
+        if sig == signal.SIGTERM:  # a graceful stop: the agent closes its gateway, exit 0
+            assert _agents._children[pid].wait(timeout=60) == 0
+            said = _agent_log(vmlab)[seen:]
+            assert f"pair pool {old_file.name} left plugged: 1 slot(s) in use" in said, said
+            assert old_file.exists() and _plugged(vmlab, B) == {f"cpaird-{A}-{old}"}
         t = time.monotonic()
         vmlab.restart_agent("h1")
         restart_s = time.monotonic() - t
         assert f"cpaird-{B}-{old}" in _plugged(vmlab, A)  # the held connection may use it
-        served2 = _spawn(vmlab, B, "server", "0.0.0.0", "6108", "1")
+        served2 = _spawn(vmlab, B, "server", "0.0.0.0", str(port + 1), "1")
         _wait_line(vmlab, B, served2, "listening")
-        fresh = _client(vmlab, A, "plain-client", b, "6108")
+        fresh = _client(vmlab, A, "plain-client", b, str(port + 1))
         assert (fresh["path"], fresh["reason"], fresh["answer"]) == ("shm", None, "3"), fresh
         # The held connection carries on, byte-exact, on whichever path it is now.
         vmlab.run(A, ["touch", stop + ".more"], timeout=60)
@@ -319,12 +333,12 @@ def test_a_killed_agent_is_restarted_and_the_pair_gets_a_fresh_pool(vmlab: Any) 
     assert _wait_line(vmlab, B, served, "echoed")["echoed"] == 200000
     new_files = [old_file, Path(str(old_file).replace(".ivshmem", ".2.ivshmem"))]
     took = _wait_unplugged(vmlab, new_files)
-    log = _agent_log(vmlab)
-    assert "left by an earlier agent" in log, log[-3000:]
+    log = _agent_log(vmlab)[seen:]
+    assert f"{A}:cpaird-{B}-{old}: left by an earlier agent" in log, log[-3000:]
     print(
-        f"agent restarted in {restart_s:.2f} s; fresh connection shm in {fresh['connect_s']} s;"
-        f" held connection after the restart: {more['path']}, old pool kept while held: {kept};"
-        f" all unplugged {took:.2f} s after the close"
+        f"{sig.name}: agent restarted in {restart_s:.2f} s; fresh connection shm in"
+        f" {fresh['connect_s']} s; held connection after the restart: {more['path']}, old pool"
+        f" kept while held: {kept}; all unplugged {took:.2f} s after the close"
     )
 
 

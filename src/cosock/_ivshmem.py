@@ -336,6 +336,10 @@ class SlotTable:
         """Slots granted and not free again."""
         return len(self._grants)
 
+    def held_slots(self) -> list[int]:
+        """The slots granted and not free again."""
+        return sorted(self._grants)
+
     def count_of(self, guest: str) -> int:
         """Grants with ``guest`` as a party that ``guest`` has not freed yet."""
         return sum(

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s cosock-agent[%(process)d] %(message)s"
     )
+    gate = None
     try:
-        gate = None
         if args.vm_gateway:
             from . import _vmgate
 
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CosockError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if gate is not None:  # SIGTERM: unplug the pair pools no connection uses (_pairpool)
+            gate.shutdown()
+            gate.server_close()
     return 0
 
 

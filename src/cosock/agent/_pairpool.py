@@ -16,6 +16,12 @@ QOM ids carry the pool's id (``cpair-B-<8 hex>``), so they never repeat: a resta
 plugs a pair afresh although its crashed predecessor left devices plugged, and it unplugs
 those (:meth:`PairPools.sweep`: every device and object of ours it did not make).
 
+An agent that stops (SIGTERM: :meth:`PairPools.close`) unplugs and removes only the pools no
+connection uses; one with a slot still granted or marked mapped stays plugged with its file,
+as after a crash, so that the VMs' connections on it carry on and the next agent unplugs it
+once they are done. (``cosock lab down`` stops the QEMUs first and removes every pool file
+by name afterwards.)
+
 QMP is reached through each guest's monitor socket, whose path the lab writes into the guests
 file; a refused ``object-add``/``device_add`` undoes what was plugged and removes the file, and
 the connection stays on TCP with the reason (``resource: hot-plug ...``).
@@ -205,6 +211,7 @@ class PairPool:
     idle_since: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False  # unplugged and removed: a new pool is made for the next connection
+    left: bool = False  # left plugged by a stopping gateway: its successor adopts it
 
     @property
     def tag(self) -> str:
@@ -287,6 +294,8 @@ class PairPools:
             PoolError: every one of the pair's ``max_pools`` pools is full.
         """
         members: tuple[str, str] = tuple(sorted((a, b)))  # type: ignore[assignment]
+        if self._closing.is_set():
+            raise PlugError("the gateway is stopping")
         for guest in members:  # before any file is made: an old pool's must not be reused
             self._discover(guest)
         for _ in range(4 * self.max_pools + 4):  # bounded: each round sees a pool come or go
@@ -294,10 +303,12 @@ class PairPools:
                 pools = list(self._pairs.get(members, ()))
             for pair in pools:
                 pair.lock.acquire()
-                if not pair.gone and pair.table.free_count:
+                if not (pair.gone or pair.left) and pair.table.free_count:
                     return self._plugged(pair)
                 pair.lock.release()
             with self._lock:
+                if self._closing.is_set():  # close() looks at every pool it lists after this
+                    raise PlugError("the gateway is stopping")
                 now = [p for p in self._pairs.get(members, ()) if not p.gone]
                 if [p for p in now if p not in pools]:
                     continue  # another connection made one meanwhile: look at it
@@ -380,7 +391,7 @@ class PairPools:
         """Unplug from whoever still has it, drop the file (pair lock held)."""
         for guest in sorted(pair.plugged):
             qmp = self._qmp_of(guest)
-            if qmp is not None:
+            if qmp is not None and qmp.exists():  # else its QEMU is gone, and the device too
                 obj, dev = pair.ids_in(guest)
                 try:
                     self._qmp.unplug(qmp, {dev}, {obj})
@@ -560,7 +571,7 @@ class PairPools:
             if not pair.lock.acquire(blocking=False):
                 continue  # a connection is being set up on it
             try:
-                if pair.table.held or pair.gone:
+                if pair.table.held or pair.gone or pair.left:  # (a reaper close() outwaited)
                     continue
                 self._remove(pair)
                 removed.append(pair.path.name)
@@ -569,15 +580,55 @@ class PairPools:
                 pair.lock.release()
         return removed
 
-    def close(self) -> None:
-        """Stop the reaper and remove every pool (the agent is going away)."""
+    def close(self) -> list[str]:
+        """The agent is going away (SIGTERM): stop the reaper and new pools; unplug and remove
+        each pool no connection uses, and leave each one in use plugged, with its file, for
+        the next agent (:meth:`sweep` unplugs it once released). Pulling a pool from under
+        connections that run on it would break them, which a crash does not. Returns the
+        files left."""
         self._closing.set()
         if self._reaper is not threading.current_thread():
             self._reaper.join(5.0)
+        left = []
         for pair in self._all():
             with pair.lock:
-                if not pair.gone:
-                    self._remove(pair)
+                if pair.gone or pair.left:
+                    continue
+                used = self._in_use(pair)
+                if used and not self._away(pair):
+                    pair.left = True
+                    pair.pool.close()  # ours only: the VMs keep their mappings
+                    left.append(pair.path.name)
+                    log.info(
+                        "pair pool %s left plugged: %d slot(s) in use; a new agent unplugs it"
+                        " once released",
+                        pair.path.name,
+                        used,
+                    )
+                    continue
+                self._remove(pair)
+                log.info("pair pool %s unplugged and removed", pair.path.name)
+        return left
+
+    @staticmethod
+    def _in_use(pair: PairPool) -> int:
+        """Slots of ``pair`` granted in its table or marked mapped by an end in its file
+        (a process may have mapped a slot its gateway connection no longer holds)."""
+        try:
+            marked = set(pair.pool.slots_in_use(pair.layout))
+        except (OSError, PoolError, ValueError) as exc:  # unreadable: trust the table
+            log.warning("reading the use marks of %s: %s", pair.path.name, exc)
+            marked = set()
+        return len(marked | set(pair.table.held_slots()))
+
+    def _away(self, pair: PairPool) -> bool:
+        """Whether a member of ``pair`` left the host or its QEMU is gone: no connection of
+        the pair can still run on the pool (``cosock lab down`` stops the QEMUs first)."""
+        for guest in pair.members:
+            qmp = self._qmp_of(guest)
+            if self._status_of(guest) == "gone" or qmp is None or not qmp.exists():
+                return True
+        return False
 
 
 __all__ = [

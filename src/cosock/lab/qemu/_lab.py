@@ -69,6 +69,9 @@ from ._popen import GuestPopen
 
 BACKEND = "qemu"
 TAP_TIMEOUT = 15.0
+#: How long ``restart_agent`` lets a running agent stop (its gateway unplugs the idle pair
+#: pools, each acked by the guests) before it kills it (its successor adopts what is left).
+AGENT_STOP_S = 10.0
 #: How much longer than on namespaces a test waits for the same thing under TCG (emulated
 #: vCPUs on a shared 2-core machine: Python start-up, rings and wake-ups 10-30x slower).
 TCG_TIMEOUT_FACTOR = 4.0
@@ -342,14 +345,16 @@ class QemuLab:
 
     def restart_agent(self, host: str) -> int:
         """Start the host's agent (and VM gateway) again, with its options: after a crash,
-        or stopped here first if it still runs (SIGTERM: it removes its pair pools). The
-        new gateway unplugs the pair pools a crashed one left in the VMs. Returns its pid.
+        or stopped here first if it still runs (SIGTERM: it unplugs the pair pools no
+        connection uses and leaves the others plugged; given ``AGENT_STOP_S`` for the
+        unplugs, then killed). The new gateway unplugs the pair pools its predecessor left
+        in the VMs once no connection uses them. Returns its pid.
 
         Raises:
             UnknownHost: no such host. AgentStartError: the new agent did not come up.
         """
         h = self._host_state(host)
-        _agents.stop([int(h.get("agent_pid") or 0)])
+        _agents.stop([int(h.get("agent_pid") or 0)], grace=AGENT_STOP_S)
         sock, log = Path(h["agent_socket"]), Path(h["agent_log"])
         proc = _agents.start(h["name"], h["netns"], sock, log, extra=_gateway_args(self._state, h))
         h["agent_pid"] = proc.pid
