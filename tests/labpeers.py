@@ -80,9 +80,15 @@ class Peer:
 
 
 def in_flight(client: Peer, server: Peer) -> int:
-    """Bytes either end has sent and the other not yet received (socket buffers, the wire)."""
-    c, s = client.ask(op="progress"), server.ask(op="progress")
-    flying: int = c["sent"] + s["sent"] - c["received"] - s["received"]
+    """At most how many bytes either end had sent and the other not yet received (socket
+    buffers, the wire) at any moment up to the call's end, from when it began.
+
+    The two ends are asked one after the other, so one reading of both can undercount (CI
+    saw -29 KB: the server had received what the client sent after its answer). Received
+    counts are taken first and sent counts after them: an upper bound."""
+    c1, s1 = client.ask(op="progress"), server.ask(op="progress")
+    c2, s2 = client.ask(op="progress"), server.ask(op="progress")
+    flying: int = c2["sent"] + s2["sent"] - c1["received"] - s1["received"]
     return flying
 
 
