@@ -2228,9 +2228,10 @@ class CoSocket(socket.socket):
         control frames are parsed or sent: on the hot path the ring counters are the truth.
         """
         rx = ch.rx
+        if rx is None and self._released_under_us(ch):
+            return  # released right after the copy: see below
+        assert rx is not None
         try:
-            if rx is None:
-                raise ValueError("released")
             if rx.space_wanted():
                 self._control(ch, Space())
                 ch.counters["spaces_sent"] += 1
