@@ -1649,8 +1649,11 @@ class CoSocket(socket.socket):
             return kick
 
     @staticmethod
-    def _give_kick(ch: _Channel, kick: io.FileIO | None) -> None:
-        """The sleep is over: drain our eventfd and keep it for the next sleep."""
+    def _give_kick(ch: _Channel, kick: io.FileIO | None, kicked: bool = True) -> None:
+        """The sleep is over: drain our eventfd if ``kicked`` (the poll saw it readable; a
+        read of an unkicked one is a failed syscall per sleep, on the round-trip path) and
+        keep it for the next sleep. A kick that landed after the poll stays counted: it ends
+        the next sleep at once, which then drains it; a spurious wake, never a lost one."""
         with ch.ctl_lock:
             ch.sleepers -= 1
             if kick is None:
@@ -1658,10 +1661,11 @@ class CoSocket(socket.socket):
             ch.waiting.remove(kick)
             if kick.closed:
                 return  # released meanwhile
-            try:
-                os.eventfd_read(kick.fileno())
-            except OSError:
-                pass  # not kicked
+            if kicked:
+                try:
+                    os.eventfd_read(kick.fileno())
+                except OSError:
+                    pass  # not kicked after all
             if ch.released:
                 kick.close()
             else:
@@ -1889,6 +1893,7 @@ class CoSocket(socket.socket):
         # doorbell off the shared TCP stream (full duplex) kicks us (_events).
         kicker = self._take_kick(ch)
         kick = None if kicker is None or kicker.closed else kicker.fileno()
+        kicked = False
         try:
             try:
                 if arm is not None and (phase is _SWITCHING or phase is _FRAMED or arm()):
@@ -1918,8 +1923,9 @@ class CoSocket(socket.socket):
             t0 = time.perf_counter_ns()
             woken = poller.poll(timeout)
             slept = time.perf_counter_ns() - t0
+            kicked = kick is not None and any(who == kick for who, _ in woken)
         finally:
-            self._give_kick(ch, kicker)
+            self._give_kick(ch, kicker, kicked)
         if output and any(who == fd and ev & select.POLLOUT for who, ev in woken):
             if ch.phase is _FRAMED:
                 self._flush_framed(ch)
@@ -2263,24 +2269,28 @@ class CoSocket(socket.socket):
 
     def _drain_stale_bells_locked(self, ch: _Channel, upto: int) -> None:
         want = upto - ch.bells_parsed()
-        if want <= 0:
-            return
-        try:
-            peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
-        except OSError:
-            return
-        if not peeked:
-            return
+        if want > 0:
+            try:
+                peeked = super().recv(_CTL_CHUNK, _MSG_PEEK)
+            except OSError:
+                return
+            if not peeked:
+                return
 
-        def admit(kind: int) -> int:
-            nonlocal want
-            if kind not in _WAKE_FRAMES or (kind == T_BELL and want == 0):
-                return _STOP
-            if kind == T_BELL:
-                want -= 1
-            return _TAKE
+            def admit(kind: int) -> int:
+                nonlocal want
+                if kind not in _WAKE_FRAMES or (kind == T_BELL and want == 0):
+                    return _STOP
+                if kind == T_BELL:
+                    want -= 1
+                return _TAKE
 
-        self._take_frames(ch, peeked, admit)
+            self._take_frames(ch, peeked, admit)
+        if ch.bells_parsed() >= upto:
+            # Every doorbell up to ``upto`` is parsed: the next read that finds the ring
+            # empty need not look at the control stream for them (_shm_read), which was a
+            # MSG_PEEK failing with EAGAIN on every request/response round trip.
+            ch.bell_mark = upto
 
     # ------------------------------------------------------------------ send
 
