@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,6 +126,38 @@ def test_a_guest_that_leaves_the_host_loses_its_slots(
         assert a._call({"op": "grants"})["grants"] == 0
         with pytest.raises(SlotRefused, match="no such grant"):
             a.free_slot(slot, gen)  # free again
+
+
+def test_a_guest_back_before_anyone_asked_is_not_taken_for_gone(tmp_path: Path) -> None:
+    """The gateway drops a departed guest's grants on its next request; a VM that migrated
+    away and back before any request came holds grants of its new stay by then, which must
+    not be dropped as if it had just left (only one still away is)."""
+    path = tmp_path / "vm-guests.json"
+    both = {
+        "guests": {
+            "h1g1": {"token": "tok-a", "address": A},
+            "h1g2": {"token": "tok-b", "address": B},
+        }
+    }
+    stamp = time.time_ns()
+
+    def write(doc: dict[str, Any]) -> None:
+        nonlocal stamp
+        stamp += 10**9
+        path.write_text(json.dumps(doc))
+        os.utime(path, ns=(stamp, stamp))  # a new mtime each time
+
+    write(both)
+    guests = _vmgate._Guests(path)
+    assert guests.names() == {"h1g1", "h1g2"}
+    write({"guests": {"h1g2": both["guests"]["h1g2"]}})
+    assert guests.names() == {"h1g2"}  # h1g1 seen gone (the reaper's look, a watch's)
+    write(both)
+    assert guests.names() == {"h1g1", "h1g2"}  # and back
+    assert guests.take_gone() == set()
+    write({"guests": {"h1g1": both["guests"]["h1g1"]}})
+    assert guests.take_gone() == {"h1g2"}
+    assert guests.take_gone() == set()
 
 
 def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

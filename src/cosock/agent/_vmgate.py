@@ -122,8 +122,13 @@ class _Guests:
         return "leaving" if guest in self.leaving else "here"
 
     def take_gone(self) -> set[str]:
+        """Guests that left since the last call and are still away: one that came back
+        meanwhile (migrated away and home again before any request) may hold grants of its
+        new stay already, which are not to be dropped (a migration waits until the leaving
+        guest holds none, so it left none of its old stay behind)."""
         self._reload()
-        gone, self._gone = self._gone, set()
+        here = {g for g, _ in self._by_token.values()}
+        gone, self._gone = self._gone - here, set()
         return gone
 
     def lookup(self, token: str) -> tuple[str, str] | None:
