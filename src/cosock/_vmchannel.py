@@ -151,22 +151,23 @@ class SlotMapping(mmap.mmap):
 
 
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
-_MAP_FIXED = 0x10  # Linux, every architecture
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2  # Linux
 _libc: Any = None
 
 
 def _detach(mm: mmap.mmap) -> None:
-    """Swap the pages under ``mm`` for private memory holding a copy of them: the same
-    addresses (views of the frozen rings stay valid, and show what they showed), no longer
-    the slot. Best effort: where it cannot be done the mapping stays as it was."""
+    """Put a private copy of the pages under ``mm`` in their place, in one step (``mremap``
+    of a filled anonymous mapping over them): the same addresses, so views of the frozen rings
+    stay valid and show what they showed, but no longer the slot. Best effort: where it cannot
+    be done the mapping stays as it was."""
     global _libc
     if mm.closed:
         return
     try:
         if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            _libc.mmap.restype = ctypes.c_void_p
-            _libc.mmap.argtypes = [
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [
                 ctypes.c_void_p,
                 ctypes.c_size_t,
                 ctypes.c_int,
@@ -174,15 +175,28 @@ def _detach(mm: mmap.mmap) -> None:
                 ctypes.c_int,
                 ctypes.c_long,
             ]
+            libc.mremap.restype = ctypes.c_void_p
+            libc.mremap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _libc = libc
         size = len(mm)
-        copy = bytes(mm)
         buf = (ctypes.c_char * size).from_buffer(mm)
         addr = ctypes.addressof(buf)
         del buf
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
-        if _libc.mmap(addr, size, _PROT_RW, flags, -1, 0) != addr:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        copy = _libc.mmap(None, size, _PROT_RW, flags, -1, 0)
+        if copy in (None, ctypes.c_void_p(-1).value):
             return
-        mm[:] = copy
+        ctypes.memmove(copy, addr, size)
+        moved = _libc.mremap(copy, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr)
+        if moved != addr:
+            _libc.munmap(copy, size)
     except (OSError, ValueError, TypeError, BufferError, AttributeError):
         pass
 
