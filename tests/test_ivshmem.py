@@ -141,14 +141,53 @@ def test_slot_table_grants_each_slot_to_one_connection() -> None:
     assert not table.claim(slot, gen, "h1g2", (*key[:3], 8001))  # another connection
     assert table.claim(slot, gen, "h1g2", key)
     assert not table.claim(slot, gen, "h1g2", key)  # once only
-    other, _ = table.alloc("h1g1", "h1g2", key)
+    other, other_gen = table.alloc("h1g1", "h1g2", key)
     with pytest.raises(PoolError, match="no free slot"):
         table.alloc("h1g1", "h1g2", key)
     assert table.free(slot, gen, "h1g1") and table.free_count == 0  # peer still uses it
     assert not table.free(slot, gen, "h1g3")
     assert table.free(slot, gen, "h1g2") and table.free_count == 1
     assert not table.free(slot, gen, "h1g2")  # stale now
-    assert table.drop_guest("h1g2") == [other] and table.free_count == 2
+    # The peer left before claiming: the client still maps the slot until it frees it.
+    assert table.drop_guest("h1g2") == [other] and table.free_count == 1
+    assert table.free(other, other_gen, "h1g1") and table.free_count == 2
+
+
+def test_a_guest_that_leaves_frees_only_its_own_side() -> None:
+    """A guest that left the host is done with its slots, but the other party's process may
+    not have noticed yet and still use the rings: the slot is not handed out again until it
+    frees it too (or its gateway connection drops)."""
+    key = ("10.77.1.11", 40000, "10.77.1.12", 8000)
+    table = SlotTable(2)
+    slot, gen = table.alloc("h1g1", "h1g2", key)
+    assert table.claim(slot, gen, "h1g2", key)
+    assert table.drop_guest("h1g1") == [slot]
+    assert (table.count_of("h1g1"), table.count_of("h1g2"), table.held) == (0, 1, 1)
+    other, _ = table.alloc("h1g3", "h1g2", key)
+    assert other != slot
+    with pytest.raises(PoolError, match="no free slot"):
+        table.alloc("h1g3", "h1g2", key)
+    assert table.free(slot, gen, "h1g2") and table.free_count == 1
+    # The owner of an unclaimed grant leaving releases it: the peer never mapped it.
+    assert table.drop_guest("h1g3") == [other] and table.free_count == 2
+
+
+def test_slots_are_handed_out_oldest_freed_first_and_mapped_ones_last() -> None:
+    """A slot taken back goes to the end of the line, and one a process still marks mapped
+    (its release was not its own: a dropped connection, a guest that left) is handed out
+    only when no other slot is free."""
+    key = ("10.77.1.11", 40000, "10.77.1.12", 8000)
+    table = SlotTable(3)
+    first, gen = table.alloc("h1g1", "h1g2", key)
+    assert first == 0
+    assert table.free(first, gen, "h1g1")  # unclaimed: free again at once
+    order = [table.alloc("h1g1", "h1g2", key)[0] for _ in range(3)]
+    assert order == [1, 2, 0]
+    table = SlotTable(3)
+    assert table.alloc("h1g1", "h1g2", key, avoid={0, 1})[0] == 2
+    assert table.alloc("h1g1", "h1g2", key, avoid={0, 1})[0] == 0  # nothing else is free
+    stamps = {table.stamp_of(s) for s in (0, 2)}
+    assert len(stamps) == 2 and 0 not in stamps and table.stamp_of(1) == 0
 
 
 def test_a_pair_pool_is_found_by_the_id_in_its_header(tmp_path: Path) -> None:

@@ -1668,3 +1668,58 @@ def test_a_sibling_sleeper_never_takes_a_kick_meant_for_another(
         assert got.get("data") == b"for R"
         assert got["took"] < 4.0, f"R slept {got['took']:.1f} s: its wake-up was lost"
         assert cli.cosock_info()["safety_timeouts"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_server_send_racing_the_verdict_goes_into_the_ring_after_the_held_bytes(
+    monkeypatch,
+):
+    """The server's writes before the verdict wait in ``pre_out``; the verdict moves them
+    into the ring. It used to publish the SHM phase first: a sender thread of the server then
+    wrote into the ring alongside the move, two writers of one ring (bytes overwritten,
+    the ring written past its capacity: CI's "peer ring head 1055915 outside [0, 1048576]",
+    and in QEMU lab runs a stream of the right length with wrong bytes). Here the move is
+    held up half-way: a send made meanwhile must come after the held bytes, whole. Fails on
+    the old code every run (the send lands in the ring first)."""
+    monkeypatch.setattr(CoSocket, "_cosock_needs_service", lambda self: False)
+    held, late = b"A" * (64 << 10), b"B" * (48 << 10)
+    moving, release = threading.Event(), threading.Event()
+    original = RingWriter.write
+
+    def write(self: RingWriter, data: memoryview, free: int) -> int:
+        if len(data) == len(held) and bytes(data[:1]) == b"A" and not moving.is_set():
+            moving.set()  # the verdict moves pre_out: hold it here
+            release.wait(10)
+        return original(self, data, free)
+
+    monkeypatch.setattr(RingWriter, "write", write)
+    srv = listener()
+    cli = CoSocket()
+    cli.setblocking(False)
+    conn = None
+    try:
+        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
+        select.select([], [cli], [], 5)
+        conn, _ = srv.accept()  # no HELLO yet (a non-blocking connect defers it)
+        assert conn.cosock_path == "handshake"
+        conn.settimeout(20)
+        conn.sendall(held)  # before the verdict: into pre_out
+        cli.send(b"x")  # flushes the HELLO
+        assert readable(conn, 5)
+        with joined(lambda: conn.recv(1)) as verdict:  # settles the verdict, then reads
+            assert moving.wait(10), "the verdict did not move pre_out"
+            with joined(lambda: conn.sendall(late)) as sender:
+                time.sleep(1.0)  # old code: the send is in the ring by now
+                release.set()
+        assert verdict.get("result") == b"x", verdict
+        assert "error" not in sender, sender
+        cli.setblocking(True)
+        cli.settimeout(20)
+        got = recv_upto(cli, len(held) + len(late), 20.0)
+        assert got == held + late, (len(got), got.find(b"B"))
+    finally:
+        release.set()
+        cli.close()
+        if conn is not None:
+            conn.close()
+        srv.close()

@@ -382,6 +382,69 @@ def test_migration_unplugs_the_pair_pools_and_the_new_host_plugs_its_own(vmlab: 
     _wait_unplugged(vmlab, [new])
 
 
+#: Inside A: a slot is granted (an upgrade offer: no listener needed), mapped and given back
+#: as after a path switch (the mapping kept, as the frozen rings keep it); once the pair's pool
+#: is unplugged, the pair's next pool is plugged and a grant of it mapped; then a write through
+#: the kept mapping, and what the new pool holds at that place, read through its device.
+STALE = """
+import json, os, sys, time
+from cosock._errors import FallbackReason
+from cosock._ivshmem import Pool, PoolError, find_device
+from cosock._vmchannel import directory, switched
+
+a, b = sys.argv[1], sys.argv[2]
+d = directory()
+
+def bar(pool):
+    dev = find_device(pool_id=bytes.fromhex(pool)).parent
+    return (dev / "resource").read_text().splitlines()[2].split()[0]
+
+made = d.offer((a, 41000), (b, 9), True)
+assert not isinstance(made, FallbackReason), (made, d.last_refusal)
+_, old, _ = made
+slot, pool1 = old._give_back[2], old._give_back[6]
+bar1 = bar(pool1)
+switched(old)
+deadline = time.monotonic() + 120
+while True:
+    try:
+        find_device(pool_id=bytes.fromhex(pool1))
+    except PoolError:
+        break
+    assert time.monotonic() < deadline, "the pair's pool was not unplugged"
+    time.sleep(0.2)
+made = d.offer((a, 41001), (b, 9), True)
+assert not isinstance(made, FallbackReason), (made, d.last_refusal)
+_, new, _ = made
+pool2 = new._give_back[6]
+at = 4096 + 8
+marker = os.urandom(16)
+old[at : at + 16] = marker
+with Pool(find_device(pool_id=bytes.fromhex(pool2))) as p:
+    with p.map_slot(p.layout(), slot) as mm:
+        seen = bytes(mm[at : at + 16])
+print(json.dumps({"pools": [pool1, pool2], "bars": [bar1, bar(pool2)], "leaked": seen == marker}))
+new.close()
+old.close()
+"""
+
+
+def test_a_slot_given_back_is_not_the_next_pools_memory(vmlab: Any) -> None:
+    """A guest process keeps its mapping of a slot it gave back (a path switch): the guest
+    kernel does not revoke a mapping of a hot-unplugged BAR, and the pair's next pool is
+    plugged at the same address, so that mapping would be the new pool's memory and a write
+    through it land in another connection's rings (the open bug of session 9). Given back,
+    the mapping is the process's own copy: nothing written through it reaches the new pool."""
+    a, b = vmlab.guest(A).address, vmlab.guest(B).address
+    r = vmlab.run(A, [PY, "-c", STALE, a, b], timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    got = json.loads(r.stdout.decode().splitlines()[-1])
+    assert got["pools"][0] != got["pools"][1], got  # two pools, one after the other
+    assert got["bars"][0] == got["bars"][1], got  # at the same address: the premise
+    assert not got["leaked"], got
+    _wait_unplugged(vmlab, [_pair_file(vmlab, "h1", A, B)])
+
+
 def test_zz_down_leaves_no_pool_file(vmlab: Any) -> None:
     from cosock.lab import _netns, down
     from cosock.lab.qemu._model import SHM_DIR, pool_glob

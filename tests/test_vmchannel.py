@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cosock._errors import FallbackReason
 from cosock._ivshmem import Pool
 from cosock.agent import _vmgate
 
@@ -502,3 +503,104 @@ def test_loopback_in_a_vm_still_takes_a_memfd_while_the_gateway_is_down(
         if srv.poll() is None:
             srv.kill()
         srv.communicate()
+
+
+@contextlib.contextmanager
+def _in_process_guest(world: World, monkeypatch: pytest.MonkeyPatch, guest: str) -> Iterator[Any]:
+    """This process as ``guest`` of ``world``: its VmDirectory (closed afterwards)."""
+    from cosock._vmchannel import VmDirectory
+
+    for key in ("COSOCK_VM_GATEWAY", "COSOCK_VM_TOKEN_FILE", "COSOCK_IVSHMEM"):
+        monkeypatch.setenv(key, world.env[guest][key])
+    d = VmDirectory()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _slot_bytes(world: World, slot: int, start: int, n: int) -> bytes:
+    with Pool(world.pool) as p:
+        layout = p.layout()
+    with open(world.pool, "rb") as f:
+        f.seek(layout.offset(slot) + start)
+        return f.read(n)
+
+
+def test_a_slot_given_back_is_no_longer_mapped(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a path switch gives the slot back, the process's mapping of it (the frozen
+    rings' views still point into it) shows a private copy, never the slot again: in a VM a
+    kept mapping of a hot-unplugged pool becomes one of the pair's next pool, plugged at the
+    same BAR address, so a write through it (a thread racing the switch, a test's scribble)
+    would land in another connection's rings, and a read would deliver its bytes."""
+    from cosock._vmagent import VmAgent
+    from cosock._vmchannel import switched
+
+    with (
+        _in_process_guest(world, monkeypatch, "g1") as d,
+        VmAgent(world.gate.server_address[:2], token="tok-2") as g2,
+    ):
+        g2.listen(B, 9000)
+        made = d.offer((A, 40000), (B, 9000))
+        assert not isinstance(made, FallbackReason), made
+        _, mm, _ = made
+        slot, generation = mm._give_back[2], mm._give_back[3]
+        g2.claim_offer_in((A, 40000, B, 9000))
+        data = 4096 + 8  # inside ring 0's data, past its header
+        mm[data : data + 4] = b"mine"
+        assert _slot_bytes(world, slot, data, 4) == b"mine"
+        view = memoryview(mm)[data : data + 4]  # as a frozen ring's view of its data
+        switched(mm)  # given back, still mapped
+        g2.free_slot(slot, generation)
+        assert bytes(view) == b"mine"  # it shows what it showed...
+        view[:] = b"late"  # ...but a write through it stays in this process
+        mm[data + 4 : data + 8] = b"more"
+        assert _slot_bytes(world, slot, data, 8) == b"mine" + bytes(4)
+        view.release()
+        mm.close()
+        assert _slots_back(world)
+
+
+def test_a_slot_that_holds_another_grant_is_not_mapped_and_named_as_the_cause(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A party maps a slot only if it carries its grant's stamp; a ring whose slot was
+    granted again under it says so instead of "corrupted"; and a mapping of an older grant
+    never marks the slot released (the new grant's use marks are not its to write)."""
+    from cosock._errors import RingCorrupted
+    from cosock._ivshmem import MAPPED, SERVER, PoolError, new_stamp, read_stamp
+    from cosock._ring import RingReader
+    from cosock._vmagent import VmAgent
+
+    with (
+        _in_process_guest(world, monkeypatch, "g1") as d,
+        VmAgent(world.gate.server_address[:2], token="tok-2") as g2,
+    ):
+        g2.listen(B, 9000)
+        made = d.offer((A, 40000), (B, 9000))
+        assert not isinstance(made, FallbackReason), made
+        _, mm, capacity = made
+        slot, generation = mm._give_back[2], mm._give_back[3]
+        *_, stamp = g2.claim_offer_grant((A, 40000, B, 9000))
+        assert stamp and read_stamp(mm) == stamp  # the grant's stamp, in the slot
+        with pytest.raises(PoolError, match="another grant"):
+            d._map(slot, generation, "", SERVER, stamp ^ 1)
+        rx = RingReader(mm, 1, capacity)
+        assert rx.available() == 0
+        # The slot is formatted for another grant under our feet, its ring written to.
+        with Pool(world.pool) as p:
+            layout = p.layout()
+            p.format_slot(layout, slot, new_stamp())
+            with p.map_slot(layout, slot) as other:
+                head = 4096 + capacity + 8 * 8  # ring 1's head word
+                other[head : head + 8] = (3 * capacity).to_bytes(8, "little")
+                other[512:520] = MAPPED.to_bytes(8, "little")  # the new client maps it
+        assert mm.grant_lost()
+        with pytest.raises(RingCorrupted, match="granted to another connection"):
+            rx.available()
+        rx.release()
+        mm.close()  # given back: the gateway frees our grant, the slot's marks stay theirs
+        with Pool(world.pool) as p:
+            assert p.slot_use(p.layout(), slot) == (MAPPED, 0)

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,25 +88,29 @@ def test_a_slot_goes_to_exactly_the_connection_it_was_granted_for(
 
 
 def test_a_vanished_client_frees_its_slots(gateway: tuple[tuple[str, int], Path]) -> None:
-    addr, _ = gateway
+    """Its slot is free again, and handed out last: the slot freed longest ago goes first,
+    so a process that may still map a slot taken back meets a stranger's grant late."""
+    addr, pool = gateway
+    with Pool(pool) as p:
+        count = p.layout().slot_count
     with VmAgent(addr, token="tok-a") as a:
         first = a.alloc_slot((A, 1, B, 2))
     with VmAgent(addr, token="tok-a") as a:
-        # The handler thread frees on disconnect; it may lag a moment. Wait for that before
-        # allocating: a slot allocated and freed meanwhile would go back on the free list
-        # after the vanished client's and be handed out first (1 run in 10 failed so).
+        # The handler thread frees on disconnect; it may lag a moment.
         for _ in range(100):  # bounded: 5 s for a loaded machine's handler thread
             if a._call({"op": "grants"})["grants"] == 0:
                 break
             time.sleep(0.05)
-        again = a.alloc_slot((A, 3, B, 4))
-        assert again[0] == first[0]
+        slots = [a.alloc_slot((A, 3 + i, B, 4))[0] for i in range(count)]
+        assert sorted(slots) == list(range(count)) and slots[-1] == first[0]
 
 
 def test_a_guest_that_leaves_the_host_loses_its_slots(
     gateway: tuple[tuple[str, int], Path], tmp_path: Path
 ) -> None:
-    """The lab rewrites the guests file when a VM migrates away: its grants are released."""
+    """The lab rewrites the guests file when a VM migrates away: it is done with its grants.
+    The other party of one may not have noticed yet and still use the slot: it stays that
+    party's until it frees it (or its connection drops), and only then is it free again."""
     addr, _ = gateway
     guests = tmp_path / "vm-guests.json"
     with VmAgent(addr, token="tok-a") as a:
@@ -116,8 +121,43 @@ def test_a_guest_that_leaves_the_host_loses_its_slots(
         os.utime(guests, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
         with pytest.raises(SlotRefused, match="not a VM of this host"):
             a.alloc_slot((A, 3, B, 4))
+        assert a._call({"op": "grants"})["grants"] == 1  # still h1g1's
+        a.free_slot(slot, gen)
+        assert a._call({"op": "grants"})["grants"] == 0
         with pytest.raises(SlotRefused, match="no such grant"):
-            a.free_slot(slot, gen)  # released when h1g2 left
+            a.free_slot(slot, gen)  # free again
+
+
+def test_a_guest_back_before_anyone_asked_is_not_taken_for_gone(tmp_path: Path) -> None:
+    """The gateway drops a departed guest's grants on its next request; a VM that migrated
+    away and back before any request came holds grants of its new stay by then, which must
+    not be dropped as if it had just left (only one still away is)."""
+    path = tmp_path / "vm-guests.json"
+    both = {
+        "guests": {
+            "h1g1": {"token": "tok-a", "address": A},
+            "h1g2": {"token": "tok-b", "address": B},
+        }
+    }
+    stamp = time.time_ns()
+
+    def write(doc: dict[str, Any]) -> None:
+        nonlocal stamp
+        stamp += 10**9
+        path.write_text(json.dumps(doc))
+        os.utime(path, ns=(stamp, stamp))  # a new mtime each time
+
+    write(both)
+    guests = _vmgate._Guests(path)
+    assert guests.names() == {"h1g1", "h1g2"}
+    write({"guests": {"h1g2": both["guests"]["h1g2"]}})
+    assert guests.names() == {"h1g2"}  # h1g1 seen gone (the reaper's look, a watch's)
+    write(both)
+    assert guests.names() == {"h1g1", "h1g2"}  # and back
+    assert guests.take_gone() == set()
+    write({"guests": {"h1g1": both["guests"]["h1g1"]}})
+    assert guests.take_gone() == {"h1g2"}
+    assert guests.take_gone() == set()
 
 
 def test_no_gateway_is_agent_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

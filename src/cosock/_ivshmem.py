@@ -13,9 +13,11 @@ agent's bookkeeping of who may use which slot (pure data, no IO).
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,10 +208,13 @@ class Pool:
         """A mapping of exactly one slot: a channel for ``RingWriter``/``RingReader``."""
         return mmap.mmap(self._fd, layout.slot_size, offset=layout.offset(slot))
 
-    def format_slot(self, layout: PoolLayout, slot: int) -> None:
-        """Zero a slot's ring headers (done by whoever hands the slot out: the agent)."""
+    def format_slot(self, layout: PoolLayout, slot: int, stamp: int = 0) -> None:
+        """Zero a slot's ring headers (done by whoever hands the slot out: the agent) and
+        write the grant's ``stamp`` into it (:func:`read_stamp`)."""
         with self.map_slot(layout, slot) as mm:
             format_channel(mm, layout.capacity)
+            if stamp:
+                mm[_STAMP_WORD : _STAMP_WORD + 8] = stamp.to_bytes(8, "little")
 
     def slot_ok(self, layout: PoolLayout, slot: int) -> bool:
         with self.map_slot(layout, slot) as mm:
@@ -222,8 +227,15 @@ class Pool:
 
     def slots_in_use(self, layout: PoolLayout) -> list[int]:
         """Slots a party has mapped and not given back (:func:`mark_use`): what a gateway
-        that did not hand them out (its predecessor crashed) must not pull from under them."""
-        return [s for s in range(layout.slot_count) if MAPPED in self.slot_use(layout, s)]
+        that did not hand them out (its predecessor crashed) must not pull from under them,
+        and what it hands out again only when no other slot is free (a process whose
+        gateway connection dropped, or whose guest left, may still use it)."""
+        used = []
+        for slot in range(layout.slot_count):  # the first page of each slot is enough
+            with mmap.mmap(self._fd, mmap.PAGESIZE, offset=layout.offset(slot)) as mm:
+                if MAPPED in (_use(mm, CLIENT), _use(mm, SERVER)):
+                    used.append(slot)
+        return used
 
 
 #### Use marks: who still has a slot mapped (read only by a gateway after a crash)
@@ -246,6 +258,28 @@ def _use(mm: mmap.mmap, side: int) -> int:
     return int.from_bytes(mm[_USE_WORD[side] : _USE_WORD[side] + 8], "little")
 
 
+#### Grant stamps: which grant a slot's memory belongs to now
+
+#: A random word the gateway writes into a slot when it hands it out (next to the use marks,
+#: zeroed by :meth:`Pool.format_slot` like them) and names in the grant. A guest process keeps
+#: its mapping of a slot after the gateway took the slot back, and a hot-unplugged pool's
+#: mapping stays too: the guest kernel does not revoke it, and the pair's next pool, plugged
+#: at the same BAR address, shows through it (docs/vm-backend.md, section 4). The stamp tells
+#: such a mapping from the grant's own: checked when a slot is mapped, before a party writes
+#: into a slot it is done with, and when a ring counter looks corrupt.
+_STAMP_WORD = 80 * 8
+
+
+def new_stamp() -> int:
+    """A fresh grant stamp (never 0: 0 means "no stamp", a gateway without them)."""
+    return int.from_bytes(os.urandom(8), "little") | 1
+
+
+def read_stamp(mm: mmap.mmap) -> int:
+    """The stamp of the grant the slot mapped by ``mm`` holds now."""
+    return int.from_bytes(mm[_STAMP_WORD : _STAMP_WORD + 8], "little")
+
+
 #### The agent's bookkeeping
 
 
@@ -256,6 +290,7 @@ class _Grant:
     key: tuple[str, int, str, int]  # the connection's 4-tuple
     generation: int
     nonce: str = ""  # hex; the in-band HELLO must carry it (a CoSocket offer)
+    stamp: int = 0  # written into the slot (read_stamp); the parties check it
     claimed: bool = False
     freed_by: set[str] = field(default_factory=set)
 
@@ -270,7 +305,9 @@ class SlotTable:
     """
 
     def __init__(self, slot_count: int) -> None:
-        self._free = list(range(slot_count - 1, -1, -1))
+        #: Oldest freed first: a slot just taken back is handed out again last, so a
+        #: process that still maps it (see :meth:`alloc`) meets a stranger's grant late.
+        self._free = collections.deque(range(slot_count))
         self._grants: dict[int, _Grant] = {}
         self._generation = 0
 
@@ -279,19 +316,32 @@ class SlotTable:
         return len(self._free)
 
     def alloc(
-        self, owner: str, peer: str, key: tuple[str, int, str, int], nonce: str = ""
+        self,
+        owner: str,
+        peer: str,
+        key: tuple[str, int, str, int],
+        nonce: str = "",
+        avoid: Collection[int] = (),
     ) -> tuple[int, int]:
         """A free slot for ``owner``'s connection ``key`` to ``peer``; (slot, generation).
+        The slot freed longest ago, and not one of ``avoid`` (slots a process may still map:
+        :meth:`Pool.slots_in_use`) unless no other is free.
 
         Raises:
             PoolError: no free slot (the connection stays on TCP).
         """
         if not self._free:
             raise PoolError("no free slot in the pool")
-        slot = self._free.pop()
+        slot = next((s for s in self._free if s not in avoid), self._free[0])
+        self._free.remove(slot)
         self._generation += 1
-        self._grants[slot] = _Grant(owner, peer, key, self._generation, nonce)
+        self._grants[slot] = _Grant(owner, peer, key, self._generation, nonce, new_stamp())
         return slot, self._generation
+
+    def stamp_of(self, slot: int) -> int:
+        """The stamp of the slot's grant (0: not granted)."""
+        grant = self._grants.get(slot)
+        return 0 if grant is None else grant.stamp
 
     def claim_key(
         self, claimer: str, key: tuple[str, int, str, int]
@@ -318,7 +368,8 @@ class SlotTable:
 
     def free(self, slot: int, generation: int, guest: str) -> bool:
         """A party is done with the slot; the slot is free again when both are (or when the
-        owner frees an unclaimed one). False for a stale or foreign request."""
+        owner frees an unclaimed one: the peer never mapped it). False for a stale or
+        foreign request."""
         grant = self._grants.get(slot)
         if (
             grant is None
@@ -327,7 +378,9 @@ class SlotTable:
         ):
             return False
         grant.freed_by.add(guest)
-        if grant.freed_by >= {grant.owner, grant.peer} or not grant.claimed:
+        if grant.freed_by >= {grant.owner, grant.peer} or (
+            not grant.claimed and grant.owner in grant.freed_by
+        ):
             self._release(slot)
         return True
 
@@ -349,10 +402,14 @@ class SlotTable:
         )
 
     def drop_guest(self, guest: str) -> list[int]:
-        """A guest left (stopped, migrated away): every slot it was party to is released."""
+        """A guest left (stopped, migrated away): it is done with every slot it was party
+        to, as if it had freed each one. A slot the other party still uses stays granted
+        until that one frees it too (its process may not have noticed yet: taking the slot
+        from under it would let the next grant share its rings). Returns those slots."""
         gone = [s for s, g in self._grants.items() if guest in (g.owner, g.peer)]
         for slot in gone:
-            self._release(slot)
+            grant = self._grants[slot]
+            self.free(slot, grant.generation, guest)
         return gone
 
     def _release(self, slot: int) -> None:
@@ -372,5 +429,7 @@ __all__ = [
     "find_device",
     "ivshmem_devices",
     "mark_use",
+    "new_stamp",
     "plan",
+    "read_stamp",
 ]

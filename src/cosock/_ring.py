@@ -197,9 +197,10 @@ def map_channel_fd(fd: int, capacity: int) -> mmap.mmap:
 
 
 class _RingEnd:
-    __slots__ = ("_data", "_hdr", "_shared", "capacity", "mask")
+    __slots__ = ("_data", "_hdr", "_shared", "_src", "capacity", "mask")
 
     def __init__(self, mm: mmap.mmap, index: int, capacity: int) -> None:
+        self._src = mm  # asked why, when a counter is out of bounds (_corrupted)
         base = index * (HEADER_SIZE + capacity)
         view = memoryview(mm)
         self._hdr = view[base : base + HEADER_SIZE].cast("Q")
@@ -231,6 +232,15 @@ class _RingEnd:
             self._hdr, self._shared = self._shared, None
 
 
+def _corrupted(end: _RingEnd, what: str) -> RingCorrupted:
+    """The error for a counter out of bounds; a slot of an ivshmem pool granted to another
+    connection meanwhile (``_vmchannel.SlotMapping.grant_lost``) is named as the cause."""
+    lost = getattr(end._src, "grant_lost", None)
+    if lost is not None and lost():
+        return RingCorrupted(f"{what}: the slot was granted to another connection")
+    return RingCorrupted(f"{what}: channel corrupted")
+
+
 class RingWriter(_RingEnd):
     """Producer end: copies bytes in and publishes ``head``."""
 
@@ -256,9 +266,7 @@ class RingWriter(_RingEnd):
         """The consumer's ``tail``, validated: monotonic and never past what we wrote."""
         tail = self._hdr[_TAIL]
         if tail < self._tail or tail > self._head:
-            raise RingCorrupted(
-                f"peer ring tail {tail} outside [{self._tail}, {self._head}]: channel corrupted"
-            )
+            raise _corrupted(self, f"peer ring tail {tail} outside [{self._tail}, {self._head}]")
         self._tail = tail
         return tail
 
@@ -423,9 +431,9 @@ class RingReader(_RingEnd):
         head = self._hdr[_HEAD]
         if head != self._head:
             if head < self._head or head - self._tail > self.capacity:
-                raise RingCorrupted(
-                    f"peer ring head {head} outside [{self._head}, {self._tail + self.capacity}]"
-                    ": channel corrupted"
+                raise _corrupted(
+                    self,
+                    f"peer ring head {head} outside [{self._head}, {self._tail + self.capacity}]",
                 )
             self._head = head
         return self._head - self._tail

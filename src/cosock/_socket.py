@@ -1765,10 +1765,19 @@ class CoSocket(socket.socket):
             reason = FallbackReason.OFFER_INVALID
         if reason is None:
             self._control(ch, Accept())
-            ch.phase = _SHM
-            if ch.pre_out and ch.tx is not None:  # fits: the ring is empty and as large
-                ch.tx.write(memoryview(ch.pre_out), ch.tx.free())
-                ch.pre_out.clear()
+            # The writes held back go into the ring before any other: a sender thread sees
+            # the phase change only after they are in (under ctl_lock, as its appends to
+            # pre_out are). Published first, the phase let a sender write into the ring
+            # alongside: two writers of one ring, which overwrote each other's bytes and
+            # together wrote past its capacity (CI: "peer ring head 1055915 outside
+            # [0, 1048576]"; in lab runs, a stream of the right length with wrong bytes).
+            with ch.ctl_lock:
+                held = bool(ch.pre_out) and ch.tx is not None
+                if held and ch.tx is not None:  # fits: the ring is empty and as large
+                    ch.tx.write(memoryview(ch.pre_out), ch.tx.free())
+                    ch.pre_out.clear()
+                ch.phase = _SHM
+            if held:
                 self._bell(ch)
             if ch.fin_pending:
                 self._send_fin(ch)
@@ -2438,10 +2447,14 @@ class CoSocket(socket.socket):
                 continue
             tx = ch.tx
             if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
-                room = _handshake_room(ch)
-                if room and sent < total:
-                    n = min(room, total - sent)
-                    ch.pre_out += view[sent : sent + n]
+                with ch.ctl_lock:  # the verdict moves pre_out into the ring under it
+                    held = ch.phase is _HANDSHAKE
+                    n = min(_handshake_room(ch), total - sent) if held else 0
+                    if n:
+                        ch.pre_out += view[sent : sent + n]
+                if not held:
+                    continue  # accepted meanwhile: the ring takes the rest, after pre_out
+                if n:
                     sent += n
                     if sent == total or deadline == 0.0:
                         return sent

@@ -250,11 +250,24 @@ class VmAgent:
     def offer_in(self, key: Key, nonce: bytes, upgrade: bool = False) -> tuple[int, int, int, str]:
         """As :meth:`offer`, with the pool the slot is in (hex pool id, "" if shared).
         ``upgrade``: for a live connection back on TCP (its listener may be closed)."""
+        return self.offer_grant(key, nonce, upgrade)[:4]
+
+    def offer_grant(
+        self, key: Key, nonce: bytes, upgrade: bool = False
+    ) -> tuple[int, int, int, str, int]:
+        """As :meth:`offer_in`, with the grant's stamp (``_ivshmem.read_stamp``; 0 from a
+        gateway without stamps)."""
         req: dict[str, Any] = {"op": "offer", "key": list(key), "nonce": nonce.hex()}
         if upgrade:
             req["upgrade"] = True
         r = self._call(req)
-        return int(r["slot"]), int(r["generation"]), int(r["capacity"]), str(r.get("pool") or "")
+        return (
+            int(r["slot"]),
+            int(r["generation"]),
+            int(r["capacity"]),
+            str(r.get("pool") or ""),
+            int(r.get("stamp") or 0),
+        )
 
     def claim_offer(self, key: Key) -> tuple[int, int, bytes, int]:
         """We accepted ``key``: the slot its client was granted; (slot, generation, nonce,
@@ -263,6 +276,10 @@ class VmAgent:
 
     def claim_offer_in(self, key: Key) -> tuple[int, int, bytes, int, str]:
         """As :meth:`claim_offer`, with the pool the slot is in."""
+        return self.claim_offer_grant(key)[:5]
+
+    def claim_offer_grant(self, key: Key) -> tuple[int, int, bytes, int, str, int]:
+        """As :meth:`claim_offer_in`, with the grant's stamp (0: none)."""
         r = self._call({"op": "claim_offer", "key": list(key)})
         return (
             int(r["slot"]),
@@ -270,6 +287,7 @@ class VmAgent:
             bytes.fromhex(r["nonce"]),
             int(r["capacity"]),
             str(r.get("pool") or ""),
+            int(r.get("stamp") or 0),
         )
 
 

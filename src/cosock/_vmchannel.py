@@ -33,6 +33,8 @@ on one kernel).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import mmap
 import os
 import threading
@@ -54,6 +56,7 @@ from ._ivshmem import (
     PoolLayout,
     find_device,
     mark_use,
+    read_stamp,
 )
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
@@ -106,13 +109,28 @@ class VmListenerInfo:
 class SlotMapping(mmap.mmap):
     """A slot's mapping that gives the slot back to the gateway when it is closed, or as soon
     as the connection left its rings for good (:meth:`give_back` after a path switch: the
-    rings are frozen and never read again, so the slot may serve another connection)."""
+    rings are frozen and never read again, so the slot may serve another connection).
+
+    A given-back mapping no longer shows the slot (:func:`_detach`): the guest kernel does
+    not revoke a mapping of a hot-unplugged BAR, so once the pair's pool is reaped and the next
+    one plugged at the same address, a mapping kept past its grant would read and write that
+    pool's slot, another connection's rings (docs/vm-backend.md, section 4)."""
 
     def give_back(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
         if owner is not None and owner[0] == os.getpid() and not owner[4]:
             self._released()
+            _detach(self)
             owner[1].free(owner[2], owner[3], owner[5], owner[6])
+
+    def grant_lost(self) -> bool:
+        """Does the slot hold another grant than ours now (it was taken back and granted
+        again, or this is a mapping of a pool that another one replaced)?"""
+        stamp = self.__dict__.get("_stamp", 0)
+        try:
+            return bool(stamp) and not self.closed and read_stamp(self) != stamp
+        except (ValueError, OSError):
+            return False
 
     def close(self) -> None:
         owner = self.__dict__.pop("_give_back", None)
@@ -124,11 +142,63 @@ class SlotMapping(mmap.mmap):
             owner[1].free(owner[2], owner[3], owner[5], owner[6])
 
     def _released(self) -> None:
-        """Mark the slot done with in its own memory (a restarted gateway reads it)."""
+        """Mark the slot done with in its own memory (a restarted gateway reads it), unless
+        it holds another grant now: that one's marks are not ours to write."""
         side = self.__dict__.get("_side")
-        if side is not None:
+        if side is not None and not self.grant_lost():
             with contextlib.suppress(ValueError, OSError):
                 mark_use(self, side, RELEASED)
+
+
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2  # Linux
+_libc: Any = None
+
+
+def _detach(mm: mmap.mmap) -> None:
+    """Put a private copy of the pages under ``mm`` in their place, in one step (``mremap``
+    of a filled anonymous mapping over them): the same addresses, so views of the frozen rings
+    stay valid and show what they showed, but no longer the slot. Best effort: where it cannot
+    be done the mapping stays as it was."""
+    global _libc
+    if mm.closed:
+        return
+    try:
+        if _libc is None:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
+            ]
+            libc.mremap.restype = ctypes.c_void_p
+            libc.mremap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _libc = libc
+        size = len(mm)
+        buf = (ctypes.c_char * size).from_buffer(mm)
+        addr = ctypes.addressof(buf)
+        del buf
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        copy = _libc.mmap(None, size, _PROT_RW, flags, -1, 0)
+        if copy in (None, ctypes.c_void_p(-1).value):
+            return
+        ctypes.memmove(copy, addr, size)
+        moved = _libc.mremap(copy, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr)
+        if moved != addr:
+            _libc.munmap(copy, size)
+    except (OSError, ValueError, TypeError, BufferError, AttributeError):
+        pass
 
 
 def switched(mm: object) -> None:
@@ -520,13 +590,15 @@ class VmDirectory:
                 del self._pools[key]
 
     def _map(
-        self, slot: int, generation: int, pool_id: str = "", side: int = CLIENT
+        self, slot: int, generation: int, pool_id: str = "", side: int = CLIENT, stamp: int = 0
     ) -> SlotMapping:
-        """Map one slot, checked, and mark it MAPPED by ``side``; it is given back (and
-        marked RELEASED) when the mapping closes.
+        """Map one slot, checked (headers, and the grant's ``stamp`` if the gateway gave
+        one), and mark it MAPPED by ``side``; it is given back (and marked RELEASED) when the
+        mapping closes.
 
         Raises:
-            PoolError, OSError: the slot cannot be mapped or its headers are wrong.
+            PoolError, OSError: the slot cannot be mapped, its headers are wrong, or it
+                holds another grant than ours.
         """
         pool, layout = self._open_pool(pool_id, PLUG_WAIT_S)
         fd = os.open(pool.path, os.O_RDWR | os.O_CLOEXEC)
@@ -537,6 +609,10 @@ class VmDirectory:
         if not channel_headers_ok(mm, layout.capacity):
             mm.close()
             raise PoolError(f"slot {slot} does not hold a channel of {layout.capacity}")
+        if stamp and read_stamp(mm) != stamp:
+            mm.close()
+            raise PoolError(f"slot {slot} holds another grant than ours (granted again?)")
+        mm._stamp = stamp  # type: ignore[attr-defined]
         mark_use(mm, side, MAPPED)
         mm._side = side  # type: ignore[attr-defined]
         owner = (os.getpid(), self, slot, generation, False, self.epoch, pool_id)
@@ -572,7 +648,9 @@ class VmDirectory:
         key: Key = (normalise_host(local[0]), int(local[1]), server[0], server[1])
         nonce = os.urandom(16)
         try:
-            slot, generation, capacity, pool_id = self._call("offer_in", key, nonce, upgrade)
+            slot, generation, capacity, pool_id, stamp = self._call(
+                "offer_grant", key, nonce, upgrade
+            )
         except AgentUnavailable:
             return FallbackReason.AGENT_UNREACHABLE
         except SlotRefused as exc:
@@ -588,7 +666,7 @@ class VmDirectory:
             self.free(slot, generation, None, pool_id)
             return FallbackReason.RESOURCE
         try:
-            mm = self._map(slot, generation, pool_id)
+            mm = self._map(slot, generation, pool_id, CLIENT, stamp)
         except (PoolError, OSError):
             self.free(slot, generation, None, pool_id)
             return FallbackReason.RESOURCE
@@ -597,7 +675,7 @@ class VmDirectory:
     def claim(self, key: Key) -> VmPending | None:
         """Server: the offer the gateway holds for exactly this accepted connection."""
         try:
-            slot, generation, nonce, _, pool_id = self._call("claim_offer_in", key)
+            slot, generation, nonce, _, pool_id, stamp = self._call("claim_offer_grant", key)
         except (AgentUnavailable, SlotRefused):
             return None
         try:
@@ -612,7 +690,7 @@ class VmDirectory:
         except Exception:
             self.free(slot, generation, None, pool_id)
             return None
-        return VmPending(offer, slot, generation, self, pool_id)
+        return VmPending(offer, slot, generation, self, pool_id, stamp)
 
 
 def _refusal(message: str) -> FallbackReason:
@@ -661,10 +739,11 @@ class VmPending:
     generation: int
     directory: VmDirectory
     pool_id: str = ""
+    stamp: int = 0
 
     def map(self) -> tuple[SlotMapping | None, FallbackReason | None]:
         try:
-            mm = self.directory._map(self.slot, self.generation, self.pool_id, SERVER)
+            mm = self.directory._map(self.slot, self.generation, self.pool_id, SERVER, self.stamp)
             return mm, None
         except (PoolError, OSError):
             self.directory.free(self.slot, self.generation, None, self.pool_id)

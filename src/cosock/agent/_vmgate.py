@@ -122,8 +122,13 @@ class _Guests:
         return "leaving" if guest in self.leaving else "here"
 
     def take_gone(self) -> set[str]:
+        """Guests that left since the last call and are still away: one that came back
+        meanwhile (migrated away and home again before any request) may hold grants of its
+        new stay already, which are not to be dropped (a migration waits until the leaving
+        guest holds none, so it left none of its old stay behind)."""
         self._reload()
-        gone, self._gone = self._gone, set()
+        here = {g for g, _ in self._by_token.values()}
+        gone, self._gone = self._gone - here, set()
         return gone
 
     def lookup(self, token: str) -> tuple[str, str] | None:
@@ -296,17 +301,20 @@ class VmGateway(socketserver.ThreadingTCPServer):
         pool, or of the pair's own pool (made and hot-plugged into both on first use)."""
         if self.pairs is None:
             assert self.pool is not None
+            avoid = self.pool.slots_in_use(self.layout)
             with self.lock:
                 try:
-                    slot, generation = self.table.alloc(guest, peer, key, nonce)
+                    slot, generation = self.table.alloc(guest, peer, key, nonce, avoid)
                 except PoolError as exc:
                     raise GatewayError(f"resource: {exc}") from None
-            self.pool.format_slot(self.layout, slot)
+                stamp = self.table.stamp_of(slot)
+            self.pool.format_slot(self.layout, slot, stamp)
             return {
                 "slot": slot,
                 "generation": generation,
                 "capacity": self.layout.capacity,
                 "pool": "",
+                "stamp": stamp,
             }
         try:
             pair = self.pairs.acquire(guest, peer)
@@ -316,20 +324,23 @@ class VmGateway(socketserver.ThreadingTCPServer):
         except PoolError as exc:  # the pair has its maximum of pools, all full
             raise GatewayError(f"resource: {exc}") from None
         try:
+            avoid = pair.pool.slots_in_use(pair.layout)
             with self.lock:
                 try:
-                    slot, generation = pair.table.alloc(guest, peer, key, nonce)
+                    slot, generation = pair.table.alloc(guest, peer, key, nonce, avoid)
                 except PoolError as exc:
                     raise GatewayError(f"resource: {exc}") from None
+                stamp = pair.table.stamp_of(slot)
             pair.idle_since = None
         finally:
             pair.lock.release()
-        pair.pool.format_slot(pair.layout, slot)
+        pair.pool.format_slot(pair.layout, slot, stamp)
         return {
             "slot": slot,
             "generation": generation,
             "capacity": pair.layout.capacity,
             "pool": pair.pool_id.hex(),
+            "stamp": stamp,
         }
 
     def _table(self, pool: str) -> tuple[SlotTable, PairPool | None]:
@@ -407,13 +418,16 @@ class VmGateway(socketserver.ThreadingTCPServer):
         client = self.guests.owner_of(key[0])
         pools = self.pairs.of(guest, client) if self.pairs and client else []
         pair: PairPool | None = None
+        stamp = 0
         with self.lock:
             if self.pairs is None:
                 found = self.table.claim_key(guest, key)
+                stamp = self.table.stamp_of(found[0]) if found is not None else 0
             else:
                 found = None
                 for pair in pools:  # the grant is in one of the pair's pools
                     if (found := pair.table.claim_key(guest, key)) is not None:
+                        stamp = pair.table.stamp_of(found[0])
                         break
         if found is None:
             raise GatewayError("no-offer: no grant for this connection")
@@ -424,6 +438,7 @@ class VmGateway(socketserver.ThreadingTCPServer):
             "nonce": nonce,
             "capacity": self.layout.capacity if pair is None else pair.layout.capacity,
             "pool": "" if pair is None else pair.pool_id.hex(),
+            "stamp": stamp,
         }
 
     def claim(self, guest: str, address: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -433,10 +448,11 @@ class VmGateway(socketserver.ThreadingTCPServer):
         table, pair = self._table(str(req.get("pool") or ""))
         with self.lock:
             ok = table.claim(int(req["slot"]), int(req["generation"]), guest, key)
+            stamp = table.stamp_of(int(req["slot"]))
         if not ok:
             raise GatewayError("no such grant for this connection")
         capacity = self.layout.capacity if pair is None else pair.layout.capacity
-        return {"slot": int(req["slot"]), "capacity": capacity}
+        return {"slot": int(req["slot"]), "capacity": capacity, "stamp": stamp}
 
     def free(self, guest: str, req: dict[str, Any]) -> dict[str, Any]:
         table, _ = self._table(str(req.get("pool") or ""))
