@@ -1723,3 +1723,83 @@ def test_a_server_send_racing_the_verdict_goes_into_the_ring_after_the_held_byte
         if conn is not None:
             conn.close()
         srv.close()
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_send_racing_a_rejected_handshake_comes_after_the_resent_bytes(monkeypatch, side):
+    """A REJECT makes each end resend on TCP what it wrote before the verdict (the server's
+    ``pre_out``, the client's ring). A send by another thread while that happened used to go
+    where the resend had already taken its copy from (``pre_out``, the ring): counted as sent,
+    never sent. Here the fallback is held up after its copy: a send made meanwhile must
+    arrive after the resent bytes, whole. Fails on the old code every run (the late bytes
+    are lost)."""
+    from cosock._errors import FallbackReason
+
+    monkeypatch.setattr(CoSocket, "_cosock_needs_service", lambda self: False)
+    held, late = b"A" * (64 << 10), b"B" * (48 << 10)
+    pausing, release = threading.Event(), threading.Event()
+    target: list[CoSocket] = []
+    original = CoSocket._detach_channel
+
+    def detach(self: CoSocket) -> None:
+        if target and self is target[0] and not pausing.is_set():
+            pausing.set()  # the fallback has taken its copy: hold it here
+            release.wait(10)
+        original(self)
+
+    monkeypatch.setattr(CoSocket, "_detach_channel", detach)
+    srv = listener()
+    cli = CoSocket()
+    cli.setblocking(False)
+    conn = None
+    try:
+        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
+        select.select([], [cli], [], 5)
+        conn, _ = srv.accept()  # no HELLO yet (a non-blocking connect defers it)
+        assert conn._co is not None
+        conn._co.reject = FallbackReason.OFFER_INVALID  # the verdict will be REJECT
+        conn.settimeout(20)
+        if side == "server":
+            target.append(conn)
+            conn.sendall(held)  # before the verdict: into pre_out
+            cli.send(b"x")  # flushes the HELLO
+            assert readable(conn, 5)
+            cli.settimeout(20)
+            with (
+                joined(lambda: recv_upto(cli, len(held) + len(late), 20.0)) as client,
+                joined(lambda: conn.recv(1)) as verdict,  # settles the verdict, reads
+            ):
+                assert pausing.wait(10), "the server did not fall back"
+                with joined(lambda: conn.sendall(late)) as sender:
+                    time.sleep(1.0)  # old code: the send is in pre_out, after the copy
+                    release.set()
+            assert verdict.get("result") == b"x", verdict  # resent by the client on TCP
+            assert "error" not in sender, sender
+            got = client.get("result", b"")
+        else:
+            target.append(cli)
+            assert cli.send(held) == len(held)  # before the verdict: into the ring
+            cli.settimeout(20)
+            with (
+                joined(lambda: recv_upto(conn, len(held) + len(late), 20.0)) as server,
+                joined(lambda: cli.recv(1)) as reader,  # takes the REJECT
+            ):
+                assert pausing.wait(10), "the client did not fall back"
+                with joined(lambda: cli.sendall(late)) as sender:
+                    time.sleep(1.0)  # old code: the send is in the ring, after the copy
+                    release.set()
+                assert "error" not in sender, sender
+                server_done = time.monotonic() + 20
+                while "result" not in server and time.monotonic() < server_done:
+                    time.sleep(0.05)
+                conn.sendall(b"y")  # ends the client's read
+            assert reader.get("result") == b"y", reader
+            got = server.get("result", b"")
+        assert got == held + late, (len(got), got.find(b"B"))
+        assert cli.cosock_path == conn.cosock_path == "tcp"
+    finally:
+        release.set()
+        cli.close()
+        if conn is not None:
+            conn.close()
+        srv.close()

@@ -242,6 +242,7 @@ class _Channel:
         "ctl_out",
         "downgrade",
         "error",
+        "fell_back",
         "fin",
         "fin_pending",
         "fork_cell",
@@ -345,6 +346,9 @@ class _Channel:
         self.kicks: list[io.FileIO] = []
         self.released = False
         self.forked = False  # shared with another process by fork: the watch keeps off
+        #: A REJECT is being acted on: sends queue behind the bytes it owes the peer
+        #: (``_fallback``), never into ``pre_out`` or the ring again.
+        self.fell_back = False
         #: A downgrade left the rings ("ring") or framed TCP ("framed"); None before.
         self.downgrade: str | None = None
         #: Shared by fork(): who may use the channel now (``_forkshare``).
@@ -1616,11 +1620,15 @@ class CoSocket(socket.socket):
         """
         if ch.role is Role.SERVER and ch.phase is _HANDSHAKE and ch.proto.nonce_ok is None:
             data, _ = ch.proto.trailing_data
-            owed = bytes(ch.pre_out)
+            with ch.ctl_lock:  # a racing sender queues behind these (see _fallback)
+                owed = bytearray(ch.pre_out)
+                ch.pre_out.clear()
+                ch.fell_back = True
             self._reason = FallbackReason.NO_OFFER
+            with _owed_lock:
+                self._txb = owed
             self._detach_channel()
             self._owe_app(data)
-            self._txb = bytearray(owed) if owed else None
             self._flush_plain(block=False)
             return
         if ch.error is None:
@@ -1786,13 +1794,22 @@ class CoSocket(socket.socket):
         self._fallback(ch, reason)
 
     def _fallback(self, ch: _Channel, reason: FallbackReason) -> None:
-        """Give up on shared memory before the channel was accepted: resend our ring bytes."""
+        """Give up on shared memory before the channel was accepted: resend our ring bytes.
+
+        A sender thread may be writing meanwhile (into ``pre_out``, or the client's ring):
+        the mark below, under ``ctl_lock`` and inside a ring write's ``tx_busy`` window,
+        sends it to the owed queue instead, behind what is taken here. Without it, bytes
+        a sender added after this snapshot were counted as sent and never went out."""
         with ch.ctl_lock:  # ours to send now, once: no thread may flush it again
             owed = bytearray(ch.ctl_out)
             ch.ctl_out.clear()
-        if ch.role is Role.SERVER:
-            owed += ch.pre_out
-        elif ch.tx is not None:
+            ch.fell_back = True
+            if ch.role is Role.SERVER:
+                owed += ch.pre_out
+                ch.pre_out.clear()
+        if ch.role is not Role.SERVER and ch.tx is not None:
+            while ch.tx_busy:  # a ring write that began before the mark: let it end
+                time.sleep(0)
             owed += ch.tx.unsent_bytes(0)
         leftover = ch.proto.next_event()
         while leftover is not NEED_DATA:
@@ -1802,10 +1819,20 @@ class CoSocket(socket.socket):
         self._reason = reason
         if ch.forked or ch.refs > 1:
             _shared_fds.add(self)  # plain from here, but not this fd's alone
+        with _owed_lock:
+            self._txb = owed  # before the detach: a racing sender queues behind it
         self._detach_channel()
-        self._txb = owed
         self._shut_after_flush = ch.wr_shut
         self._flush_plain(block=False)
+
+    def _owe_peer(self, data: memoryview) -> bool:
+        """A send during a fallback: queue ``data`` behind the bytes it owes the peer;
+        False if they are not set out yet, or already sent (then send the plain way)."""
+        with _owed_lock:
+            if self._txb is None:
+                return False
+            self._txb += data
+            return True
 
     def _owe_app(self, data: bytes) -> None:
         if data:
@@ -2434,6 +2461,11 @@ class CoSocket(socket.socket):
                 if sent == total:
                     return sent
                 return sent + super().send(view[sent:], flags & ~_MSG_DONTWAIT)
+            if ch.fell_back:  # a REJECT is being acted on (_fallback)
+                if self._owe_peer(view[sent:]):
+                    return total
+                time.sleep(0)  # its snapshot is not taken yet, or it is detaching
+                continue
             if ch.ctl_out:  # e.g. the HELLO of a non-blocking connect that has completed
                 self._flush_ctl(ch)
             self._check_writable(ch)
@@ -2448,7 +2480,7 @@ class CoSocket(socket.socket):
             tx = ch.tx
             if ch.phase is _HANDSHAKE and ch.role is Role.SERVER:
                 with ch.ctl_lock:  # the verdict moves pre_out into the ring under it
-                    held = ch.phase is _HANDSHAKE
+                    held = ch.phase is _HANDSHAKE and not ch.fell_back
                     n = min(_handshake_room(ch), total - sent) if held else 0
                     if n:
                         ch.pre_out += view[sent : sent + n]
@@ -2473,8 +2505,8 @@ class CoSocket(socket.socket):
                 old = tx.head
                 ch.tx_busy = True
                 try:
-                    if ch.phase is _SWITCHING or ch.phase is _FRAMED:
-                        continue  # switched meanwhile: the framed path below takes it
+                    if ch.phase is _SWITCHING or ch.phase is _FRAMED or ch.fell_back:
+                        continue  # switched or rejected meanwhile: the loop's top takes it
                     n = tx.write(view[sent:], free)
                 finally:
                     ch.tx_busy = False
@@ -2571,7 +2603,11 @@ class CoSocket(socket.socket):
         while True:
             with _owed_lock:
                 owed = self._txb
-                if not owed:
+                if owed is None:
+                    return True
+                if not owed:  # (emptiness seen and cleared at once: see _owe_peer)
+                    self._txb = None
+                    shut, self._shut_after_flush = self._shut_after_flush, False
                     break
                 try:
                     n = self._send_now(owed)
@@ -2583,11 +2619,6 @@ class CoSocket(socket.socket):
                 if not block:
                     return False
                 self._wait_owed_writable()
-        with _owed_lock:
-            if self._txb is None:
-                return True
-            self._txb = None
-            shut, self._shut_after_flush = self._shut_after_flush, False
         if shut:  # a shutdown(SHUT_WR) made before the fallback
             super().shutdown(socket.SHUT_WR)
         return True
