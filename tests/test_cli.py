@@ -73,8 +73,10 @@ def test_demo_cleans_up_on_ctrl_c(lab_name):
     import signal
     import time
 
+    # 16 GiB each way: still streaming for tens of seconds when the signal comes (with 1 GiB
+    # a quiet machine finished the whole demo first, and it exited 0, in CI once).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 30), "--lab-name", name],
+        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 34), "--lab-name", name],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
