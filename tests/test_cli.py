@@ -73,10 +73,16 @@ def test_demo_cleans_up_on_ctrl_c(lab_name):
     import signal
     import time
 
-    # 16 GiB each way: still streaming for tens of seconds when the signal comes (with 1 GiB
-    # a quiet machine finished the whole demo first, and it exited 0, in CI once).
+    # 16 GiB each way: still streaming for tens of seconds when the signal comes. And the
+    # demo takes SIGINT as a terminal's Ctrl-C even when the test runs under a parent that
+    # ignores it (a shell's background job: Python then leaves SIGINT ignored, and the demo
+    # ran to its end, exit 0 with 1 GiB, in a CI run started that way).
+    start = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " sys.argv[0] = 'cosock'; runpy.run_module('cosock', run_name='__main__')"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cosock", "demo", "--bytes", str(1 << 34), "--lab-name", name],
+        [sys.executable, "-c", start, "demo", "--bytes", str(1 << 34), "--lab-name", name],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
