@@ -718,6 +718,68 @@ def test_a_fork_while_another_thread_holds_the_channel_locks_does_not_hang_the_c
                 os.waitpid(pid, 0)
 
 
+@pytest.mark.timeout(60)
+def test_a_watch_waiting_at_the_fork_to_take_the_hello_leaves_it_to_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CI (QEMU, ForkingTCPServer, 1 of ~15 runs): the HELLO arrived after accept(), the
+    parent's residency watch went to take it for a server that does not read and waited for
+    the pump lock, which the fork held; once released in the parent the watch took the HELLO
+    off the stream it now shared with the child and answered it.  The child, which serves
+    the connection, never saw a HELLO and the client waited for its answer for good.  The
+    watch must look again, under the lock, whether the channel is still only ours."""
+    srv = listener()
+    cli = CoSocket()
+    cli.settimeout(10)
+    conn: CoSocket | None = None
+    pid = 0
+    try:
+        cli.connect(srv.getsockname())
+        # As in a VM where the HELLO comes after accept(): the accept's own pump leaves it
+        # queued (and keeps the lock, so that the real watch cannot take it first either).
+        with monkeypatch.context() as m:
+            m.setattr(CoSocket, "_pump", lambda self, ch: ch.rx_lock.acquire() and False)
+            conn, _ = srv.accept()
+        ch = conn._co
+        assert ch is not None and ch.proto.nonce_ok is None
+        assert conn._hello_queued()
+        watch = threading.Thread(target=conn._cosock_service)  # what the watch calls
+        watch.start()
+        watch.join(0.3)
+        assert watch.is_alive()  # waiting for the pump lock, as at the fork
+        pid = os.fork()
+        if pid == 0:  # the child serves the connection, as a ForkingMixIn handler
+            code = 2
+            try:
+                conn.settimeout(10)
+                data = recv_all(conn, 5)
+                conn.sendall(data.upper())
+                code = 0 if data == b"hello" else 1
+            finally:
+                os._exit(code)
+        ch.rx_lock.release()
+        watch.join(10)
+        assert not watch.is_alive()
+        conn.close()  # the parent's copy, as ForkingMixIn closes it
+        conn = None
+        cli.sendall(b"hello")
+        assert recv_upto(cli, 5, 10.0) == b"HELLO"
+        assert cli.cosock_path == "shm"
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "the forked child hangs"
+            time.sleep(0.01)
+        pid = 0
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for s in (cli, conn, srv):
+            if s is not None:
+                s.close()
+
+
 # --------------------------------------------------------------------------- REJECT
 
 

@@ -638,6 +638,16 @@ class CoSocket(socket.socket):
         ch = self._co
         if ch is None:
             return
+        with ch.rx_lock:
+            # Again under the pump lock, which a fork() holds: a watch that found this
+            # channel ours and then waited out a fork would otherwise take a frame (the
+            # HELLO) off the stream the child now reads (CI: a ForkingTCPServer child in a
+            # VM never saw its HELLO, the parent's watch had answered it).
+            if ch.forked or self._co is not ch:
+                return
+            self._service_locked(ch)
+
+    def _service_locked(self, ch: _Channel) -> None:
         try:
             if ch.phase is _HANDSHAKE and ch.ctl_out and self._connect_done():
                 self._flush_ctl(ch)  # the peer may be waiting for our HELLO to answer
