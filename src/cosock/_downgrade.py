@@ -177,17 +177,18 @@ def poked(sock: CoSocket) -> None:
     ch = sock._co
     if ch is None or ch.sleepers:
         return
-    if ch.forked and not _forkshare.try_claim(sock, ch):
-        return  # another process owns it: its watch answers
-    try:
+    with ch.rx_lock:  # which a fork() holds: forked or not is looked at after it
+        if ch.forked and not _forkshare.try_claim(sock, ch):
+            return  # another process owns it: its watch answers
         try:
-            sock._pump_control_only(ch)
+            try:
+                sock._pump_control_only(ch)
+            except OSError:
+                sock._pump(ch)  # an error on the fd (POLLERR): recorded, so no longer polled
+        except (RingCorrupted, ProtocolError, ValueError) as exc:
+            sock._poison(ch, exc)
         except OSError:
-            sock._pump(ch)  # an error on the fd (POLLERR): recorded, so no longer polled
-    except (RingCorrupted, ProtocolError, ValueError) as exc:
-        sock._poison(ch, exc)
-    except OSError:
-        pass  # the application's next call reports it
+            pass  # the application's next call reports it
 
 
 def _ready_to_leave(sock: CoSocket, ch: _Channel) -> bool:
