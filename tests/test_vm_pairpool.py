@@ -402,7 +402,7 @@ def bar(pool):
 made = d.offer((a, 41000), (b, 9), True)
 assert not isinstance(made, FallbackReason), (made, d.last_refusal)
 _, old, _ = made
-slot, pool1 = old._give_back[2], old._give_back[6]
+slot, pool1 = old._give_back.slot, old._give_back.pool_id
 bar1 = bar(pool1)
 switched(old)
 deadline = time.monotonic() + 120
@@ -416,7 +416,7 @@ while True:
 made = d.offer((a, 41001), (b, 9), True)
 assert not isinstance(made, FallbackReason), (made, d.last_refusal)
 _, new, _ = made
-pool2 = new._give_back[6]
+pool2 = new._give_back.pool_id
 at = 4096 + 8
 marker = os.urandom(16)
 old[at : at + 16] = marker

@@ -23,6 +23,11 @@ cosock-specific thing is reading ``cosock_path``/``cosock_fallback_reason`` off 
 
     echo-many HOST PORT N        echo N concurrent connections (a thread each) to EOF;
                                  one JSON line with each one's bytes and path
+    forking-server HOST PORT N   a socketserver.ForkingTCPServer: N connections, each served
+                                 in a forked child (lines echoed upper-cased to EOF);
+                                 one JSON line once all children are done
+    fork-clients HOST PORT N     N connections one after the other, a line each (checked);
+                                 one JSON line with each one's path
     many-client HOST PORT N BYTES STOP
                                  open N connections at once (all held), echo BYTES on
                                  each (checked), print {"held"} with their paths,
@@ -272,6 +277,36 @@ def echo_many(host: str, port: int, n: int) -> None:
     print(json.dumps({"echoed": [d["echoed"] for d in done], "paths": [d["path"] for d in done]}))
 
 
+def forking_server(host: str, port: int, n: int) -> None:
+    import socketserver
+
+    class Upper(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                self.wfile.write(line.upper())
+                self.wfile.flush()
+
+    class Server(socketserver.ForkingTCPServer):
+        allow_reuse_address = True
+
+    with Server((host, port), Upper) as srv:  # (its close waits for the children)
+        print(json.dumps({"listening": port}), flush=True)
+        for _ in range(n):
+            srv.handle_request()
+    print(json.dumps({"served": n}), flush=True)
+
+
+def fork_clients(host: str, port: int, n: int) -> None:
+    paths, bad = [], []
+    for i in range(n):
+        with connect(host, port) as c:
+            c.sendall(b"line %d\n" % i)
+            if read_line(c) != f"LINE {i}":
+                bad.append(i)
+            paths.append(info(c)["path"])
+    print(json.dumps({"paths": paths, "bad": bad}))
+
+
 def many_client(host: str, port: int, n: int, size: int, stop: str) -> None:
     def echo(c: socket.socket, salt: int) -> bool:
         msg = pattern(size, salt)
@@ -394,6 +429,10 @@ def main() -> None:
         hold_client(args[0], int(args[1]), int(args[2]), args[3])
     elif mode == "echo-many":
         echo_many(args[0], int(args[1]), int(args[2]))
+    elif mode == "forking-server":
+        forking_server(args[0], int(args[1]), int(args[2]))
+    elif mode == "fork-clients":
+        fork_clients(args[0], int(args[1]), int(args[2]))
     elif mode == "many-client":
         many_client(args[0], int(args[1]), int(args[2]), int(args[3]), args[4])
     elif mode == "soak-client":

@@ -326,6 +326,10 @@ def _after_fork_in_child() -> None:
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()
+    vmchannel = sys.modules.get("cosock._vmchannel")
+    forget = getattr(vmchannel, "_after_fork_in_child", None)
+    if forget is not None:
+        forget()  # the parent's gateway connection: before a thread below can use it
     vmcensus = sys.modules.get("cosock._vmcensus")
     # (getattr: never let a half-imported module stop the restarts below)
     reset = getattr(vmcensus, "_after_fork_in_child", None)

@@ -14,8 +14,9 @@ gateway (``agent/_vmgate.py``) and the channel is a slot of the host's ivshmem p
   check, ACCEPT/REJECT, rings, BELL/SPACE frames, SWITCH and fallback are unchanged.
 
 A slot is given back to the gateway when its mapping is closed (the channel's release), or
-when the process's gateway connection drops. A mapping shared by ``fork`` is not given back
-by either process (one of them may still use it); it goes back when they exit.
+when the process's gateway connection drops. A mapping shared by ``fork`` is given back by the
+last process to let go of it (a ForkingMixIn child, typically: its parent closes its copy at
+once), so a forking server does not use up its pool.
 
 The objects here stand in for ``AgentClient``, ``Rendezvous`` and ``Pending`` (the same
 attribute names), so ``_socket.py`` needs only a few branches. The residency watch gets the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import mmap
 import os
 import threading
@@ -42,7 +44,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import AgentUnavailable, FallbackReason
 from ._ivshmem import (
@@ -106,6 +108,57 @@ class VmListenerInfo:
     pid: int = 0
 
 
+class SlotGrant(NamedTuple):
+    """Whose a slot's mapping is to give back, and what the gateway needs for it."""
+
+    pid: int  # the process that may give it back (a fork's child: itself, see _Holders)
+    directory: VmDirectory
+    slot: int
+    generation: int
+    epoch: int
+    pool_id: str
+
+
+class _Holders:
+    """How many processes hold one slot's mapping since a ``fork()``: the last to let go
+    gives the slot back.  A counter in a memfd, locked with ``lockf`` (which excludes
+    processes), as ``_forkshare``'s cell is."""
+
+    __slots__ = ("count", "fd", "mm")
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("cosock-holders", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, 8)
+            self.mm = mmap.mmap(self.fd, 8)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.count = memoryview(self.mm).cast("Q")
+        self.count[0] = 1  # this process
+
+    def add(self) -> None:
+        """One more holder: the child of the fork about to happen."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            self.count[0] += 1
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def let_go(self) -> bool:
+        """This process is done with the mapping; True if it was the last holder."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            left = max(int(self.count[0]) - 1, 0)
+            self.count[0] = left
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        self.count.release()
+        self.mm.close()
+        os.close(self.fd)
+        return left == 0
+
+
 class SlotMapping(mmap.mmap):
     """A slot's mapping that gives the slot back to the gateway when it is closed, or as soon
     as the connection left its rings for good (:meth:`give_back` after a path switch: the
@@ -117,11 +170,14 @@ class SlotMapping(mmap.mmap):
     pool's slot, another connection's rings (docs/vm-backend.md, section 4)."""
 
     def give_back(self) -> None:
-        owner = self.__dict__.pop("_give_back", None)
-        if owner is not None and owner[0] == os.getpid() and not owner[4]:
-            self._released()
+        grant: SlotGrant | None = self.__dict__.pop("_give_back", None)
+        if grant is not None and grant.pid == os.getpid():
+            last = self._let_go()
+            if last:
+                self._released()
             _detach(self)
-            owner[1].free(owner[2], owner[3], owner[5], owner[6])
+            if last:
+                grant.directory.free(grant.slot, grant.generation, grant.epoch, grant.pool_id)
 
     def grant_lost(self) -> bool:
         """Does the slot hold another grant than ours now (it was taken back and granted
@@ -133,13 +189,18 @@ class SlotMapping(mmap.mmap):
             return False
 
     def close(self) -> None:
-        owner = self.__dict__.pop("_give_back", None)
-        mine = owner is not None and owner[0] == os.getpid() and not owner[4]
-        if mine and not self.closed:
+        grant: SlotGrant | None = self.__dict__.pop("_give_back", None)
+        last = grant is not None and grant.pid == os.getpid() and self._let_go()
+        if last and not self.closed:
             self._released()
         super().close()
-        if owner is not None and mine:
-            owner[1].free(owner[2], owner[3], owner[5], owner[6])
+        if grant is not None and last:
+            grant.directory.free(grant.slot, grant.generation, grant.epoch, grant.pool_id)
+
+    def _let_go(self) -> bool:
+        """Is this process the last to hold the mapping (since a fork: :class:`_Holders`)?"""
+        holders: _Holders | None = self.__dict__.pop("_holders", None)
+        return holders is None or holders.let_go()
 
     def _released(self) -> None:
         """Mark the slot done with in its own memory (a restarted gateway reads it), unless
@@ -615,8 +676,9 @@ class VmDirectory:
         mm._stamp = stamp  # type: ignore[attr-defined]
         mark_use(mm, side, MAPPED)
         mm._side = side  # type: ignore[attr-defined]
-        owner = (os.getpid(), self, slot, generation, False, self.epoch, pool_id)
-        mm._give_back = owner  # type: ignore[attr-defined]
+        mm._give_back = SlotGrant(  # type: ignore[attr-defined]
+            os.getpid(), self, slot, generation, self.epoch, pool_id
+        )
         _mappings.add(mm)
         return mm
 
@@ -820,22 +882,52 @@ def reset() -> None:
         d.close()
 
 
+def _before_fork() -> None:
+    """Each slot mapping this process may give back gets one more holder, the child: the
+    last of the two to let go gives it back (before, neither did, and a long-running
+    ForkingTCPServer used up its pair's pool: one slot per connection)."""
+    me = os.getpid()
+    for mm in list(_mappings):
+        grant = mm.__dict__.get("_give_back")
+        if grant is None or grant.pid != me or mm.closed:
+            continue
+        try:
+            holders = mm.__dict__.get("_holders")
+            if holders is None:
+                holders = mm._holders = _Holders()  # type: ignore[attr-defined]
+            holders.add()
+        except OSError:
+            # No descriptor for the count: neither process gives it back; the gateway frees
+            # it when their connections to it close (as before the count).
+            mm.__dict__.pop("_give_back", None)
+
+
+#: The process whose inherited gateway state was reset (see _after_fork_in_child).
+_reset_in = os.getpid()
+
+
 def _after_fork_in_child() -> None:
-    global _directory_lock
+    """The child never speaks on the parent's gateway connection.  Once per process: the
+    census's fork hook calls this before it restarts the census and residency threads
+    (which may ask the gateway at once), and fork hooks run in the order modules were
+    imported; as this module's own hook ran later, a child's first census went out on the
+    parent's connection and the parent read its answer for a claim (a KeyError in
+    accept(), the server gone)."""
+    global _directory_lock, _reset_in
+    if _reset_in == os.getpid():
+        return
+    _reset_in = os.getpid()
     _directory_lock = threading.Lock()
     if _directory is not None:
         _directory._after_fork_in_child()
-    _shared_by_fork()
-
-
-def _shared_by_fork() -> None:
+    me = os.getpid()
     for mm in list(_mappings):
-        owner = mm.__dict__.get("_give_back")
-        if owner is not None:
-            mm._give_back = (*owner[:4], True, *owner[5:])  # type: ignore[attr-defined]
+        grant = mm.__dict__.get("_give_back")
+        if grant is not None and "_holders" in mm.__dict__:
+            mm._give_back = grant._replace(pid=me)  # type: ignore[attr-defined]
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_shared_by_fork)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 __all__ = [
     "RENDEZVOUS_PREFIX",
