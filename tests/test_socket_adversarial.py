@@ -672,6 +672,19 @@ def test_forking_server_parent_close_does_not_end_the_stream():
             cli.close()
 
 
+def _child_exit_code(pid: int, timeout: float = 20) -> int | None:
+    """A forked child's exit code, waited for within ``timeout``; None if it was still
+    running then (it is killed)."""
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(done[1])
+
+
 @pytest.mark.timeout(60)
 def test_a_fork_while_another_thread_holds_the_channel_locks_does_not_hang_the_child():
     """ForkingMixIn forks right after accept(), while the residency watch may be pumping
@@ -706,16 +719,11 @@ def test_a_fork_while_another_thread_holds_the_channel_locks_does_not_hang_the_c
             cli.settimeout(10)
             assert recv_all(cli, 14) == b"from the child"
             cli.sendall(b"hello")
-            deadline = time.monotonic() + 20
-            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-                assert time.monotonic() < deadline, "the forked child hangs"
-                time.sleep(0.01)
-            pid = 0
-            assert os.waitstatus_to_exitcode(done[1]) == 0
+            code, pid = _child_exit_code(pid), 0
+            assert code == 0, "the forked child hangs (None) or failed"
         finally:
             if pid:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                _child_exit_code(pid, 0)
 
 
 @pytest.mark.timeout(60)
@@ -765,16 +773,11 @@ def test_a_watch_waiting_at_the_fork_to_take_the_hello_leaves_it_to_the_child(
         cli.sendall(b"hello")
         assert recv_upto(cli, 5, 10.0) == b"HELLO"
         assert cli.cosock_path == "shm"
-        deadline = time.monotonic() + 20
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "the forked child hangs"
-            time.sleep(0.01)
-        pid = 0
-        assert os.waitstatus_to_exitcode(done[1]) == 0
+        code, pid = _child_exit_code(pid), 0
+        assert code == 0, "the forked child hangs (None) or failed"
     finally:
         if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            _child_exit_code(pid, 0)
         for s in (cli, conn, srv):
             if s is not None:
                 s.close()
