@@ -160,17 +160,22 @@ def test_a_selector_waiting_for_an_answer_spins_and_takes_it_without_a_doorbell(
     # A budget far above the echo's turnaround: every answer lands while the client spins.
     monkeypatch.setenv("COSOCK_SPIN_US", "200000")
     monkeypatch.setenv("COSOCK_SPIN_MAX_US", "200000")
-    srv, cli, conn = make_pair()
-    try:
-        bells = _ping_pong(cli, conn, 300)
-        # Without the spin every answer rings (300).  A spin also gives up, by design, when
-        # a sched_yield() shows the CPUs oversubscribed: 49 were seen at load ~6, ~0 when
-        # quiet, 212 with four CPU hogs on this 2-CPU machine.
-        assert bells < 150, f"the echo rang {bells} doorbells for 300 answers"
-        assert cli.cosock_info()["safety_timeouts"] == 0
-    finally:
-        for s in (cli, conn, srv):
-            s.close()
+    # Without the spin every answer rings (300).  A spin also gives up, by design, when a
+    # sched_yield() shows the CPUs oversubscribed: 49 were seen at load ~6, ~0 when quiet,
+    # 212 with four CPU hogs on this 2-CPU machine.  So a load burst (a CI neighbour booting
+    # VMs) may cost one try: three are made, on fresh connections; one must stay under 150.
+    rang = []
+    for _ in range(3):
+        srv, cli, conn = make_pair()
+        try:
+            rang.append(_ping_pong(cli, conn, 300))
+            assert cli.cosock_info()["safety_timeouts"] == 0
+        finally:
+            for s in (cli, conn, srv):
+                s.close()
+        if rang[-1] < 150:
+            break
+    assert min(rang) < 150, f"the echo rang {rang} doorbells for 300 answers (per try)"
 
 
 def test_a_selector_spin_that_ends_as_the_answer_lands_loses_no_wake_up(monkeypatch):
