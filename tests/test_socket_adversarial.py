@@ -27,6 +27,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +43,7 @@ from cosock._ring import (
     create_channel_fd,
     map_channel_fd,
 )
-from sockutil import listener, recv_all, stale_offer_plain_pair
+from sockutil import listener, recv_all, stale_offer_plain_pair, wait_for
 from sockutil import settle as base_settle
 
 pytestmark = pytest.mark.usefixtures("cosock_agent")
@@ -750,7 +751,7 @@ def test_a_watch_waiting_at_the_fork_to_take_the_hello_leaves_it_to_the_child(
             conn, _ = srv.accept()
         ch = conn._co
         assert ch is not None and ch.proto.nonce_ok is None
-        assert conn._hello_queued()
+        assert wait_for(conn._hello_queued, 5)
         watch = threading.Thread(target=conn._cosock_service)  # what the watch calls
         watch.start()
         watch.join(0.3)
@@ -778,6 +779,48 @@ def test_a_watch_waiting_at_the_fork_to_take_the_hello_leaves_it_to_the_child(
     finally:
         if pid:
             _child_exit_code(pid, 0)
+        for s in (cli, conn, srv):
+            if s is not None:
+                s.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_childs_restarted_watch_does_not_wait_on_a_lock_of_the_parent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: fork hooks run in the order modules registered them, the census's before the
+    channels'.  The census restarts the child's residency watch, which found a connection
+    awaiting its HELLO not yet marked forked and waited on the pump lock the forking thread
+    had held: for good (its hook swaps in a fresh lock for everyone else), 6 runs in 10
+    there.  That child's watch then never switched, answered a poke or handed a connection
+    over.  The channels are now reset before any thread restarts."""
+    srv = listener()
+    cli = CoSocket()
+    cli.settimeout(10)
+    conn: CoSocket | None = None
+    try:
+        cli.connect(srv.getsockname())
+        with monkeypatch.context() as m:
+            m.setattr(CoSocket, "_pump", lambda self, ch: False)  # the HELLO stays queued
+            conn, _ = srv.accept()
+        assert conn._co is not None and wait_for(conn._hello_queued, 5)
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                time.sleep(2.0)  # the restarted watch has long made its rounds
+                stuck = [
+                    [f.name for f in traceback.extract_stack(frame)][-3:]
+                    for frame in sys._current_frames().values()
+                    if "_cosock_service" in {f.name for f in traceback.extract_stack(frame)}
+                ]
+                if stuck:
+                    sys.stderr.write(f"the child's watch waits: {stuck}\n")
+                code = 1 if stuck else 0
+            finally:
+                os._exit(code)
+        assert _child_exit_code(pid) == 0, "the child's watch waits on the parent's lock"
+    finally:
         for s in (cli, conn, srv):
             if s is not None:
                 s.close()

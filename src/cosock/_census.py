@@ -320,16 +320,26 @@ def _run() -> None:
         time.sleep(_PERIOD_S)
 
 
+#: The child-side fork resets that must run before this module restarts threads.
+_FORK_RESETS = {
+    "cosock._socket": "_channels_after_fork_in_child",
+    "cosock._vmchannel": "_after_fork_in_child",
+}
+
+
 def _after_fork_in_child() -> None:
     global _started_pid, _written, _lock
     _lock = threading.RLock()
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()
-    vmchannel = sys.modules.get("cosock._vmchannel")
-    forget = getattr(vmchannel, "_after_fork_in_child", None)
-    if forget is not None:
-        forget()  # the parent's gateway connection: before a thread below can use it
+    # Before a thread below starts: the channels are marked forked, with fresh locks (a
+    # watch would wait for good on a lock the forking thread held), and the parent's
+    # gateway connection is forgotten (a thread would speak on it).  Both run once.
+    for module, hook in _FORK_RESETS.items():
+        reset = getattr(sys.modules.get(module), hook, None)
+        if reset is not None:
+            reset()
     vmcensus = sys.modules.get("cosock._vmcensus")
     # (getattr: never let a half-imported module stop the restarts below)
     reset = getattr(vmcensus, "_after_fork_in_child", None)

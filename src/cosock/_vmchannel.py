@@ -153,10 +153,18 @@ class _Holders:
             self.count[0] = left
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        self.close()
+        return left == 0
+
+    def close(self) -> None:
         self.count.release()
         self.mm.close()
         os.close(self.fd)
-        return left == 0
+
+
+#: Guards each mapping's grant and holders in this process (a close in one thread against
+#: the fork hook in another: lockf excludes processes, not threads); held across a fork.
+_holders_lock = threading.Lock()
 
 
 class SlotMapping(mmap.mmap):
@@ -170,9 +178,8 @@ class SlotMapping(mmap.mmap):
     pool's slot, another connection's rings (docs/vm-backend.md, section 4)."""
 
     def give_back(self) -> None:
-        grant: SlotGrant | None = self.__dict__.pop("_give_back", None)
-        if grant is not None and grant.pid == os.getpid():
-            last = self._let_go()
+        grant, last = self._let_go()
+        if grant is not None:
             if last:
                 self._released()
             _detach(self)
@@ -189,18 +196,24 @@ class SlotMapping(mmap.mmap):
             return False
 
     def close(self) -> None:
-        grant: SlotGrant | None = self.__dict__.pop("_give_back", None)
-        last = grant is not None and grant.pid == os.getpid() and self._let_go()
+        grant, last = self._let_go()
         if last and not self.closed:
             self._released()
         super().close()
         if grant is not None and last:
             grant.directory.free(grant.slot, grant.generation, grant.epoch, grant.pool_id)
 
-    def _let_go(self) -> bool:
-        """Is this process the last to hold the mapping (since a fork: :class:`_Holders`)?"""
-        holders: _Holders | None = self.__dict__.pop("_holders", None)
-        return holders is None or holders.let_go()
+    def _let_go(self) -> tuple[SlotGrant | None, bool]:
+        """This process is done with the slot: its grant if it may give it back (None: not
+        ours), and whether it is the last process holding it (since a fork: _Holders)."""
+        with _holders_lock:
+            grant: SlotGrant | None = self.__dict__.pop("_give_back", None)
+            holders: _Holders | None = self.__dict__.pop("_holders", None)
+        if grant is None or grant.pid != os.getpid():
+            if holders is not None:
+                holders.close()
+            return None, False
+        return grant, holders is None or holders.let_go()
 
     def _released(self) -> None:
         """Mark the slot done with in its own memory (a restarted gateway reads it), unless
@@ -882,41 +895,56 @@ def reset() -> None:
         d.close()
 
 
+#: A fork is under way: the child's reset (_after_fork_in_child) is still to be done.
+_child_reset_due = False
+
+
 def _before_fork() -> None:
     """Each slot mapping this process may give back gets one more holder, the child: the
     last of the two to let go gives it back (before, neither did, and a long-running
-    ForkingTCPServer used up its pair's pool: one slot per connection)."""
+    ForkingTCPServer used up its pair's pool: one slot per connection).  A fork that fails
+    leaves the count one too high: that slot then goes back only when the gateway
+    connections close, as every slot shared by fork did before."""
+    global _child_reset_due
+    _holders_lock.acquire()  # released after the fork (parent), made anew (child)
+    _child_reset_due = True
     me = os.getpid()
     for mm in list(_mappings):
         grant = mm.__dict__.get("_give_back")
         if grant is None or grant.pid != me or mm.closed:
             continue
+        holders = mm.__dict__.get("_holders")
         try:
-            holders = mm.__dict__.get("_holders")
             if holders is None:
                 holders = mm._holders = _Holders()  # type: ignore[attr-defined]
             holders.add()
-        except OSError:
-            # No descriptor for the count: neither process gives it back; the gateway frees
-            # it when their connections to it close (as before the count).
+        except Exception:
+            # No count (no descriptor left, say): neither process gives it back; the
+            # gateway frees it when their connections to it close (as before the count).
             mm.__dict__.pop("_give_back", None)
+            dropped = mm.__dict__.pop("_holders", None)
+            if dropped is not None:
+                dropped.close()
 
 
-#: The process whose inherited gateway state was reset (see _after_fork_in_child).
-_reset_in = os.getpid()
+def _after_fork_in_parent() -> None:
+    global _child_reset_due
+    _child_reset_due = False
+    _holders_lock.release()
 
 
 def _after_fork_in_child() -> None:
-    """The child never speaks on the parent's gateway connection.  Once per process: the
+    """The child never speaks on the parent's gateway connection.  Once per fork: the
     census's fork hook calls this before it restarts the census and residency threads
     (which may ask the gateway at once), and fork hooks run in the order modules were
     imported; as this module's own hook ran later, a child's first census went out on the
     parent's connection and the parent read its answer for a claim (a KeyError in
     accept(), the server gone)."""
-    global _directory_lock, _reset_in
-    if _reset_in == os.getpid():
+    global _directory_lock, _child_reset_due, _holders_lock
+    if not _child_reset_due:
         return
-    _reset_in = os.getpid()
+    _child_reset_due = False
+    _holders_lock = threading.Lock()
     _directory_lock = threading.Lock()
     if _directory is not None:
         _directory._after_fork_in_child()
@@ -927,7 +955,9 @@ def _after_fork_in_child() -> None:
             mm._give_back = grant._replace(pid=me)  # type: ignore[attr-defined]
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 __all__ = [
     "RENDEZVOUS_PREFIX",
