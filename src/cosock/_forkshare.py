@@ -27,17 +27,14 @@ owner's watch), ``noted_fin()`` / ``noted_shutdown()`` / ``left()`` / ``closing(
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
-import mmap
 import os
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from . import _socket as _s  # (a cycle: _socket imports us; names are looked up at call time)
 from ._errors import FallbackReason
+from ._sharedwords import SharedWords
 
 if TYPE_CHECKING:
     from ._socket import CoSocket, _Channel
@@ -51,35 +48,23 @@ _OWNER, _STATE, _PEER_FIN, _WR_SHUT, _LAST = 0, 1, 2, 3, 4
 _SHM, _WANTED, _PLAIN, _LEFT = 0, 1, 2, 3
 
 
-class Cell:
-    """The shared cell of one channel (see the module docstring)."""
+class Cell(SharedWords):
+    """The shared cell of one channel (see the module docstring), with the eventfd on which
+    a claimer wakes the owner's residency watch."""
 
-    __slots__ = ("efd", "fd", "mm", "words")
+    __slots__ = ("efd",)
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("cosock-fork", os.MFD_CLOEXEC)
+        super().__init__("cosock-fork", 64)
         try:
-            os.ftruncate(self.fd, 64)
-            self.mm = mmap.mmap(self.fd, 64)
             self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError:
-            os.close(self.fd)
+            super().close()
             raise
-        self.words = memoryview(self.mm).cast("Q")
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[memoryview]:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)  # POSIX record lock: excludes other processes
-        try:
-            yield self.words
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        self.words.release()
-        self.mm.close()
+        super().close()
         os.close(self.efd)
-        os.close(self.fd)
 
 
 #### Fork hooks

@@ -1674,7 +1674,7 @@ class CoSocket(socket.socket):
             return kick
 
     @staticmethod
-    def _give_kick(ch: _Channel, kick: io.FileIO | None, kicked: bool = True) -> None:
+    def _give_kick(ch: _Channel, kick: io.FileIO | None, kicked: bool) -> None:
         """The sleep is over: drain our eventfd if ``kicked`` (the poll saw it readable; a
         read of an unkicked one is a failed syscall per sleep, on the round-trip path) and
         keep it for the next sleep. A kick that landed after the poll stays counted: it ends

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import fcntl
 import mmap
 import os
 import threading
@@ -62,6 +61,7 @@ from ._ivshmem import (
 )
 from ._offer import Offer, normalise_host
 from ._ring import channel_headers_ok
+from ._sharedwords import SharedWords
 from ._vmagent import ENV_GATEWAY, GatewayMoved, Key, SlotRefused, VmAgent
 from ._vmwatch import GuestWatch
 
@@ -119,47 +119,28 @@ class SlotGrant(NamedTuple):
     pool_id: str
 
 
-class _Holders:
+class _Holders(SharedWords):
     """How many processes hold one slot's mapping since a ``fork()``: the last to let go
-    gives the slot back.  A counter in a memfd, locked with ``lockf`` (which excludes
-    processes), as ``_forkshare``'s cell is."""
+    gives the slot back."""
 
-    __slots__ = ("count", "fd", "mm")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("cosock-holders", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, 8)
-            self.mm = mmap.mmap(self.fd, 8)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.count = memoryview(self.mm).cast("Q")
-        self.count[0] = 1  # this process
+        super().__init__("cosock-holders", 8)
+        self.words[0] = 1  # this process
 
     def add(self) -> None:
         """One more holder: the child of the fork about to happen."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            self.count[0] += 1
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        with self.locked() as count:
+            count[0] += 1
 
     def let_go(self) -> bool:
         """This process is done with the mapping; True if it was the last holder."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            left = max(int(self.count[0]) - 1, 0)
-            self.count[0] = left
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        with self.locked() as count:
+            left = max(int(count[0]) - 1, 0)
+            count[0] = left
         self.close()
         return left == 0
-
-    def close(self) -> None:
-        self.count.release()
-        self.mm.close()
-        os.close(self.fd)
 
 
 #: Guards each mapping's grant and holders in this process (a close in one thread against
