@@ -73,6 +73,27 @@ def pair(timeout: float = 10) -> Iterator[tuple[CoSocket, CoSocket]]:
         srv.close()
 
 
+@contextlib.contextmanager
+def accepted_before_hello() -> Iterator[tuple[CoSocket, CoSocket]]:
+    """(client, server end) of a connection accepted before the client's HELLO went out: a
+    non-blocking connect defers it to the client's next call, so the server end is still in
+    the handshake.  Closed afterwards."""
+    srv = listener()
+    cli = CoSocket()
+    cli.setblocking(False)
+    conn = None
+    try:
+        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
+        assert select.select([], [cli], [], 5)[1]
+        conn, _ = srv.accept()
+        yield cli, conn
+    finally:
+        cli.close()
+        if conn is not None:
+            conn.close()
+        srv.close()
+
+
 def settle(cli: socket.socket, conn: socket.socket) -> None:
     """``sockutil.settle``, then both sides must be on the shared-memory path."""
     base_settle(cli, conn)
@@ -228,14 +249,7 @@ def test_nonblocking_recv_that_settles_the_verdict_returns_ring_data(monkeypatch
     # The residency watch would flush the deferred HELLO as soon as the connect completes
     # (3 runs in 10 found the verdict already settled inside accept()).
     monkeypatch.setattr(CoSocket, "_cosock_needs_service", lambda self: False)
-    srv = listener()
-    cli = CoSocket()
-    cli.setblocking(False)
-    conn = None
-    try:
-        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
-        select.select([], [cli], [], 5)
-        conn, _ = srv.accept()  # no HELLO yet (a non-blocking connect defers it)
+    with accepted_before_hello() as (cli, conn):
         assert conn.cosock_path == "handshake"
         assert cli.send(b"request") == 7  # optimistic ring write; flushes the HELLO
         conn.setblocking(False)
@@ -250,11 +264,6 @@ def test_nonblocking_recv_that_settles_the_verdict_returns_ring_data(monkeypatch
             assert readable(conn, 1.0), "request in ring, fd unreadable: lost wake-up"
             got = conn.recv(100)
         assert got == b"request"
-    finally:
-        cli.close()
-        if conn is not None:
-            conn.close()
-        srv.close()
 
 
 @pytest.mark.timeout(30)
@@ -299,14 +308,7 @@ def test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on(monkeypatch):
     on the ring the channel has then.  Fails on the old code every run."""
     # The client's HELLO stays unsent until we ask (the watch would flush it).
     monkeypatch.setattr(CoSocket, "_cosock_needs_service", lambda self: False)
-    srv = listener()
-    cli = CoSocket()
-    cli.setblocking(False)
-    conn = None
-    try:
-        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
-        assert select.select([], [cli], [], 5)[1]
-        conn, _ = srv.accept()
+    with accepted_before_hello() as (cli, conn):
         assert conn.cosock_path == "handshake"  # no HELLO yet
         conn.settimeout(10)
         with joined(lambda: conn.recv(1)) as box:  # begins in the handshake
@@ -322,11 +324,6 @@ def test_a_recv_begun_in_the_handshake_leaves_the_doorbell_on(monkeypatch):
         cli.sendall(b"x")
         assert readable(conn, 2.0), f"{ring_available(conn)} bytes in the ring, fd unreadable"
         assert conn.recv(10) == b"x"
-    finally:
-        cli.close()
-        if conn is not None:
-            conn.close()
-        srv.close()
 
 
 @pytest.mark.timeout(60)
@@ -1801,36 +1798,26 @@ def test_a_server_send_racing_the_verdict_goes_into_the_ring_after_the_held_byte
         return original(self, data, free)
 
     monkeypatch.setattr(RingWriter, "write", write)
-    srv = listener()
-    cli = CoSocket()
-    cli.setblocking(False)
-    conn = None
-    try:
-        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
-        select.select([], [cli], [], 5)
-        conn, _ = srv.accept()  # no HELLO yet (a non-blocking connect defers it)
-        assert conn.cosock_path == "handshake"
-        conn.settimeout(20)
-        conn.sendall(held)  # before the verdict: into pre_out
-        cli.send(b"x")  # flushes the HELLO
-        assert readable(conn, 5)
-        with joined(lambda: conn.recv(1)) as verdict:  # settles the verdict, then reads
-            assert moving.wait(10), "the verdict did not move pre_out"
-            with joined(lambda: conn.sendall(late)) as sender:
-                time.sleep(1.0)  # old code: the send is in the ring by now
-                release.set()
-        assert verdict.get("result") == b"x", verdict
-        assert "error" not in sender, sender
-        cli.setblocking(True)
-        cli.settimeout(20)
-        got = recv_upto(cli, len(held) + len(late), 20.0)
-        assert got == held + late, (len(got), got.find(b"B"))
-    finally:
-        release.set()
-        cli.close()
-        if conn is not None:
-            conn.close()
-        srv.close()
+    with accepted_before_hello() as (cli, conn):
+        try:
+            assert conn.cosock_path == "handshake"
+            conn.settimeout(20)
+            conn.sendall(held)  # before the verdict: into pre_out
+            cli.send(b"x")  # flushes the HELLO
+            assert readable(conn, 5)
+            with joined(lambda: conn.recv(1)) as verdict:  # settles the verdict, then reads
+                assert moving.wait(10), "the verdict did not move pre_out"
+                with joined(lambda: conn.sendall(late)) as sender:
+                    time.sleep(1.0)  # old code: the send is in the ring by now
+                    release.set()
+            assert verdict.get("result") == b"x", verdict
+            assert "error" not in sender, sender
+            cli.setblocking(True)
+            cli.settimeout(20)
+            got = recv_upto(cli, len(held) + len(late), 20.0)
+            assert got == held + late, (len(got), got.find(b"B"))
+        finally:
+            release.set()  # before the sockets close: no thread stays held
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
@@ -1856,58 +1843,48 @@ def test_a_send_racing_a_rejected_handshake_comes_after_the_resent_bytes(monkeyp
         original(self)
 
     monkeypatch.setattr(CoSocket, "_detach_channel", detach)
-    srv = listener()
-    cli = CoSocket()
-    cli.setblocking(False)
-    conn = None
-    try:
-        assert cli.connect_ex(srv.getsockname()) in (0, errno.EINPROGRESS)
-        select.select([], [cli], [], 5)
-        conn, _ = srv.accept()  # no HELLO yet (a non-blocking connect defers it)
-        assert conn._co is not None
-        conn._co.reject = FallbackReason.OFFER_INVALID  # the verdict will be REJECT
-        conn.settimeout(20)
-        if side == "server":
-            target.append(conn)
-            conn.sendall(held)  # before the verdict: into pre_out
-            cli.send(b"x")  # flushes the HELLO
-            assert readable(conn, 5)
-            cli.settimeout(20)
-            with (
-                joined(lambda: recv_upto(cli, len(held) + len(late), 20.0)) as client,
-                joined(lambda: conn.recv(1)) as verdict,  # settles the verdict, reads
-            ):
-                assert pausing.wait(10), "the server did not fall back"
-                with joined(lambda: conn.sendall(late)) as sender:
-                    time.sleep(1.0)  # old code: the send is in pre_out, after the copy
-                    release.set()
-            assert verdict.get("result") == b"x", verdict  # resent by the client on TCP
-            assert "error" not in sender, sender
-            got = client.get("result", b"")
-        else:
-            target.append(cli)
-            assert cli.send(held) == len(held)  # before the verdict: into the ring
-            cli.settimeout(20)
-            with (
-                joined(lambda: recv_upto(conn, len(held) + len(late), 20.0)) as server,
-                joined(lambda: cli.recv(1)) as reader,  # takes the REJECT
-            ):
-                assert pausing.wait(10), "the client did not fall back"
-                with joined(lambda: cli.sendall(late)) as sender:
-                    time.sleep(1.0)  # old code: the send is in the ring, after the copy
-                    release.set()
+    with accepted_before_hello() as (cli, conn):
+        try:
+            assert conn._co is not None
+            conn._co.reject = FallbackReason.OFFER_INVALID  # the verdict will be REJECT
+            conn.settimeout(20)
+            if side == "server":
+                target.append(conn)
+                conn.sendall(held)  # before the verdict: into pre_out
+                cli.send(b"x")  # flushes the HELLO
+                assert readable(conn, 5)
+                cli.settimeout(20)
+                with (
+                    joined(lambda: recv_upto(cli, len(held) + len(late), 20.0)) as client,
+                    joined(lambda: conn.recv(1)) as verdict,  # settles the verdict, reads
+                ):
+                    assert pausing.wait(10), "the server did not fall back"
+                    with joined(lambda: conn.sendall(late)) as sender:
+                        time.sleep(1.0)  # old code: the send is in pre_out, after the copy
+                        release.set()
+                assert verdict.get("result") == b"x", verdict  # resent by the client on TCP
                 assert "error" not in sender, sender
-                server_done = time.monotonic() + 20
-                while "result" not in server and time.monotonic() < server_done:
-                    time.sleep(0.05)
-                conn.sendall(b"y")  # ends the client's read
-            assert reader.get("result") == b"y", reader
-            got = server.get("result", b"")
-        assert got == held + late, (len(got), got.find(b"B"))
-        assert cli.cosock_path == conn.cosock_path == "tcp"
-    finally:
-        release.set()
-        cli.close()
-        if conn is not None:
-            conn.close()
-        srv.close()
+                got = client.get("result", b"")
+            else:
+                target.append(cli)
+                assert cli.send(held) == len(held)  # before the verdict: into the ring
+                cli.settimeout(20)
+                with (
+                    joined(lambda: recv_upto(conn, len(held) + len(late), 20.0)) as server,
+                    joined(lambda: cli.recv(1)) as reader,  # takes the REJECT
+                ):
+                    assert pausing.wait(10), "the client did not fall back"
+                    with joined(lambda: cli.sendall(late)) as sender:
+                        time.sleep(1.0)  # old code: the send is in the ring, after the copy
+                        release.set()
+                    assert "error" not in sender, sender
+                    server_done = time.monotonic() + 20
+                    while "result" not in server and time.monotonic() < server_done:
+                        time.sleep(0.05)
+                    conn.sendall(b"y")  # ends the client's read
+                assert reader.get("result") == b"y", reader
+                got = server.get("result", b"")
+            assert got == held + late, (len(got), got.find(b"B"))
+            assert cli.cosock_path == conn.cosock_path == "tcp"
+        finally:
+            release.set()  # before the sockets close: no thread stays held
