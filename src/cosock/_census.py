@@ -320,11 +320,18 @@ def _run() -> None:
         time.sleep(_PERIOD_S)
 
 
-#: The child-side fork resets that must run before this module restarts threads.
-_FORK_RESETS = {
-    "cosock._socket": "_channels_after_fork_in_child",
-    "cosock._vmchannel": "_after_fork_in_child",
-}
+#: The child-side fork resets of other modules, in order, all before this module restarts
+#: threads: the channels are marked forked, with fresh locks (a restarted watch waited for
+#: good on a lock the forking thread held); the parent's VM gateway connection and agent
+#: client are forgotten (a thread would speak on the one, or wait on the other's lock); the
+#: parent's VM census report is the parent's.  The first two also run from their own hooks,
+#: once per fork whichever comes first.
+_FORK_RESETS = (
+    ("cosock._socket", "_channels_after_fork_in_child"),
+    ("cosock._vmchannel", "_after_fork_in_child"),
+    ("cosock._vmcensus", "_after_fork_in_child"),
+    ("cosock.agent.client", "_after_fork_in_child"),
+)
 
 
 def _after_fork_in_child() -> None:
@@ -333,27 +340,17 @@ def _after_fork_in_child() -> None:
     _started_pid = None
     _written = None  # the parent's file
     _fallbacks.clear()
-    # Before a thread below starts: the channels are marked forked, with fresh locks (a
-    # watch would wait for good on a lock the forking thread held), and the parent's
-    # gateway connection is forgotten (a thread would speak on it).  Both run once.
-    for module, hook in _FORK_RESETS.items():
+    for module, hook in _FORK_RESETS:
+        # (getattr: never let a half-imported module stop the restarts below)
         reset = getattr(sys.modules.get(module), hook, None)
         if reset is not None:
             reset()
-    vmcensus = sys.modules.get("cosock._vmcensus")
-    # (getattr: never let a half-imported module stop the restarts below)
-    reset = getattr(vmcensus, "_after_fork_in_child", None)
-    if reset is not None:
-        reset()  # the parent's report is the parent's
     # A forked child (socketserver.ForkingMixIn, multiprocessing) inherits the parent's
     # accelerated connections but not its threads: restart the residency thread (it
     # services path switches the peer starts) and this one, or ``cosock status`` would not
     # list the connections the child serves.  (The child has no agent client until it
     # connects again, so residency news from the agent reaches it only then.)
     _residency._after_fork_in_child()
-    agent_client = sys.modules.get("cosock.agent.client")
-    if agent_client is not None:
-        agent_client._after_fork_in_child()  # before a thread can take the parent's lock
     if _residency._live():
         _residency.ensure_watching()  # starts this module's thread too
 
